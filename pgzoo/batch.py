@@ -1,0 +1,207 @@
+"""TokenBatch: the one token-tensor interface every pgzoo objective takes (DESIGN §3).
+
+Shapes: B sequences (rows) by T completion positions. ``mask`` marks the completion tokens that count; values at
+masked positions (padding, prompt, tool output) never influence loss, gradient or metrics, NaN included.
+
+Normalisers are explicit. ``num_sequences`` and ``num_tokens`` default to this batch's own counts; a trainer that
+splits a mini-batch over ranks or micro-batches passes the *global* counts so that the summed gradient equals the
+single-process gradient of the whole mini-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from pgzoo.errors import BatchError
+
+_TOKEN_FIELDS = ("old_logprobs", "rollout_logprobs", "ref_logprobs")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class TokenBatch:
+    """Per-token inputs of a policy-gradient objective.
+
+    Args:
+        logprobs: ``[B, T]`` log π_θ(y_t | x, y_<t) of the sampled tokens under the current policy; carries grad.
+        mask: ``[B, T]`` bool or 0/1: completion tokens that count.
+        advantages: ``[B]`` per sequence or ``[B, T]`` per token.
+        old_logprobs: ``[B, T]`` log π_θold from the training engine (no grad). ``None`` means on-policy:
+            ``logprobs.detach()`` is used.
+        rollout_logprobs: ``[B, T]`` log μ_θold from the inference engine that sampled the tokens (no grad).
+        ref_logprobs: ``[B, T]`` reference-policy logprobs, for KL-penalised objectives (no grad).
+        num_sequences: sequence normaliser. Default: rows with at least one unmasked token.
+        num_tokens: token normaliser. Default: ``mask.sum()``.
+        max_tokens: constant normaliser L (Dr. GRPO). Default: ``T``.
+        check_values: also check that unmasked values are finite. This costs one host sync; trainers that
+            validate upstream may pass ``False``. Shape, dtype and device checks always run (they are free).
+
+    Example:
+        >>> import torch, pgzoo
+        >>> lp = torch.randn(4, 8).clamp(max=0).requires_grad_()
+        >>> batch = pgzoo.TokenBatch(logprobs=lp, mask=torch.ones(4, 8), advantages=torch.randn(4),
+        ...                          rollout_logprobs=lp.detach())
+        >>> out = pgzoo.get("minirl")(batch)
+        >>> out.loss.backward()
+    """
+
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor | None = None
+    rollout_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    num_sequences: int | float | torch.Tensor | None = None
+    num_tokens: int | float | torch.Tensor | None = None
+    max_tokens: int | float | None = None
+    check_values: bool = True
+
+    def __post_init__(self) -> None:
+        self._validate_structure()
+        self.mask = self.mask.to(torch.bool)
+        if self.advantages.dim() == 2 and self.advantages.shape[1] == 1:
+            self.advantages = self.advantages[:, 0]
+        if self.check_values:
+            self._validate_values()
+
+    # ------------------------------------------------------------------ validation
+    def _validate_structure(self) -> None:
+        lp = self.logprobs
+        if not isinstance(lp, torch.Tensor):
+            raise BatchError("logprobs", f"expected a torch.Tensor, got {type(lp).__name__}",
+                             "pass the [B, T] per-token log-probabilities as a tensor")
+        if lp.dim() != 2:
+            raise BatchError("logprobs", f"expected rank 2 [B, T], got shape {tuple(lp.shape)}",
+                             "gather the sampled tokens' log-probabilities into a [batch, completion_len] tensor")
+        if lp.dtype not in _FLOAT_DTYPES:
+            raise BatchError("logprobs", f"expected a floating dtype, got {lp.dtype}",
+                             "cast with .float() (log-probabilities are real numbers)")
+        B, T = lp.shape
+        if B == 0 or T == 0:
+            raise BatchError("logprobs", f"empty batch of shape {tuple(lp.shape)}",
+                             "pass at least one sequence with at least one completion token")
+        for name in ("mask", "advantages", *_TOKEN_FIELDS):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise BatchError(name, f"expected a torch.Tensor or None, got {type(value).__name__}",
+                                 "convert it with torch.as_tensor(...)")
+            if value.device != lp.device:
+                raise BatchError(name, f"is on {value.device} but logprobs is on {lp.device}",
+                                 f"move it with .to({str(lp.device)!r})")
+        if tuple(self.mask.shape) != (B, T):
+            raise BatchError("mask", f"shape {tuple(self.mask.shape)} does not match logprobs {(B, T)}",
+                             "pass a [B, T] mask aligned with logprobs")
+        if self.mask.dtype.is_complex or (self.mask.dtype.is_floating_point and self.mask.dtype not in _FLOAT_DTYPES):
+            raise BatchError("mask", f"unsupported dtype {self.mask.dtype}", "pass a bool or 0/1 tensor")
+        adv = self.advantages
+        if adv.dtype not in _FLOAT_DTYPES:
+            raise BatchError("advantages", f"expected a floating dtype, got {adv.dtype}",
+                             "cast with .float()")
+        if not (tuple(adv.shape) == (B,) or tuple(adv.shape) == (B, T) or tuple(adv.shape) == (B, 1)):
+            raise BatchError("advantages", f"shape {tuple(adv.shape)} fits neither [B]={B} nor [B, T]={(B, T)}",
+                             "pass one advantage per sequence [B] or one per token [B, T]")
+        for name in _TOKEN_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if tuple(value.shape) != (B, T):
+                raise BatchError(name, f"shape {tuple(value.shape)} does not match logprobs {(B, T)}",
+                                 "pass a [B, T] tensor aligned with logprobs (same padding)")
+            if value.dtype not in _FLOAT_DTYPES:
+                raise BatchError(name, f"expected a floating dtype, got {value.dtype}", "cast with .float()")
+            if value.requires_grad:
+                raise BatchError(name, "carries gradient; it is a fixed quantity of the objective",
+                                 "pass it .detach()ed (compute it under torch.no_grad())")
+        for name in ("num_sequences", "num_tokens", "max_tokens"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise BatchError(name, f"expected a scalar, got shape {tuple(value.shape)}",
+                                     "pass the global count as a Python number or a 0-d tensor")
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise BatchError(name, f"expected a positive number, got {value!r}",
+                                 "pass the global count over all ranks and micro-batches (> 0), or None")
+
+    def _validate_values(self) -> None:
+        # One fused reduction and a single host sync: is every unmasked value finite, and does any token count?
+        mask = self.mask
+        checks = {"logprobs": self.logprobs.detach()}
+        for name in _TOKEN_FIELDS:
+            if getattr(self, name) is not None:
+                checks[name] = getattr(self, name)
+        adv = self.advantages
+        adv_tok = adv[:, None].expand_as(mask) if adv.dim() == 1 else adv
+        checks["advantages"] = adv_tok
+        flags = [(~torch.isfinite(v) & mask).any() for v in checks.values()]
+        flags.append(~mask.any())
+        bad = torch.stack(flags).tolist()
+        for (name, value), is_bad in zip(checks.items(), bad[:-1]):
+            if is_bad:
+                where = (~torch.isfinite(value) & mask).nonzero()[0].tolist()
+                raise BatchError(name, f"non-finite value at unmasked position {tuple(where)}",
+                                 "check the upstream computation, or set mask=0 at positions that do not count")
+        if bad[-1] and self.num_tokens is None:
+            raise BatchError("mask", "no unmasked token in the whole batch, so there is nothing to optimise",
+                             "pass at least one completion token, or pass the global num_tokens/num_sequences "
+                             "if this is one shard of a larger mini-batch")
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def batch_size(self) -> int:
+        return self.logprobs.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.logprobs.shape[1]
+
+    def masked(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``x`` with every masked position replaced by ``fill``; gradient there is exactly zero (NaN-safe)."""
+        return torch.where(self.mask, x, torch.full_like(x, fill))
+
+    def token_advantages(self) -> torch.Tensor:
+        """Advantages broadcast to ``[B, T]``, zero at masked positions."""
+        adv = self.advantages
+        adv = adv[:, None].expand_as(self.logprobs) if adv.dim() == 1 else adv
+        return self.masked(adv.to(self.logprobs.dtype))
+
+    def clean(self, name: str) -> torch.Tensor | None:
+        """A per-token field with masked positions zeroed; ``old_logprobs`` falls back to ``logprobs.detach()``."""
+        value = getattr(self, name)
+        if value is None and name == "old_logprobs":
+            value = self.logprobs.detach()
+        if value is None:
+            return None
+        return self.masked(value.to(self.logprobs.dtype))
+
+    def seq_lengths(self) -> torch.Tensor:
+        """|y_i|: unmasked tokens per row, as a float ``[B]`` tensor (0 for fully masked rows)."""
+        return self.mask.sum(-1).to(self.logprobs.dtype)
+
+    def sequence_count(self) -> torch.Tensor | float:
+        """N_seq: ``num_sequences`` or the number of rows with at least one unmasked token."""
+        if self.num_sequences is not None:
+            return self.num_sequences
+        return self.mask.any(-1).sum().to(self.logprobs.dtype)
+
+    def token_count(self) -> torch.Tensor | float:
+        """N_tok: ``num_tokens`` or ``mask.sum()``."""
+        if self.num_tokens is not None:
+            return self.num_tokens
+        return self.mask.sum().to(self.logprobs.dtype)
+
+    def length_constant(self) -> float:
+        """L: ``max_tokens`` or ``T``."""
+        return float(self.max_tokens) if self.max_tokens is not None else float(self.seq_len)
+
+    def replace(self, **changes) -> "TokenBatch":
+        """A copy with some fields replaced (validated again)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return TokenBatch(**values)

@@ -1,0 +1,140 @@
+"""The embedded tiny policy: a Qwen3-MoE causal LM built from a config, its dense Qwen3 twin, and a
+character-level tokenizer saved as a standard Hugging Face ``tokenizer.json``.
+
+Nothing is downloaded: everything is built locally and saves with ``save_pretrained``; the result loads with
+``AutoModelForCausalLM`` / ``AutoTokenizer`` and with vLLM (head_dim 64, which vLLM's CPU attention serves).
+
+    from pgzoo.models import build_tiny_moe, build_tokenizer
+    tok = build_tokenizer()
+    model = build_tiny_moe(vocab_size=len(tok), seed=0)
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+from pgzoo.errors import require
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+# Printable ASCII without the vertical-whitespace oddities, plus newline: enough for arithmetic and short math.
+CHARACTERS = tuple(dict.fromkeys(string.digits + string.ascii_letters + string.punctuation + " \n"))
+
+TINY_MOE_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    moe_intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=64,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    router_aux_loss_coef=0.0,
+    output_router_logits=False,
+)
+
+
+def build_tokenizer(model_max_length: int = 256):
+    """A character-level ``PreTrainedTokenizerFast``: one token per character, ``</s>`` as EOS and ``<pad>`` as pad.
+
+    Decoding concatenates characters (no spaces inserted), so ``decode(encode(s)) == s`` for any string over
+    :data:`CHARACTERS`.
+    """
+    tokenizers = require("tokenizers", "hf")
+    transformers = require("transformers", "hf")
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *CHARACTERS))}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token=UNK))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = tokenizers.decoders.Fuse()
+    tk.add_special_tokens(list(SPECIAL_TOKENS))
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=model_max_length,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    return tok
+
+
+def tiny_moe_config(vocab_size: int | None = None, **overrides: Any):
+    """A ``Qwen3MoeConfig`` with the tiny defaults above (about 1 M parameters), ``overrides`` applied."""
+    transformers = require("transformers", "hf")
+    params = {**TINY_MOE_DEFAULTS, **overrides}
+    params.setdefault("vocab_size", vocab_size or len(SPECIAL_TOKENS) + len(CHARACTERS))
+    if vocab_size is not None:
+        params["vocab_size"] = vocab_size
+    params.setdefault("pad_token_id", 0)
+    params.setdefault("bos_token_id", 1)
+    params.setdefault("eos_token_id", 2)
+    return transformers.Qwen3MoeConfig(**params)
+
+
+def tiny_dense_config(vocab_size: int | None = None, **overrides: Any):
+    """The dense Qwen3 twin of :func:`tiny_moe_config`: same attention and width, a plain MLP."""
+    transformers = require("transformers", "hf")
+    moe_only = {"moe_intermediate_size", "num_experts", "num_experts_per_tok", "norm_topk_prob",
+                "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "output_router_logits"}
+    params = {k: v for k, v in TINY_MOE_DEFAULTS.items() if k not in moe_only}
+    params.update(overrides)
+    params["vocab_size"] = vocab_size or params.get("vocab_size") or len(SPECIAL_TOKENS) + len(CHARACTERS)
+    params.setdefault("pad_token_id", 0)
+    params.setdefault("bos_token_id", 1)
+    params.setdefault("eos_token_id", 2)
+    return transformers.Qwen3Config(**params)
+
+
+def _build(config, seed: int):
+    torch = require("torch", "hf")
+    transformers = require("transformers", "hf")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def build_tiny_moe(vocab_size: int | None = None, seed: int = 0, **overrides: Any):
+    """A freshly initialised tiny ``Qwen3MoeForCausalLM`` (deterministic for ``seed``)."""
+    return _build(tiny_moe_config(vocab_size, **overrides), seed)
+
+
+def build_tiny_dense(vocab_size: int | None = None, seed: int = 0, **overrides: Any):
+    """A freshly initialised tiny dense ``Qwen3ForCausalLM`` (deterministic for ``seed``)."""
+    return _build(tiny_dense_config(vocab_size, **overrides), seed)
+
+
+def save_pretrained(model, tokenizer, path) -> None:
+    """Save model and tokenizer into ``path`` atomically: written to a temporary sibling folder, then moved."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,135 @@
+"""The Objective base class, its output type, and the one shared aggregation.
+
+An objective is a small class with a frozen ``Config`` dataclass of hyperparameters, a ``requires`` set of
+TokenBatch fields it cannot do without, and a ``default_advantage`` estimator name. Calling it on a
+:class:`~pgzoo.TokenBatch` returns an :class:`ObjectiveOutput` (``loss`` and detached tensor ``metrics``).
+
+Subclasses implement ``compute(batch) -> ObjectiveOutput``; the per-token term is computed first and reduced by
+:func:`aggregate`, so a new normalisation is a new mode there, not a branch in a loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from pgzoo.batch import TokenBatch
+from pgzoo.errors import BatchError, ConfigError
+
+AGGREGATIONS = ("seq-mean-token-sum", "seq-mean-token-mean", "token-mean", "constant", "seq-mean")
+
+
+@dataclass
+class ObjectiveOutput:
+    """What an objective returns: a scalar ``loss`` (negative objective; differentiate it) and ``metrics``
+    (name -> detached tensor; call ``.item()`` where you log, not inside the loss)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+def _as_tensor(x, like: torch.Tensor) -> torch.Tensor:
+    return x.to(like) if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=like.dtype, device=like.device)
+
+
+def aggregate(term: torch.Tensor, batch: TokenBatch, mode: str) -> torch.Tensor:
+    """Reduce a per-token term ``[B, T]`` (or a per-sequence term ``[B]`` for ``seq-mean``) to a scalar.
+
+    Modes (m = mask, |y_i| = Σ_t m_it, N_seq/N_tok/L = the batch's normalisers):
+
+    - ``seq-mean-token-sum``:  Σ_i Σ_t m·term / N_seq
+    - ``seq-mean-token-mean``: Σ_i (1/|y_i|) Σ_t m·term / N_seq      (fully masked rows contribute 0)
+    - ``token-mean``:          Σ_i Σ_t m·term / N_tok
+    - ``constant``:            Σ_i Σ_t m·term / (N_seq · L)
+    - ``seq-mean``:            Σ_i term_i / N_seq, for a ``[B]`` term; fully masked rows contribute 0
+
+    Masked positions are replaced (not multiplied) by zero, so NaN there never reaches the result or gradient.
+    """
+    if mode == "seq-mean":
+        has_tokens = batch.mask.any(-1)
+        total = torch.where(has_tokens, term, torch.zeros_like(term)).sum()
+        return total / _as_tensor(batch.sequence_count(), total).clamp_min(1.0)
+    term = batch.masked(term)
+    if mode == "seq-mean-token-sum":
+        total = term.sum()
+        denom = _as_tensor(batch.sequence_count(), total)
+    elif mode == "seq-mean-token-mean":
+        total = (term.sum(-1) / batch.seq_lengths().clamp_min(1.0)).sum()
+        denom = _as_tensor(batch.sequence_count(), total)
+    elif mode == "token-mean":
+        total = term.sum()
+        denom = _as_tensor(batch.token_count(), total)
+    elif mode == "constant":
+        total = term.sum()
+        denom = _as_tensor(batch.sequence_count(), total) * batch.length_constant()
+    else:
+        raise ConfigError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGGREGATIONS)}")
+    # A shard with no tokens (possible under global normalisers) contributes exactly zero, never 0/0.
+    return total / denom.clamp_min(1e-12)
+
+
+class Objective:
+    """Base class of every pgzoo objective.
+
+    Class attributes a subclass sets:
+        Config: a frozen dataclass of hyperparameters (its defaults are the objective's defaults).
+        requires: TokenBatch fields that must not be None.
+        default_advantage: name of the advantage estimator in :mod:`pgzoo.advantages` the objective expects.
+        aggregation: one of :data:`AGGREGATIONS`.
+        paper: the reference (title and arXiv id).
+    """
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    name: str = "objective"
+    requires: ClassVar[frozenset[str]] = frozenset()
+    default_advantage: ClassVar[str] = "group-mean-std"
+    aggregation: ClassVar[str] = "token-mean"
+    paper: ClassVar[str] = ""
+
+    def __init__(self, name: str | None = None, **overrides: Any):
+        self.validate_overrides(overrides)
+        self.config = self.Config(**overrides)
+        if name is not None:
+            self.name = name
+        self._check_config()
+
+    @classmethod
+    def validate_overrides(cls, overrides: dict[str, Any]) -> None:
+        valid = [f.name for f in dataclasses.fields(cls.Config)]
+        unknown = sorted(set(overrides) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__} has no parameter(s) {', '.join(map(repr, unknown))}; "
+                f"valid keys: {', '.join(valid) or '(none)'}"
+            )
+
+    def _check_config(self) -> None:
+        """Validate hyperparameter values; subclasses raise ConfigError with the field and the fix."""
+
+    def check_requires(self, batch: TokenBatch) -> None:
+        for name in sorted(self.requires):
+            if getattr(batch, name) is None:
+                raise BatchError(
+                    name,
+                    f"objective {self.name!r} requires it but it is None",
+                    f"pass {name}=... (see docs/objectives.md for what {self.name!r} needs)",
+                )
+
+    def __call__(self, batch: TokenBatch) -> ObjectiveOutput:
+        if not isinstance(batch, TokenBatch):
+            raise ConfigError(f"objective {self.name!r} takes a pgzoo.TokenBatch, got {type(batch).__name__}")
+        self.check_requires(batch)
+        return self.compute(batch)
+
+    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
+        return f"{type(self).__name__}(name={self.name!r}, {params})"
