@@ -1,5 +1,23 @@
-"""The objective zoo: one module per family; importing this package registers every built-in objective."""
+"""The objective zoo: one module per family; importing this package registers every built-in objective.
+
+=====================  ===========================================  ==================
+family (module)        registered names                             class
+=====================  ===========================================  ==================
+``minirl``             minirl, minirl-no-clip, minirl-length-norm,   :class:`MiniRL`
+                       minirl-no-is
+``grpo``               grpo, dr-grpo, dapo                          :class:`GRPO`
+``cispo``              cispo                                        :class:`CISPO`
+``gspo``               gspo, gspo-token                             :class:`GSPO`
+=====================  ===========================================  ==================
+
+Variants are registrations of one class with default overrides, never copies (see each module's docstring for the
+exact formula, paper and reductions).
+"""
 
 from pgzoo.objectives.base import AGGREGATIONS, Objective, ObjectiveOutput, aggregate
+from pgzoo.objectives.cispo import CISPO
+from pgzoo.objectives.grpo import GRPO
+from pgzoo.objectives.gspo import GSPO
+from pgzoo.objectives.minirl import MiniRL
 
-__all__ = ["AGGREGATIONS", "Objective", "ObjectiveOutput", "aggregate"]
+__all__ = ["AGGREGATIONS", "Objective", "ObjectiveOutput", "aggregate", "MiniRL", "GRPO", "CISPO", "GSPO"]

@@ -11,6 +11,7 @@ Subclasses implement ``compute(batch) -> ObjectiveOutput``; the per-token term i
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -92,22 +93,41 @@ class Objective:
     aggregation: ClassVar[str] = "token-mean"
     paper: ClassVar[str] = ""
 
-    def __init__(self, name: str | None = None, **overrides: Any):
+    def __init__(self, name: str | None = None, *, default_advantage: str | None = None, **overrides: Any):
         self.validate_overrides(overrides)
+        if "correction" in overrides:
+            from pgzoo.correction import as_correction
+
+            overrides["correction"] = as_correction(overrides["correction"])
         self.config = self.Config(**overrides)
         if name is not None:
             self.name = name
+        if default_advantage is not None:
+            from pgzoo import advantages
+
+            if default_advantage not in advantages.available():
+                from pgzoo.errors import UnknownNameError
+
+                raise UnknownNameError("advantage estimator", default_advantage, advantages.available())
+            self.default_advantage = default_advantage
         self._check_config()
+        self.requires = frozenset(type(self).requires | self.extra_requires())
 
     @classmethod
     def validate_overrides(cls, overrides: dict[str, Any]) -> None:
         valid = [f.name for f in dataclasses.fields(cls.Config)]
-        unknown = sorted(set(overrides) - set(valid))
+        unknown = sorted(set(overrides) - set(valid) - {"default_advantage"})
         if unknown:
             raise ConfigError(
                 f"{cls.__name__} has no parameter(s) {', '.join(map(repr, unknown))}; "
                 f"valid keys: {', '.join(valid) or '(none)'}"
             )
+
+    def extra_requires(self) -> frozenset[str]:
+        """Fields required because of the config (e.g. ``ref_logprobs`` when β > 0); subclasses extend."""
+        if getattr(self.config, "correction", None) is not None:
+            return frozenset({"rollout_logprobs"})
+        return frozenset()
 
     def _check_config(self) -> None:
         """Validate hyperparameter values; subclasses raise ConfigError with the field and the fix."""
@@ -133,3 +153,46 @@ class Objective:
     def __repr__(self) -> str:
         params = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
         return f"{type(self).__name__}(name={self.name!r}, {params})"
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+# Log-ratios entering an exponential *with gradient* are clamped to ±MAX_LOG_RATIO (as verl does): r stays within
+# [2e-9, 4.9e8], so the loss and its gradient are finite in float32 however far the policies drift. Inside the
+# band the gradient is exact.
+MAX_LOG_RATIO = 20.0
+
+
+def log_bounds(eps_low: float | None, eps_high: float | None) -> tuple[float, float]:
+    """log(1 − ε_low) and log(1 + ε_high); a missing bound (None, or ε_low ≥ 1) is ∓inf."""
+    lo = math.log1p(-eps_low) if eps_low is not None and eps_low < 1 else -math.inf
+    hi = math.log1p(eps_high) if eps_high is not None else math.inf
+    return lo, hi
+
+
+def ppo_clip_flags(log_r: torch.Tensor, adv: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where PPO's min(r·A, clip(r)·A) takes the clipped (constant) branch.
+
+    ``low``: A < 0 and r < 1 − ε_low; ``high``: A > 0 and r > 1 + ε_high. Elsewhere the surrogate is r·A with
+    gradient; this is also MiniRL's mask M (eq. 7) with proximal policy π_θold. Comparisons are in log space.
+    """
+    low = (adv < 0) & (log_r < lo)
+    high = (adv > 0) & (log_r > hi)
+    return low, high
+
+
+def check_eps(cls_name: str, eps_low, eps_high, *, low_optional: bool = False, high_optional: bool = False) -> None:
+    """Validate clip ranges, raising ConfigError naming the key."""
+    for key, value, optional in (("eps_low", eps_low, low_optional), ("eps_high", eps_high, high_optional)):
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            hint = " or None (no bound)" if optional else ""
+            raise ConfigError(f"{cls_name}: {key}={value!r} must be a number >= 0{hint}")
+    if eps_low is not None and eps_low >= 1 and not low_optional:
+        raise ConfigError(f"{cls_name}: eps_low={eps_low!r} must be < 1 (the lower clip bound is 1 - eps_low > 0)")
+
+
+def check_aggregation(cls_name: str, mode: str) -> None:
+    token_modes = [m for m in AGGREGATIONS if m != "seq-mean"]
+    if mode not in token_modes:
+        raise ConfigError(f"{cls_name}: aggregation={mode!r} is not one of {', '.join(token_modes)}")

@@ -1,0 +1,79 @@
+"""CISPO: REINFORCE with a clipped, stop-gradient importance-sampling weight (no token is ever dropped).
+
+MiniMax, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention" (arXiv 2506.13585). Per token::
+
+    term = sg(clamp(r, 1 − ε_low, 1 + ε_high)) · A · lp,     r = exp(lp − old)
+    loss = −Σ_i Σ_t m·term / N_tok
+
+Defaults ε_low = None (no lower bound), ε_high = 4 (the weight is capped at 5). ∇_lp loss = −clamp(r)·A / N_tok:
+unlike PPO clipping, a clipped token keeps a (capped) gradient. An optional training–inference ``correction``
+multiplies the term by its stop-gradient weight.
+
+Reduces to: on-policy (r = 1) token-mean REINFORCE, −Σ A·lp / N_tok; with ε_high = C − 1, ε_low = None and
+old = mu it has MiniRL's weight min(r, C) without MiniRL's mask, normalised per token.
+
+Example:
+    >>> out = pgzoo.get("cispo")(pgzoo.TokenBatch(logprobs=lp, mask=m, advantages=a, old_logprobs=old))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pgzoo.batch import TokenBatch
+from pgzoo.correction import Correction
+from pgzoo.diagnostics import clip_metrics, policy_metrics, weight_metrics
+from pgzoo.objectives.base import Objective, ObjectiveOutput, aggregate, check_aggregation, check_eps, log_bounds
+from pgzoo.registry import register
+
+
+class CISPO(Objective):
+    """CISPO (arXiv 2506.13585): sg(clamp(r, 1−ε_low, 1+ε_high))·A·log π_θ, token-mean.
+
+    Config:
+        eps_low: lower clip ε_low, or None for no lower bound (default None).
+        eps_high: upper clip ε_high (4: weight ≤ 5), or None for no upper bound.
+        aggregation: ``token-mean`` (or any token-level mode of :func:`pgzoo.aggregate`).
+        correction: optional training–inference correction.
+    """
+
+    @dataclass(frozen=True)
+    class Config:
+        eps_low: float | None = None
+        eps_high: float | None = 4.0
+        aggregation: str = "token-mean"
+        correction: Correction | None = None
+
+    default_advantage = "group-mean-std"
+    paper = "MiniMax-M1 (arXiv 2506.13585)"
+
+    def _check_config(self) -> None:
+        c = self.config
+        check_eps(type(self).__name__, c.eps_low, c.eps_high, low_optional=True, high_optional=True)
+        check_aggregation(type(self).__name__, c.aggregation)
+
+    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+        c = self.config
+        mask = batch.mask
+        lp = batch.masked(batch.logprobs)
+        adv = batch.token_advantages()
+        log_r = lp.detach() - batch.clean("old_logprobs")
+        lo, hi = log_bounds(c.eps_low, c.eps_high)
+        low, high = log_r < lo, log_r > hi
+        weight = log_r.clamp(min=None if c.eps_low is None else lo, max=None if c.eps_high is None else hi)
+        weight = weight.clamp(max=80.0).exp()  # an unbounded weight stays finite in float32
+        coef = weight * adv
+        metrics = policy_metrics(batch, log_r)
+        if c.correction is not None:
+            corr, corr_metrics = c.correction.token_weights(batch)
+            coef = corr * coef
+            metrics.update(corr_metrics)
+        loss = -aggregate(coef * lp, batch, c.aggregation)
+        metrics.update(clip_metrics(low, high, mask))
+        metrics.update(weight_metrics(weight, low | high, mask))
+        return ObjectiveOutput(loss, metrics)
+
+
+register("cispo", CISPO)

@@ -1,0 +1,105 @@
+"""MiniRL: REINFORCE with a truncated training–inference importance weight and decoupled-PPO clipping.
+
+"Stabilizing Reinforcement Learning with LLMs: Formulation and Practices" (arXiv 2512.01374),
+eqs. 6–7. Per token (i, t), with lp = log π_θ, old = log π_θold, mu = log μ_θold (the inference engine that sampled
+y), r = exp(lp − old) and A the advantage::
+
+    objective term  = M_it · w_it · A_it · lp_it
+    w_it            = min(sg(exp(lp − mu)), C)               (minirl-no-is: min(sg(r), C))
+    M_it            = 0 if A > 0 and r > 1 + ε_high, or A < 0 and r < 1 − ε_low; else 1   (π_θold is proximal)
+    loss            = −Σ_i Σ_t m·term / N_seq                 (minirl-length-norm: −Σ_i (1/|y_i|) Σ_t m·term / N_seq)
+
+so ∇_lp loss = −M·w·A / N_seq. The weight exp(lp − mu) = (π_θold/μ_θold)·(π_θ/π_θold) corrects both the
+training–inference discrepancy and the staleness; C (``is_cap``, 5) truncates it.
+
+Shapes: ``batch.logprobs``/``rollout_logprobs``/``old_logprobs`` ``[B, T]``; advantages ``[B]`` or ``[B, T]``.
+
+Reduces to: on-policy (old = lp) ``minirl`` is REINFORCE weighted by min(π_θ/μ_θold, C); ``minirl-no-is`` is plain
+REINFORCE, −Σ A·lp / N_seq. ``minirl`` *requires* ``rollout_logprobs`` and never substitutes ``old_logprobs``: an
+adapter whose sampler is the training engine itself passes them explicitly.
+
+Example:
+    >>> out = pgzoo.get("minirl")(pgzoo.TokenBatch(logprobs=lp, mask=m, advantages=a, rollout_logprobs=mu))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pgzoo.batch import TokenBatch
+from pgzoo.diagnostics import clip_metrics, policy_metrics, weight_metrics
+from pgzoo.errors import ConfigError
+from pgzoo.objectives.base import (
+    Objective,
+    ObjectiveOutput,
+    aggregate,
+    check_aggregation,
+    check_eps,
+    log_bounds,
+    ppo_clip_flags,
+)
+from pgzoo.registry import register
+
+
+class MiniRL(Objective):
+    """MiniRL (arXiv 2512.01374): M·min(sg(π_θ/μ_θold), C)·A·log π_θ, summed over tokens, averaged over sequences.
+
+    Config:
+        eps_low: ε_low of the mask M (0.2). eps_high: ε_high (0.27).
+        is_cap: C, the truncation of the IS weight (5).
+        clip: apply the mask M (``minirl-no-clip`` sets False: M ≡ 1).
+        train_inference_is: weight by π_θ/μ_θold (True) or only by π_θ/π_θold (``minirl-no-is``).
+        aggregation: ``seq-mean-token-sum`` (``minirl-length-norm``: ``seq-mean-token-mean``).
+    """
+
+    @dataclass(frozen=True)
+    class Config:
+        eps_low: float = 0.2
+        eps_high: float = 0.27
+        is_cap: float = 5.0
+        clip: bool = True
+        train_inference_is: bool = True
+        aggregation: str = "seq-mean-token-sum"
+
+    default_advantage = "group-mean"
+    paper = "Stabilizing Reinforcement Learning with LLMs: Formulation and Practices (arXiv 2512.01374)"
+
+    def _check_config(self) -> None:
+        c = self.config
+        check_eps(type(self).__name__, c.eps_low, c.eps_high)
+        if isinstance(c.is_cap, bool) or not isinstance(c.is_cap, (int, float)) or not c.is_cap > 0:
+            raise ConfigError(f"MiniRL: is_cap={c.is_cap!r} must be a positive number (the paper uses C = 5)")
+        check_aggregation(type(self).__name__, c.aggregation)
+
+    def extra_requires(self) -> frozenset[str]:
+        return frozenset({"rollout_logprobs"}) if self.config.train_inference_is else frozenset()
+
+    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+        c = self.config
+        mask = batch.mask
+        lp = batch.masked(batch.logprobs)
+        adv = batch.token_advantages()
+        log_r = lp.detach() - batch.clean("old_logprobs")  # staleness log π_θ/π_θold, 0 at masked positions
+        log_w = lp.detach() - batch.clean("rollout_logprobs") if c.train_inference_is else log_r
+        log_cap = math.log(c.is_cap)
+        w = log_w.clamp(max=log_cap).exp()  # min(exp(log_w), C), never overflows
+        low, high = ppo_clip_flags(log_r, adv, *log_bounds(c.eps_low, c.eps_high))
+        if c.clip:
+            coef = torch.where(low | high, torch.zeros_like(w), w * adv)
+        else:
+            coef = w * adv
+            low = high = torch.zeros_like(mask)
+        loss = -aggregate(coef * lp, batch, c.aggregation)
+        metrics = policy_metrics(batch, log_r)
+        metrics.update(clip_metrics(low, high, mask))
+        metrics.update(weight_metrics(w, log_w > log_cap, mask))
+        return ObjectiveOutput(loss, metrics)
+
+
+register("minirl", MiniRL)
+register("minirl-no-clip", MiniRL, clip=False)
+register("minirl-length-norm", MiniRL, aggregation="seq-mean-token-mean")
+register("minirl-no-is", MiniRL, train_inference_is=False)
