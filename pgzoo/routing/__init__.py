@@ -11,15 +11,21 @@
 Trainers drive :class:`RoutingReplay` (mode "R2", "R3" or None); see docs/routing.md.
 """
 
-from pgzoo.routing.drift import routing_drift
+from pgzoo.routing.drift import drift_counts, drift_from_counts, routing_drift
 from pgzoo.routing.families import FAMILIES, SUPPORTED, MoeLayer, find_moe_layers
 from pgzoo.routing.record import UNROUTED, Recording, record
 from pgzoo.routing.replay import Replay, check_routes, replay
+from pgzoo.routing.trainer import MODES, RoutingReplay, parse_mode
 
 __all__ = [
     "record",
     "replay",
     "routing_drift",
+    "drift_counts",
+    "drift_from_counts",
+    "RoutingReplay",
+    "parse_mode",
+    "MODES",
     "Recording",
     "Replay",
     "check_routes",

@@ -41,6 +41,15 @@ def routing_drift(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = 
         >>> routing_drift(a, b)["drift"]                      # token 0 same set, token 1 differs
         tensor(0.5000)
     """
+    return drift_from_counts(drift_counts(a, b, mask))
+
+
+def drift_counts(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Additive counts behind :func:`routing_drift` (sum them over micro-batches, then :func:`drift_from_counts`).
+
+    Keys: ``differs`` ``[L]``, ``valid`` ``[L]``, ``overlap`` ``[L]`` (summed over valid slots),
+    ``tokens_differ`` and ``tokens`` (scalars: valid tokens, and those differing in at least one layer).
+    """
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise RoutingError("routing_drift(a, b): both route tensors must be torch tensors")
     if a.shape != b.shape or a.dim() < 2:
@@ -58,18 +67,27 @@ def routing_drift(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = 
                 )
             valid = valid & mask.to(a.device).bool()[..., None]
         differs = (a.sort(-1).values != b.sort(-1).values).any(-1) & valid
-        overlap = (a[..., :, None] == b[..., None, :]).any(-1).float().mean(-1)
+        overlap = (a[..., :, None] == b[..., None, :]).any(-1).float().mean(-1) * valid
         lead = tuple(range(valid.dim() - 1))
-        v = valid.float()
-        n_slots = v.sum()
-        per_layer = differs.float().sum(lead) / v.sum(lead).clamp(min=1)
-        token_valid = valid.any(-1)
-        out = {
-            "drift": differs.float().sum() / n_slots.clamp(min=1),
-            "drift_any_layer": differs.any(-1).float().sum() / token_valid.float().sum().clamp(min=1),
-            "expert_overlap": torch.where(n_slots > 0, (overlap * v).sum() / n_slots.clamp(min=1), 1.0),
-            "num_slots": n_slots,
+        return {
+            "differs": differs.float().sum(lead),
+            "valid": valid.float().sum(lead),
+            "overlap": overlap.sum(lead),
+            "tokens_differ": differs.any(-1).float().sum(),
+            "tokens": valid.any(-1).float().sum(),
         }
-        for i in range(per_layer.shape[0]):
-            out[f"drift_layer_{i}"] = per_layer[i]
+
+
+def drift_from_counts(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The :func:`routing_drift` metrics from (summed) :func:`drift_counts`."""
+    n_slots = counts["valid"].sum()
+    out = {
+        "drift": counts["differs"].sum() / n_slots.clamp(min=1),
+        "drift_any_layer": counts["tokens_differ"] / counts["tokens"].clamp(min=1),
+        "expert_overlap": torch.where(n_slots > 0, counts["overlap"].sum() / n_slots.clamp(min=1), 1.0),
+        "num_slots": n_slots,
+    }
+    per_layer = counts["differs"] / counts["valid"].clamp(min=1)
+    for i in range(per_layer.shape[0]):
+        out[f"drift_layer_{i}"] = per_layer[i]
     return out

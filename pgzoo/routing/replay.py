@@ -21,7 +21,9 @@ Replay proves it took effect. It raises :class:`~pgzoo.errors.RoutingError` when
 * routes are degenerate: one expert repeated within a token's top-k (all-zero routes with k > 1), every slot
   unrouted, or with k = 1 every one of at least 16 slots on the same expert;
 * a forward of the wrapped model hits fewer MoE layers than the routes hold, or the context ends without any
-  MoE layer having been forced (a silent no-op: e.g. the forward ran on a different model object).
+  MoE layer having been forced (a silent no-op: e.g. the forward ran on a different model object);
+* gradient checkpointing is on, a forward with grad ran in training mode, and the context closed before backward
+  (the recomputation would otherwise route naturally: silently wrong gradients). Run backward inside the context.
 """
 
 from __future__ import annotations
@@ -117,6 +119,10 @@ class Replay:
         self._depth = 0
         self.num_forwards = 0
         self._handles: list = []
+        # Gradient checkpointing recomputes MoE blocks during backward: that must happen inside the context.
+        self._checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        self._awaiting_recompute = False
+        self.recomputed = 0
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -173,9 +179,13 @@ class Replay:
             if free is not None:
                 forced = torch.where(free[:, None], natural, forced)
             weights = layer.family.gate_weights(module, logits, forced)
-            if not in_backward():
+            if in_backward():
+                self.recomputed += 1
+            else:
                 self._natural[slot] = natural.detach()
                 self._hit_forward.add(slot)
+                if self._checkpointing and module.training and torch.is_grad_enabled():
+                    self._awaiting_recompute = True
             self._hit_ever.add(slot)
             return (logits, weights, forced, *output[3:])
 
@@ -195,6 +205,12 @@ class Replay:
                 )
             missed = [layer.layer_index for layer in self.layers if layer.slot not in self._hit_ever]
             raise RoutingError(f"replay did not take effect on MoE decoder layers {missed}")
+        if exc_type is None and self._awaiting_recompute and not self.recomputed:
+            raise RoutingError(
+                "gradient checkpointing is on and a forward with grad ran under replay, but no backward ran inside "
+                "the context: backward recomputes the MoE layers and must replay the same routes. Call "
+                "loss.backward() inside `with replay(...)` (or turn gradient checkpointing off)"
+            )
 
     # -- results ---------------------------------------------------------------------------------------------
     @property
