@@ -26,8 +26,8 @@ from pgzoo.batch import TokenBatch
 
 # Clamp for exponentials of log-ratios inside *metrics* only (exp(50) ≈ 5e21: finite sums in float32).
 _METRIC_MAX_LOG = 50.0
-# Clamp for the per-sequence log-product (in float64; exp(300) is finite there).
-_SEQ_MAX_LOG = 300.0
+# Clamp for the per-sequence log-product: exp(80) ≈ 5.5e34 stays finite when the metric is cast to float32.
+_SEQ_MAX_LOG = 80.0
 
 
 # ---------------------------------------------------------------------------------------------- masked reductions
@@ -97,6 +97,8 @@ def policy_metrics(batch: TokenBatch, log_ratio: torch.Tensor | None = None) -> 
     if log_ratio is None:
         log_ratio = batch.logprobs.detach() - batch.clean("old_logprobs")
     stale = torch.where(mask, log_ratio.detach(), torch.zeros_like(log_ratio))
+    if stale.dtype in (torch.float16, torch.bfloat16):  # statistics in float32 for 16-bit inputs
+        stale = stale.float()
     n = _count(mask, stale)
     s_min, s_max = masked_min(stale, mask), masked_max(stale, mask)
     ratio = stale.clamp(-_METRIC_MAX_LOG, _METRIC_MAX_LOG).exp()
@@ -115,6 +117,7 @@ def policy_metrics(batch: TokenBatch, log_ratio: torch.Tensor | None = None) -> 
     metrics["first_order/gap_staleness"] = (gap_stale.sum() / n_seq).to(out_dtype)
     if batch.rollout_logprobs is not None:
         ti = batch.clean("old_logprobs") - batch.clean("rollout_logprobs")  # old − mu, 0 at masked positions
+        ti = ti.to(stale.dtype)
         metrics["kl/train_inference_k1"] = -ti.sum() / n
         metrics["log_ratio/train_inference_mean"] = ti.sum() / n
         metrics["log_ratio/train_inference_abs_mean"] = ti.abs().sum() / n
