@@ -1,0 +1,416 @@
+"""Recipes: a typed schema that maps one-to-one onto the YAML files in ``recipes/`` (torchtune-style).
+
+    recipe = load_recipe("recipes/tiny/minirl.yaml", ["train.lr=3e-4", "rollout.group_size=8"])
+    recipe.train.num_minibatches, recipe.rollout.engine, recipe.dump()
+
+A recipe file is exactly :class:`Recipe` written as YAML: every section below is a key, every field a sub-key.
+Unknown keys are rejected with the nearest valid key; wrong types name the dotted key; combinations that cannot run
+(R3 with an engine that cannot return routes, N not dividing the batch, MiniRL without the inference engine's
+logprobs, ...) are rejected by :meth:`Recipe.check` with the fix. Command-line overrides are ``dotted.key=value``
+(the value is parsed as YAML: ``3e-4``, ``true``, ``null``, ``[a, b]``).
+
+Sizes (the paper's notation): B = ``rollout.prompts_per_step`` prompts per global step, G = ``rollout.group_size``
+responses each, so B·G responses per step, split into N = ``train.num_minibatches`` mini-batches of B·G/N responses,
+one optimizer step each (N = 1 is on-policy; N > 1 is off-policy: mini-batch n is n updates stale).
+
+``pgzoo recipe validate RECIPE...`` checks files without loading any model (paths need not exist: file checks run
+when training starts, or here with ``--check-files``); ``pgzoo train RECIPE --dry-run`` prints the same plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pgzoo.errors import ConfigError, require, suggest
+
+_pydantic = require("pydantic", "lightning")
+BaseModel, ConfigDict, Field, ValidationError = (_pydantic.BaseModel, _pydantic.ConfigDict, _pydantic.Field,
+                                                   _pydantic.ValidationError)
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    """The policy to train."""
+
+    path: str | None = Field(None, description="Hugging Face checkpoint folder; null = the embedded tiny MoE's "
+                                                "cached cold start for `task` (pgzoo.models.cold_start)")
+    cold_start: dict[str, Any] = Field(default_factory=dict, description="options of ensure_cold_start "
+                                                                         "(when path is null)")
+    dtype: Dtype = Field("float32", description="training dtype")
+
+
+class TaskSection(_Section):
+    """The verifiable-reward task (pgzoo.tasks)."""
+
+    name: str = "arithmetic"
+    options: dict[str, Any] = Field(default_factory=dict, description="task options, e.g. a data file path")
+
+
+class ObjectiveSection(_Section):
+    """The policy-gradient objective (pgzoo.get(name, **options))."""
+
+    name: str = "minirl"
+    options: dict[str, Any] = Field(default_factory=dict, description="overrides: eps_low, eps_high, is_cap, ...")
+    advantage: str | None = Field(None, description="estimator in pgzoo.advantages; null = the objective's default")
+
+
+class RolloutSection(_Section):
+    """The inference engine and sampling."""
+
+    engine: Literal["vllm", "transformers"] = "vllm"
+    dtype: Dtype = Field("float32", description="rollout dtype (vs model.dtype: the training-inference gap)")
+    fp8: bool = Field(False, description="FP8 (e4m3) rollout weights")
+    prompts_per_step: int = Field(16, gt=0, description="B: prompts per global step")
+    group_size: int = Field(8, gt=0, description="G: responses per prompt")
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    logprobs: Literal["engine", "none"] = Field(
+        "engine", description="'engine': pass the inference engine's μ logprobs to the objective as rollout_logprobs; "
+                              "'none': do not (objectives without training-inference correction only)")
+    gpu_memory_utilization: float = Field(0.1, gt=0, le=1, description="vLLM only")
+    max_model_len: int | None = Field(None, gt=0, description="vLLM only; default prompt + max_new_tokens headroom")
+
+
+class TrainSection(_Section):
+    """The optimisation loop."""
+
+    steps: int = Field(40, gt=0, description="global steps (rollout + N updates each)")
+    num_minibatches: int = Field(1, gt=0, description="N: optimizer steps per global step")
+    micro_batch_size: int | None = Field(None, gt=0, description="responses per forward/backward "
+                                                                 "(gradient accumulation); null = whole mini-batch")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null = no clipping")
+    warmup_steps: int = Field(0, ge=0, description="linear LR warmup, in optimizer steps")
+    routing_replay: Literal["R2", "R3"] | None = Field(None, description="R2: replay the training engine's "
+                                                                         "θold routes; R3: the rollout engine's")
+    logprob_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the memory-bounded logprob pass")
+    devices: int = Field(1, gt=0, description="processes (CPU) or GPUs; >1 uses DDP with global normalisers")
+
+
+class EvalSection(_Section):
+    """Held-out evaluation before and after training (pgzoo.evaluate)."""
+
+    before: bool = True
+    after: bool = True
+    every: int = Field(0, ge=0, description="also evaluate every this many steps; 0 = only before/after")
+    num_problems: int = Field(200, gt=0, description="held-out problems from the task's test split")
+    k: int = Field(1, gt=0, description="samples per problem for avg@k / pass@k")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0, description="null = rollout.max_new_tokens")
+    files: dict[str, str] = Field(default_factory=dict, description="benchmark name -> problem file "
+                                                                    "(user-supplied); empty = the task's test split")
+
+
+class OutputSection(_Section):
+    """The run folder."""
+
+    dir: str = Field("runs/{name}", description="run folder; {name} is the recipe name")
+    checkpoint_every: int = Field(10, ge=0, description="save a Hugging Face checkpoint every this many steps "
+                                                        "(and at the end); 0 = only at the end")
+    keep_checkpoints: int = Field(2, gt=0, description="newest step checkpoints kept")
+    loggers: list[Literal["csv", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["csv"])
+    plots: bool = True
+    progress_bar: bool = True
+
+
+class Recipe(_Section):
+    """A whole run. Each section is a YAML key; see the section classes for the fields."""
+
+    name: str = Field("run", description="run name (used in output.dir)")
+    description: str = ""
+    seed: int = 0
+    model: ModelSection = Field(default_factory=ModelSection)
+    task: TaskSection = Field(default_factory=TaskSection)
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def responses_per_step(self) -> int:
+        return self.rollout.prompts_per_step * self.rollout.group_size
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.responses_per_step // self.train.num_minibatches
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        """π_θold from the training engine is needed off-policy (N > 1) and for R2 (its routes are recorded there)."""
+        return self.train.num_minibatches > 1 or self.train.routing_replay == "R2"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir.replace("{name}", self.name))
+
+    # ------------------------------------------------------------------ cross-field checks
+    def check(self) -> "Recipe":
+        """Reject combinations that cannot run; every message names the keys and the fix. Returns self."""
+        r, t = self.rollout, self.train
+        if self.responses_per_step % t.num_minibatches:
+            raise ConfigError(
+                f"train.num_minibatches={t.num_minibatches} does not divide the {self.responses_per_step} responses "
+                f"per step (rollout.prompts_per_step={r.prompts_per_step} x rollout.group_size={r.group_size}); "
+                f"pick N among {_divisors(self.responses_per_step)}")
+        mb = self.minibatch_size
+        if t.micro_batch_size is not None and mb % (t.micro_batch_size * t.devices):
+            raise ConfigError(
+                f"train.micro_batch_size={t.micro_batch_size} x train.devices={t.devices} does not divide the "
+                f"mini-batch of {mb} responses; pick micro_batch_size among "
+                f"{[d for d in _divisors(mb) if mb % (d * t.devices) == 0]}")
+        if mb % t.devices:
+            raise ConfigError(f"train.devices={t.devices} does not divide the mini-batch of {mb} responses")
+        if r.group_size < 2:
+            raise ConfigError("rollout.group_size must be >= 2: group-relative advantages of a group of one are 0, "
+                              "so nothing would be learned")
+        if r.fp8 and r.engine == "vllm" and r.dtype == "float32":
+            raise ConfigError("rollout.fp8=true with rollout.dtype=float32: FP8 rollouts run in bfloat16 or float16 "
+                              "activations; set rollout.dtype=bfloat16")
+        if self.eval.files and self.eval.k < 1:
+            raise ConfigError("eval.k must be >= 1")
+        self._check_objective()
+        return self
+
+    def _check_objective(self) -> None:
+        import pgzoo
+
+        obj = pgzoo.get(self.objective.name, **self.objective.options)  # unknown name / option -> clear error
+        if "rollout_logprobs" in obj.requires and self.rollout.logprobs != "engine":
+            raise ConfigError(
+                f"objective {obj.name!r} requires the inference engine's logprobs (μ, its train-inference IS weight) "
+                "but rollout.logprobs=none; set rollout.logprobs=engine or pick an objective without that factor "
+                "(e.g. minirl-no-is)")
+        if self.objective.advantage is not None:
+            from pgzoo import advantages
+
+            known = getattr(advantages, "ESTIMATORS", None) or getattr(advantages, "available", lambda: None)()
+            if known is not None and self.objective.advantage not in known:
+                raise ConfigError(f"objective.advantage={self.objective.advantage!r} is not an estimator in "
+                                  f"pgzoo.advantages.{suggest(self.objective.advantage, known)} "
+                                  f"Available: {', '.join(sorted(known))}")
+
+    def check_environment(self) -> "Recipe":
+        """Reject what this machine cannot run (called by `pgzoo train`, including --dry-run; `pgzoo recipe validate`
+        checks the file only, so paper recipes validate anywhere)."""
+        r, t = self.rollout, self.train
+        if t.routing_replay == "R3" and r.engine == "vllm" and not _vllm_can_return_routes():
+            raise ConfigError(
+                "train.routing_replay=R3 needs the rollout engine's routes, but vLLM returns routed experts only with "
+                "its Model Runner V2 on a GPU (enable_return_routed_experts), not on this machine; use "
+                "rollout.engine=transformers (records routes while generating) or train.routing_replay=R2")
+        if t.devices > 1 and not _has_cuda() and t.devices > (os.cpu_count() or 1):
+            raise ConfigError(f"train.devices={t.devices} CPU processes on a machine with {os.cpu_count()} cores; "
+                              "use train.devices=1 (or 2 for a gloo DDP check)")
+        return self
+
+    def check_files(self) -> "Recipe":
+        """Check that user-supplied paths exist (run by `pgzoo train` before anything heavy)."""
+        if self.model.path is not None and not Path(os.path.expanduser(self.model.path)).exists():
+            raise ConfigError(f"model.path={self.model.path!r} does not exist; pass your checkpoint folder with "
+                              f"model.path=/path/to/checkpoint (or model.path=null for the embedded tiny cold start)")
+        for name, path in self.eval.files.items():
+            if not Path(os.path.expanduser(path)).exists():
+                raise ConfigError(f"eval.files.{name}={path!r} does not exist; pass it with eval.files.{name}=/path")
+        for key, value in self.task.options.items():
+            if key.endswith(("path", "file")) and isinstance(value, str) and not Path(value).exists():
+                raise ConfigError(f"task.options.{key}={value!r} does not exist; pass it with "
+                                  f"task.options.{key}=/path")
+        return self
+
+    def dump(self) -> str:
+        """The resolved recipe as YAML (loads back to an equal Recipe)."""
+        yaml = require("yaml", "lightning")
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def plan(self) -> str:
+        """A human-readable summary of what one run does."""
+        r, t = self.rollout, self.train
+        old = ("yes (" + ", ".join(x for x in (("off-policy N>1" if t.num_minibatches > 1 else ""),
+                                                ("records R2 routes" if t.routing_replay == "R2" else "")) if x) + ")"
+               if self.needs_old_logprobs else "no (on-policy: π_θold = π_θ detached)")
+        lines = [
+            f"recipe        {self.name}: {self.description}".rstrip(": "),
+            f"model         {self.model.path or 'embedded tiny MoE, cached cold start'} (train {self.model.dtype})",
+            f"task          {self.task.name} {self.task.options or ''}".rstrip(),
+            f"objective     {self.objective.name} {self.objective.options or ''} advantage="
+            f"{self.objective.advantage or 'objective default'}",
+            f"rollout       {r.engine} ({r.dtype}{', fp8' if r.fp8 else ''}), B={r.prompts_per_step} prompts x "
+            f"G={r.group_size} = {self.responses_per_step} responses/step, <= {r.max_new_tokens} new tokens, "
+            f"T={r.temperature}, μ logprobs: {r.logprobs}",
+            f"updates       N={t.num_minibatches} optimizer step(s)/step of {self.minibatch_size} responses"
+            f"{'' if t.micro_batch_size is None else f' in micro-batches of {t.micro_batch_size}'}"
+            f", lr={t.lr:g}, grad_clip={t.grad_clip}, devices={t.devices}",
+            f"old logprobs  {old}",
+            f"routing       {t.routing_replay or 'no replay'}",
+            f"steps         {t.steps} global steps = {t.steps * t.num_minibatches} optimizer steps, "
+            f"{t.steps * self.responses_per_step} responses",
+            f"eval          {'before ' if self.eval.before else ''}{'after ' if self.eval.after else ''}"
+            f"{f'every {self.eval.every} ' if self.eval.every else ''}on "
+            f"{', '.join(self.eval.files) if self.eval.files else f'{self.eval.num_problems} held-out problems'}, "
+            f"k={self.eval.k}",
+            f"output        {self.run_dir} (checkpoint every {self.output.checkpoint_every or 'end'}, "
+            f"loggers {', '.join(self.output.loggers)})",
+        ]
+        return "\n".join(lines)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _vllm_can_return_routes() -> bool:
+    """vLLM's enable_return_routed_experts needs Model Runner V2, which runs on CUDA GPUs only."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+# ---------------------------------------------------------------------- loading
+def _section_fields(path: tuple) -> list[str]:
+    """Valid keys at a dotted location of the schema (for 'did you mean')."""
+    cls: Any = Recipe
+    for part in path:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _format_errors(exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            valid = _section_fields(loc[:-1])
+            hint = suggest(loc[-1], valid)
+            lines.append(f"unknown key {key!r}.{hint} Valid keys{' under ' + '.'.join(loc[:-1]) if loc[:-1] else ''}:"
+                         f" {', '.join(valid)}")
+        else:
+            got = err.get("input")
+            lines.append(f"{key}: {err['msg']} (got {got!r})")
+    return ConfigError(f"{source}: " + "; ".join(lines))
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["train.lr=3e-4", "rollout.engine=vllm"]`` -> nested dict (values parsed as YAML)."""
+    yaml = require("yaml", "lightning")
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value; write e.g. train.lr=3e-4")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part; write e.g. train.lr=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("options", "cold_start", "files"):
+            out[k] = _merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def recipe_from_dict(data: dict, overrides: list[str] | dict | None = None, *, source: str = "recipe",
+                     check: bool = True) -> Recipe:
+    """Build and check a :class:`Recipe` from a dict plus overrides."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    merged = _merge(data, extra)
+    try:
+        recipe = Recipe.model_validate(merged)
+    except ValidationError as exc:
+        raise _format_errors(exc, source) from None
+    return recipe.check() if check else recipe
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | dict | None = None, *, check: bool = True) -> Recipe:
+    """Load a recipe YAML, apply ``key=value`` overrides, validate types and combinations."""
+    yaml = require("yaml", "lightning")
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        tiny = Path("recipes/tiny")
+        if tiny.is_dir():
+            hint = f" Recipes here: {', '.join(sorted(str(p) for p in tiny.glob('*.yaml'))[:6])} ..."
+        raise ConfigError(f"recipe file {str(path)!r} not found.{hint}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    data.setdefault("name", path.stem)
+    return recipe_from_dict(data, overrides, source=str(path), check=check)
+
+
+# ---------------------------------------------------------------------- `pgzoo recipe validate`
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
+    v = sub.add_parser("validate", help="check recipe files and print the resolved plan")
+    v.add_argument("recipes", nargs="+", help="recipe YAML files (key=value overrides may follow)")
+    v.add_argument("--check-files", action="store_true", help="also require model/eval/task paths to exist")
+    v.add_argument("--print", dest="print_yaml", action="store_true", help="print the fully resolved YAML")
+
+
+def run(args: argparse.Namespace) -> int:
+    files = [a for a in args.recipes if "=" not in a]
+    overrides = [a for a in args.recipes if "=" in a]
+    if not files:
+        raise ConfigError("pgzoo recipe validate: give at least one recipe file")
+    for f in files:
+        recipe = load_recipe(f, overrides)
+        if args.check_files:
+            recipe.check_files()
+        print(f"ok  {f}")
+        print("    " + recipe.plan().replace("\n", "\n    "))
+        if args.print_yaml:
+            print(recipe.dump())
+    return 0
+
+
+__all__ = ["Recipe", "load_recipe", "recipe_from_dict", "parse_overrides", "add_arguments", "run",
+           "ModelSection", "TaskSection", "ObjectiveSection", "RolloutSection", "TrainSection", "EvalSection",
+           "OutputSection"]
