@@ -19,6 +19,8 @@ from pgzoo.errors import (
 )
 from pgzoo.objectives.base import Objective, ObjectiveOutput, aggregate
 from pgzoo.registry import available, get, register, unregister
+from pgzoo import advantages, correction, diagnostics, testing  # noqa: E402  (torch-only submodules)
+from pgzoo.correction import Correction
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,11 @@ __all__ = [
     "Objective",
     "ObjectiveOutput",
     "aggregate",
+    "Correction",
+    "advantages",
+    "correction",
+    "diagnostics",
+    "testing",
     "get",
     "register",
     "unregister",
