@@ -74,8 +74,8 @@ def _group_stats(rewards: torch.Tensor, index: torch.Tensor, num_groups: int):
     mean = zeros.index_add(0, index, rewards) / size
     centred = rewards - mean[index]
     var = zeros.index_add(0, index, centred * centred) / (size - 1).clamp_min(1.0)
-    gmax = torch.full_like(zeros, -torch.inf).index_reduce(0, index, rewards, "amax")
-    gmin = torch.full_like(zeros, torch.inf).index_reduce(0, index, rewards, "amin")
+    gmax = zeros.scatter_reduce(0, index, rewards, "amax", include_self=False)
+    gmin = zeros.scatter_reduce(0, index, rewards, "amin", include_self=False)
     constant = (gmax == gmin)[index]
     return size[index], centred, var.sqrt()[index], constant
 

@@ -1,0 +1,131 @@
+"""TokenBatch validation: every malformed batch raises a BatchError naming the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pgzoo
+from pgzoo.objectives.base import aggregate
+from pgzoo.testing import random_batch
+
+
+def _fields(B=3, T=4, **changes):
+    lp = -torch.rand(B, T)
+    values = dict(logprobs=lp, mask=torch.ones(B, T, dtype=torch.bool), advantages=torch.randn(B),
+                  old_logprobs=lp.clone(), rollout_logprobs=lp.clone(), ref_logprobs=lp.clone())
+    values.update(changes)
+    return values
+
+
+BAD = {
+    "logprobs rank 1": ("logprobs", dict(logprobs=torch.zeros(4)), "rank 2"),
+    "logprobs rank 3": ("logprobs", dict(logprobs=torch.zeros(3, 4, 1)), "rank 2"),
+    "logprobs int": ("logprobs", dict(logprobs=torch.zeros(3, 4, dtype=torch.long)), "floating"),
+    "logprobs not a tensor": ("logprobs", dict(logprobs=[[0.0]]), "torch.Tensor"),
+    "empty batch": ("logprobs", dict(logprobs=torch.zeros(0, 4), mask=torch.zeros(0, 4), advantages=torch.zeros(0),
+                                     old_logprobs=None, rollout_logprobs=None, ref_logprobs=None), "empty"),
+    "empty sequence": ("logprobs", dict(logprobs=torch.zeros(3, 0), mask=torch.zeros(3, 0), old_logprobs=None,
+                                        rollout_logprobs=None, ref_logprobs=None), "empty"),
+    "mask shape": ("mask", dict(mask=torch.ones(3, 5)), "does not match"),
+    "advantages shape": ("advantages", dict(advantages=torch.zeros(4)), "fits neither"),
+    "advantages int": ("advantages", dict(advantages=torch.zeros(3, dtype=torch.long)), "floating"),
+    "old shape": ("old_logprobs", dict(old_logprobs=torch.zeros(3, 5)), "does not match"),
+    "rollout dtype": ("rollout_logprobs", dict(rollout_logprobs=torch.zeros(3, 4, dtype=torch.int32)), "floating"),
+    "ref with grad": ("ref_logprobs", dict(ref_logprobs=torch.zeros(3, 4, requires_grad=True)), "gradient"),
+    "other device": ("old_logprobs", dict(old_logprobs=torch.zeros(3, 4, device="meta")), "meta"),
+    "nan unmasked": ("logprobs", dict(logprobs=torch.tensor([[0.0, float("nan")]] * 3), mask=torch.ones(3, 2),
+                                      old_logprobs=None, rollout_logprobs=None, ref_logprobs=None), "non-finite"),
+    "inf rollout": ("rollout_logprobs", dict(logprobs=torch.zeros(3, 2), mask=torch.ones(3, 2),
+                                             old_logprobs=None, ref_logprobs=None,
+                                             rollout_logprobs=torch.tensor([[0.0, -float("inf")]] * 3)), "non-finite"),
+    "nan advantage": ("advantages", dict(advantages=torch.tensor([0.0, float("nan"), 1.0])), "non-finite"),
+    "no token at all": ("mask", dict(mask=torch.zeros(3, 4, dtype=torch.bool)), "no unmasked token"),
+    "num_sequences zero": ("num_sequences", dict(num_sequences=0), "positive"),
+    "num_tokens bool": ("num_tokens", dict(num_tokens=True), "positive"),
+    "max_tokens vector": ("max_tokens", dict(max_tokens=torch.ones(2)), "scalar"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_malformed_batch_raises_named_error(case):
+    field, changes, phrase = BAD[case]
+    with pytest.raises(pgzoo.BatchError) as info:
+        pgzoo.TokenBatch(**_fields(**changes))
+    err = info.value
+    assert err.field == field
+    assert f"TokenBatch.{field}" in str(err) and "Fix:" in str(err) and phrase in str(err)
+    assert isinstance(err, ValueError) and isinstance(err, pgzoo.PgzooError)
+
+
+def test_required_field_missing_names_it():
+    batch = pgzoo.TokenBatch(**_fields(rollout_logprobs=None))
+    with pytest.raises(pgzoo.BatchError) as info:
+        pgzoo.get("minirl")(batch)
+    assert info.value.field == "rollout_logprobs" and "minirl" in str(info.value)
+
+
+def test_objective_rejects_non_batch():
+    with pytest.raises(pgzoo.ConfigError, match="TokenBatch"):
+        pgzoo.get("grpo")({"logprobs": torch.zeros(2, 2)})
+
+
+def test_value_check_is_switchable_and_only_values():
+    # check_values=False skips the (host-syncing) finiteness check, never the structural ones
+    nan = torch.tensor([[0.0, float("nan")]] * 3)
+    pgzoo.TokenBatch(logprobs=nan, mask=torch.ones(3, 2), advantages=torch.zeros(3), check_values=False)
+    with pytest.raises(pgzoo.BatchError):
+        pgzoo.TokenBatch(**_fields(mask=torch.ones(2, 2)), check_values=False)
+
+
+def test_nan_at_masked_positions_is_accepted():
+    lp = torch.tensor([[0.0, float("nan")]])
+    batch = pgzoo.TokenBatch(logprobs=lp, mask=torch.tensor([[1, 0]]), advantages=torch.ones(1),
+                             old_logprobs=lp, rollout_logprobs=lp)
+    assert batch.mask.dtype == torch.bool
+
+
+def test_advantage_column_is_squeezed_and_helpers():
+    batch = pgzoo.TokenBatch(**_fields(advantages=torch.arange(3.0)[:, None]))
+    assert batch.advantages.shape == (3,)
+    assert batch.token_advantages().shape == (3, 4)
+    assert batch.batch_size == 3 and batch.seq_len == 4
+
+
+def test_default_normalisers():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    batch = pgzoo.TokenBatch(logprobs=torch.zeros(3, 3), mask=mask, advantages=torch.zeros(3))
+    assert float(batch.sequence_count()) == 2  # the fully masked row does not count
+    assert float(batch.token_count()) == 3
+    assert batch.length_constant() == 3.0
+    assert batch.replace(max_tokens=10).length_constant() == 10.0
+
+
+def test_aggregate_modes_by_hand():
+    term = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    batch = pgzoo.TokenBatch(logprobs=torch.zeros(3, 3), mask=mask, advantages=torch.zeros(3))
+    assert float(aggregate(term, batch, "seq-mean-token-sum")) == pytest.approx((3 + 3) / 2)
+    assert float(aggregate(term, batch, "seq-mean-token-mean")) == pytest.approx((1.5 + 3) / 2)
+    assert float(aggregate(term, batch, "token-mean")) == pytest.approx(6 / 3)
+    assert float(aggregate(term, batch, "constant")) == pytest.approx(6 / (2 * 3))
+    assert float(aggregate(torch.tensor([1.0, 5.0, 7.0]), batch, "seq-mean")) == pytest.approx(3.0)
+    with pytest.raises(pgzoo.ConfigError, match="valid modes"):
+        aggregate(term, batch, "mean")
+
+
+def test_global_normalisers_make_shards_add_up():
+    """Two micro-batches with global counts give the whole mini-batch's gradient (gradient accumulation/DDP)."""
+    full = random_batch(8, 6, seed=3, scale=0.3)
+    n_seq, n_tok = full.mask.any(-1).sum().item(), full.mask.sum().item()
+    for name in pgzoo.available():
+        g_full = pgzoo.testing.grad_wrt_logprobs(name, full)
+        parts = []
+        for rows in (slice(0, 3), slice(3, 8)):
+            shard = pgzoo.TokenBatch(
+                logprobs=full.logprobs.detach()[rows], mask=full.mask[rows], advantages=full.advantages[rows],
+                old_logprobs=full.old_logprobs[rows], rollout_logprobs=full.rollout_logprobs[rows],
+                ref_logprobs=full.ref_logprobs[rows], num_sequences=n_seq, num_tokens=n_tok, max_tokens=6,
+            )
+            parts.append(pgzoo.testing.grad_wrt_logprobs(name, shard))
+        torch.testing.assert_close(torch.cat(parts), g_full, rtol=1e-10, atol=1e-12, msg=name)
