@@ -95,7 +95,7 @@ class MoeLayer:
 
 
 _LAYER_NUMBER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
-_MOE_HINT = re.compile(r"(router|moe|expert)", re.IGNORECASE)
+_MOE_HINT = re.compile(r"(router|experts?$|sparsemoe|moeblock|moemlp)", re.IGNORECASE)
 
 
 def _family_of(module: torch.nn.Module) -> Family | None:
