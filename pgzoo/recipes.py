@@ -187,7 +187,13 @@ class Recipe(_Section):
     def _check_objective(self) -> None:
         import pgzoo
 
-        obj = pgzoo.get(self.objective.name, **self.objective.options)  # unknown name / option -> clear error
+        from pgzoo.errors import PgzooError
+
+        try:
+            obj = pgzoo.get(self.objective.name, **self.objective.options)
+        except PgzooError as exc:
+            key = "objective.name" if "unknown objective" in str(exc) else "objective.options"
+            raise ConfigError(f"{key}: {exc}") from None
         if "rollout_logprobs" in obj.requires and self.rollout.logprobs != "engine":
             raise ConfigError(
                 f"objective {obj.name!r} requires the inference engine's logprobs (μ, its train-inference IS weight) "
@@ -309,7 +315,10 @@ def _format_errors(exc: ValidationError, source: str) -> ConfigError:
         key = ".".join(loc)
         if err["type"] == "extra_forbidden":
             valid = _section_fields(loc[:-1])
+            prefix = ".".join(loc[:-1]) + "." if loc[:-1] else ""
             hint = suggest(loc[-1], valid)
+            if hint:
+                hint = suggest(key, [prefix + v for v in valid])
             lines.append(f"unknown key {key!r}.{hint} Valid keys{' under ' + '.'.join(loc[:-1]) if loc[:-1] else ''}:"
                          f" {', '.join(valid)}")
         else:
@@ -382,7 +391,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | dict | None = No
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    data.setdefault("name", path.stem)
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)
     return recipe_from_dict(data, overrides, source=str(path), check=check)
 
 
