@@ -1,0 +1,468 @@
+"""TRL's ``GRPOTrainer`` with any pgzoo objective as its loss, exact global normalisers and MoE routing replay.
+
+    import pgzoo
+    from pgzoo.adapters.trl import GRPOTrainer, EngineRollout
+    from trl import GRPOConfig
+
+    trainer = GRPOTrainer(loss=pgzoo.get("minirl"), model=model, reward_funcs=reward, args=GRPOConfig(...),
+                          train_dataset=dataset, rollout_func=EngineRollout(pgzoo.rollout.VLLMEngine(path)))
+    trainer.train()
+
+Only the loss changes. Generation, rewards, logging, checkpointing and distribution stay TRL's (tested with TRL
+1.16). Per micro-batch the adapter builds a :class:`pgzoo.TokenBatch` from TRL's tensors::
+
+    logprobs          per-token log π_θ of the completion (TRL's forward, with grad)
+    old_logprobs      TRL's ``old_per_token_logps`` (None when TRL skips that pass: the step is on-policy)
+    rollout_logprobs  TRL's ``sampling_per_token_logps``: μ from ``rollout_func`` or TRL's vLLM
+    ref_logprobs      TRL's ``ref_per_token_logps`` (when β ≠ 0)
+    mask              completion_mask · tool_mask
+    advantages        recomputed with ``pgzoo.advantages`` (the objective's ``default_advantage``) from TRL's rewards
+    num_sequences     global count over every micro-batch and process of this optimizer step, ÷ num_processes
+    num_tokens        likewise
+    max_tokens        ``max_completion_length`` (Dr. GRPO's constant L)
+
+Why those normalisers are exact. The optimizer step sums the gradients of its GA micro-batches per process, and
+data parallelism averages over the W processes, so the step's gradient is (1/W) Σ_w Σ_mb ∇loss_{w,mb}. Every pgzoo
+aggregation is (Σ of per-row terms) / D with D one of N_seq, N_tok or N_seq·L of the *whole* mini-batch. Passing
+D/W as the micro-batch normaliser makes that sum ∇(Σ_all / D): the objective's gradient on the full mini-batch, for
+any split of rows and tokens across micro-batches and processes. The counts of every window of GA micro-batches are
+known when TRL generates (it buffers ``steps_per_generation`` micro-batches and reuses them ``num_iterations``
+times), so the adapter requires ``steps_per_generation · num_iterations`` to be a multiple of GA.
+
+Routing replay (MoE). ``routing_replay="R2"`` records each token's experts during TRL's old-logprob pass (forcing
+that pass when TRL would skip it) and replays them in every loss pass of that batch; ``"R3"`` replays the routes
+the rollout engine used (``EngineRollout`` with ``return_routes``) in the old-logprob pass and in the loss passes.
+The metric ``routing/layers_hit`` proves replay took effect; ``routing/drift`` is the share of (token, layer) slots
+whose natural expert set differs from the replayed one.
+
+Importance-sampling corrections are the objective's business: the adapter never multiplies TRL's vLLM ratio in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+import torch
+
+import pgzoo
+from pgzoo import advantages as pg_advantages
+from pgzoo.batch import TokenBatch
+from pgzoo.errors import ConfigError, DependencyError, RoutingError, require
+from pgzoo.objectives.base import Objective
+from pgzoo.routing.trainer import RoutingReplay
+
+_trl = require("trl", "trl")
+from trl import GRPOTrainer as _TRLGRPOTrainer  # noqa: E402
+
+from pgzoo.adapters.trl_rollout import EngineRollout, align_routes  # noqa: E402
+
+__all__ = ["GRPOTrainer", "EngineRollout", "align_routes", "check_trl_version", "TESTED_TRL"]
+
+logger = logging.getLogger(__name__)
+
+TESTED_TRL = ((1, 16), (1, 17))  # [lower, upper): the TRL versions this adapter was tested against
+ALLOW_UNTESTED_ENV = "PGZOO_ALLOW_UNTESTED_TRL"
+ROUTES_KEY = "pgzoo_routes"
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                   "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def check_trl_version(version: str | None = None) -> None:
+    """Raise :class:`~pgzoo.errors.DependencyError` unless ``version`` (default: installed TRL) is in the tested range.
+
+    The adapter overrides private methods of TRL's trainer, so an untested TRL fails loudly instead of training
+    with a silently different loss. ``PGZOO_ALLOW_UNTESTED_TRL=1`` skips the check (at your own risk).
+    """
+    version = version or getattr(_trl, "__version__", "unknown")
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else -1)
+    lo, hi = TESTED_TRL
+    ok = len(parts) == 2 and lo <= tuple(parts) < hi
+    if not ok and os.environ.get(ALLOW_UNTESTED_ENV) != "1":
+        raise DependencyError(
+            f"pgzoo.adapters.trl is tested with TRL >={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]} but TRL {version} is "
+            f"installed. Fix: pip install 'pgzoo[trl]' (pins the tested range), or set {ALLOW_UNTESTED_ENV}=1 to "
+            "try an untested version"
+        )
+
+
+def _as_objective(loss: Any) -> Objective:
+    if isinstance(loss, str):
+        return pgzoo.get(loss)
+    if isinstance(loss, Objective):
+        return loss
+    raise ConfigError(
+        f"GRPOTrainer(loss=...) takes a pgzoo objective or its name, got {type(loss).__name__}; "
+        f"e.g. loss=pgzoo.get('minirl') or loss='grpo' (available: {', '.join(pgzoo.available())})"
+    )
+
+
+def _reduce_kind(name: str) -> str:
+    leaf = name.rsplit("/", 1)[-1]
+    if leaf == "max" or leaf.endswith("_max"):
+        return "max"
+    if leaf == "min" or leaf.endswith("_min"):
+        return "min"
+    return "mean"
+
+
+class GRPOTrainer(_TRLGRPOTrainer):
+    """TRL's ``GRPOTrainer`` whose loss is a pgzoo objective (see the module docstring for the exact semantics).
+
+    Args:
+        loss: a pgzoo objective (``pgzoo.get("minirl")``) or its registered name.
+        routing_replay: ``"R2"``, ``"R3"`` or ``None``. R3 needs ``rollout_func=EngineRollout(engine)`` with an
+            engine that returns routes.
+        advantage: advantage estimator in :mod:`pgzoo.advantages` (default: the objective's
+            ``default_advantage``), or ``"trl"`` to keep TRL's own advantages (``GRPOConfig.scale_rewards``).
+        rollout_logprobs: where μ (the sampler's logprobs) comes from: ``"engine"`` (default: ``rollout_func`` or
+            TRL's vLLM) or ``"old"``, an explicit opt-in for TRL's transformers generation where the sampler *is*
+            the training model, so μ_θold = π_θold.
+        *args, **kwargs: TRL's ``GRPOTrainer`` arguments (``model``, ``reward_funcs``, ``args``, ``train_dataset``,
+            ``rollout_func``, ...).
+
+    Raises:
+        ConfigError: a setting the adapter cannot honour exactly; the message names the setting and the fix.
+        DependencyError: TRL outside the tested range.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        loss: Any,
+        routing_replay: str | None = None,
+        advantage: str | None = None,
+        rollout_logprobs: str = "engine",
+        **kwargs: Any,
+    ):
+        check_trl_version()
+        self.objective = _as_objective(loss)
+        self._rr = RoutingReplay(routing_replay)  # validates the mode
+        self.routing_replay = self._rr.mode
+        self.advantage = advantage if advantage is not None else self.objective.default_advantage
+        if self.advantage != "trl" and self.advantage not in pg_advantages.available():
+            raise ConfigError(
+                f"advantage={advantage!r} is not an estimator in pgzoo.advantages "
+                f"({', '.join(pg_advantages.available())}) nor 'trl'"
+            )
+        if rollout_logprobs not in ("engine", "old"):
+            raise ConfigError(f"rollout_logprobs={rollout_logprobs!r}: use 'engine' (default) or 'old'")
+        self.rollout_logprobs = rollout_logprobs
+        self._pgzoo_window: list[tuple[float, float]] | None = None
+        self._pgzoo_gen_state: dict | None = None  # set while TRL generates and scores a batch
+        self._pgzoo_rewards: torch.Tensor | None = None
+        self._pgzoo_pending_rollouts = None
+        self._pgzoo_deferred = contextlib.ExitStack()
+        self.last_layers_hit: int | None = None  # MoE layers forced in the latest loss pass (R2/R3)
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        self._check_beta(getattr(config, "beta", 0.0))  # before TRL loads a reference model for β != 0
+        super().__init__(*args, **kwargs)
+        self._check_settings()
+
+    # ------------------------------------------------------------------------------------------ configuration
+    def _check_beta(self, beta: float) -> None:
+        obj_beta = float(getattr(self.objective.config, "beta", 0.0) or 0.0)
+        if float(beta) != obj_beta:
+            raise ConfigError(
+                f"GRPOConfig.beta={beta} but objective {self.objective.name!r} has beta={obj_beta}: the KL term is "
+                "the objective's (e.g. pgzoo.get('grpo', beta=0.04)) and TRL computes reference logprobs only when "
+                f"GRPOConfig.beta != 0. Set GRPOConfig(beta={obj_beta})"
+            )
+
+    def _check_settings(self) -> None:
+        a, obj = self.args, self.objective
+        ga, spg = a.gradient_accumulation_steps, a.steps_per_generation
+        if (spg * self.num_iterations) % ga:
+            raise ConfigError(
+                f"steps_per_generation·num_iterations = {spg}·{self.num_iterations} is not a multiple of "
+                f"gradient_accumulation_steps = {ga}: an optimizer step would span rollouts not generated yet, so its "
+                "global token/sequence counts are unknown. Set steps_per_generation to a multiple of "
+                "gradient_accumulation_steps (TRL's default, steps_per_generation = gradient_accumulation_steps, works)"
+            )
+        ignored = {
+            "importance_sampling_level": (a.importance_sampling_level, "token", "use pgzoo.get('gspo') for GSPO"),
+            "top_entropy_quantile": (a.top_entropy_quantile, 1.0, "leave it at 1.0"),
+            "off_policy_mask_threshold": (a.off_policy_mask_threshold, None, "leave it unset"),
+            "delta": (a.delta, None, "leave it unset"),
+            "entropy_coef": (a.entropy_coef, 0.0, "leave it at 0.0"),
+            "use_adaptive_entropy": (a.use_adaptive_entropy, False, "leave it off"),
+        }
+        for name, (value, neutral, fix) in ignored.items():
+            if value != neutral:
+                raise ConfigError(
+                    f"GRPOConfig.{name}={value!r} shapes TRL's built-in loss, which the pgzoo objective "
+                    f"{obj.name!r} replaces; {fix}"
+                )
+        self._check_beta(a.beta)
+        if self.advantage != "trl" and self.multi_objective_aggregation != "sum_then_normalize":
+            raise ConfigError(
+                f"GRPOConfig.multi_objective_aggregation={self.multi_objective_aggregation!r} normalises each "
+                f"reward before summing; the adapter computes {self.advantage!r} advantages of the weighted reward "
+                "sum. Use multi_objective_aggregation='sum_then_normalize', or advantage='trl' to keep TRL's"
+            )
+
+        engine_logprobs = self.rollout_func is not None or self.use_vllm
+        needs_mu = "rollout_logprobs" in obj.requires
+        if self.rollout_logprobs == "old" and engine_logprobs:
+            raise ConfigError(
+                "rollout_logprobs='old' substitutes π_θold for the sampler's logprobs, but this trainer samples "
+                "with a separate engine (rollout_func or use_vllm) that returns them; drop rollout_logprobs='old'"
+            )
+        if needs_mu and not engine_logprobs and self.rollout_logprobs != "old":
+            raise ConfigError(
+                f"objective {obj.name!r} needs rollout logprobs (μ_θold from the inference engine that sampled the "
+                "completions) but TRL's transformers generation returns none. Fix one of: sample with a pgzoo engine "
+                "(rollout_func=pgzoo.adapters.trl.EngineRollout(pgzoo.rollout.VLLMEngine(path))); set "
+                "GRPOConfig(use_vllm=True); or, if the training model itself samples, opt in with "
+                "GRPOTrainer(..., rollout_logprobs='old') to use π_θold as μ"
+            )
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            if needs_mu:
+                logger.warning(
+                    "GRPOConfig.vllm_importance_sampling_correction is ignored: objective %r applies its own "
+                    "training-inference weight (it is never applied twice)", obj.name
+                )
+            else:
+                raise ConfigError(
+                    f"GRPOConfig.vllm_importance_sampling_correction=True, but objective {obj.name!r} owns the "
+                    "loss and the adapter never applies TRL's ratio. Set vllm_importance_sampling_correction=False, "
+                    f"and for a correction pass it to the objective: pgzoo.get({obj.name!r}, "
+                    "correction={'level': 'token', 'mode': 'truncate', 'cap': 2.0})"
+                )
+        if isinstance(self.rollout_func, EngineRollout):
+            self.rollout_func.check_trainer(self)
+        if self.routing_replay is not None:
+            from pgzoo.routing import find_moe_layers
+
+            find_moe_layers(self.accelerator.unwrap_model(self.model))  # raises naming an unsupported class
+            if self.tools:
+                raise ConfigError("routing_replay with tool calling is not supported (tool tokens carry no routes)")
+        if self.routing_replay == "R3":
+            rf = self.rollout_func
+            if not isinstance(rf, EngineRollout) or not rf.supports_routes:
+                raise ConfigError(
+                    "routing_replay='R3' replays the rollout engine's routes: pass "
+                    "rollout_func=pgzoo.adapters.trl.EngineRollout(engine) with an engine whose supports_routes is "
+                    "True (TransformersEngine; VLLMEngine(..., enable_return_routed_experts=True) on GPU), or use 'R2'"
+                )
+
+    # ------------------------------------------------------------------------------------------ generation side
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._pgzoo_rewards = rewards_per_func  # gathered over processes: [N_global, num_reward_funcs]
+        return rewards_per_func
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **kwargs):
+        state = self._pgzoo_gen_state
+        # Only TRL's old-logprob pass is intercepted: the first policy forward under no_grad during generation.
+        if (state is None or not self._rr.enabled or state["old_pass"] or model is not self.model
+                or torch.is_grad_enabled()):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
+        if any(v is not None for v in kwargs.values()):
+            raise RoutingError("routing replay in the TRL adapter supports text-only batches (no images)")
+        state["old_pass"] = True
+        self._pgzoo_start_batch(input_ids.size(1) - logits_to_keep, logits_to_keep)
+        unwrapped = self.accelerator.unwrap_model(model)
+        step = batch_size or input_ids.size(0)
+        logps, ents, auxes = [], [], []
+        for start in range(0, input_ids.size(0), step):
+            rows = slice(start, start + step)
+            # R2: record θ_old's routes per row; R3: replay the rollout engine's routes
+            with self._rr.old_pass(unwrapped, rows=rows, mask=attention_mask[rows].bool()):
+                lp, ent, aux = super()._get_per_token_logps_and_entropies(
+                    model, input_ids[rows], attention_mask[rows], logits_to_keep,
+                    compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss)
+            logps.append(lp)
+            ents.append(ent)
+            auxes.append(aux)
+        logps = torch.cat(logps)
+        ents = torch.cat(ents) if compute_entropy else None
+        aux = torch.stack(auxes).mean() if compute_aux_loss else None
+        return logps, ents, aux
+
+    def _pgzoo_start_batch(self, prompt_len: int, completion_len: int) -> None:
+        rollouts = self._pgzoo_pending_rollouts
+        rollout_routes = None
+        if rollouts is not None and rollouts.routes is not None:
+            rollout_routes = align_routes(rollouts, prompt_len, completion_len)
+        elif self._rr.needs_rollout_routes:
+            raise RoutingError("R3: no rollout routes for this batch (rollout_func must be an EngineRollout)")
+        self._rr.start_batch(rollout_routes)
+
+    def _generate_and_score_completions(self, inputs):
+        self._pgzoo_gen_state = {"old_pass": False}
+        self._pgzoo_pending_rollouts = None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            if self._rr.enabled:
+                self._pgzoo_attach_routes(output)
+        finally:
+            self._pgzoo_gen_state = None
+            self._pgzoo_pending_rollouts = None
+        if self.advantage != "trl":
+            self._pgzoo_recompute_advantages(output)
+        return output
+
+    def _pgzoo_attach_routes(self, output: dict) -> None:
+        prompt_len, completion_len = output["prompt_ids"].size(1), output["completion_ids"].size(1)
+        if not self._pgzoo_gen_state["old_pass"]:
+            if self._rr.mode == "R2":
+                # TRL skipped the old-logprob pass (on-policy step): run it here so that R2 has θ_old's routes.
+                ids = torch.cat([output["prompt_ids"], output["completion_ids"]], 1)
+                am = torch.cat([output["prompt_mask"], output["completion_mask"]], 1)
+                training = self.model.training
+                bs = self.args.per_device_train_batch_size if training else self.args.per_device_eval_batch_size
+                with torch.no_grad():
+                    old, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, am, completion_len,
+                                                                        batch_size=bs)
+                output["old_per_token_logps"] = old
+            else:
+                self._pgzoo_start_batch(prompt_len, completion_len)
+        routes = self._rr.routes
+        if routes is None or tuple(routes.shape[:2]) != (output["prompt_ids"].size(0), prompt_len + completion_len):
+            raise RoutingError(f"routes {None if routes is None else tuple(routes.shape)} do not match the batch")
+        # A compact host copy (expert ids and -1 fit int16) that TRL shuffles and splits along with the batch.
+        output[ROUTES_KEY] = routes.to("cpu", torch.int16)
+
+    def _pgzoo_recompute_advantages(self, output: dict) -> None:
+        rpf = self._pgzoo_rewards
+        mode = "train" if self.model.training else "eval"
+        group = self.num_generations if mode == "train" else self.num_generations_eval
+        rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
+        scorable = ~torch.isnan(rpf).all(dim=1)  # TRL: all reward funcs None -> unscorable, advantage 0
+        group_ids = torch.arange(rewards.numel(), device=rewards.device) // group
+        adv = torch.zeros_like(rewards)
+        if bool(scorable.any()):
+            adv[scorable] = pg_advantages.compute(self.advantage, rewards[scorable], group_ids=group_ids[scorable])
+        n = output["advantages"].shape[0]
+        start = self.accelerator.process_index * n
+        output["advantages"] = adv[start:start + n].to(output["advantages"])
+        logged = self._logs["advantages"]  # TRL logged its own advantages for the completions table: replace them
+        for _ in range(min(len(logged), adv.numel())):
+            logged.pop()
+        logged.extend(adv.tolist())
+
+    # ------------------------------------------------------------------------------------------ normalisers
+    def _prepare_inputs(self, generation_batch):
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        cycle = self.args.steps_per_generation * self.num_iterations
+        fresh = self._step % cycle == 0 or self._buffered_inputs is None
+        inputs = super()._prepare_inputs(generation_batch)
+        if fresh:
+            self._pgzoo_window = self._window_normalisers(self._buffered_inputs)
+        return inputs
+
+    def _window_normalisers(self, buffered: list[dict]) -> list[tuple[float, float]]:
+        """(N_seq, N_tok) / num_processes of the optimizer step each micro-step of this rollout cycle belongs to."""
+        per_slice = []
+        for b in buffered:
+            m = b["completion_mask"] if b.get("tool_mask") is None else b["completion_mask"] * b["tool_mask"]
+            m = m.bool()
+            per_slice.append(torch.stack([m.any(-1).sum(), m.sum()]))
+        counts = self.accelerator.gather(torch.stack(per_slice).long().unsqueeze(0))  # [W, S, 2]
+        counts = counts.view(-1, len(buffered), 2).sum(0).tolist()  # host sync, once per rollout
+        ga, spg = self.args.gradient_accumulation_steps, self.args.steps_per_generation
+        cycle, world = spg * self.num_iterations, self.accelerator.num_processes
+        totals: dict[int, list[float]] = {}
+        for t in range(cycle):
+            tot = totals.setdefault(t // ga, [0.0, 0.0])
+            tot[0] += counts[t % spg][0]
+            tot[1] += counts[t % spg][1]
+        return [(max(totals[t // ga][0], 1.0) / world, max(totals[t // ga][1], 1.0) / world) for t in range(cycle)]
+
+    # ------------------------------------------------------------------------------------------ the loss
+    def training_step(self, model, inputs, num_items_in_batch):
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._pgzoo_deferred.close()  # replay contexts kept open through backward (gradient checkpointing)
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)
+        mask = completion_mask if inputs.get("tool_mask") is None else completion_mask * inputs["tool_mask"]
+        mask = mask.bool()
+
+        # 1. current-policy logprobs (with grad), replaying this batch's routes when asked
+        replay_handle = None
+        with contextlib.ExitStack() as stack:
+            if self._rr.enabled:
+                routes = inputs.get(ROUTES_KEY)
+                if routes is None:
+                    raise RoutingError(f"routing_replay={self._rr.mode!r} but the batch carries no routes")
+                ctx = self._rr.update_pass(self.accelerator.unwrap_model(model), mask=attention_mask.bool(),
+                                           routes=routes.to(input_ids.device).long())
+                # With gradient checkpointing, backward recomputes the MoE layers: keep replaying until it ran.
+                keep_open = mode == "train" and self.args.gradient_checkpointing
+                replay_handle = (self._pgzoo_deferred if keep_open else stack).enter_context(ctx)
+            per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in MULTIMODAL_KEYS})
+
+        # 2. the TokenBatch, with this optimizer step's global normalisers
+        old = inputs.get("old_per_token_logps")
+        mu = inputs.get("sampling_per_token_logps")
+        if self.rollout_logprobs == "old":
+            mu = old if old is not None else per_token_logps.detach()
+        num_sequences = num_tokens = None
+        if mode == "train":
+            cycle = self.args.steps_per_generation * self.num_iterations
+            num_sequences, num_tokens = self._pgzoo_window[self._step % cycle]
+        batch = TokenBatch(
+            logprobs=per_token_logps,
+            mask=mask,
+            advantages=inputs["advantages"],
+            old_logprobs=old,
+            rollout_logprobs=mu,
+            ref_logprobs=inputs.get("ref_per_token_logps"),
+            num_sequences=num_sequences,
+            num_tokens=num_tokens,
+            max_tokens=self.max_completion_length,
+        )
+        out = self.objective(batch)
+        loss = out.loss
+        if self.aux_loss_enabled:  # MoE load-balancing loss, scaled for accumulation as TRL does
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather(aux_loss.detach()).mean().item())
+
+        # 3. metrics: the objective's diagnostics, entropy, routing
+        metrics = dict(out.metrics)
+        from pgzoo.diagnostics import entropy_metrics
+
+        metrics.update(entropy_metrics(entropies, mask))
+        if replay_handle is not None:
+            self.last_layers_hit = replay_handle.layers_hit
+            metrics.update(self._rr.metrics())
+        self._pgzoo_log(mode, metrics)
+        return loss
+
+    def _pgzoo_log(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
+        names = sorted(k for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1)
+        if not names:
+            return
+        device = self.accelerator.device
+        local = torch.stack([metrics[k].detach().float().reshape(()).to(device) for k in names])
+        gathered = self.accelerator.gather(local.unsqueeze(0)).view(-1, len(names))  # one collective
+        reduced = torch.stack([
+            col.max() if kind == "max" else col.min() if kind == "min" else col.nanmean()
+            for col, kind in zip(gathered.t(), map(_reduce_kind, names))
+        ]).tolist()  # one host sync per micro-batch
+        for name, value in zip(names, reduced):
+            self._metrics[mode][f"pgzoo/{name}"].append(value)
+        if "entropy/mean" in metrics:
+            self._metrics[mode]["entropy"].append(self._metrics[mode]["pgzoo/entropy/mean"][-1])
+

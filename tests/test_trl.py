@@ -1,0 +1,380 @@
+"""pgzoo.adapters.trl: the adapter's gradient on real TRL batches equals the objective on the full mini-batch.
+
+Each test drives TRL 1.16's GRPOTrainer end to end on the tiny MoE (CPU). A deterministic ``rollout_func`` samples
+completions of varied lengths with logprobs μ = π_θ + noise, so token counts differ across micro-batches, the
+train–inference discrepancy is non-zero and every objective (MiniRL's included) has what it needs. Before each
+optimizer step a callback recomputes the gradient naively — one forward of a fresh copy of the model over every row
+of the optimizer step, ``log_softmax`` of the logits, ``pgzoo.get(name)`` on one TokenBatch with its default
+normalisers — and compares.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+pytest.importorskip("trl")
+
+import pgzoo  # noqa: E402
+from pgzoo import advantages as pg_advantages  # noqa: E402
+from pgzoo.errors import ConfigError, DependencyError, RoutingError  # noqa: E402
+from pgzoo.models import build_tiny_dense, build_tiny_moe, build_tokenizer  # noqa: E402
+
+datasets = pytest.importorskip("datasets")
+transformers = pytest.importorskip("transformers")
+trl_adapter = pytest.importorskip("pgzoo.adapters.trl")
+from trl import GRPOConfig  # noqa: E402
+
+TEMPERATURE = 0.9
+MAX_LEN = 8
+PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (9, 9)]]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def base_moe(tok):
+    return build_tiny_moe(vocab_size=len(tok), seed=0)
+
+
+@pytest.fixture(scope="module")
+def moe_path(base_moe, tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("trl") / "tiny-moe"
+    base_moe.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def naive_logprobs(model, input_ids, attention_mask, completion_len, temperature=TEMPERATURE):
+    """log softmax(logits / temperature) of each completion token: the textbook computation, no fused head."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = logits[:, -completion_len - 1 : -1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, input_ids[:, -completion_len:, None])[..., 0]
+
+
+def reward_len(completions, **kwargs):
+    return [float(len(c) % 4) for c in completions]
+
+
+class FakeRollout:
+    """A ``rollout_func``: random completions of 1..MAX_LEN tokens (half end in EOS), μ = π_θ(at sampling) + noise."""
+
+    def __init__(self, noise=0.1):
+        self.calls = 0
+        self.noise = noise
+
+    def __call__(self, prompts, trainer):
+        gen = torch.Generator().manual_seed(1000 + self.calls)
+        self.calls += 1
+        prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
+        vocab = trainer.model.config.vocab_size
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        comps, lps = [], []
+        for ids in prompt_ids:
+            n = int(torch.randint(1, MAX_LEN + 1, (1,), generator=gen))
+            comp = torch.randint(4, vocab, (n,), generator=gen).tolist()
+            if n < MAX_LEN and torch.rand((), generator=gen) < 0.5:
+                comp[-1] = trainer.eos_token_ids[0]
+            full = torch.tensor([ids + comp])
+            with torch.no_grad():
+                lp = naive_logprobs(model, full, torch.ones_like(full), n, trainer.temperature)[0]
+            lp = (lp + self.noise * torch.randn(n, generator=gen)).clamp(max=0.0)
+            comps.append(comp)
+            lps.append(lp.tolist())
+        return {"prompt_ids": prompt_ids, "completion_ids": comps, "logprobs": lps}
+
+
+def make_config(tmp_path, **overrides):
+    params = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=MAX_LEN,
+        gradient_accumulation_steps=2,
+        steps_per_generation=4,
+        max_steps=2,
+        learning_rate=0.05,
+        optim="sgd",
+        max_grad_norm=0.0,  # no clipping: compare raw gradients
+        lr_scheduler_type="constant",
+        temperature=TEMPERATURE,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        bf16=False,
+        seed=0,
+    )
+    params.update(overrides)
+    return GRPOConfig(**params)
+
+
+def dataset():
+    return datasets.Dataset.from_dict({"prompt": PROMPTS})
+
+
+class Spy(trl_adapter.GRPOTrainer):
+    """Records every micro-batch the loss sees, and the gradient before each optimizer step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.window: list[dict] = []
+        self.steps: list[dict] = []
+        self.add_callback(_GradProbe(self))
+
+    def _compute_loss(self, model, inputs):
+        self.window.append({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+        return super()._compute_loss(model, inputs)
+
+
+class _GradProbe(transformers.TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        tr = self.trainer
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        params = {n: p.detach().clone() for n, p in model.state_dict().items()}
+        tr.steps.append({"window": tr.window, "grads": grads, "params": params})
+        tr.window = []
+
+
+def cat_window(window, key):
+    values = [mb.get(key) for mb in window]
+    return None if values[0] is None else torch.cat(values)
+
+
+def reference_gradient(base, step, objective, max_tokens, routes_mode=None):
+    """Gradient of ``objective`` on all rows of the optimizer step, computed naively on a fresh model copy."""
+    model = copy.deepcopy(base)
+    model.load_state_dict(step["params"])
+    model.train()
+    w = step["window"]
+    ids = torch.cat([cat_window(w, "prompt_ids"), cat_window(w, "completion_ids")], 1)
+    am = torch.cat([cat_window(w, "prompt_mask"), cat_window(w, "completion_mask")], 1)
+    T = w[0]["completion_ids"].shape[1]
+    if routes_mode is not None:
+        with pgzoo.routing.replay(model, cat_window(w, "pgzoo_routes").long()) as rp:
+            lp = naive_logprobs(model, ids, am, T)
+        assert rp.layers_hit == 4
+    else:
+        lp = naive_logprobs(model, ids, am, T)
+    batch = pgzoo.TokenBatch(
+        logprobs=lp,
+        mask=cat_window(w, "completion_mask").bool(),
+        advantages=cat_window(w, "advantages"),
+        old_logprobs=cat_window(w, "old_per_token_logps"),
+        rollout_logprobs=cat_window(w, "sampling_per_token_logps"),
+        ref_logprobs=cat_window(w, "ref_per_token_logps"),
+        max_tokens=max_tokens,
+    )
+    objective(batch).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, lp.detach()
+
+
+def relative_error(a: dict, b: dict) -> float:
+    num = sum(float((a[n] - b[n]).pow(2).sum()) for n in b)
+    den = sum(float(b[n].pow(2).sum()) for n in b)
+    assert den > 0, "reference gradient is zero: the test would prove nothing"
+    return (num / den) ** 0.5
+
+
+def run_spy(tmp_path, base, tok, loss, **kwargs):
+    config_overrides = kwargs.pop("config", {})
+    trainer = Spy(
+        model=kwargs.pop("model", None) or copy.deepcopy(base),
+        reward_funcs=reward_len,
+        args=make_config(tmp_path, **config_overrides),
+        train_dataset=dataset(),
+        processing_class=tok,
+        rollout_func=kwargs.pop("rollout_func", FakeRollout()),
+        loss=loss,
+        **kwargs,
+    )
+    trainer.train()
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("name", pgzoo.available())
+def test_gradient_equals_objective_on_full_minibatch(name, tmp_path, base_moe, tok):
+    """GA = 2, steps_per_generation = 4: two optimizer steps per rollout, the second one off-policy."""
+    objective = pgzoo.get(name)
+    trainer = run_spy(tmp_path, base_moe, tok, objective)
+    assert len(trainer.steps) == 2
+    lps = []
+    for k, step in enumerate(trainer.steps):
+        assert len(step["window"]) == 2
+        ref, lp = reference_gradient(base_moe, step, objective, MAX_LEN)
+        err = relative_error(step["grads"], ref)
+        assert err < 1e-4, f"{name} step {k}: relative gradient error {err:.2e}"
+        lps.append(lp)
+    counts = [int(mb["completion_mask"].sum()) for mb in trainer.steps[0]["window"]]
+    assert counts[0] != counts[1]  # micro-batches differ in token counts (fixed seeds), so normalisers matter
+    # TRL's old logprobs (fused head, temperature, θ_old) equal the textbook ones of the reference at step 0 ...
+    m0 = cat_window(trainer.steps[0]["window"], "completion_mask").bool()
+    old0 = cat_window(trainer.steps[0]["window"], "old_per_token_logps")
+    assert torch.allclose(old0[m0], lps[0][m0], atol=1e-5)
+    # ... and the second step is off-policy: θ moved since θ_old, so the ratio r differs from 1 there
+    m1 = cat_window(trainer.steps[1]["window"], "completion_mask").bool()
+    old1 = cat_window(trainer.steps[1]["window"], "old_per_token_logps")
+    assert float((lps[1] - old1)[m1].abs().max()) > 1e-4
+
+
+def test_per_micro_batch_normalisers_would_differ(tmp_path, base_moe, tok):
+    """The comparison above can fail: TRL-style local normalisation (each micro-batch its own counts) is off."""
+    objective = pgzoo.get("dapo")
+    trainer = run_spy(tmp_path, base_moe, tok, objective, config={"max_steps": 1})
+    step = trainer.steps[0]
+    ref, _ = reference_gradient(base_moe, step, objective, MAX_LEN)
+    local = {n: torch.zeros_like(g) for n, g in ref.items()}
+    for mb in step["window"]:
+        g, _ = reference_gradient(base_moe, {"window": [mb], "params": step["params"]}, objective, MAX_LEN)
+        for n in local:
+            local[n] += g[n] / 2  # what averaging per-micro-batch token means over GA = 2 would give
+    assert relative_error(local, ref) > 1e-2
+    assert relative_error(step["grads"], ref) < 1e-4
+
+
+def test_gradient_with_gradient_accumulation_only(tmp_path, base_moe, tok):
+    """steps_per_generation = GA = 4: one on-policy optimizer step over four micro-batches (TRL skips old logps)."""
+    objective = pgzoo.get("minirl")
+    trainer = run_spy(tmp_path, base_moe, tok, objective,
+                      config={"gradient_accumulation_steps": 4, "steps_per_generation": 4, "max_steps": 1})
+    step = trainer.steps[0]
+    assert len(step["window"]) == 4 and step["window"][0].get("old_per_token_logps") is None
+    ref, _ = reference_gradient(base_moe, step, objective, MAX_LEN)
+    assert relative_error(step["grads"], ref) < 1e-4
+
+
+def test_gradient_with_num_iterations(tmp_path, base_moe, tok):
+    """steps_per_generation = 2, num_iterations = 2, GA = 2: the same rollout feeds two optimizer steps."""
+    objective = pgzoo.get("cispo")
+    trainer = run_spy(tmp_path, base_moe, tok, objective,
+                      config={"steps_per_generation": 2, "num_iterations": 2, "max_steps": 2})
+    for step in trainer.steps:
+        ref, _ = reference_gradient(base_moe, step, objective, MAX_LEN)
+        assert relative_error(step["grads"], ref) < 1e-4
+
+
+def test_gradient_with_kl_to_reference(tmp_path, base_moe, tok, moe_path):
+    """β > 0: TRL loads a reference model (GRPOConfig.beta) and the objective's own KL term uses its logprobs."""
+    objective = pgzoo.get("grpo", beta=0.04)
+    trainer = run_spy(tmp_path, base_moe, tok, objective, model=moe_path, config={"beta": 0.04, "max_steps": 2})
+    for step in trainer.steps:
+        assert step["window"][0]["ref_per_token_logps"] is not None
+        ref, _ = reference_gradient(base_moe, step, objective, MAX_LEN)
+        assert relative_error(step["grads"], ref) < 1e-4
+
+
+def test_gradient_under_r2_replay(tmp_path, base_moe, tok):
+    """R2: the loss replays θ_old's routes; the reference replays the same routes in a plain forward."""
+    objective = pgzoo.get("minirl")
+    trainer = run_spy(tmp_path, base_moe, tok, objective, routing_replay="R2")
+    assert trainer.last_layers_hit == 4
+    for step in trainer.steps:
+        ref, _ = reference_gradient(base_moe, step, objective, MAX_LEN, routes_mode="R2")
+        assert relative_error(step["grads"], ref) < 1e-4
+    logged = [h for h in trainer.state.log_history if "pgzoo/routing/layers_hit" in h]
+    assert logged and all(h["pgzoo/routing/layers_hit"] == 4 for h in logged)
+
+
+# ---------------------------------------------------------------------------------------------- advantages
+@pytest.mark.parametrize("name", ["minirl", "grpo"])
+def test_advantages_are_the_objectives_estimator(name, tmp_path, base_moe, tok):
+    objective = pgzoo.get(name)
+    trainer = run_spy(tmp_path, base_moe, tok, objective, config={"max_steps": 2})
+    rows = [mb for step in trainer.steps for mb in step["window"]]  # the 16 rows of the one rollout, shuffled
+    groups, rewards, adv = [], [], []
+    for mb in rows:
+        for p, pm, c, cm, a in zip(mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
+                                   mb["completion_mask"], mb["advantages"]):
+            groups.append(tuple(p[pm.bool()].tolist()))
+            rewards.append(reward_len([tok.decode(c[cm.bool()].tolist(), skip_special_tokens=True)])[0])
+            adv.append(float(a))
+    labels = torch.tensor([sorted(set(groups)).index(g) for g in groups])
+    expected = pg_advantages.compute(objective.default_advantage, torch.tensor(rewards), group_ids=labels)
+    assert len(set(groups)) == 4
+    assert torch.allclose(torch.tensor(adv), expected.float(), atol=1e-5)
+    assert expected.abs().max() > 0.1
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def trainer_kwargs(tmp_path, base, tok, **config):
+    return dict(model=copy.deepcopy(base), reward_funcs=reward_len, args=make_config(tmp_path, **config),
+                train_dataset=dataset(), processing_class=tok)
+
+
+def test_minirl_without_rollout_logprobs_names_the_setting(tmp_path, base_moe, tok):
+    with pytest.raises(ConfigError, match="rollout_func=pgzoo.adapters.trl.EngineRollout") as info:
+        trl_adapter.GRPOTrainer(loss=pgzoo.get("minirl"), **trainer_kwargs(tmp_path, base_moe, tok))
+    assert "rollout_logprobs='old'" in str(info.value) and "use_vllm=True" in str(info.value)
+    # objectives that need no μ run on TRL's own generation
+    trl_adapter.GRPOTrainer(loss=pgzoo.get("minirl-no-is"), **trainer_kwargs(tmp_path, base_moe, tok))
+    # the explicit opt-in: the sampler is the training model, μ_θold = π_θold
+    trl_adapter.GRPOTrainer(loss="minirl", rollout_logprobs="old", **trainer_kwargs(tmp_path, base_moe, tok))
+    with pytest.raises(ConfigError, match="drop rollout_logprobs='old'"):
+        trl_adapter.GRPOTrainer(loss="minirl", rollout_logprobs="old", rollout_func=FakeRollout(),
+                                **trainer_kwargs(tmp_path, base_moe, tok))
+
+
+def test_untested_trl_version_raises(monkeypatch):
+    with pytest.raises(DependencyError, match=r"tested with TRL >=1.16,<1.17 but TRL 1.17.0"):
+        trl_adapter.check_trl_version("1.17.0")
+    with pytest.raises(DependencyError, match="pip install 'pgzoo\\[trl\\]'"):
+        trl_adapter.check_trl_version("0.19.1")
+    trl_adapter.check_trl_version("1.16.0")
+    trl_adapter.check_trl_version("1.16.3.dev0")
+    monkeypatch.setenv("PGZOO_ALLOW_UNTESTED_TRL", "1")
+    trl_adapter.check_trl_version("2.0.0")
+
+
+@pytest.mark.parametrize(
+    "kwargs, config, match",
+    [
+        ({"loss": 3}, {}, "takes a pgzoo objective"),
+        ({"loss": "grpo", "routing_replay": "R4"}, {}, "routing_replay mode"),
+        ({"loss": "grpo", "advantage": "z-score"}, {}, "not an estimator"),
+        ({"loss": "grpo"}, {"steps_per_generation": 3, "gradient_accumulation_steps": 2,
+                            "per_device_train_batch_size": 4, "generation_batch_size": None},
+         "not a multiple of gradient_accumulation_steps"),
+        ({"loss": "grpo"}, {"beta": 0.04}, "GRPOConfig.beta=0.04 but objective 'grpo' has beta=0.0"),
+        ({"loss": pgzoo.get("grpo", beta=0.04)}, {}, r"Set GRPOConfig\(beta=0.04\)"),
+        ({"loss": "gspo"}, {"importance_sampling_level": "sequence"}, "importance_sampling_level"),
+        ({"loss": "grpo"}, {"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+        ({"loss": "grpo", "routing_replay": "R3"}, {}, "routing_replay='R3' replays the rollout engine's routes"),
+    ],
+)
+def test_settings_the_adapter_cannot_honour_raise(kwargs, config, match, tmp_path, base_moe, tok):
+    with pytest.raises(ConfigError, match=match):
+        trl_adapter.GRPOTrainer(**kwargs, **trainer_kwargs(tmp_path, base_moe, tok, **config))
+
+
+def test_routing_replay_needs_a_moe_model(tmp_path, tok):
+    dense = build_tiny_dense(vocab_size=len(tok))
+    with pytest.raises(RoutingError, match="Qwen3"):
+        trl_adapter.GRPOTrainer(loss="grpo", routing_replay="R2", **trainer_kwargs(tmp_path, dense, tok))
+
+
+def test_trl_vllm_importance_correction_is_never_applied_twice(tmp_path, base_moe, tok, monkeypatch):
+    """With TRL's own vLLM, TRL's IS ratio is not multiplied in; an objective without its own correction raises."""
+    from trl import GRPOTrainer as TRLTrainer
+
+    def fake_init(self, *args, **kwargs):  # TRL's vLLM init needs a GPU; keep the rest of TRL's __init__ real
+        real_init(self, *args, **kwargs)
+        self.use_vllm = True
+
+    real_init = TRLTrainer.__init__
+    monkeypatch.setattr(TRLTrainer, "__init__", fake_init)
+    with pytest.raises(ConfigError, match="vllm_importance_sampling_correction=False"):
+        trl_adapter.GRPOTrainer(loss="grpo", **trainer_kwargs(tmp_path, base_moe, tok))
+    trl_adapter.GRPOTrainer(loss=pgzoo.get("grpo", correction={"level": "token", "mode": "truncate", "cap": 2.0}),
+                            **trainer_kwargs(tmp_path, base_moe, tok))
+    trl_adapter.GRPOTrainer(loss="minirl", **trainer_kwargs(tmp_path, base_moe, tok))
