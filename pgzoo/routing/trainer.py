@@ -29,12 +29,17 @@ Metrics (detached tensors, accumulated since :meth:`start_batch`; keys prefixed 
 
 - ``layers_hit``: fewest MoE layers forced in any pass (equals ``num_moe_layers`` when replay works);
 - ``num_moe_layers``;
-- ``drift_rollout``, ``drift_rollout_layer_{i}``, ``expert_overlap_rollout``: share of (token, layer) slots whose
-  expert set differs between the training engine's own routing at θ_old and the rollout's routes (old pass; needs
-  rollout routes; this is what R3 removes);
-- ``drift_update``, ``drift_update_layer_{i}``, ``expert_overlap_update``: share of slots whose expert set the
-  current router (θ) would choose differently from the replayed routes (update passes; R2: θ vs θ_old, what R2
-  removes; R3: θ vs rollout).
+- ``drift_rollout``, ``drift_rollout_any_layer``, ``drift_rollout_layer_{i}``, ``expert_overlap_rollout``: share of
+  (token, layer) slots whose expert set differs between the training engine at θ_old and the rollout's routes (old
+  pass; needs rollout routes; what R3 removes). R2 compares the training engine's free-running routing; R3, which
+  forces the rollout routes, compares per layer what the training router would pick on the replayed forward's
+  hidden states (the same at layer 0; deeper layers see identical inputs, so it isolates router disagreement);
+- ``drift_update``, ``drift_update_any_layer``, ``drift_update_layer_{i}``, ``expert_overlap_update``: share of
+  slots where the current router (θ), on the replayed forward's hidden states, would choose a different expert set
+  than the replayed one (update passes; R2: θ vs θ_old, what R2 removes; R3: θ vs rollout).
+
+Masks passed to the passes select the positions that count (use the attention mask, or prompt + completion);
+positions holding UNROUTED (-1) never count.
 """
 
 from __future__ import annotations
@@ -171,10 +176,13 @@ class RoutingReplay:
                 "no routes stored for this batch: R2 replays what old_pass recorded (run the θ_old forward inside "
                 "rr.old_pass(model, rows=...) first); R3 needs start_batch(rollout_routes)"
             )
-        if self.mode == "R2":
-            captured = self._select(self._captured, rows, None)
+        if self.mode == "R2" and not isinstance(rows, slice) and rows is not None:
+            index = torch.as_tensor(rows).reshape(-1).long().cpu()
+            known = index < len(self._captured)
+            captured = known.clone()
+            captured[known] = self._captured[index[known]]
             if not bool(captured.all()):
-                missing = self._row_index(rows, len(self._captured))[~captured.to(self._captured.device)]
+                missing = index[~captured]
                 raise RoutingError(f"rows {missing[:8].tolist()} have no routes: they were not in any old_pass")
         return self._select(source, rows, None).long()
 
@@ -224,8 +232,9 @@ class RoutingReplay:
         if isinstance(rows, slice):
             return torch.arange(n)[rows]
         index = torch.as_tensor(rows).reshape(-1).long().cpu()
-        if index.numel() and (index.min() < 0 or index.max() >= n):
-            raise RoutingError(f"rows {index.tolist()[:8]}... are outside the batch's {n} rows")
+        bad = index[(index < 0) | (index >= n)]
+        if bad.numel():
+            raise RoutingError(f"rows {bad.tolist()[:8]} are outside the batch's {n} rows")
         return index
 
     def _select(self, source: torch.Tensor, rows: Rows, expect: int | None) -> torch.Tensor:
