@@ -4,6 +4,8 @@ from pgzoo.models.tiny import (
     build_tiny_dense,
     build_tiny_moe,
     build_tokenizer,
+    load_pretrained,
+    read_card,
     save_pretrained,
     tiny_dense_config,
     tiny_moe_config,
@@ -13,7 +15,18 @@ __all__ = [
     "build_tiny_dense",
     "build_tiny_moe",
     "build_tokenizer",
+    "load_pretrained",
+    "read_card",
     "save_pretrained",
     "tiny_dense_config",
     "tiny_moe_config",
+    "ensure_cold_start",
 ]
+
+
+def __getattr__(name):  # lazy: cold_start imports the task registry
+    if name == "ensure_cold_start":
+        from pgzoo.models.cold_start import ensure_cold_start
+
+        return ensure_cold_start
+    raise AttributeError(name)

@@ -11,11 +11,17 @@ Nothing is downloaded: everything is built locally and saves with ``save_pretrai
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import string
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from pgzoo.errors import require
+from pgzoo.errors import ConfigError, require
 
+CARD_NAME = "card.json"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 # Printable ASCII without the vertical-whitespace oddities, plus newline: enough for arithmetic and short math.
@@ -114,23 +120,31 @@ def build_tiny_dense(vocab_size: int | None = None, seed: int = 0, **overrides: 
     return _build(tiny_dense_config(vocab_size, **overrides), seed)
 
 
-def save_pretrained(model, tokenizer, path) -> None:
-    """Save model and tokenizer into ``path`` atomically: written to a temporary sibling folder, then moved."""
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
+def save_pretrained(model, tokenizer, path, card: dict | None = None) -> Path:
+    """Save model, tokenizer and (optionally) ``card.json`` into ``path`` atomically.
 
+    Everything is written to a temporary sibling folder, which is then moved into place with ``os.replace``: a crash
+    or an error leaves either the previous folder or none, never a half-written checkpoint. The saved generation
+    config sets ``top_k=0`` and ``top_p=1.0`` so that sampling with it (transformers or vLLM) is pure temperature
+    sampling, as RL rollouts assume. Returns ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent))
     try:
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.top_k, gen.top_p = 0, 1.0
+            gen.pad_token_id = tokenizer.pad_token_id
+            gen.eos_token_id = tokenizer.eos_token_id
+            gen.bos_token_id = tokenizer.bos_token_id
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "previous")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -138,3 +152,46 @@ def save_pretrained(model, tokenizer, path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return path
+
+
+def read_card(path) -> dict | None:
+    """The ``card.json`` of a checkpoint folder as a dict, or None when the folder has none."""
+    card = Path(path) / CARD_NAME
+    if not card.is_file():
+        return None
+    try:
+        data = json.loads(card.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"checkpoint {str(path)!r}: {CARD_NAME} is corrupt ({exc}); delete the folder and "
+                          "recreate it (e.g. `pgzoo cold-start`)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"checkpoint {str(path)!r}: {CARD_NAME} is not a JSON object; delete and recreate it")
+    return data
+
+
+def load_pretrained(path, dtype: str = "float32"):
+    """Load ``(model, tokenizer)`` from a checkpoint folder, with clear errors for missing or corrupt folders."""
+    torch = require("torch", "hf")
+    transformers = require("transformers", "hf")
+    path = Path(path)
+    fix = "pass a folder written by `pgzoo cold-start` or `save_pretrained`"
+    if not path.exists():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist; {fix}")
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint {str(path)!r} is not a folder; {fix}")
+    for name in ("config.json", "tokenizer.json"):
+        if not (path / name).is_file():
+            raise ConfigError(f"checkpoint {str(path)!r} has no {name}: it is not a complete Hugging Face "
+                              f"checkpoint; {fix}")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ConfigError(f"checkpoint {str(path)!r} has no weights (*.safetensors); {fix}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype={dtype!r}; use 'float32', 'bfloat16' or 'float16'")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except Exception as exc:  # corrupt JSON / safetensors header / shape mismatch
+        raise ConfigError(f"checkpoint {str(path)!r} could not be loaded ({type(exc).__name__}: {exc}); the folder "
+                          f"is corrupt: delete it and recreate it") from exc
+    return model.eval(), tokenizer

@@ -1,1 +1,18 @@
-"""(filled by its feature)."""
+"""Verifiable-reward tasks: problems with reference answers, a verifier and a binary reward.
+
+    import pgzoo.tasks
+    task = pgzoo.tasks.get("arithmetic", max_digits=2)
+    problems = task.sample(64, split="train", seed=0)
+    rewards = [task.reward(c, p) for c, p in zip(completions, problems)]
+
+Built in: ``arithmetic`` (embedded, tunable difficulty) and ``math`` (a user's JSONL file). Register your own with
+``@pgzoo.tasks.register("name")`` on a :class:`Task` subclass.
+"""
+
+from pgzoo.tasks.base import Problem, Task, available, get, register, split_of, unregister
+from pgzoo.tasks import arithmetic as _arithmetic  # noqa: F401  (registers "arithmetic")
+from pgzoo.tasks import math as _math  # noqa: F401  (registers "math")
+from pgzoo.tasks.arithmetic import ArithmeticTask
+from pgzoo.tasks.math import MathTask
+
+__all__ = ["Problem", "Task", "ArithmeticTask", "MathTask", "available", "get", "register", "unregister", "split_of"]

@@ -1,0 +1,169 @@
+"""Evaluate a policy on a task: greedy accuracy, avg@k and pass@k at a temperature (batched transformers generate).
+
+    from pgzoo.evaluate import evaluate
+    task = pgzoo.tasks.get("arithmetic")
+    metrics = evaluate(model, tokenizer, task, task.sample(200, split="test"), k=8, temperature=1.0)
+    # {"greedy_accuracy": ..., "avg@8": ..., "pass@8": ..., ...}
+
+    pgzoo eval CHECKPOINT --task arithmetic [--task-option max_digits=2] [--k 8 --temperature 1.0 --n 200]
+
+Definitions, over P problems with ``n_samples`` (default k) sampled completions each, c_i of them correct:
+
+- ``greedy_accuracy`` = (1/P) Σ_i 1[greedy completion of problem i is correct]
+- ``avg@k``  = (1/P) Σ_i c_i / n_samples                        (mean sampled accuracy at ``temperature``)
+- ``pass@k`` = (1/P) Σ_i [1 − C(n − c_i, k) / C(n, k)]          (the unbiased estimator of Chen et al., 2021)
+
+Sampling is pure temperature sampling (top_k = 0, top_p = 1), matching what an RL rollout engine samples.
+Completions are decoded up to the first EOS, special tokens dropped, then scored with ``task.verify``.
+Extra keys: ``num_problems``, ``num_samples``, ``greedy_eos_fraction`` (greedy completions that ended with EOS
+within ``max_new_tokens``) and ``mean_completion_tokens`` (greedy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Any
+
+from pgzoo.errors import ConfigError, require
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples with ``c`` correct: 1 − C(n − c, k) / C(n, k)."""
+    if not 0 < k <= n or not 0 <= c <= n:
+        raise ConfigError(f"pass_at_k: need 0 < k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def generate_completions(model, tokenizer, prompts: list[str], *, num_return_sequences: int = 1,
+                         do_sample: bool = False, temperature: float = 1.0, max_new_tokens: int = 32,
+                         batch_size: int = 256, seed: int | None = 0) -> tuple[list[str], list[int], list[bool]]:
+    """Batched ``model.generate``; returns (texts, token counts, ended-with-EOS) per completion, prompt-major."""
+    torch = require("torch", "hf")
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    texts: list[str] = []
+    lengths: list[int] = []
+    ended: list[bool] = []
+    was_training = model.training
+    model.eval()
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start:start + batch_size]
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                              num_return_sequences=num_return_sequences, do_sample=do_sample)
+                if do_sample:
+                    kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+                out = model.generate(**enc, **kwargs)
+                comp = out[:, enc["input_ids"].shape[1]:].tolist()
+                for row in comp:
+                    n = row.index(eos) + 1 if eos in row else len(row)
+                    ended.append(eos in row)
+                    lengths.append(n)
+                    texts.append(tokenizer.decode(row[: n - 1 if eos in row else n], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return texts, lengths, ended
+
+
+def evaluate(model, tokenizer, task, problems, *, k: int = 1, temperature: float = 1.0,
+             max_new_tokens: int = 32, n_samples: int | None = None, batch_size: int = 256,
+             seed: int = 0, greedy: bool = True) -> dict[str, float]:
+    """Greedy accuracy plus avg@k / pass@k of ``model`` on ``problems`` (see module docstring for definitions)."""
+    if not problems:
+        raise ConfigError("evaluate: problems is empty; pass task.sample(n, split='test') with n > 0")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"evaluate: k={k!r}; use an integer >= 1")
+    n_samples = k if n_samples is None else n_samples
+    if n_samples < k:
+        raise ConfigError(f"evaluate: n_samples={n_samples} < k={k}; pass@k needs at least k samples per problem")
+    if not temperature > 0:
+        raise ConfigError(f"evaluate: temperature={temperature!r}; use a value > 0 (greedy accuracy is always "
+                          "reported)")
+    prompts = [p.prompt for p in problems]
+    metrics: dict[str, float] = {"num_problems": float(len(problems)), "num_samples": float(n_samples)}
+    if greedy:
+        texts, lengths, ended = generate_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                                     batch_size=batch_size, seed=seed)
+        metrics["greedy_accuracy"] = sum(task.verify(t, p.answer) for t, p in zip(texts, problems)) / len(problems)
+        metrics["greedy_eos_fraction"] = sum(ended) / len(ended)
+        metrics["mean_completion_tokens"] = sum(lengths) / len(lengths)
+    texts, _, _ = generate_completions(model, tokenizer, prompts, num_return_sequences=n_samples, do_sample=True,
+                                       temperature=temperature, max_new_tokens=max_new_tokens,
+                                       batch_size=max(1, batch_size // n_samples), seed=seed)
+    correct = [0] * len(problems)
+    for j, t in enumerate(texts):
+        i = j // n_samples
+        correct[i] += task.verify(t, problems[i].answer)
+    metrics[f"avg@{k}"] = sum(correct) / (len(problems) * n_samples)
+    metrics[f"pass@{k}"] = sum(pass_at_k(n_samples, c, k) for c in correct) / len(problems)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pgzoo eval CHECKPOINT --task NAME
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--task-option {text!r}: use key=value, e.g. --task-option max_digits=2")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="Hugging Face checkpoint folder (e.g. from `pgzoo cold-start`)")
+    parser.add_argument("--task", default=None, help="task name (default: the task in the checkpoint's card.json)")
+    parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="task option (repeatable); default: the options in card.json when --task matches")
+    parser.add_argument("--split", default="test", choices=["train", "test"])
+    parser.add_argument("--n", type=int, default=200, help="number of problems")
+    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--n-samples", type=int, default=None, help="samples per problem (default k)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import pgzoo.tasks
+    from pgzoo.models.tiny import load_pretrained, read_card
+
+    model, tokenizer = load_pretrained(args.checkpoint)
+    card = read_card(args.checkpoint) or {}
+    name = args.task or card.get("task")
+    if not name:
+        raise ConfigError(f"{args.checkpoint} has no card.json naming its task; pass --task NAME "
+                          f"(one of {', '.join(pgzoo.tasks.available())})")
+    options = dict(card.get("task_options", {})) if name == card.get("task") else {}
+    options.update(dict(_parse_option(o) for o in args.task_option))
+    task = pgzoo.tasks.get(name, **options)
+    if args.n < 1:
+        raise ConfigError(f"--n {args.n}: evaluate at least one problem")
+    t0 = time.perf_counter()
+    metrics = evaluate(model, tokenizer, task, task.sample(args.n, split=args.split, seed=args.seed), k=args.k,
+                       temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                       n_samples=args.n_samples, seed=args.seed)
+    metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    if args.json:
+        print(json.dumps(metrics, sort_keys=True))
+    else:
+        print(f"{args.checkpoint}: task {name} {task.options}, {args.split} split")
+        for key, value in metrics.items():
+            print(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
+    return 0

@@ -1,0 +1,330 @@
+"""Cold start: supervised fine-tuning of the embedded tiny MoE on a task until it is good, but not too good.
+
+    from pgzoo.models.cold_start import ensure_cold_start
+    path = ensure_cold_start("arithmetic", {}, seed=0)          # cached; seconds when already built
+    model, tok = pgzoo.models.load_pretrained(path)
+
+    pgzoo cold-start [--task arithmetic] [--task-option max_digits=2] [--seed 0] [--cache-dir DIR] [--force]
+
+Runbook (what :func:`cold_start` does, top to bottom):
+
+1. build the task, the character tokenizer and a fresh tiny Qwen3-MoE (``pgzoo.models.build_tiny_moe``, seeded);
+2. each step: sample ``batch_size`` train-split problems, train on ``prompt + answer + EOS`` with the
+   cross-entropy on the answer and EOS tokens only (AdamW, linear warm-up, constant learning rate);
+3. every ``eval_every`` steps: the exact teacher-forced sampled (T = 1) and greedy accuracies
+   (:func:`teacher_forced_accuracy`, one forward pass, no sampling noise) on ``eval_n`` *train-split* problems drawn
+   with a separate seed; stop at the first check where avg@1 >= ``target`` and greedy
+   accuracy <= ``greedy_max`` (or when greedy overshoots ``greedy_max``, or at ``max_steps`` / ``max_seconds``);
+4. measure held-out accuracy on ``final_eval_n`` test-split problems (greedy and avg@1 at T = 1), then write the
+   checkpoint, tokenizer and ``card.json`` atomically (temporary folder, then move).
+
+The stopping rule aims below the task's ceiling so that RL has room: the default band is avg@1 in [0.30, 0.60] with
+greedy accuracy at most 0.60. ``card.json`` records the task and options, seed, steps, seconds, the train-split
+accuracies at the stop, the held-out accuracies and whether the run landed in the band.
+
+Caching: the checkpoint lives in ``<cache_dir>/cold-start/<task>-<key>``, ``key`` a sha256 of everything that
+affects the result (task name and resolved options, seed, resolved SFT options, model config, pgzoo/torch/transformers
+versions). ``cache_dir`` defaults to ``$PGZOO_CACHE`` or ``~/.cache/pgzoo``. Concurrent callers serialise on a lock
+file, so two processes never train the same checkpoint twice.
+
+Determinism: the same seed gives the same weights on the same machine and thread count (torch CPU kernels are
+deterministic for a fixed thread count; a different thread count may change float summation order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pgzoo.errors import ConfigError, require
+
+COLD_START_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Cold-start SFT settings (all keyword overrides of :func:`ensure_cold_start`)."""
+
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_steps: int = 3000
+    max_seconds: float = 150.0
+    eval_every: int = 5
+    eval_n: int = 512
+    final_eval_n: int = 500
+    target: float = 0.30          # stop once sampled (T=1) accuracy reaches this ...
+    greedy_max: float = 0.60      # ... while greedy accuracy is at most this
+    band: tuple[float, float] = (0.30, 0.60)
+    max_new_tokens: int = 8
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of tiny_moe_config
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "max_steps", "eval_every", "eval_n", "final_eval_n", "max_new_tokens"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"cold start: {key}={v!r}; use a positive integer")
+        if not self.lr > 0:
+            raise ConfigError(f"cold start: lr={self.lr!r}; use a positive learning rate")
+        if not self.max_seconds > 0:
+            raise ConfigError(f"cold start: max_seconds={self.max_seconds!r}; use a positive time budget")
+        lo, hi = self.band
+        if not 0 <= lo < hi <= 1:
+            raise ConfigError(f"cold start: band={self.band!r}; use (low, high) with 0 <= low < high <= 1")
+        if not 0 < self.target <= 1 or not 0 < self.greedy_max <= 1:
+            raise ConfigError(f"cold start: target={self.target!r}, greedy_max={self.greedy_max!r}; use values in "
+                              "(0, 1]")
+        if not isinstance(self.model, dict):
+            raise ConfigError(f"cold start: model={self.model!r}; pass a dict of tiny_moe_config overrides")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> SFTConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise ConfigError(f"cold start: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+        opts = dict(options)
+        if "band" in opts:
+            opts["band"] = tuple(opts["band"])
+        return cls(**opts)
+
+
+def default_cache_dir() -> Path:
+    """``$PGZOO_CACHE`` or ``~/.cache/pgzoo``."""
+    return Path(os.environ.get("PGZOO_CACHE") or Path.home() / ".cache" / "pgzoo")
+
+
+def cache_key(task_name: str, task_options: dict[str, Any], seed: int, config: SFTConfig) -> str:
+    """sha256 (16 hex digits) of everything that affects the cold-start result."""
+    import torch
+    import transformers
+
+    import pgzoo
+    from pgzoo.models.tiny import tiny_moe_config
+
+    payload = {
+        "version": COLD_START_VERSION,
+        "pgzoo": pgzoo.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "task": task_name,
+        "task_options": task_options,
+        "seed": seed,
+        "sft": dataclasses.asdict(config),
+        "model": tiny_moe_config(**config.model).to_dict(),
+    }
+    for k in ("transformers_version", "_name_or_path"):
+        payload["model"].pop(k, None)
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX: no cross-process lock
+            yield
+            return
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _encode_batch(tokenizer, problems, device):
+    """Right-padded ``prompt + answer + EOS`` ids with labels on the answer and EOS only."""
+    torch = require("torch", "hf")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = tokenizer([p.prompt for p in problems], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([p.answer for p in problems], add_special_tokens=False)["input_ids"]
+    seqs = [p + a + [eos] for p, a in zip(prompts, answers)]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, len(p): len(s)] = torch.tensor(s[len(p):])
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def teacher_forced_accuracy(model, ids, mask, labels) -> tuple[float, float]:
+    """Exact accuracies of the reference answers from one forward pass (no sampling noise).
+
+    With a_i the reference answer + EOS of problem i under teacher forcing:
+    sampled = (1/P) Σ_i Π_t π(a_it | prompt, a_i<t)   (the probability that T = 1 sampling reproduces a_i),
+    greedy  = (1/P) Σ_i 1[argmax π(· | prompt, a_i<t) = a_it for every t]   (greedy decoding emits a_i).
+    Both count only the canonical spelling of the answer, so they are lower bounds of the verifier's accuracy.
+    """
+    torch = require("torch", "hf")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    model.train(was_training)
+    target = labels[:, 1:]
+    valid = target != -100
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    seq_logp = (logp * valid).sum(-1)
+    hit = ((logits.argmax(-1) == target) | ~valid).all(-1)
+    return float(seq_logp.exp().mean()), float(hit.float().mean())
+
+
+def cold_start(task, seed: int = 0, config: SFTConfig | None = None, log=None):
+    """Run the cold-start SFT (see module docstring); returns ``(model, tokenizer, card)`` without saving."""
+    torch = require("torch", "hf")
+    from pgzoo.evaluate import evaluate
+    from pgzoo.models.tiny import build_tiny_moe, build_tokenizer
+
+    config = config or SFTConfig()
+    log = log or (lambda msg: None)
+    t_start = time.perf_counter()
+    tokenizer = build_tokenizer()
+    model = build_tiny_moe(vocab_size=len(tokenizer), seed=seed, **config.model)
+    unknown = sorted({c for p in task.sample(64, "train", seed=seed) for c in p.prompt + p.answer}
+                     - set(tokenizer.get_vocab()))
+    if unknown:
+        raise ConfigError(f"cold start: the task uses characters the tiny tokenizer lacks: {''.join(unknown)!r}; "
+                          "use a task over printable ASCII")
+    val = _encode_batch(tokenizer, task.sample(config.eval_n, "train", seed=10_000_019 + seed), "cpu")
+    history: list[dict[str, float]] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+        step, stop_reason, last = 0, "max_steps", {}
+        while step < config.max_steps:
+            # 1. a fresh batch of train-split problems (reproducible: seeded by (seed, step))
+            problems = task.sample(config.batch_size, "train", seed=seed * 1_000_003 + step)
+            ids, mask, labels = _encode_batch(tokenizer, problems, "cpu")
+            # 2. cross-entropy on answer + EOS tokens
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                     ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            # 3. the stopping rule, on train-split problems sampled with a separate seed
+            if step % config.eval_every == 0:
+                sampled, greedy = teacher_forced_accuracy(model, *val)
+                last = {"step": step, "loss": round(float(loss.detach()), 5), "sampled": round(sampled, 5),
+                        "greedy": round(greedy, 5), "seconds": round(time.perf_counter() - t_start, 2)}
+                history.append(last)
+                if step % (10 * config.eval_every) == 0 or sampled >= config.target or greedy > config.greedy_max:
+                    log(f"step {step:5d} loss {last['loss']:.4f} sampled {sampled:.3f} greedy {greedy:.3f} "
+                        f"({last['seconds']:.1f}s)")
+                if sampled >= config.target or greedy > config.greedy_max:
+                    stop_reason = "target" if greedy <= config.greedy_max else "greedy_max"
+                    break
+            if time.perf_counter() - t_start > config.max_seconds:
+                stop_reason = "max_seconds"
+                break
+    model.eval()
+    sft_seconds = time.perf_counter() - t_start
+    # 4. held-out accuracy for the card
+    test = task.sample(config.final_eval_n, "test", seed=seed)
+    final = evaluate(model, tokenizer, task, test, k=1, temperature=1.0, max_new_tokens=config.max_new_tokens,
+                     seed=seed)
+    lo, hi = config.band
+    card = {
+        "task": task.name,
+        "task_options": task.options,
+        "seed": seed,
+        "steps": step,
+        "stop_reason": stop_reason,
+        "sft_seconds": round(sft_seconds, 2),
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "train_sampled_accuracy": last.get("sampled"),
+        "train_greedy_accuracy": last.get("greedy"),
+        "test_sampled_accuracy": final["avg@1"],
+        "test_greedy_accuracy": final["greedy_accuracy"],
+        "test_problems": len(test),
+        "accuracy": final["avg@1"],
+        "in_band": bool(lo <= final["avg@1"] <= hi),
+        "band": [lo, hi],
+        "sft": dataclasses.asdict(config),
+        "history": history,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "torch_threads": torch.get_num_threads(),
+    }
+    return model, tokenizer, card
+
+
+def ensure_cold_start(task_name: str = "arithmetic", task_options: dict[str, Any] | None = None, seed: int = 0,
+                      cache_dir: str | Path | None = None, *, force: bool = False, log=None,
+                      **sft_options: Any) -> Path:
+    """Path of the cached cold-start checkpoint for ``(task_name, task_options, seed, sft_options)``; trains it first
+    when missing (or when ``force``). See the module docstring for the stopping rule and the cache key."""
+    import pgzoo.tasks
+    from pgzoo.models.tiny import read_card, save_pretrained
+
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"cold start: seed={seed!r}; use an integer")
+    task = pgzoo.tasks.get(task_name, **(task_options or {}))
+    config = SFTConfig.from_options(sft_options)
+    key = cache_key(pgzoo.tasks.base.canonical(task_name), task.options, seed, config)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = root / "cold-start" / f"{task.name}-{key}"
+    with _lock(root / "cold-start" / f".{task.name}-{key}.lock"):
+        if not force and (path / "config.json").is_file():
+            card = read_card(path)
+            if card is not None and card.get("seed") == seed:
+                return path
+        model, tokenizer, card = cold_start(task, seed=seed, config=config, log=log)
+        card["cache_key"] = key
+        save_pretrained(model, tokenizer, path, card=card)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pgzoo cold-start
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default="arithmetic")
+    parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="task option, repeatable (e.g. --task-option max_digits=2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=None, help="default: $PGZOO_CACHE or ~/.cache/pgzoo")
+    parser.add_argument("--sft-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="SFT option, repeatable (e.g. --sft-option lr=0.002); see SFTConfig")
+    parser.add_argument("--force", action="store_true", help="retrain even when the cache holds the checkpoint")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pgzoo.evaluate import _parse_option
+    from pgzoo.models.tiny import read_card
+
+    task_options = dict(_parse_option(o) for o in args.task_option)
+    sft_options = dict(_parse_option(o) for o in args.sft_option)
+    log = None if args.quiet else (lambda msg: print(msg, flush=True))
+    path = ensure_cold_start(args.task, task_options, seed=args.seed, cache_dir=args.cache_dir, force=args.force,
+                             log=log, **sft_options)
+    card = read_card(path) or {}
+    print(path)
+    if not args.quiet:
+        print(f"  steps {card.get('steps')}  seconds {card.get('seconds')}  held-out sampled (T=1) accuracy "
+              f"{card.get('test_sampled_accuracy')}  greedy {card.get('test_greedy_accuracy')}  "
+              f"in band {card.get('in_band')}")
+    return 0
+
+
