@@ -33,6 +33,7 @@ skipped: route tensors hold one slot per *MoE* layer, in depth order (``MoeLayer
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -106,14 +107,31 @@ def _family_of(module: torch.nn.Module) -> Family | None:
     return None
 
 
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def find_moe_layers(model: torch.nn.Module) -> list[MoeLayer]:
     """The MoE blocks of a transformers model, in depth order.
+
+    The result is cached per model object and re-discovered when a block's router module was replaced.
 
     Raises :class:`~pgzoo.errors.RoutingError` naming the model's class when it has no MoE layer pgzoo knows:
     a dense model, or an MoE family that is not supported (see :data:`SUPPORTED`).
     """
     if not isinstance(model, torch.nn.Module):
         raise RoutingError(f"routing record/replay needs a torch.nn.Module, got {type(model).__name__}")
+    cached = _CACHE.get(model)
+    if cached is not None and all(
+        getattr(layer.block, "gate", None) is layer.router and getattr(layer.block, "experts", None) is layer.experts
+        for layer in cached
+    ):
+        return list(cached)
+    layers = _discover(model)
+    _CACHE[model] = tuple(layers)
+    return layers
+
+
+def _discover(model: torch.nn.Module) -> list[MoeLayer]:
     layers: list[MoeLayer] = []
     unknown: list[str] = []
     for name, block in model.named_modules():

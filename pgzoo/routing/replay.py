@@ -107,11 +107,12 @@ class Replay:
         # Per layer: contiguous [B*S, k] ids on the router's device, and where -1 asks for the natural choice.
         self._forced: list[torch.Tensor] = []
         self._free: list[torch.Tensor | None] = []
+        any_free = bool((routes[..., 0] == UNROUTED).any())
         for layer in self.layers:
             ids = routes[:, :, layer.slot].reshape(tokens, -1).to(layer.router.weight.device, torch.long)
-            free = ids[:, 0] == UNROUTED
+            free = ids[:, 0] == UNROUTED if any_free else None
             self._forced.append(ids)
-            self._free.append(free if bool(free.any()) else None)
+            self._free.append(free if free is not None and bool(free.any()) else None)
         self._shape: list[tuple[int, ...] | None] = [None] * len(self.layers)
         self._natural: list[torch.Tensor | None] = [None] * len(self.layers)
         self._hit_ever: set[int] = set()

@@ -1,0 +1,95 @@
+"""Routing record/replay overhead: plain forward+backward vs the same under record and under replay.
+
+    .venv/bin/python benchmarks/routing.py                 # both configs, defaults below
+    .venv/bin/python benchmarks/routing.py --reps 30 --batch 8 --seq 256
+
+Configs: the embedded tiny Qwen3-MoE (4 layers, 8 experts, top-2, hidden 128) and a wider Qwen3-MoE (8 layers, 64
+experts, top-8, hidden 128). Each repetition runs plain, record and replay back to back (round-robin, so machine
+load hits all three alike); the table reports medians of wall time and of the process's CPU time (with one torch
+thread, CPU time is the work done and is far less sensitive to other processes on a shared machine than wall
+time), and the overhead against plain. Replay uses routes recorded
+on the same weights, so every variant runs the same expert loads. Entering the replay context (route validation,
+one host sync) is included in the replay time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import pgzoo.routing as routing
+from pgzoo.models import build_tiny_moe
+
+CONFIGS = {
+    "tiny (4L, 8E, top-2)": dict(),
+    "wide (8L, 64E, top-8)": dict(num_hidden_layers=8, num_experts=64, num_experts_per_tok=8,
+                                  moe_intermediate_size=32),
+}
+
+
+def step(model, ids, ctx=None):
+    model.zero_grad(set_to_none=True)
+    if ctx is None:
+        model(ids).logits.float().square().mean().backward()
+    else:
+        with ctx:
+            model(ids).logits.float().square().mean().backward()
+
+
+def bench(name, overrides, batch, seq, reps, warmup):
+    model = build_tiny_moe(seed=0, **overrides).train()
+    ids = torch.randint(4, 100, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), routing.record(model) as rec:
+        model(ids)
+    routes = rec.routes
+    variants = {
+        "plain": lambda: step(model, ids),
+        "record": lambda: step(model, ids, routing.record(model)),
+        "replay": lambda: step(model, ids, routing.replay(model, routes)),
+    }
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    for i in range(warmup + reps):
+        for key, fn in variants.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            if i >= warmup:
+                wall[key].append((time.perf_counter() - t0) * 1e3)
+                cpu[key].append((time.process_time() - c0) * 1e3)
+    med_w = {k: statistics.median(v) for k, v in wall.items()}
+    med_c = {k: statistics.median(v) for k, v in cpu.items()}
+    params = sum(p.numel() for p in model.parameters())
+    print(f"\n{name}: {params / 1e6:.2f} M params, batch {batch} x {seq} tokens, {reps} reps, fwd+bwd (median ms)")
+    print(f"  {'':7s} {'wall':>9s} {'overhead':>9s}   {'cpu':>9s} {'overhead':>9s}")
+    for key in variants:
+        ow = (med_w[key] / med_w["plain"] - 1) * 100
+        oc = (med_c[key] / med_c["plain"] - 1) * 100
+        print(f"  {key:7s} {med_w[key]:9.1f} {ow:+8.1f}%   {med_c[key]:9.1f} {oc:+8.1f}%")
+    return med_w, med_c
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--configs", nargs="*", choices=["tiny", "wide"], default=["tiny", "wide"])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: see above)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    for name, overrides in CONFIGS.items():
+        if name.split()[0] not in args.configs:
+            continue
+        bench(name, overrides, args.batch, args.seq, args.reps, args.warmup)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
