@@ -440,6 +440,9 @@ def save_checkpoint(module: RLModule, path: Path, step: int, extra: dict | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        gen = getattr(module.policy, "generation_config", None)
+        if gen is not None and getattr(gen, "top_k", None) == 0 and not gen.do_sample:
+            gen.do_sample = True  # a pure-temperature sampling config (top_k=0) must say it samples to validate
         module.policy.save_pretrained(tmp, safe_serialization=True)
         module.tokenizer.save_pretrained(tmp)
         opt, sched = module._opt_and_sched()

@@ -148,6 +148,7 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     from pgzoo.adapters import lightning as pl_adapter
 
     t_start = time.perf_counter()
+    _quiet_frameworks()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     # 1. recipe: types and combinations were checked on load; now this machine and the user-supplied paths
     recipe.check_environment()
@@ -183,13 +184,11 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     say(f"pgzoo: starting the {recipe.rollout.engine} rollout engine from {policy_path} ...")
     engine = build_engine(recipe, policy_path)
     module = pl_adapter.RLModule(policy, tokenizer, objective, task, engine, loop_config(recipe), ref_policy)
-    start = 0
+    start, kept_rows = 0, []
     if ckpt is not None:
         start = pl_adapter.checkpoint_step(ckpt) + 1
-        _truncate_metrics(run_dir / "metrics.csv", start - 1)
+        kept_rows = [r for r in _read_metrics(run_dir / "metrics.csv") if r.get("step", 0) <= start - 1]
         say(f"pgzoo: resuming from {ckpt} at step {start}")
-    elif (run_dir / "metrics.csv").exists():
-        (run_dir / "metrics.csv").unlink()
     checkpoint_cb = pl_adapter.HFCheckpoint(run_dir, every=recipe.output.checkpoint_every,
                                             keep=recipe.output.keep_checkpoints, total_steps=recipe.train.steps)
     callbacks: list[Any] = [checkpoint_cb]
@@ -197,8 +196,9 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
         callbacks.append(_PeriodicEval(recipe, tokenizer, task, problems, run_dir, evals))
     if recipe.output.progress_bar and not quiet:
         callbacks.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1))
+    loggers = _loggers(recipe, run_dir, kept_rows)
     trainer = L.Trainer(accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1,
-                        max_epochs=1, logger=_loggers(recipe, run_dir), callbacks=callbacks,
+                        max_epochs=1, logger=loggers, callbacks=callbacks,
                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                         log_every_n_steps=1, enable_progress_bar=recipe.output.progress_bar and not quiet,
                         use_distributed_sampler=False, deterministic=False)
@@ -253,6 +253,21 @@ class _PeriodicEval(require("lightning", "lightning").Callback):
                 lg.log_metrics({f"eval/{k}": v for k, v in res.items()}, step=step)
 
 
+def _quiet_frameworks() -> None:
+    """Keep the console to pgzoo's progress bar and summary: no framework banners or per-load progress bars."""
+    import logging
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def _restore_into_trainer(trainer, module, ckpt) -> None:
     """Optimizer state must be loaded after Lightning builds the optimizers: defer to on_train_start."""
     from pgzoo.adapters import lightning as pl_adapter
@@ -266,12 +281,19 @@ def _restore_into_trainer(trainer, module, ckpt) -> None:
     trainer.callbacks.insert(0, _Restore())
 
 
-def _loggers(recipe, run_dir: Path) -> list:
+def _loggers(recipe, run_dir: Path, kept_rows: list[dict] | None = None) -> list:
+    """Lightning loggers of ``output.loggers``. The CSV logger rewrites metrics.csv from scratch, so on resume the
+    rows up to the checkpoint (``kept_rows``) are queued into it again first."""
     L = require("lightning", "lightning")
     out = []
     for name in recipe.output.loggers:
         if name == "csv":
-            out.append(L.pytorch.loggers.CSVLogger(str(run_dir), name="", version=""))
+            csv_logger = L.pytorch.loggers.CSVLogger(str(run_dir), name="", version="")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                writer = csv_logger.experiment  # created now: it deletes an existing metrics.csv
+            writer.metrics = [dict(r, step=int(r["step"])) for r in (kept_rows or [])]
+            out.append(csv_logger)
         elif name == "tensorboard":
             require("tensorboard", "lightning")
             out.append(L.pytorch.loggers.TensorBoardLogger(str(run_dir), name="tb", version=""))
@@ -320,21 +342,6 @@ def _read_metrics(path: Path) -> list[dict[str, float]]:
         for row in csv.DictReader(fh):
             rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
     return rows
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric rows after ``last_step`` (logged after the checkpoint we resume from)."""
-    if not path.exists():
-        return
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields, rows = reader.fieldnames, [r for r in reader if float(r.get("step") or 0) <= last_step]
-    tmp = path.with_name(".metrics.csv.tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
 
 
 PLOTS = {"reward": ("reward/mean", "reward/accuracy"), "entropy": ("entropy/mean",),

@@ -1,0 +1,46 @@
+"""Shared helpers of the trainer tests: a fresh tiny checkpoint and a task with a dense reward (so a few steps move
+the weights even from random initialisation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pgzoo.tasks
+from pgzoo.tasks import ArithmeticTask
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "minirl.yaml"
+VOLATILE = ("time/", "throughput/")
+
+
+@pgzoo.tasks.register("digit-fraction-test", override=True)
+class DigitFraction(ArithmeticTask):
+    """Arithmetic prompts; reward = share of digit characters in the completion (dense, so advantages vary)."""
+
+    name = "digit-fraction-test"
+
+    def reward(self, completion, problem):
+        return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
+def fresh_checkpoint(path: Path) -> Path:
+    """A randomly initialised tiny MoE + tokenizer saved with plain save_pretrained."""
+    from pgzoo.models import build_tiny_moe, build_tokenizer
+
+    if not (path / "config.json").exists():
+        tok = build_tokenizer()
+        model = build_tiny_moe(vocab_size=len(tok), seed=0)
+        model.generation_config.do_sample = True
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return path
+
+
+def overrides(ckpt: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model.path={ckpt}", "rollout.engine=transformers", "task.name=digit-fraction-test",
+            "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=6", "train.lr=3e-3",
+            "eval.before=false", "eval.after=false", "output.progress_bar=false", "output.plots=false",
+            f"output.dir={out}", *extra]
+
+
+def stable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}

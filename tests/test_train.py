@@ -1,0 +1,138 @@
+"""The main job end to end on the tiny MoE (transformers rollouts: fast), resume equality after the engine dies,
+reward errors that show the sample, R2/R3 engaged every step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import pgzoo.train as train_mod
+from pgzoo.errors import EngineError, PgzooError
+from pgzoo.recipes import load_recipe
+
+from _train_helpers import RECIPE, fresh_checkpoint, overrides, stable
+
+REQUIRED = ["reward/mean", "reward/accuracy", "response/length_mean", "response/truncated_frac", "entropy/mean",
+            "kl/train_inference_k1", "clip/low_fraction", "clip/high_fraction", "is/weight_mean", "is/weight_max",
+            "first_order/gap_total", "time/step", "time/rollout", "time/update", "throughput/tokens_per_s",
+            "grad_norm", "lr"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return fresh_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
+
+
+def test_short_run_writes_the_run_folder(ckpt, tmp_path):
+    out = tmp_path / "run"
+    recipe = load_recipe(RECIPE, overrides(ckpt, out, "train.steps=3", "output.checkpoint_every=2",
+                                           "output.plots=true", "eval.after=true", "eval.num_problems=8"))
+    res = train_mod.train(recipe, quiet=True)
+    assert [r["step"] for r in res.history] == [0, 1, 2]
+    for key in REQUIRED:
+        assert key in res.history[-1], key
+    assert 0.0 < res.history[0]["reward/mean"] < 1.0
+    assert {p.name for p in (out / "plots").glob("*.png")} >= {"reward.png", "entropy.png", "train_inference_kl.png"}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    assert res.checkpoint.name == "step-000003"
+    assert "greedy_accuracy" in json.loads((out / "eval.json").read_text())["after"]
+    # the checkpoint is a Hugging Face folder holding the trained weights
+    import transformers
+
+    trained = transformers.AutoModelForCausalLM.from_pretrained(res.checkpoint)
+    start = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
+    delta = sum((a - b).abs().sum() for a, b in zip(trained.state_dict().values(), start.state_dict().values()))
+    assert delta > 0
+    assert (out / "metrics.csv").read_text().count("\n") == 4  # header + 3 steps
+    # a second run into the same folder refuses to overwrite it
+    with pytest.raises(PgzooError, match="--resume"):
+        train_mod.train(recipe, quiet=True)
+
+
+class _DyingEngine:
+    """Wraps an engine; its generate raises on the ``die_at``-th call (an engine crash mid-run)."""
+
+    def __init__(self, inner, die_at):
+        self.inner, self.die_at, self.calls = inner, die_at, 0
+        self.supports_routes = inner.supports_routes
+
+    def generate(self, *a, **k):
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise RuntimeError("engine core died (simulated)")
+        return self.inner.generate(*a, **k)
+
+    def load_weights(self, model):
+        self.inner.load_weights(model)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.mark.slow
+def test_engine_dies_then_resume_continues_exactly(ckpt, tmp_path, monkeypatch):
+    steps = ["train.steps=4", "output.checkpoint_every=2"]
+    full = train_mod.train(load_recipe(RECIPE, overrides(ckpt, tmp_path / "full", *steps)), quiet=True)
+
+    crash = load_recipe(RECIPE, overrides(ckpt, tmp_path / "crash", *steps))
+    real = train_mod.build_engine
+    monkeypatch.setattr(train_mod, "build_engine", lambda r, p: _DyingEngine(real(r, p), die_at=3))
+    with pytest.raises(EngineError, match=r"failed at step 2.*engine core died.*step-000002.*intact.*--resume"):
+        train_mod.train(crash, quiet=True, command="pgzoo train x.yaml")
+    assert (tmp_path / "crash" / "checkpoints" / "step-000002" / "trainer_state.pt").is_file()
+    monkeypatch.setattr(train_mod, "build_engine", real)
+    resumed = train_mod.train(crash, resume=True, quiet=True)
+
+    assert [r["step"] for r in resumed.history] == [0, 1, 2, 3]
+    for a, b in zip(full.history, resumed.history):
+        a, b = stable(a), stable(b)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    # the weights after resuming equal the uninterrupted run's
+    import transformers
+
+    wa = transformers.AutoModelForCausalLM.from_pretrained(full.checkpoint).state_dict()
+    wb = transformers.AutoModelForCausalLM.from_pretrained(resumed.checkpoint).state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_reward_function_raising_shows_the_sample(ckpt, tmp_path, monkeypatch):
+    from _train_helpers import DigitFraction
+
+    def broken(self, completion, problem):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(DigitFraction, "reward", broken)
+    recipe = load_recipe(RECIPE, overrides(ckpt, tmp_path / "r", "train.steps=2"))
+    with pytest.raises(PgzooError, match=r"reward function .* raised ZeroDivisionError.*prompt='\d+\+\d+=' "
+                                         r"completion=.* answer="):
+        train_mod.train(recipe, quiet=True)
+
+
+@pytest.mark.parametrize("extra", [
+    ["train.routing_replay=R2", "train.num_minibatches=2"],
+    ["train.routing_replay=R3", "train.micro_batch_size=8"],
+], ids=["R2-N2", "R3-N1-micro"])
+def test_routing_replay_engaged_every_step(ckpt, tmp_path, extra):
+    recipe = load_recipe(RECIPE, overrides(ckpt, tmp_path / "rr", "train.steps=2", *extra))
+    res = train_mod.train(recipe, quiet=True)
+    for row in res.history:
+        assert row["routing/layers_hit"] == row["routing/num_moe_layers"] == 4
+        # replay forces the stored routes, so the policy only drifts from them through its own update (< all)
+        key = "routing/drift_update"
+        assert key in row and 0.0 <= row[key] < 0.5
+    if recipe.train.num_minibatches > 1:
+        assert res.history[-1]["time/old_logprobs"] > 0
+
+
+def test_off_policy_grpo_with_reference_model(ckpt, tmp_path):
+    """Objectives with a KL penalty get a frozen reference policy; off-policy mini-batches see ratios != 1."""
+    recipe = load_recipe(RECIPE, overrides(ckpt, tmp_path / "g", "train.steps=1", "objective.name=grpo",
+                                           "objective.options.beta=0.05", "train.num_minibatches=2"))
+    res = train_mod.train(recipe, quiet=True)
+    row = res.history[-1]
+    assert row["ratio/max"] != 1.0 or row["ratio/min"] != 1.0
