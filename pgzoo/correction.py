@@ -104,8 +104,8 @@ class Correction:
         else:
             log_low = math.log(self.low) if self.low > 0 else -math.inf
             hit = (log_w < log_low) | (log_w > math.log(self.high))
-            w = torch.where(hit, torch.zeros_like(log_w), log_w.exp())
-        where = batch.mask if self.level == "token" else batch.mask.any(-1)
+            w = torch.where(hit, 0.0, log_w.exp())
+        where = batch.mask if self.level == "token" else batch.has_tokens()
         from pgzoo.diagnostics import masked_fraction, masked_max, masked_mean
 
         key = "correction/truncated_fraction" if self.mode == "truncate" else "correction/masked_fraction"

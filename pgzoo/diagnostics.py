@@ -32,33 +32,37 @@ _SEQ_MAX_LOG = 80.0
 
 # ---------------------------------------------------------------------------------------------- masked reductions
 def _count(where: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return where.sum().to(like.dtype).clamp_min(1.0)
+    return torch.count_nonzero(where).to(like.dtype).clamp_min(1.0)
 
 
 def masked_mean(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over positions where ``where`` is true (0 when none); NaN at other positions is ignored."""
     x = x.detach()
-    return torch.where(where, x, torch.zeros_like(x)).sum() / _count(where, x)
+    return torch.where(where, x, 0.0).sum() / _count(where, x)
 
 
 def masked_max(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Max of ``x`` where ``where`` is true (0 when none)."""
     x = x.detach()
-    out = torch.where(where, x, torch.full_like(x, -torch.inf)).amax()
-    return torch.where(where.any(), out, torch.zeros_like(out))
+    out = torch.where(where, x, -torch.inf).amax()
+    return torch.where(where.any(), out, 0.0)
 
 
 def masked_min(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Min of ``x`` where ``where`` is true (0 when none)."""
     x = x.detach()
-    out = torch.where(where, x, torch.full_like(x, torch.inf)).amin()
-    return torch.where(where.any(), out, torch.zeros_like(out))
+    out = torch.where(where, x, torch.inf).amin()
+    return torch.where(where.any(), out, 0.0)
 
 
 def masked_fraction(flags: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Fraction of positions where ``where`` holds at which ``flags`` is also true."""
-    dtype = torch.float32
-    return (flags & where).sum().to(dtype) / where.sum().to(dtype).clamp_min(1.0)
+    return torch.count_nonzero(flags & where).float() / torch.count_nonzero(where).float().clamp_min(1.0)
+
+
+def _fraction(flags: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """count_nonzero(flags) / count, for flags already false at masked positions."""
+    return torch.count_nonzero(flags).to(count.dtype) / count
 
 
 # ---------------------------------------------------------------------------------------------- first-order gap
@@ -71,19 +75,33 @@ def first_order_gap(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         >>> first_order_gap(torch.log(torch.tensor([[1.1, 1.1]])), torch.ones(1, 2, dtype=torch.bool))
         tensor([0.0100], dtype=torch.float64)
     """
-    lw = torch.where(mask, log_w.detach(), torch.zeros_like(log_w)).clamp(-_METRIC_MAX_LOG, _METRIC_MAX_LOG)
-    log_prod = lw.sum(-1).double().clamp(-_SEQ_MAX_LOG, _SEQ_MAX_LOG)
-    first_order = 1.0 + torch.expm1(lw).sum(-1).double()
-    return (torch.exp(log_prod) - first_order).abs()
+    lw = torch.where(mask, log_w.detach(), 0.0)
+    return _gap_from_rows(lw.sum(-1), torch.expm1(lw.clamp(max=_METRIC_MAX_LOG)).sum(-1))
+
+
+def _gap_from_rows(row_log: torch.Tensor, row_expm1: torch.Tensor) -> torch.Tensor:
+    """|exp(Σ log w) − 1 − Σ (w − 1)| per row, in float64 with the log-product clamped; 0 for empty rows."""
+    prod_minus_one = torch.expm1(row_log.double().clamp(-_SEQ_MAX_LOG, _SEQ_MAX_LOG))
+    return (prod_minus_one - row_expm1.double()).abs().clamp(max=1e300)
 
 
 # ---------------------------------------------------------------------------------------------- shared metrics
-def policy_metrics(batch: TokenBatch, log_ratio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def policy_metrics(
+    batch: TokenBatch,
+    log_ratio: torch.Tensor | None = None,
+    *,
+    staleness_expm1: torch.Tensor | None = None,
+    total_log: torch.Tensor | None = None,
+    total_expm1: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """The objective-independent metrics of DESIGN §5 for ``batch``.
 
     Args:
         batch: the TokenBatch.
-        log_ratio: optional precomputed ``lp − old`` ``[B, T]`` (any values at masked positions); recomputed if None.
+        log_ratio: optional precomputed ``lp − old`` ``[B, T]``, **zero at masked positions**; recomputed if None.
+        staleness_expm1, total_log, total_expm1: optional precomputed ``expm1(lp − old)``, ``lp − mu`` and
+            ``expm1(lp − mu)`` (log-ratios clamped above at 50 before expm1, zero at masked positions), so that an
+            objective that already has them does not pay for them twice.
 
     Returns (detached scalar tensors):
         ``ratio/mean``, ``ratio/min``, ``ratio/max`` of r = exp(lp − old) over unmasked tokens;
@@ -92,54 +110,75 @@ def policy_metrics(batch: TokenBatch, log_ratio: torch.Tensor | None = None) -> 
         and when ``rollout_logprobs`` is given: ``kl/train_inference_k1`` = mean(mu − old),
         ``log_ratio/train_inference_mean``, ``log_ratio/train_inference_abs_mean`` of (old − mu),
         ``first_order/gap_train_inference`` and ``first_order/gap_total``.
+
+    Cost: a few passes over ``[B, T]`` per factor (one expm1, row sums), no ``where``, no host sync. Every value at
+    a masked position is 0 by construction, so sums need no mask.
     """
-    mask = batch.mask
     if log_ratio is None:
-        log_ratio = batch.logprobs.detach() - batch.clean("old_logprobs")
-    stale = torch.where(mask, log_ratio.detach(), torch.zeros_like(log_ratio))
-    if stale.dtype in (torch.float16, torch.bfloat16):  # statistics in float32 for 16-bit inputs
-        stale = stale.float()
-    n = _count(mask, stale)
-    s_min, s_max = masked_min(stale, mask), masked_max(stale, mask)
-    ratio = stale.clamp(-_METRIC_MAX_LOG, _METRIC_MAX_LOG).exp()
+        log_ratio = batch.masked(batch.logprobs.detach()) - batch.clean("old_logprobs")
+    stale = log_ratio.detach()
+    out_dtype = torch.float64 if stale.dtype == torch.float64 else torch.float32  # 16-bit inputs: float32 stats
+    stale = stale.to(out_dtype)
+    n = batch.local_token_count().to(out_dtype).clamp_min(1.0)
+    n_seq = batch.has_tokens().sum().double().clamp_min(1.0)
+
+    def expm1(x):
+        return torch.expm1(x.clamp(max=_METRIC_MAX_LOG))  # expm1 ≥ −1 below, so only the top needs a clamp
+
+    row_s = stale.sum(-1)
+    e_s = expm1(stale) if staleness_expm1 is None else staleness_expm1.detach().to(out_dtype)
+    row_e = e_s.sum(-1)
+    # min/max over unmasked tokens: masked positions (0 here) take the value of one unmasked token instead
+    fill = torch.take(stale, batch.first_token_index())
+    s_min, s_max = torch.aminmax(torch.addcmul(stale, 1.0 - batch.mask_float().to(out_dtype), fill))
     metrics = {
-        # ratio at masked positions is exp(0) = 1: subtract their count instead of a second where().
-        "ratio/mean": (ratio.sum() - (~mask).sum().to(ratio.dtype)) / n,
+        "ratio/mean": _finite(1.0 + row_e.double().sum() / n, out_dtype),  # r − 1 = expm1(log r), 0 when masked
         "ratio/min": s_min.clamp(-_METRIC_MAX_LOG, _METRIC_MAX_LOG).exp(),
         "ratio/max": s_max.clamp(-_METRIC_MAX_LOG, _METRIC_MAX_LOG).exp(),
-        "log_ratio/staleness_mean": stale.sum() / n,
+        "log_ratio/staleness_mean": row_s.sum() / n,
         "log_ratio/staleness_abs_mean": stale.abs().sum() / n,
+        "first_order/gap_staleness": _finite(_gap_from_rows(row_s, row_e).sum() / n_seq, out_dtype),
     }
-    gap_stale = first_order_gap(stale, mask)
-    has_tokens = mask.any(-1)
-    n_seq = has_tokens.sum().double().clamp_min(1.0)
-    out_dtype = stale.dtype
-    metrics["first_order/gap_staleness"] = (gap_stale.sum() / n_seq).to(out_dtype)
     if batch.rollout_logprobs is not None:
-        ti = batch.clean("old_logprobs") - batch.clean("rollout_logprobs")  # old − mu, 0 at masked positions
-        ti = ti.to(stale.dtype)
-        metrics["kl/train_inference_k1"] = -ti.sum() / n
-        metrics["log_ratio/train_inference_mean"] = ti.sum() / n
+        ti = (batch.clean("old_logprobs") - batch.clean("rollout_logprobs")).to(out_dtype)  # old − mu
+        row_ti = ti.sum(-1)
+        metrics["kl/train_inference_k1"] = -row_ti.sum() / n
+        metrics["log_ratio/train_inference_mean"] = row_ti.sum() / n
         metrics["log_ratio/train_inference_abs_mean"] = ti.abs().sum() / n
-        metrics["first_order/gap_train_inference"] = (first_order_gap(ti, mask).sum() / n_seq).to(out_dtype)
-        metrics["first_order/gap_total"] = (first_order_gap(ti + stale, mask).sum() / n_seq).to(out_dtype)
+        gap_ti = _gap_from_rows(row_ti, expm1(ti).sum(-1))
+        metrics["first_order/gap_train_inference"] = _finite(gap_ti.sum() / n_seq, out_dtype)
+        if total_expm1 is None:
+            total = stale + ti if total_log is None else total_log.detach().to(out_dtype)
+            total_expm1 = expm1(total)
+        gap_total = _gap_from_rows(row_s + row_ti, total_expm1.detach().to(out_dtype).sum(-1))
+        metrics["first_order/gap_total"] = _finite(gap_total.sum() / n_seq, out_dtype)
     return metrics
 
 
+def _finite(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast to ``dtype``, saturating at its largest finite value instead of overflowing to inf."""
+    big = torch.finfo(dtype).max
+    return x.clamp(-big, big).to(dtype)
+
+
 def clip_metrics(low: torch.Tensor, high: torch.Tensor, where: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``clip/low_fraction``, ``clip/high_fraction`` and ``clip/fraction`` of the positions in ``where``."""
-    return {
-        "clip/low_fraction": masked_fraction(low, where),
-        "clip/high_fraction": masked_fraction(high, where),
-        "clip/fraction": masked_fraction(low | high, where),
-    }
+    """``clip/low_fraction``, ``clip/high_fraction`` and ``clip/fraction`` of the positions in ``where``.
+
+    ``low`` and ``high`` must be disjoint and false wherever ``where`` is false (as clip flags computed from
+    masked-zero advantages are).
+    """
+    count = torch.count_nonzero(where).float().clamp_min(1.0)
+    low_f, high_f = _fraction(low, count), _fraction(high, count)
+    return {"clip/low_fraction": low_f, "clip/high_fraction": high_f, "clip/fraction": low_f + high_f}
 
 
 def weight_metrics(weight: torch.Tensor, truncated: torch.Tensor, where: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``is/weight_mean``, ``is/weight_max`` and ``is/truncated_fraction`` of an objective's IS weight."""
+    """``is/weight_mean``, ``is/weight_max`` and ``is/truncated_fraction`` of an objective's IS weight (≥ 0)."""
+    w = weight.detach() * where.to(weight.dtype)  # finite weights >= 0: a 0 fill never raises the max
+    count = torch.count_nonzero(where).to(w.dtype).clamp_min(1.0)
     return {
-        "is/weight_mean": masked_mean(weight, where),
-        "is/weight_max": masked_max(weight, where),
+        "is/weight_mean": w.sum() / count,
+        "is/weight_max": w.amax(),
         "is/truncated_fraction": masked_fraction(truncated, where),
     }
 

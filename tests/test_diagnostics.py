@@ -12,6 +12,7 @@ import torch
 import pgzoo
 from pgzoo.diagnostics import entropy_metrics, first_order_gap, masked_max, masked_mean, masked_min
 from pgzoo.testing import random_batch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 NAMES = [
     "minirl", "minirl-no-clip", "minirl-length-norm", "minirl-no-is",
@@ -138,10 +139,24 @@ def test_no_host_sync_inside_objectives(name, monkeypatch):
         monkeypatch.setattr(torch.Tensor, attr, sync)
     with pytest.raises(AssertionError, match="host sync"):  # the patch is in force
         bool(torch.ones(()) > 0)
-    out = obj(batch)
-    out.loss.backward()
+    with _NoLocalScalar() as guard:  # and C++-level syncs: tensor-valued indexing, .item() inside kernels
+        out = obj(batch)
+        out.loss.backward()
     monkeypatch.undo()
+    assert guard.ops > 10  # the guard saw the objective's ops
     assert all(not v.requires_grad for v in out.metrics.values())
+
+
+class _NoLocalScalar(TorchDispatchMode):
+    """Fails on aten._local_scalar_dense, the op behind every device-to-host scalar read."""
+
+    ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("host sync inside an objective (aten._local_scalar_dense)")
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
 
 
 def test_every_metric_name_is_documented():

@@ -36,7 +36,7 @@ def _as_tensor(x, like: torch.Tensor) -> torch.Tensor:
     return x.to(like) if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=like.dtype, device=like.device)
 
 
-def aggregate(term: torch.Tensor, batch: TokenBatch, mode: str) -> torch.Tensor:
+def aggregate(term: torch.Tensor, batch: TokenBatch, mode: str, *, clean: bool = False) -> torch.Tensor:
     """Reduce a per-token term ``[B, T]`` (or a per-sequence term ``[B]`` for ``seq-mean``) to a scalar.
 
     Modes (m = mask, |y_i| = Σ_t m_it, N_seq/N_tok/L = the batch's normalisers):
@@ -48,12 +48,16 @@ def aggregate(term: torch.Tensor, batch: TokenBatch, mode: str) -> torch.Tensor:
     - ``seq-mean``:            Σ_i term_i / N_seq, for a ``[B]`` term; fully masked rows contribute 0
 
     Masked positions are replaced (not multiplied) by zero, so NaN there never reaches the result or gradient.
+    ``clean=True`` promises that ``term`` is already exactly zero at masked positions (and fully masked rows) and
+    skips that pass — the built-in objectives build their terms from masked inputs and use it.
     """
     if mode == "seq-mean":
-        has_tokens = batch.mask.any(-1)
-        total = torch.where(has_tokens, term, torch.zeros_like(term)).sum()
+        if not clean:
+            term = torch.where(batch.has_tokens(), term, 0.0)
+        total = term.sum()
         return total / _as_tensor(batch.sequence_count(), total).clamp_min(1.0)
-    term = batch.masked(term)
+    if not clean:
+        term = batch.masked(term)
     if mode == "seq-mean-token-sum":
         total = term.sum()
         denom = _as_tensor(batch.sequence_count(), total)

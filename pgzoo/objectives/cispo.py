@@ -70,7 +70,7 @@ class CISPO(Objective):
             corr, corr_metrics = c.correction.token_weights(batch)
             coef = corr * coef
             metrics.update(corr_metrics)
-        loss = -aggregate(coef * lp, batch, c.aggregation)
+        loss = -aggregate(coef * lp, batch, c.aggregation, clean=True)
         metrics.update(clip_metrics(low, high, mask))
         metrics.update(weight_metrics(weight, low | high, mask))
         return ObjectiveOutput(loss, metrics)

@@ -54,8 +54,9 @@ def clipped_surrogate(log_r: torch.Tensor, adv: torch.Tensor, low: torch.Tensor,
     0·inf) and r = exp(log r) is evaluated on log r clamped to ±MAX_LOG_RATIO.
     """
     r = log_r.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
-    bound = torch.where(low, torch.full_like(r, 1.0 - eps_low), torch.full_like(r, 1.0 + eps_high))
-    return torch.where(low | high, bound * adv, r * adv)
+    r_clip = r.detach().clamp(1.0 - eps_low, 1.0 + eps_high)  # on a clipped token r_clip is the bound it crossed
+    keep = (~(low | high)).to(r.dtype)
+    return (r_clip + (r - r_clip) * keep) * adv  # r where kept (with gradient), the constant bound where clipped
 
 
 def k3(lp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,7 @@ class GRPO(Objective):
         log_r = lp - batch.clean("old_logprobs")
         low, high = ppo_clip_flags(log_r.detach(), adv, *log_bounds(c.eps_low, c.eps_high))
         term = clipped_surrogate(log_r, adv, low, high, c.eps_low, c.eps_high)
-        metrics = policy_metrics(batch, log_r)
+        metrics = policy_metrics(batch, log_r.detach())  # expm1(log r) is recomputed: r is clamped at ±20 here
         if c.beta > 0:
             kl = k3(lp, batch.clean("ref_logprobs"))
             term = term - c.beta * kl
@@ -116,7 +117,7 @@ class GRPO(Objective):
             weight, corr_metrics = c.correction.token_weights(batch)
             term = weight * term
             metrics.update(corr_metrics)
-        loss = -aggregate(term, batch, c.aggregation)
+        loss = -aggregate(term, batch, c.aggregation, clean=True)
         metrics.update(clip_metrics(low, high, mask))
         return ObjectiveOutput(loss, metrics)
 

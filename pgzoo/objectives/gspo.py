@@ -72,7 +72,7 @@ class GSPO(Objective):
         log_s = (log_r.sum(-1) / lengths).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)  # [B], with gradient
         lo, hi = log_bounds(c.eps_low, c.eps_high)
         metrics = policy_metrics(batch, log_r.detach())
-        metrics["gspo/seq_ratio_mean"] = masked_mean(log_s.detach().exp(), mask.any(-1))
+        metrics["gspo/seq_ratio_mean"] = masked_mean(log_s.detach().exp(), batch.has_tokens())
         if c.token_level:
             adv = batch.token_advantages()
             log_s_tok = log_s.detach()[:, None] + (lp - lp.detach())  # value log s_i, gradient of lp
@@ -83,13 +83,13 @@ class GSPO(Objective):
                 weight, corr_metrics = c.correction.token_weights(batch)
                 term = weight * term
                 metrics.update(corr_metrics)
-            loss = -aggregate(term, batch, "seq-mean-token-mean")
+            loss = -aggregate(term, batch, "seq-mean-token-mean", clean=True)
         else:
             adv = batch.advantages.to(lp.dtype)
             if adv.dim() == 2:  # per-token advantages: their mean over the sequence
                 adv = batch.masked(adv).sum(-1) / lengths
-            has_tokens = mask.any(-1)
-            adv = torch.where(has_tokens, adv, torch.zeros_like(adv))
+            has_tokens = batch.has_tokens()
+            adv = torch.where(has_tokens, adv, 0.0)
             low, high = ppo_clip_flags(log_s.detach(), adv, lo, hi)
             term = clipped_surrogate(log_s, adv, low, high, c.eps_low, c.eps_high)
             where = has_tokens
@@ -97,7 +97,7 @@ class GSPO(Objective):
                 weight, corr_metrics = c.correction.weights(batch)
                 term = weight * term
                 metrics.update(corr_metrics)
-            loss = -aggregate(term, batch, "seq-mean")
+            loss = -aggregate(term, batch, "seq-mean", clean=True)
         metrics.update(clip_metrics(low, high, where))
         return ObjectiveOutput(loss, metrics)
 

@@ -44,6 +44,9 @@ from pgzoo.objectives.base import (
 from pgzoo.registry import register
 
 
+_MAX_EXP = 50.0  # log-weights are clamped here before the exponential (the weight is capped at C anyway)
+
+
 class MiniRL(Objective):
     """MiniRL (arXiv 2512.01374): M·min(sg(π_θ/μ_θold), C)·A·log π_θ, summed over tokens, averaged over sequences.
 
@@ -80,22 +83,26 @@ class MiniRL(Objective):
     def compute(self, batch: TokenBatch) -> ObjectiveOutput:
         c = self.config
         mask = batch.mask
-        lp = batch.masked(batch.logprobs)
+        lp = batch.masked(batch.logprobs)  # every tensor below is exactly 0 at masked positions
         adv = batch.token_advantages()
-        log_r = lp.detach() - batch.clean("old_logprobs")  # staleness log π_θ/π_θold, 0 at masked positions
+        log_r = lp.detach() - batch.clean("old_logprobs")  # staleness log π_θ/π_θold
         log_w = lp.detach() - batch.clean("rollout_logprobs") if c.train_inference_is else log_r
-        log_cap = math.log(c.is_cap)
-        w = log_w.clamp(max=log_cap).exp()  # min(exp(log_w), C), never overflows
-        low, high = ppo_clip_flags(log_r, adv, *log_bounds(c.eps_low, c.eps_high))
+        # w = min(exp(log_w), C), via expm1 (shared with the first-order-gap metric); never overflows
+        w_minus_one = torch.expm1(log_w.clamp(max=_MAX_EXP))
+        w = (w_minus_one + 1.0).clamp(max=c.is_cap)
+        coef = w * adv
         if c.clip:
-            coef = torch.where(low | high, torch.zeros_like(w), w * adv)
+            low, high = ppo_clip_flags(log_r, adv, *log_bounds(c.eps_low, c.eps_high))
+            coef = coef * (~(low | high)).to(coef.dtype)  # M: 0 on the clipped side
         else:
-            coef = w * adv
             low = high = torch.zeros_like(mask)
-        loss = -aggregate(coef * lp, batch, c.aggregation)
-        metrics = policy_metrics(batch, log_r)
+        loss = -aggregate(coef * lp, batch, c.aggregation, clean=True)
+        if c.train_inference_is:
+            metrics = policy_metrics(batch, log_r, total_log=log_w, total_expm1=w_minus_one)
+        else:
+            metrics = policy_metrics(batch, log_r, staleness_expm1=w_minus_one)
         metrics.update(clip_metrics(low, high, mask))
-        metrics.update(weight_metrics(w, log_w > log_cap, mask))
+        metrics.update(weight_metrics(w, log_w > math.log(c.is_cap), mask))
         return ObjectiveOutput(loss, metrics)
 
 

@@ -1,0 +1,228 @@
+"""Forward + backward cost of every objective (metrics included) against a bare hand-written loss.
+
+    python benchmarks/objectives.py                       # [256, 4096] float32, eager
+    python benchmarks/objectives.py --compile             # also torch.compile both sides
+    python benchmarks/objectives.py --batch 64 --length 1024 --repeats 5 --names minirl grpo
+
+For each objective the bare loss is the same formula written directly on tensors: no TokenBatch, no validation, no
+masking-by-replacement, no metrics. The two are timed interleaved in the same run (minimum over ``--repeats`` of the
+process CPU time, one thread by default), so load from other processes hits both alike; the ratio pgzoo / bare is
+what to read. pgzoo's side builds the TokenBatch
+inside the timed region with ``check_values=False`` (trainers that validate upstream do this; the value check is one
+host sync); the column ``checked`` times it with the check on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+import pgzoo
+
+# ---------------------------------------------------------------------------------------------- bare losses
+# Written from DESIGN §4 with the fewest ops; masked positions are assumed clean (zeros), as a hand-rolled trainer
+# would assume. No metrics.
+
+
+def _ppo(lp, old, adv, lo, hi):
+    r = torch.exp(lp - old)
+    return torch.minimum(r * adv, torch.clamp(r, lo, hi) * adv)
+
+
+def bare_minirl(lp, m, adv, old, mu, ref, *, no_clip=False, length_norm=False, no_is=False):
+    log_r = lp.detach() - old
+    w = torch.exp((log_r if no_is else lp.detach() - mu)).clamp(max=5.0)
+    coef = w * adv
+    if not no_clip:
+        keep = ~(((adv > 0) & (log_r > math.log(1.27))) | ((adv < 0) & (log_r < math.log(0.8))))
+        coef = coef * keep
+    per_tok = coef * lp * m
+    n_seq = m.any(-1).sum()
+    if length_norm:
+        return -(per_tok.sum(-1) / m.sum(-1).clamp_min(1)).sum() / n_seq
+    return -per_tok.sum() / n_seq
+
+
+def bare_grpo(lp, m, adv, old, mu, ref):
+    t = _ppo(lp, old, adv, 0.8, 1.2) * m
+    return -(t.sum(-1) / m.sum(-1).clamp_min(1)).sum() / m.any(-1).sum()
+
+
+def bare_dr_grpo(lp, m, adv, old, mu, ref):
+    return -(_ppo(lp, old, adv, 0.8, 1.2) * m).sum() / (m.any(-1).sum() * m.shape[1])
+
+
+def bare_dapo(lp, m, adv, old, mu, ref):
+    return -(_ppo(lp, old, adv, 0.8, 1.28) * m).sum() / m.sum()
+
+
+def bare_cispo(lp, m, adv, old, mu, ref):
+    w = torch.exp(lp.detach() - old).clamp(max=5.0)
+    return -(w * adv * lp * m).sum() / m.sum()
+
+
+def bare_gspo(lp, m, adv, old, mu, ref):
+    n = m.sum(-1).clamp_min(1)
+    s = torch.exp(((lp - old) * m).sum(-1) / n)
+    a = adv[:, 0]
+    t = torch.minimum(s * a, torch.clamp(s, 1 - 3e-4, 1 + 4e-4) * a)
+    return -t.sum() / m.any(-1).sum()
+
+
+def bare_gspo_token(lp, m, adv, old, mu, ref):
+    n = m.sum(-1, keepdim=True).clamp_min(1)
+    log_s = (((lp.detach() - old) * m).sum(-1, keepdim=True) / n)
+    s = torch.exp(log_s + lp - lp.detach())
+    t = torch.minimum(s * adv, torch.clamp(s, 1 - 3e-4, 1 + 4e-4) * adv) * m
+    return -(t.sum(-1) / n[:, 0]).sum() / m.any(-1).sum()
+
+
+BARE = {
+    "minirl": bare_minirl,
+    "minirl-no-clip": lambda *a: bare_minirl(*a, no_clip=True),
+    "minirl-length-norm": lambda *a: bare_minirl(*a, length_norm=True),
+    "minirl-no-is": lambda *a: bare_minirl(*a, no_is=True),
+    "grpo": bare_grpo,
+    "dr-grpo": bare_dr_grpo,
+    "dapo": bare_dapo,
+    "cispo": bare_cispo,
+    "gspo": bare_gspo,
+    "gspo-token": bare_gspo_token,
+}
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def make_inputs(B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
+    m = torch.arange(T)[None] < lengths[:, None]
+    lp = -torch.rand(B, T, generator=g) * 3 - 0.05
+    old = lp + 0.05 * torch.randn(B, T, generator=g)
+    mu = old + 0.05 * torch.randn(B, T, generator=g)
+    ref = lp + 0.05 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    z = torch.zeros(())
+    clean = [torch.where(m, x, z) for x in (lp, old, mu, ref)]
+    return m, adv, clean
+
+
+def pgzoo_step(obj, lp0, m, adv, old, mu, ref, check_values=False):
+    lp = lp0.detach().requires_grad_(True)
+    batch = pgzoo.TokenBatch(logprobs=lp, mask=m, advantages=adv, old_logprobs=old, rollout_logprobs=mu,
+                             ref_logprobs=ref, check_values=check_values)
+    out = obj(batch)
+    out.loss.backward()
+    return lp.grad
+
+
+def bare_step(fn, lp0, m, adv, old, mu, ref):
+    lp = lp0.detach().requires_grad_(True)
+    mf = m.to(lp.dtype)
+    a = adv[:, None].expand_as(lp)
+    fn(lp, mf, a, old, mu, ref).backward()
+    return lp.grad
+
+
+def timeit(fn, repeats):
+    """CPU time of this process per call (robust to other processes competing for the cores; see --wall)."""
+    clock = time.perf_counter if WALL else time.process_time
+    times = []
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return times
+
+
+WALL = False
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--names", nargs="*", default=list(BARE))
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd versions")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument("--wall", action="store_true", help="wall-clock instead of process CPU time")
+    args = parser.parse_args(argv)
+    global WALL
+    WALL = args.wall
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    m, adv, (lp, old, mu, ref) = make_inputs(args.batch, args.length)
+    print(f"# [{args.batch}, {args.length}] float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'wall' if WALL else 'process CPU'} time, min of {args.repeats}")
+    header = "| objective | bare ms | pgzoo ms | ratio | checked ms |"
+    if args.compile:
+        header += " bare compiled ms | pgzoo compiled ms | compiled ratio |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for name in args.names:
+        obj = pgzoo.get(name)
+        bare = BARE[name]
+        # correctness first: the bare loss is the same formula (same gradient)
+        g_ref = bare_step(bare, lp, m, adv, old, mu, ref)
+        g_obj = pgzoo_step(obj, lp, m, adv, old, mu, ref)
+        torch.testing.assert_close(g_obj, g_ref, rtol=1e-4, atol=1e-9)
+        run_p = lambda: pgzoo_step(obj, lp, m, adv, old, mu, ref)  # noqa: E731
+        run_c = lambda: pgzoo_step(obj, lp, m, adv, old, mu, ref, True)  # noqa: E731
+        run_b = lambda: bare_step(bare, lp, m, adv, old, mu, ref)  # noqa: E731
+        for f in (run_p, run_b):
+            f()
+        tp, tb, tc = [], [], []
+        for _ in range(args.repeats):  # interleaved: load affects both sides alike
+            tb += timeit(run_b, 1)
+            tp += timeit(run_p, 1)
+            tc += timeit(run_c, 1)
+        b, p, c = (min(x) * 1e3 for x in (tb, tp, tc))
+        row = f"| `{name}` | {b:.1f} | {p:.1f} | {p / b:.2f}x | {c:.1f} |"
+        if args.compile:
+            row += compiled_row(name, obj, bare, lp, m, adv, old, mu, ref, args.repeats)
+        print(row, flush=True)
+    return 0
+
+
+def compiled_row(name, obj, bare, lp, m, adv, old, mu, ref, repeats):
+    try:
+        def p_loss(lp_, m_, adv_, old_, mu_, ref_):
+            batch = pgzoo.TokenBatch(logprobs=lp_, mask=m_, advantages=adv_, old_logprobs=old_,
+                                     rollout_logprobs=mu_, ref_logprobs=ref_, check_values=False)
+            out = obj(batch)
+            return out.loss, out.metrics
+
+        def b_loss(lp_, m_, adv_, old_, mu_, ref_):
+            return bare(lp_, m_.to(lp_.dtype), adv_[:, None].expand_as(lp_), old_, mu_, ref_)
+
+        cp, cb = torch.compile(p_loss), torch.compile(b_loss)
+
+        def run_cp():
+            x = lp.detach().requires_grad_(True)
+            loss, _ = cp(x, m, adv, old, mu, ref)
+            loss.backward()
+            return x.grad
+
+        def run_cb():
+            x = lp.detach().requires_grad_(True)
+            cb(x, m, adv, old, mu, ref).backward()
+            return x.grad
+
+        torch.testing.assert_close(run_cp(), run_cb(), rtol=1e-4, atol=1e-9)
+        for f in (run_cp, run_cb):
+            f()
+        tp, tb = [], []
+        for _ in range(repeats):
+            tb += timeit(run_cb, 1)
+            tp += timeit(run_cp, 1)
+        b, p = min(tb) * 1e3, min(tp) * 1e3
+        return f" {b:.1f} | {p:.1f} | {p / b:.2f}x |"
+    except Exception as exc:  # report, do not hide: compile support varies by platform
+        return f" failed: {type(exc).__name__}: {str(exc).splitlines()[0][:60]} | | |"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
