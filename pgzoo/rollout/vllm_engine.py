@@ -150,6 +150,11 @@ class VLLMEngine:
         kv_cache_memory_bytes: explicit KV-cache size. On CPU the default is what ``256 x max_model_len`` tokens need
             (capped by ``gpu_memory_utilization`` x RAM), which also skips vLLM's slow warm-up profiling.
         enforce_eager: skip torch.compile / graph capture (default: True on CPU, where it starts in seconds).
+        cpu_threads: torch threads of this process outside :meth:`generate` on CPU (default: as before vLLM
+            started; vLLM itself would pin the process to one thread and disable ``torch.set_num_threads``, which
+            would also throttle a colocated trainer). :meth:`generate` runs with ``generate_threads``.
+        generate_threads: torch threads while vLLM decodes on CPU (default 1: the tiny-model decode loop is
+            dominated by per-op latency, and two threads spinning on a shared machine were ~3-5x slower).
         **llm_kwargs: passed to ``vllm.LLM`` unchanged (e.g. ``max_num_seqs``, ``tensor_parallel_size``).
 
     Attributes:
@@ -167,6 +172,8 @@ class VLLMEngine:
         enable_return_routed_experts: bool = False,
         kv_cache_memory_bytes: int | None = None,
         enforce_eager: bool | None = None,
+        cpu_threads: int | None = None,
+        generate_threads: int | None = 1,
         **llm_kwargs: Any,
     ):
         if dtype not in DTYPES:
@@ -181,6 +188,9 @@ class VLLMEngine:
             )
         # In-process engine: weight sync passes tensors by reference, and collective_rpc may run our functions.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # CPU: do not pin the process to cores (vLLM's default binds its OpenMP threads, which on a machine shared
+        # with a trainer or other jobs made decoding ~5x slower in our measurements). Set it yourself to override.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         vllm = import_vllm()
         from vllm.platforms import current_platform
@@ -217,12 +227,23 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         if enable_return_routed_experts:
             kwargs["enable_return_routed_experts"] = True
+        if self.is_cpu:
+            # Seeded sampling + chunked prefill fails on CPU in vLLM 0.32 ("CPU Generator does not use offset" when a
+            # partially prefilled request's sample is discarded): schedule whole prompts instead.
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update(llm_kwargs)
         self._vllm = vllm
+        threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as exc:
             raise EngineError(f"vLLM failed to start on {path}: {exc}") from exc
+        finally:
+            if self.is_cpu:
+                # vLLM's CPU worker replaces torch.set_num_threads process-wide with a no-op and drops torch to one
+                # thread "for serving"; colocated, that would also throttle the trainer in this process.
+                torch.set_num_threads = set_num_threads
+                torch.set_num_threads(cpu_threads or threads)
         model_config = self.llm.llm_engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         self.vocab_size = int(config.get("vocab_size") or model_config.get_vocab_size())
@@ -233,6 +254,7 @@ class VLLMEngine:
         self._shapes = _checkpoint_shapes(path)
         self.last_sync_seconds: float | None = None
         self.num_syncs = 0
+        self.generate_threads = generate_threads if self.is_cpu else None
 
     @staticmethod
     def _cpu_kv_bytes(config: dict, dtype: str, max_model_len: int, share: float) -> int:
@@ -288,10 +310,16 @@ class VLLMEngine:
             )
             for i in range(len(prompts))
         ]
+        threads = torch.get_num_threads()
+        if self.generate_threads:
+            torch.set_num_threads(self.generate_threads)
         try:
             outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         except Exception as exc:
             raise EngineError(f"vLLM generate failed: {exc}") from exc
+        finally:
+            if self.generate_threads:
+                torch.set_num_threads(threads)
         completions, logprobs, truncated, routes = [], [], [], []
         for prompt, out in zip(prompts, outputs):
             for comp in sorted(out.outputs, key=lambda c: c.index):

