@@ -286,6 +286,48 @@ def test_gradient_under_r2_replay(tmp_path, base_moe, tok):
     assert logged and all(h["pgzoo/routing/layers_hit"] == 4 for h in logged)
 
 
+def test_gradient_under_r2_with_gradient_checkpointing(tmp_path, base_moe, tok):
+    """Checkpointed layers recompute their forward in backward: the adapter keeps replaying until backward ran."""
+    objective = pgzoo.get("grpo")
+    trainer = run_spy(tmp_path, base_moe, tok, objective, routing_replay="R2",
+                      config={"gradient_checkpointing": True, "max_steps": 1})
+    ref, _ = reference_gradient(base_moe, trainer.steps[0], objective, MAX_LEN, routes_mode="R2")
+    assert relative_error(trainer.steps[0]["grads"], ref) < 1e-4
+
+
+def test_gradient_under_r3_replay(tmp_path, base_moe, tok):
+    """R3 with a float32 TransformersEngine: the rollout's routes reach TRL's layout, the old-logprob pass and the loss.
+
+    Same weights and the engine's routes replayed, so TRL's θ_old logprobs must equal the engine's μ: a route
+    shifted by one position would force the wrong experts and break this.
+    """
+    from pgzoo.rollout import TransformersEngine
+
+    objective = pgzoo.get("minirl")
+    rollout = trl_adapter.EngineRollout(TransformersEngine(base_moe))
+    trainer = run_spy(tmp_path, base_moe, tok, objective, routing_replay="R3", rollout_func=rollout)
+    assert trainer.last_layers_hit == 4
+    w0 = trainer.steps[0]["window"]
+    m = cat_window(w0, "completion_mask").bool()
+    old, mu = cat_window(w0, "old_per_token_logps"), cat_window(w0, "sampling_per_token_logps")
+    assert torch.allclose(old[m], mu[m], atol=1e-4)
+    for step in trainer.steps:
+        ref, _ = reference_gradient(base_moe, step, objective, MAX_LEN, routes_mode="R3")
+        assert relative_error(step["grads"], ref) < 1e-4
+    # Every real token of TRL's layout carries the engine's route for that token (compared through the masks).
+    ro = rollout.last_rollouts  # the second rollout fed step 2 (steps_per_generation = 4: one rollout here)
+    eng_real = torch.cat([ro.prompt_mask, ro.completion_mask], 1).bool()
+    rows = {tuple(r.tolist()): i for i, r in enumerate(torch.cat([ro.prompt_ids, ro.completion_ids], 1))}
+    for mb in [mb for step in trainer.steps for mb in step["window"]]:
+        real = torch.cat([mb["prompt_mask"], mb["completion_mask"]], 1).bool()
+        for j in range(real.shape[0]):
+            ids = torch.cat([mb["prompt_ids"][j][mb["prompt_mask"][j].bool()],
+                             mb["completion_ids"][j][mb["completion_mask"][j].bool()]])
+            i = [v for k, v in rows.items() if list(torch.tensor(k)[eng_real[v]]) == ids.tolist()][0]
+            assert torch.equal(mb["pgzoo_routes"][j][real[j]].long(), ro.routes[i][eng_real[i]].long())
+            assert (mb["pgzoo_routes"][j][~real[j]] == -1).all()
+
+
 # ---------------------------------------------------------------------------------------------- advantages
 @pytest.mark.parametrize("name", ["minirl", "grpo"])
 def test_advantages_are_the_objectives_estimator(name, tmp_path, base_moe, tok):
