@@ -1,0 +1,64 @@
+"""`pgzoo train` / `pgzoo recipe validate` from the command line: plans, one-line errors, a run with a summary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pgzoo.cli import main
+
+from _train_helpers import RECIPE, fresh_checkpoint, overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_prints_the_plan(capsys):
+    assert main(["train", str(RECIPE), "train.num_minibatches=2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "N=2 optimizer step(s)/step of 128 responses" in out
+    assert "old logprobs  yes (off-policy N>1)" in out
+
+
+@pytest.mark.parametrize("args, match", [
+    (["train.lrr=1"], "unknown key 'train.lrr'. Did you mean 'train.lr'"),
+    (["model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt' does not exist"),
+    (["rollout.prompts_per_step=0"], "rollout.prompts_per_step"),
+    (["train.num_minibatches=3"], "does not divide"),
+])
+def test_user_mistakes_are_one_line_without_traceback(capsys, args, match):
+    assert main(["train", str(RECIPE), *args]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+    assert err.startswith("pgzoo: error: ") and err.count("\n") == 1
+
+
+def test_r3_with_vllm_on_cpu_is_rejected(capsys, monkeypatch):
+    import pgzoo.recipes
+
+    monkeypatch.setattr(pgzoo.recipes, "_vllm_can_return_routes", lambda: False)
+    assert main(["train", str(RECIPE), "train.routing_replay=R3", "--dry-run"]) == 2
+    assert "rollout.engine=transformers" in capsys.readouterr().err
+
+
+def test_console_script_dry_run_in_a_fresh_process():
+    proc = subprocess.run([sys.executable, "-m", "pgzoo.cli", "train", "recipes/tiny/minirl.yaml", "--dry-run"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "recipe        minirl" in proc.stdout
+
+
+def test_recipe_validate_needs_a_file(capsys):
+    assert main(["recipe", "validate", "train.lr=1"]) == 2
+    assert "at least one recipe file" in capsys.readouterr().err
+
+
+def test_cli_run_prints_a_summary_table(tmp_path, capsys):
+    ckpt = fresh_checkpoint(tmp_path / "tiny")
+    args = [a for a in overrides(ckpt, tmp_path / "run", "train.steps=1") if "progress_bar" not in a]
+    assert main(["train", str(RECIPE), *args]) == 0
+    out = capsys.readouterr().out
+    assert "pgzoo train minirl: 1 steps" in out and "reward/mean" in out
+    assert (tmp_path / "run" / "metrics.csv").is_file()
