@@ -24,8 +24,8 @@ import torch
 
 from pgzoo.batch import TokenBatch
 
-# Clamp for exponentials of log-ratios inside *metrics* only (exp(50) ≈ 5e21: finite sums in float32).
-_METRIC_MAX_LOG = 50.0
+# Clamp for exponentials of log-ratios inside *metrics* only (exp(40) ≈ 2e17: a product of two stays finite).
+_METRIC_MAX_LOG = 40.0
 # Clamp for the per-sequence log-product: exp(80) ≈ 5.5e34 stays finite when the metric is cast to float32.
 _SEQ_MAX_LOG = 80.0
 
@@ -100,7 +100,7 @@ def policy_metrics(
         batch: the TokenBatch.
         log_ratio: optional precomputed ``lp − old`` ``[B, T]``, **zero at masked positions**; recomputed if None.
         staleness_expm1, total_log, total_expm1: optional precomputed ``expm1(lp − old)``, ``lp − mu`` and
-            ``expm1(lp − mu)`` (log-ratios clamped above at 50 before expm1, zero at masked positions), so that an
+            ``expm1(lp − mu)`` (log-ratios clamped above at 40 before expm1, zero at masked positions), so that an
             objective that already has them does not pay for them twice.
 
     Returns (detached scalar tensors):
@@ -123,20 +123,20 @@ def policy_metrics(
     n_seq = batch.has_tokens().sum().double().clamp_min(1.0)
 
     def expm1(x):
-        return torch.expm1(x.clamp(max=_METRIC_MAX_LOG))  # expm1 ≥ −1 below, so only the top needs a clamp
+        return x.clamp(max=_METRIC_MAX_LOG).expm1_()  # expm1 ≥ −1 below, so only the top needs a clamp
 
     row_s = stale.sum(-1)
     e_s = expm1(stale) if staleness_expm1 is None else staleness_expm1.detach().to(out_dtype)
     row_e = e_s.sum(-1)
     # min/max over unmasked tokens: masked positions (0 here) take the value of one unmasked token instead
-    fill = torch.take(stale, batch.first_token_index())
-    s_min, s_max = torch.aminmax(torch.addcmul(stale, 1.0 - batch.mask_float().to(out_dtype), fill))
+    fill = stale.reshape(-1).index_select(0, batch.first_token_index().reshape(1))  # tensor index: no sync
+    s_min, s_max = torch.aminmax(torch.addcmul(stale, batch.pad_float().to(out_dtype), fill))
     metrics = {
         "ratio/mean": _finite(1.0 + row_e.double().sum() / n, out_dtype),  # r − 1 = expm1(log r), 0 when masked
         "ratio/min": s_min.clamp(-_METRIC_MAX_LOG, _METRIC_MAX_LOG).exp(),
         "ratio/max": s_max.clamp(-_METRIC_MAX_LOG, _METRIC_MAX_LOG).exp(),
         "log_ratio/staleness_mean": row_s.sum() / n,
-        "log_ratio/staleness_abs_mean": stale.abs().sum() / n,
+        "log_ratio/staleness_abs_mean": torch.linalg.vector_norm(stale, ord=1) / n,
         "first_order/gap_staleness": _finite(_gap_from_rows(row_s, row_e).sum() / n_seq, out_dtype),
     }
     if batch.rollout_logprobs is not None:
@@ -144,13 +144,20 @@ def policy_metrics(
         row_ti = ti.sum(-1)
         metrics["kl/train_inference_k1"] = -row_ti.sum() / n
         metrics["log_ratio/train_inference_mean"] = row_ti.sum() / n
-        metrics["log_ratio/train_inference_abs_mean"] = ti.abs().sum() / n
-        gap_ti = _gap_from_rows(row_ti, expm1(ti).sum(-1))
-        metrics["first_order/gap_train_inference"] = _finite(gap_ti.sum() / n_seq, out_dtype)
-        if total_expm1 is None:
-            total = stale + ti if total_log is None else total_log.detach().to(out_dtype)
-            total_expm1 = expm1(total)
-        gap_total = _gap_from_rows(row_s + row_ti, total_expm1.detach().to(out_dtype).sum(-1))
+        metrics["log_ratio/train_inference_abs_mean"] = torch.linalg.vector_norm(ti, ord=1) / n
+        e_ti = expm1(ti)
+        row_e_ti = e_ti.sum(-1)
+        metrics["first_order/gap_train_inference"] = _finite(_gap_from_rows(row_ti, row_e_ti).sum() / n_seq, out_dtype)
+        if total_expm1 is not None:
+            row_e_tot = total_expm1.detach().to(out_dtype).sum(-1)
+        elif total_log is not None:
+            row_e_tot = expm1(total_log.detach().to(out_dtype)).sum(-1)
+        else:
+            # w_total − 1 = (1 + e_s)(1 + e_ti) − 1 = e_s + e_ti + e_s·e_ti; the last sum as a row-wise dot product
+            # (no [B, T] temporary). Each factor is ≤ e^40, so products stay finite; an overflowing row sum is +inf
+            # (never NaN: every term is ≥ −1) and saturates below.
+            row_e_tot = row_e + row_e_ti + torch.einsum("bt,bt->b", e_s, e_ti)
+        gap_total = _gap_from_rows(row_s + row_ti, row_e_tot)
         metrics["first_order/gap_total"] = _finite(gap_total.sum() / n_seq, out_dtype)
     return metrics
 
@@ -174,7 +181,7 @@ def clip_metrics(low: torch.Tensor, high: torch.Tensor, where: torch.Tensor) -> 
 
 def weight_metrics(weight: torch.Tensor, truncated: torch.Tensor, where: torch.Tensor) -> dict[str, torch.Tensor]:
     """``is/weight_mean``, ``is/weight_max`` and ``is/truncated_fraction`` of an objective's IS weight (≥ 0)."""
-    w = weight.detach() * where.to(weight.dtype)  # finite weights >= 0: a 0 fill never raises the max
+    w = weight.detach() * where  # finite weights >= 0: a 0 fill never raises the max
     count = torch.count_nonzero(where).to(w.dtype).clamp_min(1.0)
     return {
         "is/weight_mean": w.sum() / count,

@@ -62,10 +62,11 @@ class CISPO(Objective):
         log_r = lp.detach() - batch.clean("old_logprobs")
         lo, hi = log_bounds(c.eps_low, c.eps_high)
         low, high = log_r < lo, log_r > hi
-        weight = log_r.clamp(min=None if c.eps_low is None else lo, max=None if c.eps_high is None else hi)
-        weight = weight.clamp(max=80.0).exp()  # an unbounded weight stays finite in float32
+        r_minus_one = log_r.clamp(max=40.0).expm1_()  # shared with the metrics; an unbounded weight stays finite
+        weight = (r_minus_one + 1.0).clamp_(min=None if c.eps_low is None else 1.0 - c.eps_low,
+                                            max=None if c.eps_high is None else 1.0 + c.eps_high)
         coef = weight * adv
-        metrics = policy_metrics(batch, log_r)
+        metrics = policy_metrics(batch, log_r, staleness_expm1=r_minus_one)
         if c.correction is not None:
             corr, corr_metrics = c.correction.token_weights(batch)
             coef = corr * coef

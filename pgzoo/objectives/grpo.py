@@ -46,17 +46,20 @@ from pgzoo.objectives.base import (
 from pgzoo.registry import register
 
 
-def clipped_surrogate(log_r: torch.Tensor, adv: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                      eps_low: float, eps_high: float) -> torch.Tensor:
-    """min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) from log r (with gradient) and the clip flags of ``ppo_clip_flags``.
+def ratio(log_r: torch.Tensor) -> torch.Tensor:
+    """r = exp(log r) with log r clamped to ±MAX_LOG_RATIO (finite in float32; exact gradient inside the band)."""
+    return log_r.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
 
-    Written as a ``where`` over the two branches so that a clipped token's gradient is exactly zero (never
-    0·inf) and r = exp(log r) is evaluated on log r clamped to ±MAX_LOG_RATIO.
+
+def clipped_surrogate(r: torch.Tensor, adv: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                      eps_low: float, eps_high: float) -> torch.Tensor:
+    """min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) given r (with gradient) and the clip flags of ``ppo_clip_flags``.
+
+    Written as "r where kept, the constant bound where clipped" so that a clipped token's gradient is exactly
+    zero (never 0·inf) and no elementwise ``torch.minimum`` / ``where`` is needed.
     """
-    r = log_r.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
     r_clip = r.detach().clamp(1.0 - eps_low, 1.0 + eps_high)  # on a clipped token r_clip is the bound it crossed
-    keep = (~(low | high)).to(r.dtype)
-    return (r_clip + (r - r_clip) * keep) * adv  # r where kept (with gradient), the constant bound where clipped
+    return (r_clip + (r - r_clip) * ~(low | high)) * adv
 
 
 def k3(lp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -107,8 +110,9 @@ class GRPO(Objective):
         adv = batch.token_advantages()
         log_r = lp - batch.clean("old_logprobs")
         low, high = ppo_clip_flags(log_r.detach(), adv, *log_bounds(c.eps_low, c.eps_high))
-        term = clipped_surrogate(log_r, adv, low, high, c.eps_low, c.eps_high)
-        metrics = policy_metrics(batch, log_r.detach())  # expm1(log r) is recomputed: r is clamped at ±20 here
+        r = ratio(log_r)
+        term = clipped_surrogate(r, adv, low, high, c.eps_low, c.eps_high)
+        metrics = policy_metrics(batch, log_r.detach(), staleness_expm1=r.detach() - 1.0)
         if c.beta > 0:
             kl = k3(lp, batch.clean("ref_logprobs"))
             term = term - c.beta * kl

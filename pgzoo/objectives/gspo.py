@@ -31,7 +31,7 @@ from pgzoo.correction import Correction
 from pgzoo.diagnostics import clip_metrics, masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import MAX_LOG_RATIO, Objective, ObjectiveOutput, aggregate, check_eps, log_bounds, ppo_clip_flags
-from pgzoo.objectives.grpo import clipped_surrogate
+from pgzoo.objectives.grpo import clipped_surrogate, ratio
 from pgzoo.registry import register
 
 
@@ -77,7 +77,7 @@ class GSPO(Objective):
             adv = batch.token_advantages()
             log_s_tok = log_s.detach()[:, None] + (lp - lp.detach())  # value log s_i, gradient of lp
             low, high = ppo_clip_flags(log_s.detach()[:, None].expand_as(adv), adv, lo, hi)
-            term = clipped_surrogate(log_s_tok, adv, low, high, c.eps_low, c.eps_high)
+            term = clipped_surrogate(ratio(log_s_tok), adv, low, high, c.eps_low, c.eps_high)
             where = mask
             if c.correction is not None:
                 weight, corr_metrics = c.correction.token_weights(batch)
@@ -91,7 +91,7 @@ class GSPO(Objective):
             has_tokens = batch.has_tokens()
             adv = torch.where(has_tokens, adv, 0.0)
             low, high = ppo_clip_flags(log_s.detach(), adv, lo, hi)
-            term = clipped_surrogate(log_s, adv, low, high, c.eps_low, c.eps_high)
+            term = clipped_surrogate(ratio(log_s), adv, low, high, c.eps_low, c.eps_high)
             where = has_tokens
             if c.correction is not None:
                 weight, corr_metrics = c.correction.weights(batch)

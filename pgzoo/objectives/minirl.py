@@ -44,7 +44,7 @@ from pgzoo.objectives.base import (
 from pgzoo.registry import register
 
 
-_MAX_EXP = 50.0  # log-weights are clamped here before the exponential (the weight is capped at C anyway)
+_MAX_EXP = 40.0  # log-weights are clamped here before the exponential (the weight is capped at C anyway)
 
 
 class MiniRL(Objective):
@@ -88,12 +88,12 @@ class MiniRL(Objective):
         log_r = lp.detach() - batch.clean("old_logprobs")  # staleness log π_θ/π_θold
         log_w = lp.detach() - batch.clean("rollout_logprobs") if c.train_inference_is else log_r
         # w = min(exp(log_w), C), via expm1 (shared with the first-order-gap metric); never overflows
-        w_minus_one = torch.expm1(log_w.clamp(max=_MAX_EXP))
-        w = (w_minus_one + 1.0).clamp(max=c.is_cap)
+        w_minus_one = log_w.clamp(max=_MAX_EXP).expm1_()
+        w = (w_minus_one + 1.0).clamp_(max=c.is_cap)
         coef = w * adv
         if c.clip:
             low, high = ppo_clip_flags(log_r, adv, *log_bounds(c.eps_low, c.eps_high))
-            coef = coef * (~(low | high)).to(coef.dtype)  # M: 0 on the clipped side
+            coef.mul_(~(low | high))  # M: 0 on the clipped side
         else:
             low = high = torch.zeros_like(mask)
         loss = -aggregate(coef * lp, batch, c.aggregation, clean=True)
