@@ -12,6 +12,15 @@ import pgzoo.routing as routing
 from pgzoo.errors import RoutingError
 from pgzoo.routing.tiny import build_tiny_family
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models: one thread is as fast and shares a loaded CI machine better."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
 
 
@@ -218,7 +227,7 @@ def test_unrouted_slots_let_the_router_choose():
         assert torch.equal(got[:, -2:], rp.natural_routes[:, -2:, slot])
 
 
-def test_record_works_on_inner_model_and_peft_like_wrapper():
+def test_record_works_on_inner_model():
     model = build_tiny_family("olmoe", seed=0)
     ids = inputs()
     with torch.no_grad(), routing.record(model.model) as inner:
@@ -407,3 +416,61 @@ def test_routing_drift_errors_and_empty():
         routing.routing_drift(a, a, torch.ones(2, 2))
     out = routing.routing_drift(a, a, torch.zeros(2, 3))
     assert float(out["drift"]) == 0 and float(out["num_slots"]) == 0 and float(out["expert_overlap"]) == 1
+
+
+def test_record_of_independent_forwards_refuses_to_join_them(qwen):
+    model, ids, _ = qwen
+    with torch.no_grad(), routing.record(model) as rec:
+        model(ids)
+        model(ids)
+    assert len(rec.steps) == 2
+    with pytest.raises(RoutingError, match="KV-cached decode steps"):
+        rec.routes
+
+
+def test_generate_without_cache_is_refused(qwen):
+    model, ids, _ = qwen
+    with torch.no_grad(), routing.record(model) as rec:
+        model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False, pad_token_id=0, eos_token_id=None)
+    with pytest.raises(RoutingError, match="use_cache=False"):
+        rec.routes
+
+
+def test_replay_context_survives_a_caught_error(qwen):
+    model, ids, routes = qwen
+    with torch.no_grad(), routing.replay(model, routes) as rp:
+        with pytest.raises(RoutingError, match="routes are for"):
+            model(ids[:, :5])
+        model(ids)  # a complete forward afterwards is checked on its own
+    assert rp.num_forwards == 1 and rp.layers_hit == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_replay_is_exact(family):
+    model = build_tiny_family(family, seed=0, dtype=torch.bfloat16)
+    ids = inputs()
+    with torch.no_grad():
+        with routing.record(model) as rec:
+            plain = model(ids).logits
+        with routing.replay(model, rec.routes):
+            replayed = model(ids).logits
+    assert plain.dtype == torch.bfloat16 and torch.equal(plain, replayed)
+
+
+def test_peft_lora_wrapper_records_and_replays():
+    peft = pytest.importorskip("peft")
+    model = build_tiny_family("qwen3_moe", seed=0)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = inputs()
+    with torch.no_grad(), routing.record(wrapped) as rec:
+        plain = wrapped(input_ids=ids).logits
+    perturb_routers(model)
+    spy = Spy(wrapped)
+    with routing.replay(wrapped, rec.routes) as rp:
+        wrapped(input_ids=ids).logits.square().mean().backward()
+    spy.remove()
+    assert rp.layers_hit == 3 and plain.shape[:2] == (3, 11)
+    for layer in spy.layers:
+        assert torch.equal(spy.ids[layer.slot], rec.routes[:, :, layer.slot].reshape(-1, 2))
+    lora_grads = [p.grad for n, p in wrapped.named_parameters() if "lora_" in n and p.grad is not None]
+    assert lora_grads and any(float(g.abs().sum()) > 0 for g in lora_grads)

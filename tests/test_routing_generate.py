@@ -10,6 +10,15 @@ from pgzoo.errors import RoutingError
 from pgzoo.routing.tiny import build_tiny_family
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models: one thread is as fast and shares a loaded CI machine better."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def left_padded_prompts(lengths, seed=0, vocab=100, pad=0):
     gen = torch.Generator().manual_seed(seed)
     width = max(lengths)

@@ -10,6 +10,15 @@ from pgzoo.errors import ConfigError, RoutingError
 from pgzoo.routing import RoutingReplay
 from pgzoo.routing.tiny import build_tiny_family
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models: one thread is as fast and shares a loaded CI machine better."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 N, S, L, K = 6, 9, 3, 2
 
 

@@ -143,6 +143,12 @@ class Recording:
                     f"recorded forwards have different batch sizes {[s.shape[0] for s in steps]}: record one "
                     f"forward or one generate call per context (or read `rec.steps`)"
                 )
+            if any(s.shape[1] != 1 for s in steps[1:]):
+                raise RoutingError(
+                    f"recorded {len(steps)} forwards of lengths {[s.shape[1] for s in steps][:6]}: `routes` joins a "
+                    f"prefill and KV-cached decode steps of one token each. Independent forwards (or generate with "
+                    f"use_cache=False): read `rec.steps`, or record each forward in its own context"
+                )
             self._cache = steps[0] if len(steps) == 1 else torch.cat(steps, dim=1)
         return self._cache
 

@@ -117,7 +117,6 @@ class Replay:
         self._natural: list[torch.Tensor | None] = [None] * len(self.layers)
         self._hit_ever: set[int] = set()
         self._hit_forward: set[int] = set()
-        self._depth = 0
         self.num_forwards = 0
         self._handles: list = []
         # Gradient checkpointing recomputes MoE blocks during backward: that must happen inside the context.
@@ -139,21 +138,17 @@ class Replay:
         self._handles.clear()
 
     def _model_pre(self, module, args):
-        if self._depth == 0:
-            self._hit_forward = set()
-        self._depth += 1
+        self._hit_forward = set()  # a forward that raised midway left stale hits: every forward starts afresh
 
     def _model_post(self, module, args, output):
-        self._depth -= 1
-        if self._depth == 0:
-            self.num_forwards += 1
-            if len(self._hit_forward) < len(self.layers):
-                missed = [layer.layer_index for layer in self.layers if layer.slot not in self._hit_forward]
-                raise RoutingError(
-                    f"replay did not take effect: a forward of {type(module).__name__} hit "
-                    f"{len(self._hit_forward)} of the {len(self.layers)} MoE layers the routes hold "
-                    f"(missed decoder layers {missed})"
-                )
+        self.num_forwards += 1
+        if len(self._hit_forward) < len(self.layers):
+            missed = [layer.layer_index for layer in self.layers if layer.slot not in self._hit_forward]
+            raise RoutingError(
+                f"replay did not take effect: a forward of {type(module).__name__} hit "
+                f"{len(self._hit_forward)} of the {len(self.layers)} MoE layers the routes hold "
+                f"(missed decoder layers {missed})"
+            )
 
     def _block_hook(self, slot: int):
         def hook(module, args):
