@@ -35,22 +35,28 @@ def _count(where: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.count_nonzero(where).to(like.dtype).clamp_min(1.0)
 
 
+def _detach(x: torch.Tensor) -> torch.Tensor:
+    """Detached, and in float32 if 16-bit (statistics are accumulated in at least float32)."""
+    x = x.detach()
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def masked_mean(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over positions where ``where`` is true (0 when none); NaN at other positions is ignored."""
-    x = x.detach()
+    x = _detach(x)
     return torch.where(where, x, 0.0).sum() / _count(where, x)
 
 
 def masked_max(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Max of ``x`` where ``where`` is true (0 when none)."""
-    x = x.detach()
+    x = _detach(x)
     out = torch.where(where, x, -torch.inf).amax()
     return torch.where(where.any(), out, 0.0)
 
 
 def masked_min(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Min of ``x`` where ``where`` is true (0 when none)."""
-    x = x.detach()
+    x = _detach(x)
     out = torch.where(where, x, torch.inf).amin()
     return torch.where(where.any(), out, 0.0)
 
@@ -181,7 +187,7 @@ def clip_metrics(low: torch.Tensor, high: torch.Tensor, where: torch.Tensor) -> 
 
 def weight_metrics(weight: torch.Tensor, truncated: torch.Tensor, where: torch.Tensor) -> dict[str, torch.Tensor]:
     """``is/weight_mean``, ``is/weight_max`` and ``is/truncated_fraction`` of an objective's IS weight (≥ 0)."""
-    w = weight.detach() * where  # finite weights >= 0: a 0 fill never raises the max
+    w = _detach(weight) * where  # finite weights >= 0: a 0 fill never raises the max
     count = torch.count_nonzero(where).to(w.dtype).clamp_min(1.0)
     return {
         "is/weight_mean": w.sum() / count,

@@ -174,3 +174,14 @@ def test_every_metric_name_is_documented():
             seen |= set(obj(random_batch(3, 4, seed=0)).metrics)
     seen |= set(entropy_metrics(torch.zeros(1, 1), torch.ones(1, 1)))
     assert seen - documented == set(), f"undocumented metrics: {sorted(seen - documented)}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_inputs_give_float32_metrics(dtype):
+    batch = random_batch(4, 8, seed=0, dtype=dtype, pad_value=float("nan"))
+    for name in NAMES:
+        for kw in ([{}] if name.startswith("minirl") else [{}, {"correction": {"level": "sequence"}}]):
+            out = pgzoo.get(name, **kw)(batch)
+            assert torch.isfinite(out.loss), name
+            bad = {k: v.dtype for k, v in out.metrics.items() if v.dtype != torch.float32 or not torch.isfinite(v)}
+            assert not bad, (name, kw, bad)
