@@ -27,6 +27,7 @@ How it works:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -153,8 +154,8 @@ class VLLMEngine:
         cpu_threads: torch threads of this process outside :meth:`generate` on CPU (default: as before vLLM
             started; vLLM itself would pin the process to one thread and disable ``torch.set_num_threads``, which
             would also throttle a colocated trainer). :meth:`generate` runs with ``generate_threads``.
-        generate_threads: torch threads while vLLM decodes on CPU (default 1: the tiny-model decode loop is
-            dominated by per-op latency, and two threads spinning on a shared machine were ~3-5x slower).
+        generate_threads: torch threads while vLLM decodes or syncs weights on CPU (default 1: small ops dominate,
+            and two threads spinning on a shared machine made decoding ~3-5x and syncing ~10x slower).
         **llm_kwargs: passed to ``vllm.LLM`` unchanged (e.g. ``max_num_seqs``, ``tensor_parallel_size``).
 
     Attributes:
@@ -310,16 +311,11 @@ class VLLMEngine:
             )
             for i in range(len(prompts))
         ]
-        threads = torch.get_num_threads()
-        if self.generate_threads:
-            torch.set_num_threads(self.generate_threads)
         try:
-            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            with self._engine_threads():
+                outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         except Exception as exc:
             raise EngineError(f"vLLM generate failed: {exc}") from exc
-        finally:
-            if self.generate_threads:
-                torch.set_num_threads(threads)
         completions, logprobs, truncated, routes = [], [], [], []
         for prompt, out in zip(prompts, outputs):
             for comp in sorted(out.outputs, key=lambda c: c.index):
@@ -358,6 +354,22 @@ class VLLMEngine:
                 checkpoint (a different architecture or vocabulary).
         """
         self._check_open()
+        with self._engine_threads():
+            self._load_weights(model)
+
+    @contextlib.contextmanager
+    def _engine_threads(self):
+        """Run with ``generate_threads`` torch threads (CPU), then restore the caller's count."""
+        threads = torch.get_num_threads()
+        if self.generate_threads and self.generate_threads != threads:
+            torch.set_num_threads(self.generate_threads)
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    def _load_weights(self, model: torch.nn.Module) -> None:
         start = time.perf_counter()
         state = check_finite_weights(model)
         named = checkpoint_state_dict(model, state)
