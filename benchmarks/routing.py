@@ -10,6 +10,11 @@ thread, CPU time is the work done and is far less sensitive to other processes o
 time) and the minimum CPU time (the least disturbed run), each with its overhead against plain. Replay uses routes recorded
 on the same weights, so every variant runs the same expert loads. Entering the replay context (route validation,
 one host sync) is included in the replay time.
+
+Then, what R3 buys: a bf16 and an FP8 rollout engine (pgzoo.rollout.TransformersEngine) sample from the tiny policy
+with routes; the float32 training engine recomputes the sampled tokens' logprobs with and without replaying those
+routes. Reported: routing drift (share of (token, layer) slots whose expert set differs) and the mean absolute
+train–inference logprob gap |log π_θold − log μ_θold| over completion tokens.
 """
 
 from __future__ import annotations
@@ -73,6 +78,53 @@ def bench(name, overrides, batch, seq, reps, warmup):
     return med_w, med_c, min_c
 
 
+def drift_report(policy_path=None, precisions=("bfloat16", "fp8"), prompts=8, n=4, new_tokens=24):
+    """R3's effect: routing drift and train–inference logprob gap, rollout engine (bf16 / FP8) vs float32 training."""
+    from pgzoo.rollout import TransformersEngine
+
+    gen = torch.Generator().manual_seed(0)
+    if policy_path is None:
+        policy, what = build_tiny_moe(seed=0), "tiny policy, random init, random prompts"
+        prompt_ids = [torch.randint(4, 100, (int(torch.randint(4, 12, (1,), generator=gen)),), generator=gen).tolist()
+                      for _ in range(prompts)]
+    else:
+        import transformers
+
+        import pgzoo.tasks
+
+        policy = transformers.AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(policy_path)
+        problems = pgzoo.tasks.get("arithmetic").sample(prompts, split="test", seed=0)
+        prompt_ids = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
+        what = f"{policy_path}, arithmetic test prompts"
+    print(f"\nR3 ({what}): {prompts} prompts x {n} samples x {new_tokens} new tokens")
+    print(f"  {'rollout engine':16s} {'drift_rollout':>13s} {'any layer':>9s} {'|old-mu| plain':>15s} {'|old-mu| R3':>12s}")
+    for precision in precisions:
+        engine = TransformersEngine(policy, dtype="float32" if precision == "fp8" else precision,
+                                    fp8=precision == "fp8")
+        ro = engine.generate(prompt_ids, n=n, max_new_tokens=new_tokens, temperature=1.0, seed=0, return_routes=True)
+        engine.close()
+        ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
+        am = torch.cat([ro.prompt_mask, ro.completion_mask], 1).long()
+        p_len, mask = ro.prompt_ids.shape[1], ro.completion_mask.bool()
+
+        def old_logprobs():
+            logits = policy(ids, attention_mask=am).logits[:, p_len - 1:-1].float()
+            return torch.log_softmax(logits, -1).gather(-1, ro.completion_ids[..., None]).squeeze(-1)
+
+        with torch.no_grad():
+            plain = old_logprobs()
+            rr = routing.RoutingReplay("R3")
+            rr.start_batch(ro.routes)
+            with rr.old_pass(policy, mask=am.bool()):
+                replayed = old_logprobs()
+        m = rr.metrics()
+        gap_plain = (plain - ro.logprobs).abs()[mask].mean()
+        gap_r3 = (replayed - ro.logprobs).abs()[mask].mean()
+        print(f"  {precision:16s} {float(m['routing/drift_rollout']):13.4f} "
+              f"{float(m['routing/drift_rollout_any_layer']):9.4f} {float(gap_plain):15.5f} {float(gap_r3):12.5f}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -80,6 +132,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--configs", nargs="*", choices=["tiny", "wide"], default=["tiny", "wide"])
+    parser.add_argument("--no-drift", action="store_true", help="skip the R3 drift report")
+    parser.add_argument("--policy", default=None, help="checkpoint for the R3 drift report (e.g. a cold start)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: see above)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -90,6 +144,8 @@ def main(argv=None) -> int:
         if name.split()[0] not in args.configs:
             continue
         bench(name, overrides, args.batch, args.seq, args.reps, args.warmup)
+    if not args.no_drift:
+        drift_report(args.policy)
     return 0
 
 

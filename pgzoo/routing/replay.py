@@ -64,7 +64,8 @@ def check_routes(routes: torch.Tensor, layers: list[MoeLayer], where: str = "rou
         raise RoutingError(f"{where} are empty (shape {tuple(routes.shape)})")
     unrouted = routes == UNROUTED
     partly = unrouted.any(-1) & ~unrouted.all(-1)
-    bad_range = ((routes < 0) & ~unrouted) | (routes >= num_experts)
+    experts = torch.tensor([layer.num_experts for layer in layers], device=routes.device)[:, None]  # per slot
+    bad_range = ((routes < 0) & ~unrouted) | (routes >= experts)
     routed = ~unrouted.all(-1)
     srt = routes.sort(dim=-1).values
     dup = (srt[..., 1:] == srt[..., :-1]).any(-1) & routed if top_k > 1 else torch.zeros_like(routed)
