@@ -125,8 +125,9 @@ def save_pretrained(model, tokenizer, path, card: dict | None = None) -> Path:
 
     Everything is written to a temporary sibling folder, which is then moved into place with ``os.replace``: a crash
     or an error leaves either the previous folder or none, never a half-written checkpoint. The saved generation
-    config sets ``top_k=0`` and ``top_p=1.0`` so that sampling with it (transformers or vLLM) is pure temperature
-    sampling, as RL rollouts assume. Returns ``path``.
+    config sets ``do_sample=True``, ``temperature=1``, ``top_k=0`` and ``top_p=1`` so that default sampling with
+    it (transformers or vLLM) is pure temperature sampling, as RL rollouts assume; pass ``do_sample=False`` for
+    greedy decoding. Returns ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,7 @@ def save_pretrained(model, tokenizer, path, card: dict | None = None) -> Path:
     try:
         gen = getattr(model, "generation_config", None)
         if gen is not None:
-            gen.top_k, gen.top_p = 0, 1.0
+            gen.do_sample, gen.temperature, gen.top_k, gen.top_p = True, 1.0, 0, 1.0
             gen.pad_token_id = tokenizer.pad_token_id
             gen.eos_token_id = tokenizer.eos_token_id
             gen.bos_token_id = tokenizer.bos_token_id

@@ -1,0 +1,146 @@
+"""Evaluation: the unbiased pass@k estimator, metrics on scripted policies with known answers, the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+import pgzoo.tasks
+from pgzoo.errors import ConfigError
+from pgzoo.evaluate import evaluate, pass_at_k
+from pgzoo.models import build_tiny_moe, build_tokenizer, save_pretrained
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads many times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+@pytest.mark.parametrize("n, c, k", [(n, c, k) for n in range(1, 7) for c in range(n + 1) for k in range(1, n + 1)])
+def test_pass_at_k_matches_subset_enumeration(n, c, k):
+    outcomes = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(outcomes, k))
+    naive = sum(any(s) for s in subsets) / len(subsets)  # fraction of k-subsets with at least one success
+    assert pass_at_k(n, c, k) == pytest.approx(naive, abs=1e-12)
+
+
+def test_pass_at_k_rejects_bad_counts():
+    for n, c, k in [(3, 4, 1), (3, 1, 0), (3, 1, 4)]:
+        with pytest.raises(ConfigError):
+            pass_at_k(n, c, k)
+
+
+class ScriptedPolicy(torch.nn.Module):
+    """A stand-in for a causal LM whose ``generate`` writes chosen answers: greedy gives the right answer to the
+    problems in ``greedy_right``; sampling gives the right answer with probability ``p_right`` (seeded)."""
+
+    def __init__(self, tok, answers: dict[str, str], greedy_right: set[str], p_right: float, extra: str = ""):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.answers, self.greedy_right, self.p_right, self.extra = tok, answers, greedy_right, p_right, extra
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, num_return_sequences=1, **kw):
+        rows = []
+        for ids in input_ids:
+            prompt = self.tok.decode(ids, skip_special_tokens=True)
+            for _ in range(num_return_sequences):
+                right = torch.rand(()) < self.p_right if do_sample else prompt in self.greedy_right
+                text = (self.answers[prompt] if right else "x") + self.extra
+                out = self.tok(text, add_special_tokens=False)["input_ids"][:max_new_tokens]
+                out = out + [self.tok.eos_token_id] * (max_new_tokens + 1 - len(out))
+                rows.append(ids.tolist() + out[: max_new_tokens])
+        return torch.tensor(rows)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_scripted_metrics_exact(tok):
+    task = pgzoo.tasks.get("arithmetic")
+    problems = task.sample(40, "test", seed=0)
+    answers = {p.prompt: p.answer for p in problems}
+    greedy_right = {p.prompt for p in problems[:10]}
+    # p_right = 1: every sample right; p_right = 0: none
+    m = evaluate(ScriptedPolicy(tok, answers, greedy_right, 1.0), tok, task, problems, k=4, batch_size=7)
+    assert m["greedy_accuracy"] == pytest.approx(0.25)
+    assert m["avg@4"] == 1.0 and m["pass@4"] == 1.0
+    assert m["greedy_eos_fraction"] == 1.0
+    m = evaluate(ScriptedPolicy(tok, answers, set(), 0.0), tok, task, problems, k=2)
+    assert m["greedy_accuracy"] == 0.0 and m["avg@2"] == 0.0 and m["pass@2"] == 0.0
+
+
+def test_scripted_metrics_statistical(tok):
+    task = pgzoo.tasks.get("arithmetic")
+    problems = task.sample(300, "test", seed=1)
+    answers = {p.prompt: p.answer for p in problems}
+    p = 0.3
+    m = evaluate(ScriptedPolicy(tok, answers, set(), p), tok, task, problems, k=4, n_samples=8, seed=0)
+    # avg@4 ~ p; pass@4 ~ 1-(1-p)^4 for independent samples; 300 problems x 8 samples: se ~ 0.01
+    assert m["avg@4"] == pytest.approx(p, abs=0.05)
+    assert m["pass@4"] == pytest.approx(1 - (1 - p) ** 4, abs=0.06)
+    again = evaluate(ScriptedPolicy(tok, answers, set(), p), tok, task, problems, k=4, n_samples=8, seed=0)
+    assert again == m  # seeded
+
+
+def test_completion_cut_at_eos_and_extra_text(tok):
+    task = pgzoo.tasks.get("arithmetic")
+    problems = task.sample(20, "test", seed=2)
+    answers = {p.prompt: p.answer for p in problems}
+    m = evaluate(ScriptedPolicy(tok, answers, {p.prompt for p in problems}, 1.0, extra=" ok"), tok, task, problems,
+                 max_new_tokens=8)
+    assert m["greedy_accuracy"] == 1.0
+
+
+def test_evaluate_input_errors(tok):
+    task = pgzoo.tasks.get("arithmetic")
+    model = ScriptedPolicy(tok, {}, set(), 0.0)
+    with pytest.raises(ConfigError, match="problems is empty"):
+        evaluate(model, tok, task, [])
+    probs = task.sample(2)
+    with pytest.raises(ConfigError, match="k=0"):
+        evaluate(model, tok, task, probs, k=0)
+    with pytest.raises(ConfigError, match="n_samples=2 < k=4"):
+        evaluate(model, tok, task, probs, k=4, n_samples=2)
+    with pytest.raises(ConfigError, match="temperature"):
+        evaluate(model, tok, task, probs, temperature=0.0)
+
+
+def test_real_model_generation_runs_and_is_seeded(tok):
+    model = build_tiny_moe(vocab_size=len(tok), seed=0)
+    task = pgzoo.tasks.get("arithmetic")
+    problems = task.sample(16, "test", seed=0)
+    a = evaluate(model, tok, task, problems, k=2, max_new_tokens=4, seed=5)
+    b = evaluate(model, tok, task, problems, k=2, max_new_tokens=4, seed=5)
+    assert a == b
+    assert set(a) >= {"greedy_accuracy", "avg@2", "pass@2"}
+    assert 0 <= a["avg@2"] <= a["pass@2"] <= 1
+    assert 1 <= a["mean_completion_tokens"] <= 4
+
+
+def test_cli_eval(tok, tmp_path, capsys):
+    from pgzoo.cli import main
+
+    model = build_tiny_moe(vocab_size=len(tok), seed=0)
+    path = save_pretrained(model, tok, tmp_path / "ckpt", card={"task": "arithmetic", "task_options": {"max_digits": 1}})
+    assert main(["eval", str(path), "--n", "8", "--k", "2", "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"greedy_accuracy", "avg@2", "pass@2", "seconds"} <= set(out) and out["num_problems"] == 8
+    assert main(["eval", str(tmp_path / "nope"), "--task", "arithmetic"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", str(path), "--task", "arithmetc"]) == 2
+    assert "Did you mean 'arithmetic'" in capsys.readouterr().err
+    assert main(["eval", str(path), "--task-option", "operators=/"]) == 2
+    assert "unknown operator" in capsys.readouterr().err
+    assert not math.isnan(out["greedy_accuracy"])
