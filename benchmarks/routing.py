@@ -7,12 +7,12 @@ Configs: the embedded tiny Qwen3-MoE (4 layers, 8 experts, top-2, hidden 128) an
 experts, top-8, hidden 128). Each repetition runs plain, record and replay back to back (round-robin, so machine
 load hits all three alike); the table reports medians of wall time and of the process's CPU time (with one torch
 thread, CPU time is the work done and is far less sensitive to other processes on a shared machine than wall
-time) and the minimum CPU time (the least disturbed run), each with its overhead against plain. Replay uses routes recorded
-on the same weights, so every variant runs the same expert loads. Entering the replay context (route validation,
-one host sync) is included in the replay time.
+time) and the minimum CPU time (the least disturbed run), each with its overhead against plain. Replay uses
+routes recorded on the same weights, so every variant runs the same expert loads. Entering the replay context
+(route validation, one host sync) is included in the replay time.
 
 Then, what R3 buys: a bf16 and an FP8 rollout engine (pgzoo.rollout.TransformersEngine) sample from the tiny policy
-with routes; the float32 training engine recomputes the sampled tokens' logprobs with and without replaying those
+(or ``--policy CHECKPOINT``) with routes; the float32 training engine recomputes the sampled tokens' logprobs with and without replaying those
 routes. Reported: routing drift (share of (token, layer) slots whose expert set differs) and the mean absolute
 train–inference logprob gap |log π_θold − log μ_θold| over completion tokens.
 """
@@ -69,12 +69,14 @@ def bench(name, overrides, batch, seq, reps, warmup):
     params = sum(p.numel() for p in model.parameters())
     print(f"\n{name}: {params / 1e6:.2f} M params, batch {batch} x {seq} tokens, {reps} reps, fwd+bwd (median ms)")
     min_c = {k: min(v) for k, v in cpu.items()}
-    print(f"  {'':7s} {'wall med':>9s} {'overhead':>9s}   {'cpu med':>9s} {'overhead':>9s}   {'cpu min':>9s} {'overhead':>9s}")
+    head = "".join(f"{h:>9s} {'overhead':>9s}   " for h in ("wall med", "cpu med", "cpu min"))
+    print(f"  {'':7s} {head}")
     for key in variants:
         ow = (med_w[key] / med_w["plain"] - 1) * 100
         oc = (med_c[key] / med_c["plain"] - 1) * 100
         om = (min_c[key] / min_c["plain"] - 1) * 100
-        print(f"  {key:7s} {med_w[key]:9.1f} {ow:+8.1f}%   {med_c[key]:9.1f} {oc:+8.1f}%   {min_c[key]:9.1f} {om:+8.1f}%")
+        row = f"{med_w[key]:9.1f} {ow:+8.1f}%   {med_c[key]:9.1f} {oc:+8.1f}%   {min_c[key]:9.1f} {om:+8.1f}%"
+        print(f"  {key:7s} {row}")
     return med_w, med_c, min_c
 
 
@@ -98,7 +100,8 @@ def drift_report(policy_path=None, precisions=("bfloat16", "fp8"), prompts=8, n=
         prompt_ids = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
         what = f"{policy_path}, arithmetic test prompts"
     print(f"\nR3 ({what}): {prompts} prompts x {n} samples x {new_tokens} new tokens")
-    print(f"  {'rollout engine':16s} {'drift_rollout':>13s} {'any layer':>9s} {'|old-mu| plain':>15s} {'|old-mu| R3':>12s}")
+    print(f"  {'rollout engine':16s} {'drift_rollout':>13s} {'any layer':>9s} "
+          f"{'|old-mu| plain':>15s} {'|old-mu| R3':>12s}")
     for precision in precisions:
         engine = TransformersEngine(policy, dtype="float32" if precision == "fp8" else precision,
                                     fp8=precision == "fp8")

@@ -85,7 +85,8 @@ def checkpointed_setup():
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # routers move far enough that natural routing differs from the recorded one
         for layer in routing.find_moe_layers(model):
-            layer.router.weight.add_(torch.randn(layer.router.weight.shape, generator=gen) * 3 * layer.router.weight.std())
+            w = layer.router.weight
+            w.add_(torch.randn(w.shape, generator=gen) * 3 * w.std())
     model.train()
     return model, ids, rec.routes
 

@@ -43,7 +43,9 @@ def check_routes(routes: torch.Tensor, layers: list[MoeLayer], where: str = "rou
     One host sync (the value checks); shapes, dtype and layer count are checked first and free.
     """
     if not isinstance(routes, torch.Tensor):
-        raise RoutingError(f"{where} must be a torch.Tensor of expert ids [B, S, L_moe, k], got {type(routes).__name__}")
+        raise RoutingError(
+            f"{where} must be a torch.Tensor of expert ids [B, S, L_moe, k], got {type(routes).__name__}"
+        )
     if routes.is_floating_point() or routes.is_complex() or routes.dtype == torch.bool:
         raise RoutingError(f"{where} must hold integer expert ids, got dtype {routes.dtype}; use routes.long()")
     num_layers, top_k, num_experts = len(layers), layers[0].top_k, layers[0].num_experts
