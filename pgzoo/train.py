@@ -257,7 +257,7 @@ def _quiet_frameworks() -> None:
     """Keep the console to pgzoo's progress bar and summary: no framework banners or per-load progress bars."""
     import logging
 
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
     try:
