@@ -127,17 +127,24 @@ def bare_step(fn, lp0, m, adv, old, mu, ref):
 
 
 def timeit(fn, repeats):
-    """CPU time of this process per call (robust to other processes competing for the cores; see --wall)."""
-    clock = time.perf_counter if WALL else time.process_time
+    """CPU time of this process per call (robust to other processes competing for the cores; see --wall).
+
+    On a GPU: wall-clock time with a device synchronisation before and after each call.
+    """
+    clock = time.perf_counter if WALL or DEVICE.type != "cpu" else time.process_time
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     times = []
     for _ in range(repeats):
+        sync()
         t0 = clock()
         fn()
+        sync()
         times.append(clock() - t0)
     return times
 
 
 WALL = False
+DEVICE = torch.device("cpu")
 
 
 def main(argv=None) -> int:
@@ -149,14 +156,18 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd versions")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave as is)")
     parser.add_argument("--wall", action="store_true", help="wall-clock instead of process CPU time")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU timings are wall-clock, synchronised)")
     args = parser.parse_args(argv)
-    global WALL
-    WALL = args.wall
+    global WALL, DEVICE
+    WALL, DEVICE = args.wall, torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    m, adv, (lp, old, mu, ref) = make_inputs(args.batch, args.length)
-    print(f"# [{args.batch}, {args.length}] float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'wall' if WALL else 'process CPU'} time, min of {args.repeats}")
+    m, adv, (lp, old, mu, ref) = (x.to(DEVICE) if isinstance(x, torch.Tensor) else [y.to(DEVICE) for y in x]
+                                  for x in make_inputs(args.batch, args.length))
+    where = str(DEVICE) if DEVICE.type != "cpu" else f"{torch.get_num_threads()} threads"
+    clock = "wall" if WALL or DEVICE.type != "cpu" else "process CPU"
+    print(f"# [{args.batch}, {args.length}] float32, torch {torch.__version__}, {where}, {clock} time, "
+          f"min of {args.repeats}")
     header = "| objective | bare ms | pgzoo ms | ratio | checked ms |"
     if args.compile:
         header += " bare compiled ms | pgzoo compiled ms | compiled ratio |"
