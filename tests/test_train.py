@@ -136,3 +136,20 @@ def test_off_policy_grpo_with_reference_model(ckpt, tmp_path):
     res = train_mod.train(recipe, quiet=True)
     row = res.history[-1]
     assert row["ratio/max"] != 1.0 or row["ratio/min"] != 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_short_run_with_vllm_rollouts(ckpt, tmp_path):
+    """The main job's path: vLLM CPU rollouts, weight sync after every step. μ from vLLM must keep matching the
+    policy (k1 ~ 0) after each in-place reload, or the sync is broken."""
+    pytest.importorskip("vllm")
+    recipe = load_recipe(RECIPE, overrides(ckpt, tmp_path / "v", "rollout.engine=vllm", "train.steps=3",
+                                           "output.checkpoint_every=0"))
+    res = train_mod.train(recipe, quiet=True)
+    assert [r["step"] for r in res.history] == [0, 1, 2]
+    for row in res.history:
+        assert abs(row["kl/train_inference_k1"]) < 1e-4, row["kl/train_inference_k1"]
+        assert row["log_ratio/train_inference_abs_mean"] < 1e-3
+        assert 0.0 < row["reward/mean"] < 1.0
+    assert res.checkpoint is not None and res.checkpoint.name == "step-000003"
