@@ -32,10 +32,12 @@ times), so the adapter requires ``steps_per_generation · num_iterations`` to be
 Routing replay (MoE). ``routing_replay="R2"`` records each token's experts during TRL's old-logprob pass (forcing
 that pass when TRL would skip it) and replays them in every loss pass of that batch; ``"R3"`` replays the routes
 the rollout engine used (``EngineRollout`` with ``return_routes``) in the old-logprob pass and in the loss passes.
-The metric ``routing/layers_hit`` proves replay took effect; ``routing/drift`` is the share of (token, layer) slots
-whose natural expert set differs from the replayed one.
+Replay raises when a forward misses an MoE layer; ``pgzoo/routing/layers_hit`` logs the layers forced and
+``pgzoo/routing/drift_update`` / ``drift_rollout`` the share of (token, layer) slots whose natural expert set differs
+from the replayed one (see :class:`pgzoo.routing.RoutingReplay`).
 
 Importance-sampling corrections are the objective's business: the adapter never multiplies TRL's vLLM ratio in.
+Metrics: every objective metric is logged as ``pgzoo/<name>`` next to TRL's own keys. Full guide: docs/trl.md.
 """
 
 from __future__ import annotations
@@ -417,8 +419,8 @@ class GRPOTrainer(_TRLGRPOTrainer):
         mu = inputs.get("sampling_per_token_logps")
         if self.rollout_logprobs == "old":
             mu = old if old is not None else per_token_logps.detach()
-        num_sequences = num_tokens = None
-        if mode == "train":
+        num_sequences = num_tokens = None  # eval (or a call outside TRL's loop): this batch's own counts
+        if mode == "train" and self._pgzoo_window is not None:
             cycle = self.args.steps_per_generation * self.num_iterations
             num_sequences, num_tokens = self._pgzoo_window[self._step % cycle]
         batch = TokenBatch(

@@ -91,7 +91,12 @@ class EngineRollout:
         unique, n = (prompt_ids[::group], group) if grouped else (prompt_ids, 1)
 
         if self.sync_weights and self._synced_step != trainer.state.global_step:
-            self.engine.load_weights(trainer.accelerator.unwrap_model(trainer.model))  # in place, no restart
+            from trl.models import unwrap_model_for_generation
+
+            # TRL's own unwrapping (gathers DeepSpeed ZeRO-3 shards as TRL's generation does); in place, no restart
+            with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
+                                             gather_deepspeed3_params=trainer.args.ds3_gather_for_generation) as full:
+                self.engine.load_weights(full)
             self._synced_step = trainer.state.global_step
             self.syncs += 1
 

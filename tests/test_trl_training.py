@@ -111,8 +111,11 @@ def test_a_few_steps_with_a_bf16_rollout_engine(name, tmp_path, base_moe, tok):
 def test_r2_with_trl_generation(tmp_path, base_moe, tok):
     """R2 on TRL's own transformers generation: routes recorded in the old-logprob pass, replayed in the loss."""
     trainer, steps = train(tmp_path, base_moe, tok, pgzoo.get("grpo"), routing_replay="R2",
-                           config={"steps_per_generation": 4, "max_steps": 2})
+                           config={"steps_per_generation": 4, "max_steps": 2},
+                           eval_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS[:4]}))
     assert trainer.last_layers_hit == 4
+    evaluation = trainer.evaluate()  # eval batches: this batch's own normalisers, replay still on
+    assert evaluation["eval_pgzoo/routing/layers_hit"] == 4 and math.isfinite(evaluation["eval_loss"])
     for h in steps:
         assert h["pgzoo/routing/layers_hit"] == 4 == h["pgzoo/routing/num_moe_layers"]
         assert 0.0 <= h["pgzoo/routing/drift_update"] <= 1.0
