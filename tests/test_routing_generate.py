@@ -91,7 +91,8 @@ def checkpointed_setup():
     return model, ids, rec.routes
 
 
-def test_gradient_checkpointing_recompute_replays_same_routes(checkpointed_setup):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_recompute_replays_same_routes(checkpointed_setup, reentrant):
     model, ids, routes = checkpointed_setup
     model.zero_grad()
     with routing.replay(model, routes) as rp:
@@ -99,7 +100,9 @@ def test_gradient_checkpointing_recompute_replays_same_routes(checkpointed_setup
     reference = grads(model)
     assert float(routing.routing_drift(routes, rp.natural_routes)["drift"]) > 0.3
 
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.enable_input_require_grads()
     model.zero_grad()
     with routing.replay(model, routes) as rp:
         model(ids).logits.square().mean().backward()

@@ -142,6 +142,9 @@ class Replay:
 
     def _model_pre(self, module, args):
         self._hit_forward = set()  # a forward that raised midway left stale hits: every forward starts afresh
+        # Reentrant checkpointing runs the layers under no_grad, so the grad mode is read here, at the top.
+        if self._checkpointing and module.training and torch.is_grad_enabled() and not in_backward():
+            self._awaiting_recompute = True
 
     def _model_post(self, module, args, output):
         self.num_forwards += 1
