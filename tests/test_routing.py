@@ -526,3 +526,13 @@ def test_replay_gradient_equals_naive_forced_block(family):
         assert float(ref[name].abs().sum()) > 0
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_hooks_are_removed_when_the_body_raises(qwen):
+    model, ids, routes = qwen
+    router = routing.find_moe_layers(model)[0].router
+    for ctx in (routing.record(model), routing.replay(model, routes)):
+        with pytest.raises(KeyError):
+            with ctx:
+                raise KeyError("boom")
+        assert not router._forward_hooks and not model._forward_pre_hooks and not model._forward_hooks
