@@ -429,3 +429,81 @@ def test_trl_vllm_importance_correction_is_never_applied_twice(tmp_path, base_mo
     trl_adapter.GRPOTrainer(loss=pgzoo.get("grpo", correction={"level": "token", "mode": "truncate", "cap": 2.0}),
                             **trainer_kwargs(tmp_path, base_moe, tok))
     trl_adapter.GRPOTrainer(loss="minirl", **trainer_kwargs(tmp_path, base_moe, tok))
+
+
+# ---------------------------------------------------------------------------------------------- rollout glue
+def test_align_routes_repads_to_trls_layout():
+    from pgzoo.rollout import Rollouts
+
+    L, k = 2, 2
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)  # engine: P = 3, left-padded
+    completion_mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)  # T = 3, right-padded
+    routes = torch.arange(2 * 6 * L * k).reshape(2, 6, L, k) % 7
+    routes[:, :, :, 1] = routes[:, :, :, 0] + 1  # distinct ids within each top-2
+    ro = Rollouts(prompt_ids=torch.ones(2, 3, dtype=torch.long), prompt_mask=prompt_mask,
+                  completion_ids=torch.ones(2, 3, dtype=torch.long), completion_mask=completion_mask,
+                  logprobs=torch.zeros(2, 3), truncated=torch.zeros(2, dtype=torch.bool),
+                  group=torch.zeros(2, dtype=torch.long), routes=routes)
+    out = trl_adapter.align_routes(ro, 4, 5)  # TRL padded to multiples: P' = 4, T' = 5
+    assert out.shape == (2, 9, L, k)
+    real_out = torch.zeros(2, 9, dtype=torch.bool)
+    real_out[0, 2:4] = real_out[0, 4:7] = True
+    real_out[1, 1:4] = real_out[1, 4:5] = True
+    real_in = torch.cat([prompt_mask, completion_mask], 1)
+    for i in range(2):
+        assert torch.equal(out[i][real_out[i]], routes[i][real_in[i]])
+        assert (out[i][~real_out[i]] == -1).all()
+    with pytest.raises(pgzoo.EngineError, match="trainer's batch holds 1 \\+ 5"):
+        trl_adapter.align_routes(ro, 1, 5)
+
+
+class RecordingEngine:
+    """Stands in for a pgzoo engine: records generate/load_weights calls, returns one-token completions."""
+
+    supports_routes = False
+
+    def __init__(self):
+        self.generate_calls, self.loads = [], 0
+
+    def load_weights(self, model):
+        self.loads += 1
+
+    def generate(self, prompts, n=1, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=None, return_routes=False):
+        from pgzoo.rollout import Rollouts
+
+        self.generate_calls.append(dict(prompts=prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        seed=seed))
+        rows = [p for p in prompts for _ in range(n)]
+        P = max(map(len, rows))
+        ids = torch.tensor([[0] * (P - len(p)) + p for p in rows])
+        return Rollouts(prompt_ids=ids, prompt_mask=ids != 0, completion_ids=torch.full((len(rows), 1), 5),
+                        completion_mask=torch.ones(len(rows), 1, dtype=torch.bool),
+                        logprobs=torch.full((len(rows), 1), -0.5), truncated=torch.ones(len(rows), dtype=torch.bool),
+                        group=torch.arange(len(rows)) // n)
+
+
+def test_engine_rollout_samples_once_per_group_and_syncs_per_step(tmp_path, base_moe, tok):
+    engine = RecordingEngine()
+    rollout = trl_adapter.EngineRollout(engine, seed=11)
+    trainer = trl_adapter.GRPOTrainer(loss="grpo", rollout_func=rollout, **trainer_kwargs(tmp_path, base_moe, tok))
+    grouped = ["1+2="] * 4 + ["3+4="] * 4
+    out = rollout(grouped, trainer)
+    call = engine.generate_calls[-1]
+    assert call["n"] == 4 and len(call["prompts"]) == 2 and call["max_new_tokens"] == MAX_LEN
+    assert call["temperature"] == TEMPERATURE and call["seed"] == 11
+    assert out["prompt_ids"][0] == tok("1+2=")["input_ids"] and out["completion_ids"][0] == [5]
+    assert out["logprobs"][0] == [-0.5] and len(out["prompt_ids"]) == 8
+    rollout(["1+2=", "3+4=", "5+6=", "1+2="], trainer)  # not in blocks of num_generations: one sample per prompt
+    assert engine.generate_calls[-1]["n"] == 1 and len(engine.generate_calls[-1]["prompts"]) == 4
+    assert engine.loads == 1  # global_step did not move: one sync
+    trainer.state.global_step += 1
+    rollout(grouped, trainer)
+    assert engine.loads == 2 and engine.generate_calls[-1]["seed"] != 11
+
+
+def test_engine_rollout_rejects_sampling_settings_it_cannot_honour(tmp_path, base_moe, tok):
+    with pytest.raises(ConfigError, match="GRPOConfig.top_k=5"):
+        trl_adapter.GRPOTrainer(loss="grpo", rollout_func=trl_adapter.EngineRollout(RecordingEngine()),
+                                **trainer_kwargs(tmp_path, base_moe, tok, top_k=5))
+    with pytest.raises(ConfigError, match="needs a pgzoo rollout engine"):
+        trl_adapter.EngineRollout(object())
