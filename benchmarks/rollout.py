@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/rollout.py                       # cold-start checkpoint (cached), 32 prompts x 8
     .venv/bin/python benchmarks/rollout.py --model random --prompts 16 --out rollout.json
 
-Every engine samples the same prompts (test-split problems of the arithmetic task) once after a warm-up call, at
-temperature 1. For each engine it reports
+Every engine samples the same prompts (test-split problems of the arithmetic task) at temperature 1. For each engine it reports
 
-* tokens/s: counted completion tokens / wall seconds of one ``generate`` call;
+* tokens/s: counted completion tokens / wall seconds of a ``generate`` call (median of ``--repeats`` calls; vLLM at
+  least 3, after a warm-up call of the same shape, since vLLM on CPU builds kernels per batch shape on first use),
+  and tokens per CPU-second of this process (less sensitive to other jobs on a shared machine);
 * sync ms: median wall time of ``load_weights(policy)`` over a few syncs;
 * the discrepancy of its μ against float32 transformers logprobs of the same tokens (one full forward):
   mean and max |Δ log p| over completion tokens, and k1 = mean(log μ − log π_fp32) (the paper's KL estimate).
@@ -61,11 +62,19 @@ def reference_logprobs(model, ro, chunk: int = 64) -> torch.Tensor:
     return torch.where(ro.completion_mask, lp, torch.zeros_like(lp))
 
 
-def measure(name, engine, policy, prompts, args) -> dict:
-    engine.generate(prompts[:4], n=2, max_new_tokens=8, seed=123)  # warm-up (kernels, caches)
-    start = time.perf_counter()
-    ro = engine.generate(prompts, n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
-    seconds = time.perf_counter() - start
+def measure(name, engine, policy, prompts, args, full_warmup: bool = False, repeats: int = 1) -> dict:
+    # warm-up: vLLM on CPU builds kernels per batch shape on first use (seconds), so it warms up on the full call
+    if full_warmup:
+        engine.generate(prompts, n=args.n, max_new_tokens=args.max_new_tokens, seed=123)
+    else:
+        engine.generate(prompts[:4], n=2, max_new_tokens=8, seed=123)
+    times, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        ro = engine.generate(prompts, n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    seconds, cpu_seconds = statistics.median(times), statistics.median(cpu)
     delta = (ro.logprobs - reference_logprobs(policy, ro))[ro.completion_mask]
     syncs = []
     for _ in range(args.syncs):
@@ -78,13 +87,14 @@ def measure(name, engine, policy, prompts, args) -> dict:
         tokens=ro.num_tokens,
         seconds=round(seconds, 3),
         tokens_per_s=round(ro.num_tokens / seconds, 1),
+        tokens_per_cpu_s=round(ro.num_tokens / max(cpu_seconds, 1e-9), 1),
         sync_ms=round(1e3 * statistics.median(syncs), 2),
         mean_abs_dlogp=float(delta.abs().mean()),
         max_abs_dlogp=float(delta.abs().max()),
         k1=float(delta.mean()),
         truncated=float(ro.truncated.float().mean()),
     )
-    print(f"{name:22s} {row['tokens_per_s']:>10.0f} {row['sync_ms']:>9.2f} {row['mean_abs_dlogp']:>11.2e} "
+    print(f"{name:22s} {row['tokens_per_s']:>10.0f} {row['tokens_per_cpu_s']:>10.0f} {row['sync_ms']:>9.2f} {row['mean_abs_dlogp']:>11.2e} "
           f"{row['max_abs_dlogp']:>10.2e} {row['k1']:>10.2e}", flush=True)
     return row
 
@@ -96,6 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--syncs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2, help="timed generate calls per transformers engine")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-vllm", action="store_true", help="transformers engines only")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -108,7 +119,7 @@ def main(argv=None) -> int:
     prompts = [tok(p.prompt, add_special_tokens=False).input_ids for p in problems]
     print(f"model={args.model} prompts={len(prompts)} n={args.n} max_new_tokens={args.max_new_tokens} "
           f"torch threads={torch.get_num_threads()}")
-    print(f"{'engine':22s} {'tokens/s':>10s} {'sync ms':>9s} {'mean|Δ|':>11s} {'max|Δ|':>10s} {'k1':>10s}")
+    print(f"{'engine':22s} {'tokens/s':>10s} {'tok/cpu-s':>10s} {'sync ms':>9s} {'mean|Δ|':>11s} {'max|Δ|':>10s} {'k1':>10s}")
     rows = []
     for name, kwargs in [
         ("transformers-fp32", dict()),
@@ -118,14 +129,15 @@ def main(argv=None) -> int:
         ("transformers-bf16-fp8", dict(dtype="bfloat16", fp8=True)),
     ]:
         engine = TransformersEngine(policy, **kwargs)
-        rows.append(measure(name, engine, policy, prompts, args))
+        rows.append(measure(name, engine, policy, prompts, args, repeats=args.repeats))
         engine.close()
     if not args.no_vllm:
         for dtype in ("float32", "bfloat16"):
             start = time.perf_counter()
             engine = VLLMEngine(path, dtype=dtype, gpu_memory_utilization=0.1, seed=args.seed)
             started = time.perf_counter() - start
-            row = measure(f"vllm-{'fp32' if dtype == 'float32' else 'bf16'}", engine, policy, prompts, args)
+            row = measure(f"vllm-{'fp32' if dtype == 'float32' else 'bf16'}", engine, policy, prompts, args,
+                          full_warmup=True, repeats=max(3, args.repeats))
             row["start_s"] = round(started, 1)
             rows.append(row)
             engine.close()

@@ -92,6 +92,19 @@ def test_temperature_is_applied_to_mu(engine, policy):
     assert untempered.mean() > 1e-2  # raw logprobs would be clearly different
 
 
+def test_greedy(engine, policy):
+    ro = engine.generate(PROMPTS, n=2, max_new_tokens=6, temperature=0.0)
+    assert torch.equal(ro.completion_ids[0::2], ro.completion_ids[1::2])
+    am = ro.attention_mask
+    with torch.no_grad():
+        logits = policy(ro.input_ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits
+    p = ro.prompt_ids.shape[1]
+    greedy = logits[:, p - 1: -1].argmax(-1)
+    assert torch.equal(greedy[ro.completion_mask], ro.completion_ids[ro.completion_mask])
+    diff = (ro.logprobs - reference_logprobs(policy, ro, 1.0)).abs()[ro.completion_mask]
+    assert diff.max() < FRESH_MAX  # greedy: μ is the plain log-softmax
+
+
 def perturb(model, part: str, seed: int):
     """Change one group of weights: 'experts', 'router', 'attention' or 'head' (tied embedding)."""
     g = torch.Generator().manual_seed(seed)

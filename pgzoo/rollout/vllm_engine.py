@@ -298,9 +298,12 @@ class VLLMEngine:
                 "(Model Runner V2); on CPU use pgzoo.rollout.TransformersEngine for routes"
             )
         SamplingParams = self._vllm.SamplingParams
+        # vLLM refuses n > 1 with greedy sampling: send greedy prompts n times instead (rows stay prompt-major)
+        copies = n if temperature == 0 else 1
+        requests = [(i, p) for i, p in enumerate(prompts) for _ in range(copies)]
         params = [
             SamplingParams(
-                n=n,
+                n=n // copies,
                 max_tokens=max_new_tokens,
                 temperature=float(temperature),
                 top_p=float(top_p),
@@ -309,15 +312,15 @@ class VLLMEngine:
                 detokenize=False,
                 seed=None if seed is None else int(seed) + i,
             )
-            for i in range(len(prompts))
+            for i, _ in requests
         ]
         try:
             with self._engine_threads():
-                outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+                outputs = self.llm.generate([{"prompt_token_ids": p} for _, p in requests], params, use_tqdm=False)
         except Exception as exc:
             raise EngineError(f"vLLM generate failed: {exc}") from exc
         completions, logprobs, truncated, routes = [], [], [], []
-        for prompt, out in zip(prompts, outputs):
+        for (_, prompt), out in zip(requests, outputs):
             for comp in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(comp.token_ids)
                 completions.append(ids)
