@@ -22,6 +22,7 @@ NAMES = [
 
 def test_shared_metrics_by_hand():
     batch = random_batch(6, 9, seed=11, scale=0.4, pad_value=float("nan"), fully_masked_row=True)
+    batch = batch.replace(advantages=batch.advantages * torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0]))  # A = 0 rows
     out = pgzoo.get("dapo")(batch)
     m = batch.mask
     lp, old, mu = batch.logprobs.detach()[m], batch.old_logprobs[m], batch.rollout_logprobs[m]
