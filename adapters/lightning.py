@@ -60,7 +60,7 @@ class LoopConfig:
     grad_clip: float | None = 1.0
     warmup_steps: int = 0
     routing_replay: str | None = None
-    logprob_chunk_size: int = 1024
+    logprob_chunk_size: int | None = None
     advantage: str | None = None
     use_rollout_logprobs: bool = True
     seed: int = 0

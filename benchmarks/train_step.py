@@ -47,7 +47,10 @@ def _memory_case(method: str, T: int, V: int, H: int, chunk: int) -> dict:
     else:
         from pgzoo.logprobs import token_logprobs_and_entropy
 
-        out = token_logprobs_and_entropy(hidden, targets, lm_head=head, chunk_size=chunk)
+        out = token_logprobs_and_entropy(hidden, targets, lm_head=head, chunk_size=chunk or None)
+        from pgzoo.logprobs import auto_chunk_size
+
+        chunk = chunk or auto_chunk_size(V)
         lp, ent = out.logprobs, out.entropy
     lp.sum().backward()
     seconds = time.perf_counter() - t0
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     m.add_argument("--vocab", type=int, default=151_936)
     m.add_argument("--tokens", type=int, nargs="+", default=[8192, 1024])
     m.add_argument("--hidden", type=int, default=256)
-    m.add_argument("--chunk", type=int, default=1024)
+    m.add_argument("--chunk", type=int, default=0, help="tokens per chunk; 0 = automatic (pgzoo default)")
     m.add_argument("--naive-limit-gb", type=float, default=3.0)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)

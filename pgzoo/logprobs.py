@@ -28,7 +28,14 @@ from torch.utils.checkpoint import checkpoint
 
 from pgzoo.errors import ConfigError
 
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE = None
+CHUNK_ELEMENTS = 2**26
+"""With ``chunk_size=None`` a chunk holds about this many logits (256 MB in float32): 441 tokens at V = 151,936."""
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk so that one chunk's float32 logits stay near :data:`CHUNK_ELEMENTS`."""
+    return max(1, CHUNK_ELEMENTS // max(int(vocab_size), 1))
 
 
 @dataclass
@@ -53,7 +60,9 @@ def _chunk_stats(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | 
     if with_entropy:
         with torch.no_grad():
             probs = torch.softmax(logits.detach(), dim=-1)
-            entropy = lse.detach() - (probs * logits.detach()).sum(-1)
+            # Σ_v p_v z_v as a batched dot product: no second [n, V] temporary
+            entropy = lse.detach() - (probs.unsqueeze(-2) @ logits.detach().unsqueeze(-1)).reshape(-1)
+            del probs
     else:
         entropy = torch.zeros_like(lse).detach()
     return logprob, entropy
@@ -67,7 +76,7 @@ def token_logprobs_and_entropy(
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = True,
     checkpoint_chunks: bool | None = None,
 ) -> TokenLogprobs:
@@ -83,7 +92,8 @@ def token_logprobs_and_entropy(
               sequences and ``targets`` ``[B, T]`` their last T tokens (see :func:`completion_logprobs`).
         targets: ``[B, T]`` long, the tokens whose probability is wanted.
         temperature: τ > 0; logits are divided by τ before the softmax.
-        chunk_size: tokens per chunk; peak extra memory ~ chunk_size · V · 4 bytes (x2 for backward).
+        chunk_size: tokens per chunk; peak extra memory ~ a few chunk_size · V · 4 bytes. None (default): about
+            2**26 logits per chunk (:func:`auto_chunk_size`).
         with_entropy: also return the entropy (computed without grad).
         checkpoint_chunks: recompute each chunk's logits in backward (default: whenever grad is enabled).
 
@@ -98,8 +108,8 @@ def token_logprobs_and_entropy(
     """
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature!r}; use the sampler's temperature (1.0 default)")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ConfigError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ConfigError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
     if isinstance(model_or_hidden, torch.nn.Module):
         if input_ids is None:
             raise ConfigError("token_logprobs_and_entropy(model, ...) needs input_ids=[B, S] (the full sequences)")
@@ -119,6 +129,8 @@ def token_logprobs_and_entropy(
         if weight.shape[-1] != x.shape[-1]:
             raise ConfigError(f"lm_head expects hidden size {weight.shape[-1]}, hidden states have {x.shape[-1]}")
     B, T = targets.shape
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(weight.shape[0] if weight is not None else x.shape[-1])
     flat_x = x.reshape(B * T, x.shape[-1])
     flat_t = targets.reshape(B * T).long()
     grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
@@ -161,7 +173,7 @@ def _from_model(model, input_ids, attention_mask, targets, **kwargs) -> TokenLog
 
 def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor | None = None, *, temperature: float = 1.0,
-                        chunk_size: int = DEFAULT_CHUNK_SIZE, with_entropy: bool = True) -> TokenLogprobs:
+                        chunk_size: int | None = DEFAULT_CHUNK_SIZE, with_entropy: bool = True) -> TokenLogprobs:
     """Log-probs of right-padded completions after left-padded prompts under an HF causal LM (one forward).
 
     Shapes: ``prompt_ids``/``prompt_mask`` ``[B, P]``, ``completion_ids``/``completion_mask`` ``[B, T]``. Padding

@@ -94,7 +94,8 @@ class TrainSection(_Section):
     warmup_steps: int = Field(0, ge=0, description="linear LR warmup, in optimizer steps")
     routing_replay: Literal["R2", "R3"] | None = Field(None, description="R2: replay the training engine's "
                                                                          "θold routes; R3: the rollout engine's")
-    logprob_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the memory-bounded logprob pass")
+    logprob_chunk_size: int | None = Field(None, gt=0, description="tokens per chunk of the memory-bounded logprob "
+                                                                   "pass; null = about 2**26 logits per chunk")
     devices: int = Field(1, gt=0, description="processes (CPU) or GPUs; >1 uses DDP with global normalisers")
 
 
