@@ -187,10 +187,6 @@ class TokenBatch:
         """The mask as 0/1 in the dtype of ``logprobs``."""
         return self._cached("mask_float", lambda: self.mask.to(self.logprobs.dtype))
 
-    def pad_float(self) -> torch.Tensor:
-        """``1 − mask`` in the dtype of ``logprobs`` (1 at masked positions)."""
-        return self._cached("pad_float", lambda: 1.0 - self.mask_float())
-
     def masked(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """``x`` with every masked position replaced by ``fill``; gradient there is exactly zero (NaN-safe).
 

@@ -136,7 +136,8 @@ def policy_metrics(
     row_e = e_s.sum(-1)
     # min/max over unmasked tokens: masked positions (0 here) take the value of one unmasked token instead
     fill = stale.reshape(-1).index_select(0, batch.first_token_index().reshape(1))  # tensor index: no sync
-    s_min, s_max = torch.aminmax(torch.addcmul(stale, batch.pad_float().to(out_dtype), fill))
+    filled = torch.addcmul(stale, batch.mask_float().to(out_dtype), fill, value=-1.0).add_(fill)  # stale + (1−m)·fill
+    s_min, s_max = torch.aminmax(filled)
     metrics = {
         "ratio/mean": _finite(1.0 + row_e.double().sum() / n, out_dtype),  # r − 1 = expm1(log r), 0 when masked
         "ratio/min": s_min.clamp(-_METRIC_MAX_LOG, _METRIC_MAX_LOG).exp(),
@@ -185,9 +186,15 @@ def clip_metrics(low: torch.Tensor, high: torch.Tensor, where: torch.Tensor) -> 
     return {"clip/low_fraction": low_f, "clip/high_fraction": high_f, "clip/fraction": low_f + high_f}
 
 
-def weight_metrics(weight: torch.Tensor, truncated: torch.Tensor, where: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``is/weight_mean``, ``is/weight_max`` and ``is/truncated_fraction`` of an objective's IS weight (≥ 0)."""
-    w = _detach(weight) * where  # finite weights >= 0: a 0 fill never raises the max
+def weight_metrics(
+    weight: torch.Tensor, truncated: torch.Tensor, where: torch.Tensor, where_float: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """``is/weight_mean``, ``is/weight_max`` and ``is/truncated_fraction`` of an objective's IS weight (≥ 0).
+
+    ``where`` (bool) selects the positions; ``where_float`` is the same as 0/1 floats if the caller has it.
+    """
+    where_float = where.to(weight.dtype) if where_float is None else where_float
+    w = _detach(weight) * where_float  # finite weights >= 0: a 0 fill never raises the max
     count = torch.count_nonzero(where).to(w.dtype).clamp_min(1.0)
     return {
         "is/weight_mean": w.sum() / count,

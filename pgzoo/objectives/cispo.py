@@ -73,7 +73,7 @@ class CISPO(Objective):
             metrics.update(corr_metrics)
         loss = -aggregate(coef * lp, batch, c.aggregation, clean=True)
         metrics.update(clip_metrics(low, high, mask))
-        metrics.update(weight_metrics(weight, low | high, mask))
+        metrics.update(weight_metrics(weight, low | high, mask, batch.mask_float()))
         return ObjectiveOutput(loss, metrics)
 
 

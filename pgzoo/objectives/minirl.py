@@ -102,7 +102,7 @@ class MiniRL(Objective):
         else:
             metrics = policy_metrics(batch, log_r, staleness_expm1=w_minus_one)
         metrics.update(clip_metrics(low, high, mask))
-        metrics.update(weight_metrics(w, log_w > math.log(c.is_cap), mask))
+        metrics.update(weight_metrics(w, log_w > math.log(c.is_cap), mask, batch.mask_float()))
         return ObjectiveOutput(loss, metrics)
 
 
