@@ -133,7 +133,8 @@ def test_cli_eval(tok, tmp_path, capsys):
     from pgzoo.cli import main
 
     model = build_tiny_moe(vocab_size=len(tok), seed=0)
-    path = save_pretrained(model, tok, tmp_path / "ckpt", card={"task": "arithmetic", "task_options": {"max_digits": 1}})
+    card = {"task": "arithmetic", "task_options": {"max_digits": 1}}
+    path = save_pretrained(model, tok, tmp_path / "ckpt", card=card)
     assert main(["eval", str(path), "--n", "8", "--k", "2", "--max-new-tokens", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"greedy_accuracy", "avg@2", "pass@2", "seconds"} <= set(out) and out["num_problems"] == 8

@@ -66,7 +66,8 @@ class ArithmeticTask(Task):
         test_fraction: float = 0.1,
     ) -> None:
         super().__init__()
-        for key, value, low in (("operands", operands, 2), ("min_digits", min_digits, 1), ("max_digits", max_digits, 1)):
+        for key, value, low in (("operands", operands, 2), ("min_digits", min_digits, 1),
+                                ("max_digits", max_digits, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"arithmetic: {key}={value!r} is impossible; use an integer >= {low}")
         if max_digits < min_digits:

@@ -1,0 +1,148 @@
+"""Cold start: lands in the band within budget (slow), caching, determinism, option errors, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+import pgzoo.tasks
+from pgzoo.errors import ConfigError, UnknownNameError
+from pgzoo.models import load_pretrained, read_card
+from pgzoo.models.cold_start import SFTConfig, cache_key, cold_start, ensure_cold_start, teacher_forced_accuracy
+
+BUDGET_S = 180.0  # the cold start's budget on 2 CPU cores
+
+
+@pytest.fixture(scope="session")
+def cold_start_dir(tmp_path_factory):
+    """The default cold start (arithmetic, seed 0), trained once per test session into a temporary cache."""
+    cache = tmp_path_factory.getbasetemp() / "pgzoo-cache"
+    t0 = time.perf_counter()
+    path = ensure_cold_start("arithmetic", {}, seed=0, cache_dir=cache)
+    return path, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_default_cold_start_lands_in_band_within_budget(cold_start_dir):
+    path, seconds = cold_start_dir
+    card = read_card(path)
+    print(f"\ncold start: {json.dumps({k: v for k, v in card.items() if k not in ('history', 'sft')})}")
+    assert card["task"] == "arithmetic" and card["seed"] == 0 and card["stop_reason"] in ("target", "greedy_max")
+    assert {"steps", "seconds", "accuracy", "task_options", "test_greedy_accuracy"} <= set(card)
+    lo, hi = card["band"]
+    assert lo <= card["test_sampled_accuracy"] <= hi and card["in_band"]
+    # greedy must leave RL room too (the main job has to add 20 points of greedy accuracy)
+    assert card["test_greedy_accuracy"] <= 0.65
+    assert card["sft_seconds"] <= BUDGET_S, f"cold start took {card['sft_seconds']} s (machine load inflates this)"
+    assert seconds <= BUDGET_S + 30
+
+
+@pytest.mark.slow
+def test_cold_start_checkpoint_loads_and_matches_card(cold_start_dir):
+    from pgzoo.evaluate import evaluate
+
+    path, _ = cold_start_dir
+    model, tok = load_pretrained(path)
+    card = read_card(path)
+    task = pgzoo.tasks.get(card["task"], **card["task_options"])
+    problems = task.sample(card["test_problems"], "test", seed=card["seed"])
+    m = evaluate(model, tok, task, problems, k=1, max_new_tokens=card["sft"]["max_new_tokens"], seed=card["seed"])
+    assert m["greedy_accuracy"] == pytest.approx(card["test_greedy_accuracy"], abs=1e-9)  # reproduces the card
+    assert m["greedy_eos_fraction"] > 0.95  # the format (answer, then EOS) is learnt
+    # teacher-forced greedy accuracy (the stopping rule's measure) is exact for the canonical answer
+    from pgzoo.models.cold_start import _encode_batch
+
+    tf_sampled, tf_greedy = teacher_forced_accuracy(model, *_encode_batch(tok, problems, "cpu"))
+    assert tf_greedy == pytest.approx(m["greedy_accuracy"], abs=0.02)
+    assert tf_sampled == pytest.approx(card["test_sampled_accuracy"], abs=0.06)  # sampling noise on 500 problems
+
+
+@pytest.mark.slow
+def test_cache_hit_is_fast_and_unchanged(cold_start_dir):
+    path, _ = cold_start_dir
+    before = (path / "model.safetensors").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = ensure_cold_start("arithmetic", {}, seed=0, cache_dir=path.parent.parent)
+    assert again == path and time.perf_counter() - t0 < 10
+    assert (path / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_short_sft_is_deterministic_and_respects_threads():
+    task = pgzoo.tasks.get("arithmetic")
+    cfg = SFTConfig(max_steps=12, eval_every=4, final_eval_n=8, eval_n=32, batch_size=32)
+    threads = torch.get_num_threads()
+    m1, _, c1 = cold_start(task, seed=3, config=cfg)
+    assert torch.get_num_threads() == threads  # restored
+    m2, _, c2 = cold_start(task, seed=3, config=cfg)
+    m3, _, _ = cold_start(task, seed=4, config=cfg)
+    s1, s2, s3 = m1.state_dict(), m2.state_dict(), m3.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not all(torch.equal(s1[k], s3[k]) for k in s1)
+    assert c1["steps"] == 12 and c1["stop_reason"] == "max_steps" and len(c1["history"]) == 3
+    assert [h["loss"] for h in c1["history"]] == [h["loss"] for h in c2["history"]]
+
+
+def test_cache_key_covers_options():
+    base = cache_key("arithmetic", {"max_digits": 2}, 0, SFTConfig())
+    assert base == cache_key("arithmetic", {"max_digits": 2}, 0, SFTConfig())
+    assert base != cache_key("arithmetic", {"max_digits": 3}, 0, SFTConfig())
+    assert base != cache_key("arithmetic", {"max_digits": 2}, 1, SFTConfig())
+    assert base != cache_key("arithmetic", {"max_digits": 2}, 0, SFTConfig(lr=1e-3))
+    assert base != cache_key("arithmetic", {"max_digits": 2}, 0, SFTConfig(model={"hidden_size": 64}))
+
+
+def test_small_cold_start_written_atomically_with_card(tmp_path, monkeypatch):
+    monkeypatch.setenv("PGZOO_CACHE", str(tmp_path))
+    path = ensure_cold_start("arithmetic", {"max_digits": 1, "operands": 3}, seed=1, max_steps=6, eval_every=3,
+                             final_eval_n=8, eval_n=16, batch_size=16)
+    assert path.parent == tmp_path / "cold-start" and path.name.startswith("arithmetic-")
+    card = read_card(path)
+    assert card["steps"] == 6 and card["task_options"]["operands"] == 3 and card["cache_key"] in path.name
+    assert not card["in_band"]  # 6 steps learn nothing: recorded honestly
+    load_pretrained(path)
+    # nothing but the checkpoint and its lock file in the cache folder
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, f".{path.name}.lock"])
+
+
+def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import pgzoo.models.tiny as tiny
+
+    def boom(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(tiny.build_tokenizer()), "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ensure_cold_start("arithmetic", {}, seed=0, cache_dir=tmp_path, max_steps=2, eval_every=1, final_eval_n=4,
+                          eval_n=8, batch_size=8)
+    assert [p.name for p in (tmp_path / "cold-start").iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(task_name="arithmetc"), UnknownNameError, "Did you mean 'arithmetic'"),
+    (dict(task_options={"max_digits": 0}), ConfigError, "max_digits=0"),
+    (dict(task_options={"operators": "/"}), ConfigError, "unknown operator"),
+    (dict(learning_rate=1e-3), ConfigError, "unknown option.*learning_rate"),
+    (dict(lr=-1.0), ConfigError, "lr=-1.0"),
+    (dict(band=(0.7, 0.3)), ConfigError, "band"),
+    (dict(batch_size=0), ConfigError, "batch_size=0"),
+    (dict(seed="0"), ConfigError, "seed='0'"),
+])
+def test_bad_settings_raise_before_training(tmp_path, kwargs, error, match):
+    args = dict(task_name="arithmetic", task_options={}, cache_dir=tmp_path)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        ensure_cold_start(**args)
+    assert not (tmp_path / "cold-start").exists() or not any(
+        p for p in (tmp_path / "cold-start").iterdir() if not p.name.endswith(".lock"))
+
+
+def test_cli_cold_start_errors(capsys):
+    from pgzoo.cli import main
+
+    assert main(["cold-start", "--task", "arithmetic", "--task-option", "operators=%", "--quiet"]) == 2
+    assert "unknown operator" in capsys.readouterr().err
+    assert main(["cold-start", "--sft-option", "nonsense=1", "--quiet"]) == 2
+    assert "unknown option" in capsys.readouterr().err
