@@ -355,6 +355,9 @@ def test_advantages_are_the_objectives_estimator(name, tmp_path, base_moe, tok):
     assert len(set(groups)) == 4
     assert torch.allclose(torch.tensor(adv), expected.float(), atol=1e-5)
     assert expected.abs().max() > 0.1
+    # the completions table TRL logs shows the same advantages (TRL's own were replaced)
+    logged = torch.tensor(list(trainer._logs["advantages"])[-16:])
+    assert torch.allclose(logged.sort().values, expected.float().sort().values, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -374,6 +377,16 @@ def test_minirl_without_rollout_logprobs_names_the_setting(tmp_path, base_moe, t
     with pytest.raises(ConfigError, match="drop rollout_logprobs='old'"):
         trl_adapter.GRPOTrainer(loss="minirl", rollout_logprobs="old", rollout_func=FakeRollout(),
                                 **trainer_kwargs(tmp_path, base_moe, tok))
+
+
+def test_peft_lora_with_r2(tmp_path, base_moe, tok):
+    """LoRA through TRL's peft_config: routing replay finds the MoE layers under the PEFT wrapper."""
+    peft = pytest.importorskip("peft")
+    trainer = run_spy(tmp_path, base_moe, tok, pgzoo.get("minirl"), routing_replay="R2", config={"max_steps": 1},
+                      peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert trainer.last_layers_hit == 4
+    grads = trainer.steps[0]["grads"]
+    assert grads and all("lora_" in n for n in grads) and any(float(g.abs().max()) > 0 for g in grads.values())
 
 
 def test_untested_trl_version_raises(monkeypatch):
