@@ -16,6 +16,7 @@ from pgzoo.models.tiny import build_tiny_dense, build_tiny_moe, build_tokenizer,
 
 pytestmark = [
     pytest.mark.vllm,
+    pytest.mark.slow,  # one engine start (~10-20 s) shared by the module
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                        reason="vllm is not installed (pip install 'pgzoo[cpu]' or 'pgzoo[vllm]')"),
 ]
@@ -121,6 +122,7 @@ def perturb(model, part: str, seed: int):
 
 
 def test_weight_sync_keeps_parity_for_every_part(engine, policy, vocab, fresh_weights):
+    """Change experts, then router, attention and head weights; after each sync μ must follow the new weights."""
     trained = build_tiny_moe(vocab, seed=0)
     trained.load_state_dict(policy.state_dict())
     old_ro, _ = parity(engine, trained, seed=2)

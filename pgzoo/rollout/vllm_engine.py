@@ -15,11 +15,12 @@ How it works:
   ``mlp.experts.gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I]; checkpoints and vLLM's loader use per-expert
   names, so the conversion transformers applies when saving is reused), then calls vLLM's in-place
   ``reload_weights``, which reruns each layer's weight processing (fused qkv / gate_up, oneDNN and small-GEMM
-  packing on CPU). One step of that processing is missing on CPU: the fused-MoE experts kernel expects ``w13`` /
-  ``w2`` in the VNNI-prepacked layout that ``cpu_prepack_moe_weight`` produces at load time, and after a reload
-  they hold the plain layout, so every MoE layer silently computes garbage. The engine rewrites those two tensors
-  itself, from the trainer's fused expert tensors (padded as the kernel pads, then prepacked), in place. Then it
-  drops vLLM's prefix cache (cached KV blocks were computed with the old weights).
+  packing on CPU). That reload is wrong for the fused-MoE experts on CPU: the kernel expects ``w13`` / ``w2`` in
+  the VNNI-prepacked layout ``cpu_prepack_moe_weight`` produces at load time, and after a reload they hold the plain
+  layout (every MoE layer silently computes garbage), or the reload fails outright when the kernel pads the
+  intermediate size. So on CPU the expert blocks skip the reload and the engine writes them itself, from the
+  trainer's fused tensors: zero-padded as the kernel pads, prepacked, copied in place. Then it drops vLLM's prefix
+  cache (cached KV blocks were computed with the old weights).
 * Routes (R3): vLLM returns ``routed_experts`` [seq_len, layers, top_k] per completion when started with
   ``enable_return_routed_experts=True``; that needs vLLM's Model Runner V2 (GPU builds). On CPU the engine raises
   :class:`~pgzoo.errors.EngineError` and points to :class:`~pgzoo.rollout.TransformersEngine`.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -81,25 +83,35 @@ def fused_experts(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tenso
     return out
 
 
+def _cpu_moe_layers(model):
+    """``(transformers-style prefix, module, fused_experts)`` of every CPU fused-MoE layer of a vLLM model."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        fe = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
+        if isinstance(fe, CPUUnquantizedExperts) and not getattr(fe, "_use_zentorch", False):
+            yield name.removesuffix(".routed_experts"), module, fe
+
+
+def _cpu_moe_prefixes(worker) -> list[str]:
+    """Worker-side: the prefixes of the CPU fused-MoE layers (``model.layers.3.mlp.experts``)."""
+    return [prefix for prefix, _, _ in _cpu_moe_layers(worker.model_runner.get_model())]
+
+
 def _repack_cpu_moe(worker, experts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
     """Worker-side: rewrite every CPU fused-MoE layer's ``w13``/``w2`` in the kernel's prepacked layout, in place.
 
-    ``experts`` maps a transformers module prefix (``model.layers.3.mlp.experts``) to its plain fused tensors; a
-    layer without an entry is repacked from the plain values vLLM's reload left in it. Returns the layer count.
+    ``experts`` maps a transformers module prefix (``model.layers.3.mlp.experts``) to its plain fused tensors
+    ``(w13 [E, 2I, H], w2 [E, H, I])``; a layer without an entry (a transformers version that does not fuse experts)
+    is repacked from the plain values vLLM's reload left in it. Returns the number of layers written.
     """
     from vllm._custom_ops import cpu_prepack_moe_weight
-    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
-    model = worker.model_runner.get_model()
     count = 0
-    for name, module in model.named_modules():
-        method = getattr(module, "quant_method", None)
-        kernel = getattr(method, "moe_kernel", None)
-        fe = getattr(kernel, "fused_experts", None)
-        if not isinstance(fe, CPUUnquantizedExperts) or getattr(fe, "_use_zentorch", False):
-            continue
+    for prefix, module, fe in list(_cpu_moe_layers(worker.model_runner.get_model())):
+        name = prefix
         w13, w2 = module.w13_weight, module.w2_weight
-        prefix = name.removesuffix(".routed_experts")
         if prefix in experts:
             plain13, plain2 = (t.to(dtype=w13.dtype) for t in experts[prefix])
         else:
@@ -121,6 +133,25 @@ def _repack_cpu_moe(worker, experts: dict[str, tuple[torch.Tensor, torch.Tensor]
         w2.data.copy_(cpu_prepack_moe_weight(plain2.contiguous(), fe.isa))
         count += 1
     return count
+
+
+class _DropExpected(logging.Filter):
+    """Hide vLLM's "<Layer>: Failed to load weights" for layers a sync leaves to the reload's fallback on purpose
+    (rotary caches; CPU expert blocks, which the engine writes itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to load weights" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_reload_warnings():
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    flt = _DropExpected()
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
 
 
 def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -256,6 +287,7 @@ class VLLMEngine:
         self.last_sync_seconds: float | None = None
         self.num_syncs = 0
         self.generate_threads = generate_threads if self.is_cpu else None
+        self._cpu_moe_prefixes: set[str] | None = None
 
     @staticmethod
     def _cpu_kv_bytes(config: dict, dtype: str, max_model_len: int, share: float) -> int:
@@ -380,10 +412,20 @@ class VLLMEngine:
         # it, would restore the old (shared) embedding tensor.
         self._check_names(named)
         target = getattr(torch, self.dtype)
-        weights = [(k, v if v.dtype == target or not v.is_floating_point() else v.to(target)) for k, v in named.items()]
-        experts = {k: tuple(t.to(target) for t in v) for k, v in fused_experts(state).items()}
+        experts = {}
+        if self.is_cpu:
+            if self._cpu_moe_prefixes is None:
+                self._cpu_moe_prefixes = set(self.llm.collective_rpc(_cpu_moe_prefixes)[0])
+            experts = {k: tuple(t.to(target) for t in v) for k, v in fused_experts(state).items()
+                       if k in self._cpu_moe_prefixes}
+        # CPU: fused expert blocks are written by _repack_cpu_moe alone (vLLM's reload of them leaves the wrong
+        # layout, and fails outright when the kernel pads the intermediate size), so they skip the reload.
+        skip = tuple(prefix + "." for prefix in experts)
+        weights = [(k, v if v.dtype == target or not v.is_floating_point() else v.to(target))
+                   for k, v in named.items() if not (skip and k.startswith(skip))]
         try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            with _quiet_reload_warnings():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             if self.is_cpu:
                 self.llm.collective_rpc(_repack_cpu_moe, args=(experts,))
             self.llm.reset_prefix_cache()
