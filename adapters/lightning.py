@@ -181,7 +181,13 @@ class RLModule(L.LightningModule):
         metrics = self.update(data)
         t2 = time.perf_counter()
         # 6. sync: the updated weights into the rollout engine, in place
-        self.engine.load_weights(self.policy)
+        try:
+            self.engine.load_weights(self.policy)
+        except PgzooError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"rollout engine {type(self.engine).__name__} failed to load the weights of step "
+                              f"{step}: {type(exc).__name__}: {exc}") from exc
         t3 = time.perf_counter()
         # 7. log: one row per global step
         tokens = int(_all_reduce_sum(data.completion_mask.sum().float().clone()).item())
@@ -359,7 +365,6 @@ class RLModule(L.LightningModule):
 
     def log_row(self, step: int, metrics: dict[str, float]) -> None:
         row = {k: float(v) for k, v in metrics.items() if not k.startswith("_")}
-        row = {k: v for k, v in row.items()}
         self.history.append({"step": step, **row})
         if self._trainer is not None and _dist()[1] == 0:
             for logger in self.loggers:
@@ -496,10 +501,6 @@ class HFCheckpoint(L.Callback):
         self.dir = Path(run_dir) / "checkpoints"
         self.every, self.keep, self.total_steps, self.on_save = every, keep, total_steps, on_save
         self._pending: dict | None = None
-
-    def on_train_start(self, trainer, module) -> None:
-        # Lightning restores nothing itself here; pgzoo.train loads the state before fit when resuming.
-        pass
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = int(batch)
