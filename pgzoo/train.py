@@ -152,6 +152,11 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     # 1. recipe: types and combinations were checked on load; now this machine and the user-supplied paths
     recipe.check_environment()
+    if recipe.train.devices > 1:
+        raise ConfigError(
+            f"train.devices={recipe.train.devices}: `pgzoo train` launches one process; multi-process launching is "
+            "not built in yet. RLModule.update is exact under data parallelism (global normalisers, summed "
+            "gradients) when you start the processes yourself with torch.distributed; or set train.devices=1")
     recipe.check_files()
     run_dir = recipe.run_dir
     ckpt = pl_adapter.latest_checkpoint(run_dir) if resume else None
