@@ -1,4 +1,4 @@
-"""pgzoo.adapters.trl under data parallelism: 2 CPU processes (gloo DDP through accelerate), GA = 2.
+"""pgzoo.adapters.trl under data parallelism: 2 CPU processes (gloo DDP through accelerate), GA = 2, with and without R2.
 
 The test launches this file with ``torch.distributed.run``; each rank trains the tiny MoE with the adapter and saves
 what its loss saw and the gradient DDP averaged. The parent then checks that gradient against the objective on the
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-OBJECTIVES = ("dapo", "minirl", "grpo")
+RUNS = {"dapo": ("dapo", None), "grpo": ("grpo", None), "minirl-r2": ("minirl", "R2")}  # three aggregations
 
 
 def worker(out_dir: str) -> None:
@@ -32,11 +32,13 @@ def worker(out_dir: str) -> None:
     rank = int(os.environ["RANK"])
     tok = T.build_tokenizer()
     base = T.build_tiny_moe(vocab_size=len(tok), seed=0)
-    for name in OBJECTIVES:
-        trainer = T.run_spy(Path(out_dir) / f"run-{name}", base, tok, pgzoo.get(name),
+    for run, (name, routing) in RUNS.items():
+        trainer = T.run_spy(Path(out_dir) / f"run-{run}", base, tok, pgzoo.get(name), routing_replay=routing,
                             config={"max_steps": 2, "dataloader_num_workers": 0})
         assert trainer.accelerator.num_processes == 2
-        torch.save(trainer.steps, Path(out_dir) / f"{name}-rank{rank}.pt")
+        if routing:
+            assert trainer.last_layers_hit == 4
+        torch.save(trainer.steps, Path(out_dir) / f"{run}-rank{rank}.pt")
 
 
 @pytest.mark.slow
@@ -58,8 +60,8 @@ def test_gradient_equals_objective_across_two_processes(tmp_path):
 
     tok = T.build_tokenizer()
     base = T.build_tiny_moe(vocab_size=len(tok), seed=0)
-    for name in OBJECTIVES:
-        ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=False) for r in range(2)]
+    for run, (name, routing) in RUNS.items():
+        ranks = [torch.load(tmp_path / f"{run}-rank{r}.pt", weights_only=False) for r in range(2)]
         assert len(ranks[0]) == len(ranks[1]) == 2
         for k in range(2):
             s0, s1 = ranks[0][k], ranks[1][k]
@@ -68,9 +70,9 @@ def test_gradient_equals_objective_across_two_processes(tmp_path):
             local = [int(mb["completion_mask"].sum()) for mb in s0["window"] + s1["window"]]
             assert len(set(local)) > 1  # ranks and micro-batches hold different token counts
             union = {"window": s0["window"] + s1["window"], "params": s0["params"]}
-            ref, _ = T.reference_gradient(base, union, pgzoo.get(name), T.MAX_LEN)
+            ref, _ = T.reference_gradient(base, union, pgzoo.get(name), T.MAX_LEN, routes_mode=routing)
             err = T.relative_error(s0["grads"], ref)
-            assert err < 1e-4, f"{name} step {k}: relative gradient error {err:.2e} across 2 processes"
+            assert err < 1e-4, f"{run} step {k}: relative gradient error {err:.2e} across 2 processes"
 
 
 if __name__ == "__main__":
