@@ -335,7 +335,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         output[ROUTES_KEY] = routes.to("cpu", torch.int16)
 
     def _pgzoo_recompute_advantages(self, output: dict) -> None:
-        rpf = self._pgzoo_rewards
+        rpf, self._pgzoo_rewards = self._pgzoo_rewards, None
         mode = "train" if self.model.training else "eval"
         group = self.num_generations if mode == "train" else self.num_generations_eval
         rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
