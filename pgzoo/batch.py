@@ -194,7 +194,7 @@ class TokenBatch:
         same values as ``torch.where(mask, x, 0)`` at unmasked finite positions (unmasked values are checked finite
         unless ``check_values=False``), and much cheaper than ``where`` on CPU.
         """
-        if fill != 0.0:
+        if fill != 0.0 or torch.compiler.is_compiling():  # compiled: the select fuses into its consumers
             return torch.where(self.mask, x, fill)
         return _MaskZero.apply(x, self.mask_float().to(x.dtype))
 

@@ -134,10 +134,7 @@ def policy_metrics(
     row_s = stale.sum(-1)
     e_s = expm1(stale) if staleness_expm1 is None else staleness_expm1.detach().to(out_dtype)
     row_e = e_s.sum(-1)
-    # min/max over unmasked tokens: masked positions (0 here) take the value of one unmasked token instead
-    fill = stale.reshape(-1).index_select(0, batch.first_token_index().reshape(1))  # tensor index: no sync
-    filled = torch.addcmul(stale, batch.mask_float().to(out_dtype), fill, value=-1.0).add_(fill)  # stale + (1−m)·fill
-    s_min, s_max = torch.aminmax(filled)
+    s_min, s_max = _masked_minmax(stale, batch)
     metrics = {
         "ratio/mean": _finite(1.0 + row_e.double().sum() / n, out_dtype),  # r − 1 = expm1(log r), 0 when masked
         "ratio/min": s_min.clamp(-_METRIC_MAX_LOG, _METRIC_MAX_LOG).exp(),
@@ -163,10 +160,26 @@ def policy_metrics(
             # w_total − 1 = (1 + e_s)(1 + e_ti) − 1 = e_s + e_ti + e_s·e_ti; the last sum as a row-wise dot product
             # (no [B, T] temporary). Each factor is ≤ e^40, so products stay finite; an overflowing row sum is +inf
             # (never NaN: every term is ≥ −1) and saturates below.
-            row_e_tot = row_e + row_e_ti + torch.einsum("bt,bt->b", e_s, e_ti)
+            if torch.compiler.is_compiling():  # fused into the surrounding loop
+                cross = (e_s * e_ti).sum(-1)
+            else:
+                cross = torch.einsum("bt,bt->b", e_s, e_ti)
+            row_e_tot = row_e + row_e_ti + cross
         gap_total = _gap_from_rows(row_s + row_ti, row_e_tot)
         metrics["first_order/gap_total"] = _finite(gap_total.sum() / n_seq, out_dtype)
     return metrics
+
+
+def _masked_minmax(x: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x`` (0 at masked positions) over the unmasked positions of ``batch``."""
+    if torch.compiler.is_compiling():  # ±inf selects fuse into the single pass over the batch
+        lo, hi = torch.where(batch.mask, x, torch.inf).amin(), torch.where(batch.mask, x, -torch.inf).amax()
+        any_token = batch.mask.any()
+        return torch.where(any_token, lo, 0.0), torch.where(any_token, hi, 0.0)
+    # eager: masked positions take the value of one unmasked token (no slow where, one aminmax); tensor indices only
+    fill = x.reshape(-1).index_select(0, batch.first_token_index().reshape(1))
+    filled = torch.addcmul(x, batch.mask_float().to(x.dtype), fill, value=-1.0).add_(fill)  # x + (1 − m)·fill
+    return torch.aminmax(filled)
 
 
 def _finite(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
