@@ -93,6 +93,29 @@ def test_temperature_is_applied_to_mu(engine, policy):
     assert untempered.mean() > 1e-2  # raw logprobs would be clearly different
 
 
+def test_top_p_mu_is_renormalised_nucleus(engine, policy):
+    ro = engine.generate(PROMPTS, n=3, max_new_tokens=10, temperature=0.8, top_p=0.7, seed=1)
+    am = ro.attention_mask
+    with torch.no_grad():
+        logits = policy(ro.input_ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits
+    p = ro.prompt_ids.shape[1]
+    step = logits[:, p - 1: -1].float() / 0.8
+    nucleus = torch.full_like(step, float("-inf"))  # naive reference: most probable tokens until mass >= top_p
+    for i in range(step.shape[0]):
+        for t in range(step.shape[1]):
+            probs, mass = step[i, t].softmax(-1), 0.0
+            for j in probs.argsort(descending=True).tolist():
+                nucleus[i, t, j] = step[i, t, j]
+                mass += probs[j].item()
+                if mass >= 0.7 - 1e-7:
+                    break
+    ids = ro.completion_ids[..., None]
+    diff = (ro.logprobs - torch.log_softmax(nucleus, -1).gather(-1, ids)[..., 0]).abs()[ro.completion_mask]
+    assert diff.max() < FRESH_MAX
+    plain = (ro.logprobs - torch.log_softmax(step, -1).gather(-1, ids)[..., 0]).abs()[ro.completion_mask]
+    assert plain.mean() > 1e-2  # top-p changes μ: it is not the tempered softmax over the whole vocabulary
+
+
 def test_greedy(engine, policy):
     ro = engine.generate(PROMPTS, n=2, max_new_tokens=6, temperature=0.0)
     assert torch.equal(ro.completion_ids[0::2], ro.completion_ids[1::2])
