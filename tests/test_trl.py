@@ -520,3 +520,13 @@ def test_engine_rollout_rejects_sampling_settings_it_cannot_honour(tmp_path, bas
                                 **trainer_kwargs(tmp_path, base_moe, tok, top_k=5))
     with pytest.raises(ConfigError, match="needs a pgzoo rollout engine"):
         trl_adapter.EngineRollout(object())
+
+
+def test_import_without_trl_names_the_extra():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['trl'] = None\n"
+            "try:\n    import pgzoo.adapters.trl\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("DependencyError") and "pip install 'pgzoo[trl]'" in out
