@@ -297,6 +297,13 @@ def test_load_weights_copies_on_sync_only(vocab):
     assert eng.last_sync_seconds is not None and eng.last_sync_seconds >= 0
 
 
+def test_load_weights_unwraps_compiled_module(vocab):
+    policy = build_tiny_moe(vocab, seed=8)
+    eng = TransformersEngine(build_tiny_moe(vocab, seed=9))
+    eng.load_weights(torch.compile(policy))  # state_dict keys carry `_orig_mod.`; the engine syncs the inner model
+    assert torch.equal(eng.model.model.layers[0].mlp.experts.gate_up_proj, policy.model.layers[0].mlp.experts.gate_up_proj)
+
+
 def test_shared_module_engine(vocab):
     policy = build_tiny_moe(vocab, seed=6)
     eng = TransformersEngine(policy, copy=False)

@@ -231,6 +231,17 @@ def assemble(
     )
 
 
+def unwrap(model):
+    """The Hugging Face module inside ``torch.compile`` (``_orig_mod``) and DistributedDataParallel wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def check_finite_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` detached, after checking every floating tensor is finite (one host sync).
 

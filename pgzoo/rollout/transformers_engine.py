@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from pgzoo.errors import ConfigError, EngineError, require
-from pgzoo.rollout.base import Rollouts, assemble, check_finite_weights, check_generate_args
+from pgzoo.rollout.base import Rollouts, assemble, check_finite_weights, check_generate_args, unwrap
 from pgzoo.rollout.fp8 import GRANULARITIES, fp8_parameter_names, quantize_fp8_tensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -178,6 +178,7 @@ class TransformersEngine:
         import time
 
         start = time.perf_counter()
+        model = unwrap(model)
         if model is self.model:
             self.last_sync_seconds = 0.0
             return

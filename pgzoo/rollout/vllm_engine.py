@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from pgzoo.errors import ConfigError, DependencyError, EngineError
-from pgzoo.rollout.base import Rollouts, assemble, check_finite_weights, check_generate_args
+from pgzoo.rollout.base import Rollouts, assemble, check_finite_weights, check_generate_args, unwrap
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Sequences a CPU engine sizes its KV cache for when kv_cache_memory_bytes is not given (x max_model_len tokens).
@@ -390,7 +390,7 @@ class VLLMEngine:
         """
         self._check_open()
         with self._engine_threads():
-            self._load_weights(model)
+            self._load_weights(unwrap(model))
 
     @contextlib.contextmanager
     def _engine_threads(self):
