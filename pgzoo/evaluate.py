@@ -137,6 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the tiny model gains nothing from more, and on a busy "
+                             "machine extra threads spin-wait); 0 keeps torch's default")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
@@ -144,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
     import pgzoo.tasks
     from pgzoo.models.tiny import load_pretrained, read_card
 
+    if args.threads < 0:
+        raise ConfigError(f"--threads {args.threads}: use a positive count, or 0 for torch's default")
+    if args.threads:
+        require("torch", "hf").set_num_threads(args.threads)
     model, tokenizer = load_pretrained(args.checkpoint)
     card = read_card(args.checkpoint) or {}
     name = args.task or card.get("task")

@@ -144,4 +144,6 @@ def test_cli_eval(tok, tmp_path, capsys):
     assert "Did you mean 'arithmetic'" in capsys.readouterr().err
     assert main(["eval", str(path), "--task-option", "operators=/"]) == 2
     assert "unknown operator" in capsys.readouterr().err
+    assert main(["eval", str(path), "--threads", "-1"]) == 2
+    assert "--threads -1" in capsys.readouterr().err
     assert not math.isnan(out["greedy_accuracy"])
