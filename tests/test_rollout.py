@@ -79,6 +79,9 @@ def test_assemble_layout_and_helpers():
     assert ro.completions() == [[1, 2], [3], [], [4, 5, 6]] and ro.num_tokens == 6 and len(ro) == 4
     sub = ro.select([3, 0])
     assert sub.group.tolist() == [1, 0] and sub.completion_ids[0].tolist() == [4, 5, 6]
+    masked = ro.select(ro.truncated)
+    assert len(masked) == 2 and masked.completions() == [[3], [4, 5, 6]]
+    assert len(ro.select(slice(1, 3))) == 2
 
 
 def test_assemble_routes_alignment():

@@ -94,9 +94,11 @@ class Rollouts:
         return [ids[m].tolist() for ids, m in zip(self.completion_ids, self.completion_mask)]
 
     def select(self, rows: torch.Tensor | Sequence[int] | slice) -> Rollouts:
-        """The rows ``rows`` (index tensor, list or slice) as a new :class:`Rollouts`; ``group`` is kept as is."""
+        """The rows ``rows`` (index tensor or list, boolean mask, or slice) as a new :class:`Rollouts`; ``group`` is
+        kept as is."""
         if not isinstance(rows, slice):
-            rows = torch.as_tensor(rows, dtype=torch.long)
+            rows = torch.as_tensor(rows)
+            rows = rows.nonzero().squeeze(-1) if rows.dtype == torch.bool else rows.long()
         return Rollouts(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[rows])
                            for f in dataclasses.fields(self)})
 
