@@ -18,7 +18,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-RUNS = {"dapo": ("dapo", None), "grpo": ("grpo", None), "minirl-r2": ("minirl", "R2")}  # three aggregations
+RUNS = {"dapo": ("dapo", None), "minirl-r2": ("minirl", "R2")}  # token-mean; seq-mean-token-sum with R2
 
 
 def worker(out_dir: str) -> None:
