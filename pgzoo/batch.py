@@ -50,7 +50,8 @@ class TokenBatch:
         num_tokens: token normaliser. Default: ``mask.sum()``.
         max_tokens: constant normaliser L (Dr. GRPO). Default: ``T``.
         check_values: also check that unmasked values are finite. This costs one host sync; trainers that
-            validate upstream may pass ``False``. Shape, dtype and device checks always run (they are free).
+            validate upstream may pass ``False`` (finite unmasked values are then the caller's guarantee: eager
+            masking zeroes any non-finite product). Shape, dtype and device checks always run (they are free).
 
     Example:
         >>> import torch, pgzoo
