@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/rollout.py                       # cold-start checkpoint (cached), 32 prompts x 8
     .venv/bin/python benchmarks/rollout.py --model random --prompts 16 --out rollout.json
 
-Every engine samples the same prompts (test-split problems of the arithmetic task) at temperature 1. For each engine it reports
+Every engine samples the same prompts (test-split problems of the arithmetic task) at temperature 1. For each engine
+it reports
 
 * tokens/s: counted completion tokens / wall seconds of a ``generate`` call (median of ``--repeats`` calls; vLLM at
   least 3, after a warm-up call of the same shape, since vLLM on CPU builds kernels per batch shape on first use),
@@ -94,7 +95,8 @@ def measure(name, engine, policy, prompts, args, full_warmup: bool = False, repe
         k1=float(delta.mean()),
         truncated=float(ro.truncated.float().mean()),
     )
-    print(f"{name:22s} {row['tokens_per_s']:>10.0f} {row['tokens_per_cpu_s']:>10.0f} {row['sync_ms']:>9.2f} {row['mean_abs_dlogp']:>11.2e} "
+    print(f"{name:22s} {row['tokens_per_s']:>10.0f} {row['tokens_per_cpu_s']:>10.0f} {row['sync_ms']:>9.2f} "
+          f"{row['mean_abs_dlogp']:>11.2e} "
           f"{row['max_abs_dlogp']:>10.2e} {row['k1']:>10.2e}", flush=True)
     return row
 
@@ -119,7 +121,8 @@ def main(argv=None) -> int:
     prompts = [tok(p.prompt, add_special_tokens=False).input_ids for p in problems]
     print(f"model={args.model} prompts={len(prompts)} n={args.n} max_new_tokens={args.max_new_tokens} "
           f"torch threads={torch.get_num_threads()}")
-    print(f"{'engine':22s} {'tokens/s':>10s} {'tok/cpu-s':>10s} {'sync ms':>9s} {'mean|Δ|':>11s} {'max|Δ|':>10s} {'k1':>10s}")
+    print(f"{'engine':22s} {'tokens/s':>10s} {'tok/cpu-s':>10s} {'sync ms':>9s} {'mean|Δ|':>11s} {'max|Δ|':>10s} "
+          f"{'k1':>10s}")
     rows = []
     for name, kwargs in [
         ("transformers-fp32", dict()),

@@ -280,7 +280,8 @@ def test_fp8_rollout_weights_lie_on_fp8_grid(moe):
     w = eng.model.model.layers[0].self_attn.q_proj.weight.float()
     src = moe.model.layers[0].self_attn.q_proj.weight
     assert torch.equal(w, quantize_fp8_tensor(src, "per-tensor").to(torch.bfloat16).float())
-    assert torch.equal(eng.model.model.embed_tokens.weight.float(), moe.model.embed_tokens.weight.to(torch.bfloat16).float())
+    embed = eng.model.model.embed_tokens.weight.float()
+    assert torch.equal(embed, moe.model.embed_tokens.weight.to(torch.bfloat16).float())  # not quantised
 
 
 def test_load_weights_copies_on_sync_only(vocab):
@@ -304,7 +305,8 @@ def test_load_weights_unwraps_compiled_module(vocab):
     policy = build_tiny_moe(vocab, seed=8)
     eng = TransformersEngine(build_tiny_moe(vocab, seed=9))
     eng.load_weights(torch.compile(policy))  # state_dict keys carry `_orig_mod.`; the engine syncs the inner model
-    assert torch.equal(eng.model.model.layers[0].mlp.experts.gate_up_proj, policy.model.layers[0].mlp.experts.gate_up_proj)
+    experts = eng.model.model.layers[0].mlp.experts.gate_up_proj
+    assert torch.equal(experts, policy.model.layers[0].mlp.experts.gate_up_proj)
 
 
 def test_shared_module_engine(vocab):

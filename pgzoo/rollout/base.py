@@ -168,7 +168,8 @@ def check_generate_args(
             raise EngineError(f"prompt {i} holds token ids outside the vocabulary [0, {vocab_size})")
         if max_len is not None and len(p) + max_new_tokens > max_len:
             raise EngineError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs {len(p) + max_new_tokens}"
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"{len(p) + max_new_tokens}"
                 f" positions but the engine's context is {max_len}: shorten the prompt, lower max_new_tokens, or raise "
                 f"the engine's max_model_len (up to the model's max_position_embeddings)"
             )

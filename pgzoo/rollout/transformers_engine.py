@@ -106,7 +106,8 @@ class TransformersEngine:
                 model = _copy_module(model)
         else:
             raise ConfigError(
-                f"TransformersEngine needs a transformers model or a checkpoint path, got {type(model_or_path).__name__}"
+                "TransformersEngine needs a transformers model or a checkpoint path, got "
+                f"{type(model_or_path).__name__}"
             )
         if device is None:
             device = next(model.parameters()).device

@@ -449,7 +449,8 @@ class VLLMEngine:
             if wrong:
                 parts.append(f"shape mismatch {[(k, tuple(named[k].shape), self._shapes[k]) for k in wrong[:3]]}")
             raise EngineError(
-                f"load_weights: the module does not match the engine's checkpoint {self.model_path} ({'; '.join(parts)})"
+                f"load_weights: the module does not match the engine's checkpoint {self.model_path} "
+                f"({'; '.join(parts)})"
                 f": sync the same architecture the engine was started from"
             )
 
