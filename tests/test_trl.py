@@ -273,6 +273,18 @@ def test_gradient_with_num_iterations(tmp_path, base_moe, tok):
         assert relative_error(step["grads"], ref) < 1e-4
 
 
+@pytest.mark.parametrize("name", ["grpo", "minirl"])
+def test_gradient_with_masked_truncated_completions(name, tmp_path, base_moe, tok):
+    """mask_truncated_completions: rows without EOS have no counted token and do not count in N_seq."""
+    objective = pgzoo.get(name)
+    trainer = run_spy(tmp_path, base_moe, tok, objective, config={"mask_truncated_completions": True, "max_steps": 1})
+    step = trainer.steps[0]
+    empty = int((cat_window(step["window"], "completion_mask").sum(-1) == 0).sum())
+    assert 0 < empty < 8  # some rows masked out entirely, some kept
+    ref, _ = reference_gradient(base_moe, step, objective, MAX_LEN)
+    assert relative_error(step["grads"], ref) < 1e-4
+
+
 def test_gradient_with_kl_to_reference(tmp_path, base_moe, tok, moe_path):
     """β > 0: TRL loads a reference model (GRPOConfig.beta) and the objective's own KL term uses its logprobs."""
     objective = pgzoo.get("grpo", beta=0.04)
