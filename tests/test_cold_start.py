@@ -146,3 +146,14 @@ def test_cli_cold_start_errors(capsys):
     assert "unknown operator" in capsys.readouterr().err
     assert main(["cold-start", "--sft-option", "nonsense=1", "--quiet"]) == 2
     assert "unknown option" in capsys.readouterr().err
+
+
+def test_damaged_cache_entry_is_rebuilt(tmp_path):
+    opts = dict(max_steps=2, eval_every=1, final_eval_n=4, eval_n=8, batch_size=8)
+    path = ensure_cold_start("arithmetic", {}, seed=0, cache_dir=tmp_path, **opts)
+    (path / "card.json").write_text("{broken")
+    again = ensure_cold_start("arithmetic", {}, seed=0, cache_dir=tmp_path, **opts)
+    assert again == path and read_card(path)["steps"] == 2
+    (path / "model.safetensors").unlink()
+    ensure_cold_start("arithmetic", {}, seed=0, cache_dir=tmp_path, **opts)
+    load_pretrained(path)

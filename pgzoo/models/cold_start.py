@@ -302,9 +302,13 @@ def ensure_cold_start(task_name: str = "arithmetic", task_options: dict[str, Any
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = root / "cold-start" / f"{task.name}-{key}"
     with _lock(root / "cold-start" / f".{task.name}-{key}.lock"):
-        if not force and (path / "config.json").is_file():
-            card = read_card(path)
-            if card is not None and card.get("seed") == seed:
+        complete = all((path / f).is_file() for f in ("config.json", "tokenizer.json", "model.safetensors"))
+        if not force and complete:
+            try:
+                card = read_card(path)
+            except ConfigError:  # a damaged cache entry is rebuilt, not reported
+                card = None
+            if card is not None and card.get("seed") == seed and card.get("cache_key") == key:
                 return path
         model, tokenizer, card = cold_start(task, seed=seed, config=config, log=log)
         card["cache_key"] = key
