@@ -168,8 +168,14 @@ class TokenBatch:
                              "if this is one shard of a larger mini-batch")
 
     # ------------------------------------------------------------------ derived views
-    # Derived tensors are computed once per batch and cached (objectives and metrics share them). Treat a TokenBatch
-    # as immutable: change a field with ``replace``, which builds a fresh batch (and cache).
+    # Derived tensors are computed once per batch and cached (objectives and metrics share them). Assigning a field
+    # drops the cache; tensors modified in place are not detected, so treat the tensors of a batch as read-only (or
+    # build a new batch with ``replace``).
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name != "_cache":
+            self.__dict__.pop("_cache", None)
+
     def _cached(self, key: str, make):
         cache = self.__dict__.setdefault("_cache", {})
         if key not in cache:

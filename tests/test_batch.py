@@ -129,3 +129,14 @@ def test_global_normalisers_make_shards_add_up():
             )
             parts.append(pgzoo.testing.grad_wrt_logprobs(name, shard))
         torch.testing.assert_close(torch.cat(parts), g_full, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_assigning_a_field_drops_derived_views():
+    batch = random_batch(4, 5, seed=0, off_policy=False)
+    first = pgzoo.get("minirl-no-is")(batch)
+    assert float(first.metrics["ratio/max"]) == 1.0  # on-policy: old = lp
+    batch.old_logprobs = batch.logprobs.detach() - 0.5  # now every ratio is e^0.5
+    second = pgzoo.get("minirl-no-is")(batch)
+    torch.testing.assert_close(second.metrics["ratio/min"], torch.tensor(0.5, dtype=torch.float64).exp())
+    batch.advantages = torch.zeros(4, dtype=torch.float64)
+    assert float(pgzoo.get("minirl-no-is")(batch).loss.detach()) == 0.0
