@@ -386,5 +386,7 @@ def test_defaults_match_design_table():
     assert pgzoo.get("minirl").requires == {"rollout_logprobs"}
     assert pgzoo.get("minirl-no-is").requires == frozenset()
     assert pgzoo.get("grpo", default_advantage="leave-one-out").default_advantage == "leave-one-out"
+    assert "2503.20783" in pgzoo.get("dr-grpo").paper and "2503.14476" in pgzoo.get("dapo").paper
+    assert all("arXiv" in pgzoo.get(n).paper for n in NAMES)
     with pytest.raises(pgzoo.UnknownNameError, match="group-mean"):
         pgzoo.get("grpo", default_advantage="group-mean-sdt")

@@ -85,6 +85,11 @@ class Objective:
         default_advantage: name of the advantage estimator in :mod:`pgzoo.advantages` the objective expects.
         aggregation: one of :data:`AGGREGATIONS`.
         paper: the reference (title and arXiv id).
+
+    ``default_advantage`` and ``paper`` may also be given per instance (``pgzoo.get("grpo",
+    default_advantage="leave-one-out")``) or per registration; every other keyword is a ``Config`` field.
+    ``requires`` is finalised per instance: ``extra_requires()`` adds fields the config needs (a correction needs
+    ``rollout_logprobs``, GRPO's β > 0 needs ``ref_logprobs``).
     """
 
     @dataclass(frozen=True)
@@ -97,7 +102,10 @@ class Objective:
     aggregation: ClassVar[str] = "token-mean"
     paper: ClassVar[str] = ""
 
-    def __init__(self, name: str | None = None, *, default_advantage: str | None = None, **overrides: Any):
+    def __init__(
+        self, name: str | None = None, *, default_advantage: str | None = None, paper: str | None = None,
+        **overrides: Any,
+    ):
         self.validate_overrides(overrides)
         if "correction" in overrides:
             from pgzoo.correction import as_correction
@@ -114,13 +122,15 @@ class Objective:
 
                 raise UnknownNameError("advantage estimator", default_advantage, advantages.available())
             self.default_advantage = default_advantage
+        if paper is not None:
+            self.paper = paper
         self._check_config()
         self.requires = frozenset(type(self).requires | self.extra_requires())
 
     @classmethod
     def validate_overrides(cls, overrides: dict[str, Any]) -> None:
         valid = [f.name for f in dataclasses.fields(cls.Config)]
-        unknown = sorted(set(overrides) - set(valid) - {"default_advantage"})
+        unknown = sorted(set(overrides) - set(valid) - {"default_advantage", "paper"})
         if unknown:
             raise ConfigError(
                 f"{cls.__name__} has no parameter(s) {', '.join(map(repr, unknown))}; "

@@ -127,5 +127,7 @@ class GRPO(Objective):
 
 
 register("grpo", GRPO)
-register("dr-grpo", GRPO, aggregation="constant", default_advantage="group-mean")
-register("dapo", GRPO, eps_high=0.28, aggregation="token-mean")
+register("dr-grpo", GRPO, aggregation="constant", default_advantage="group-mean",
+         paper="Understanding R1-Zero-Like Training: A Critical Perspective (arXiv 2503.20783)")
+register("dapo", GRPO, eps_high=0.28, aggregation="token-mean",
+         paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale (arXiv 2503.14476)")
