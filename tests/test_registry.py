@@ -64,7 +64,8 @@ def test_unknown_override_lists_valid_keys():
 def test_overrides_keep_other_defaults():
     obj = pgzoo.get("dapo", eps_low=0.1)
     assert (obj.config.eps_low, obj.config.eps_high, obj.config.aggregation) == (0.1, 0.28, "token-mean")
-    assert {k: v for k, v in registry.defaults("dapo").items() if k != "paper"} == {"eps_high": 0.28, "aggregation": "token-mean"}
+    dapo = {k: v for k, v in registry.defaults("dapo").items() if k != "paper"}
+    assert dapo == {"eps_high": 0.28, "aggregation": "token-mean"}
     assert registry.get_class("minirl-no-clip") is registry.get_class("minirl")
 
 

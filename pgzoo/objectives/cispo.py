@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from pgzoo.batch import TokenBatch
 from pgzoo.correction import Correction
 from pgzoo.diagnostics import clip_metrics, policy_metrics, weight_metrics

@@ -30,7 +30,15 @@ from pgzoo.batch import TokenBatch
 from pgzoo.correction import Correction
 from pgzoo.diagnostics import clip_metrics, masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
-from pgzoo.objectives.base import MAX_LOG_RATIO, Objective, ObjectiveOutput, aggregate, check_eps, log_bounds, ppo_clip_flags
+from pgzoo.objectives.base import (
+    MAX_LOG_RATIO,
+    Objective,
+    ObjectiveOutput,
+    aggregate,
+    check_eps,
+    log_bounds,
+    ppo_clip_flags,
+)
 from pgzoo.objectives.grpo import clipped_surrogate, ratio
 from pgzoo.registry import register
 
