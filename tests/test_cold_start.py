@@ -16,6 +16,15 @@ from pgzoo.models.cold_start import SFTConfig, cache_key, cold_start, ensure_col
 BUDGET_S = 180.0  # the cold start's budget on 2 CPU cores
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def cold_start_dir(tmp_path_factory):
     """The default cold start (arithmetic, seed 0), trained once per test session into a temporary cache."""
@@ -73,9 +82,12 @@ def test_cache_hit_is_fast_and_unchanged(cold_start_dir):
 def test_short_sft_is_deterministic_and_respects_threads():
     task = pgzoo.tasks.get("arithmetic")
     cfg = SFTConfig(max_steps=12, eval_every=4, final_eval_n=8, eval_n=32, batch_size=32)
-    threads = torch.get_num_threads()
-    m1, _, c1 = cold_start(task, seed=3, config=cfg)
-    assert torch.get_num_threads() == threads  # restored
+    torch.set_num_threads(2)
+    try:
+        m1, _, c1 = cold_start(task, seed=3, config=cfg)  # trains with cfg.threads == 1
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(1)
     m2, _, c2 = cold_start(task, seed=3, config=cfg)
     m3, _, _ = cold_start(task, seed=4, config=cfg)
     s1, s2, s3 = m1.state_dict(), m2.state_dict(), m3.state_dict()
