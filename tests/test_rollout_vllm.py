@@ -23,6 +23,8 @@ pytestmark = [
 
 PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47]]
 EOS = 2
+SET_NUM_THREADS = torch.set_num_threads  # before any engine starts in this module
+THREADS = torch.get_num_threads()
 FRESH_MAX = 1e-5  # float32 vLLM vs float32 transformers: measured ~1e-6 max, ~1e-7 mean
 FRESH_MEAN = 1e-6
 
@@ -84,6 +86,18 @@ def test_fresh_engine_parity(engine, policy):
     ro, diff = parity(engine, policy)
     assert diff.max() < FRESH_MAX and diff.mean() < FRESH_MEAN, (diff.max(), diff.mean())
     assert ro.logprobs.dtype == torch.float32 and (ro.logprobs[~ro.completion_mask] == 0).all()
+
+
+def test_process_threads_restored(engine):
+    # vLLM's CPU worker would leave torch at one thread with set_num_threads disabled (a colocated trainer would
+    # train single-threaded); the engine restores both, and decodes with its own thread count
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("CPU-only behaviour")
+    assert torch.set_num_threads is SET_NUM_THREADS and torch.get_num_threads() == THREADS
+    engine.generate(PROMPTS, n=1, max_new_tokens=2)
+    assert torch.get_num_threads() == THREADS
 
 
 def test_temperature_is_applied_to_mu(engine, policy):
