@@ -196,6 +196,13 @@ def test_math_loads_and_splits(tmp_path):
     assert task.sample(5, seed=3) == task.sample(5, seed=3)
 
 
+def test_math_template_with_latex_braces(tmp_path):
+    path = _write(tmp_path, [json.dumps({"problem": "1+1", "answer": "2"})])
+    task = pgzoo.tasks.get("math", path=path, template="Q: {problem}. Put the answer in \\boxed{}: ", test_fraction=0.5)
+    p = [q for s in ("train", "test") for q in task.splits[s]][0]
+    assert p.prompt == "Q: 1+1. Put the answer in \\boxed{}: "
+
+
 def test_math_split_field(tmp_path):
     path = _write(tmp_path, [json.dumps({"problem": "a", "answer": "1", "split": "test"}),
                              json.dumps({"problem": "b", "answer": "2", "split": "train"})])

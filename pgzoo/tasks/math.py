@@ -5,7 +5,8 @@
 
 Each line is a JSON object holding at least ``problem_field`` and ``answer_field`` (blank lines are skipped). A line
 that does not parse, is not an object, or lacks a field raises :class:`pgzoo.ConfigError` naming the file and the
-line number. The prompt is ``template.format(problem=...)`` (default ``"{problem}\\nAnswer: "``).
+line number. The prompt is ``template`` with ``{problem}`` replaced by the problem (default
+``"{problem}\\nAnswer: "``; other braces, e.g. LaTeX, are kept as written).
 
 Splits: by a stable hash of the problem text (``test_fraction`` of them in ``test``), or, with ``split_field``, by
 that field's value (``"train"`` / ``"test"``).
@@ -165,7 +166,7 @@ class MathTask(Task):
                                           "use 'train' or 'test'")
                 else:
                     split = split_of(problem, self.test_fraction)
-                prompt = self.template.format(problem=problem)
+                prompt = self.template.replace("{problem}", problem)  # not str.format: templates may hold braces
                 splits[split].append(Problem(prompt=prompt, answer=answer, meta={"line": lineno}))
         if not any(splits.values()):
             raise ConfigError(f"math: {self.path} holds no problems")
