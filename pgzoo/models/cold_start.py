@@ -189,9 +189,6 @@ def teacher_forced_accuracy(model, ids, mask, labels) -> tuple[float, float]:
 def cold_start(task, seed: int = 0, config: SFTConfig | None = None, log=None):
     """Run the cold-start SFT (see module docstring); returns ``(model, tokenizer, card)`` without saving."""
     torch = require("torch", "hf")
-    from pgzoo.evaluate import evaluate
-    from pgzoo.models.tiny import build_tiny_moe, build_tokenizer
-
     config = config or SFTConfig()
     log = log or (lambda msg: None)
     threads = torch.get_num_threads()
