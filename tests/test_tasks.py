@@ -196,6 +196,16 @@ def test_math_loads_and_splits(tmp_path):
     assert task.sample(5, seed=3) == task.sample(5, seed=3)
 
 
+def test_math_fingerprint_follows_file_content(tmp_path):
+    path = _write(tmp_path, [json.dumps({"problem": "1+1", "answer": "2"})])
+    a = pgzoo.tasks.get("math", path=path).fingerprint()
+    _write(tmp_path, [json.dumps({"problem": "1+1", "answer": "3"})])
+    b = pgzoo.tasks.get("math", path=path).fingerprint()
+    assert a["sha256"] != b["sha256"] and {k: v for k, v in a.items() if k != "sha256"} == pgzoo.tasks.get(
+        "math", path=path).options
+    assert pgzoo.tasks.get("arithmetic").fingerprint() == pgzoo.tasks.get("arithmetic").options
+
+
 def test_math_template_with_latex_braces(tmp_path):
     path = _write(tmp_path, [json.dumps({"problem": "1+1", "answer": "2"})])
     task = pgzoo.tasks.get("math", path=path, template="Q: {problem}. Put the answer in \\boxed{}: ", test_fraction=0.5)

@@ -106,7 +106,8 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(task_name: str, task_options: dict[str, Any], seed: int, config: SFTConfig) -> str:
-    """sha256 (16 hex digits) of everything that affects the cold-start result."""
+    """sha256 (16 hex digits) of everything that affects the cold-start result (``task_options``: the task's
+    :meth:`~pgzoo.tasks.Task.fingerprint`, which adds a content hash for file-backed tasks)."""
     import torch
     import transformers
 
@@ -295,7 +296,7 @@ def ensure_cold_start(task_name: str = "arithmetic", task_options: dict[str, Any
         raise ConfigError(f"cold start: seed={seed!r}; use an integer")
     task = pgzoo.tasks.get(task_name, **(task_options or {}))
     config = SFTConfig.from_options(sft_options)
-    key = cache_key(pgzoo.tasks.base.canonical(task_name), task.options, seed, config)
+    key = cache_key(pgzoo.tasks.base.canonical(task_name), task.fingerprint(), seed, config)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = root / "cold-start" / f"{task.name}-{key}"
     with _lock(root / "cold-start" / f".{task.name}-{key}.lock"):

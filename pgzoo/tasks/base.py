@@ -88,6 +88,10 @@ class Task:
             )
         return [self.reward(c, p) for c, p in zip(completions, problems)]
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this task's problems, for caches: the options, plus data hashes where data is read."""
+        return dict(self.options)
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}({opts})"

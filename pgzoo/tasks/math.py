@@ -172,6 +172,12 @@ class MathTask(Task):
             raise ConfigError(f"math: {self.path} holds no problems")
         return splits
 
+    def fingerprint(self) -> dict:
+        """Options plus the sha256 of the file, so an edited file never reuses a stale cold start."""
+        import hashlib
+
+        return {**self.options, "sha256": hashlib.sha256(self.path.read_bytes()).hexdigest()}
+
     def sample(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
         check_count(n), check_split(split)
         pool = self.splits[split]
