@@ -4,7 +4,7 @@
     out = pgzoo.get("minirl")(pgzoo.TokenBatch(logprobs=..., mask=..., advantages=..., rollout_logprobs=...))
     out.loss.backward()
 
-The core (this package minus ``pgzoo.rollout.vllm`` and the adapters) imports with torch alone.
+The core (this package minus ``pgzoo.rollout.vllm_engine`` and the adapters) imports with torch alone.
 """
 
 from pgzoo.batch import TokenBatch

@@ -310,9 +310,11 @@ def test_load_weights_unwraps_compiled_module(vocab):
 
 
 def test_shared_module_engine(vocab):
-    policy = build_tiny_moe(vocab, seed=6)
+    policy = build_tiny_moe(vocab, seed=6).train()
     eng = TransformersEngine(policy, copy=False)
     assert eng.model is policy
+    # The caller's module (often the policy being trained) is neither frozen nor switched to eval mode.
+    assert policy.training and all(p.requires_grad for p in policy.parameters())
     eng.load_weights(policy)  # no-op
     ro = eng.generate(PROMPTS[:1], n=2, max_new_tokens=4, seed=0)
     assert (ro.logprobs - reference_logprobs(policy, ro)).abs()[ro.completion_mask].max() < 1e-3

@@ -118,8 +118,9 @@ class TransformersEngine:
         self.max_batch_size = max_batch_size
         self._fp8_names = set(fp8_parameter_names(model)) if fp8 else set()
         source = {k: v.detach() for k, v in model.state_dict().items()}
-        self.model = model.to(self.device).eval().requires_grad_(False)
         self._shares_module = model is model_or_path
+        # A shared module is the caller's (often the policy being trained): never freeze it or change its mode.
+        self.model = model if self._shares_module else model.to(self.device).eval().requires_grad_(False)
         if not self._shares_module:
             self._write(source)
         config = self.model.config
