@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_dry_run_prints_the_plan(capsys):
     assert main(["train", str(RECIPE), "train.num_minibatches=2", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "N=2 optimizer step(s)/step of 128 responses" in out
+    assert "N=2 optimizer step(s)/step of 256 responses" in out
     assert "old logprobs  yes (off-policy N>1)" in out
 
 

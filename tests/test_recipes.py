@@ -73,7 +73,7 @@ def test_overrides_are_dotted_and_typed():
     (["rollout.group_size=abc"], r"rollout.group_size"),
     (["rollout.engine=sglang"], r"rollout.engine"),
     (["train.lr=-1"], r"train.lr"),
-    (["train.num_minibatches=3"], r"num_minibatches=3 does not divide the 256 responses"),
+    (["train.num_minibatches=3"], r"num_minibatches=3 does not divide the 512 responses"),
     (["train.micro_batch_size=7"], r"micro_batch_size=7"),
     (["rollout.group_size=1"], r"group_size must be >= 2"),
     (["objective.name=minirll"], r"Did you mean 'minirl'"),
