@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pgzoo.errors import ConfigError, EngineError, PgzooError, require
+from pgzoo.errors import ConfigError, DependencyError, EngineError, PgzooError, require
 
 
 @dataclass
@@ -167,6 +167,11 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
         say(f"pgzoo: no checkpoint in {run_dir}; starting from the beginning")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe.dump())
+    start, kept_rows = 0, []
+    if ckpt is not None:
+        start = pl_adapter.checkpoint_step(ckpt) + 1
+        kept_rows = [r for r in _read_metrics(run_dir / "metrics.csv") if r.get("step", 0) <= start - 1]
+    loggers = _loggers(recipe, run_dir, kept_rows)  # before anything heavy: a missing logger package fails fast
     # 2. task and policy
     torch.manual_seed(recipe.seed)
     task = pgzoo.tasks.get(recipe.task.name, **recipe.task.options)
@@ -189,10 +194,7 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     say(f"pgzoo: starting the {recipe.rollout.engine} rollout engine from {policy_path} ...")
     engine = build_engine(recipe, policy_path)
     module = pl_adapter.RLModule(policy, tokenizer, objective, task, engine, loop_config(recipe), ref_policy)
-    start, kept_rows = 0, []
     if ckpt is not None:
-        start = pl_adapter.checkpoint_step(ckpt) + 1
-        kept_rows = [r for r in _read_metrics(run_dir / "metrics.csv") if r.get("step", 0) <= start - 1]
         say(f"pgzoo: resuming from {ckpt} at step {start}")
     checkpoint_cb = pl_adapter.HFCheckpoint(run_dir, every=recipe.output.checkpoint_every,
                                             keep=recipe.output.keep_checkpoints, total_steps=recipe.train.steps)
@@ -201,7 +203,6 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
         callbacks.append(_PeriodicEval(recipe, tokenizer, task, problems, run_dir, evals))
     if recipe.output.progress_bar and not quiet:
         callbacks.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1))
-    loggers = _loggers(recipe, run_dir, kept_rows)
     trainer = L.Trainer(accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1,
                         max_epochs=1, logger=loggers, callbacks=callbacks,
                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -299,14 +300,25 @@ def _loggers(recipe, run_dir: Path, kept_rows: list[dict] | None = None) -> list
                 warnings.simplefilter("ignore")
                 writer = csv_logger.experiment  # created now: it deletes an existing metrics.csv
             writer.metrics = [dict(r, step=int(r["step"])) for r in (kept_rows or [])]
+            writer.save()  # write them back at once: a failure before the first new step loses nothing
             out.append(csv_logger)
         elif name == "tensorboard":
-            require("tensorboard", "lightning")
+            _require_logger("tensorboard")
             out.append(L.pytorch.loggers.TensorBoardLogger(str(run_dir), name="tb", version=""))
         elif name == "wandb":
-            require("wandb", "lightning")
+            _require_logger("wandb")
             out.append(L.pytorch.loggers.WandbLogger(name=recipe.name, save_dir=str(run_dir)))
     return out
+
+
+def _require_logger(module: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise DependencyError(f"output.loggers asks for {module!r} but the {module} package is not installed; "
+                              f"pip install {module}, or drop it from output.loggers") from None
 
 
 def _finalize_loggers(trainer) -> None:
