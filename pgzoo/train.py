@@ -192,7 +192,9 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
         ref_policy, _ = load_policy(base_path, recipe.model.dtype)
         ref_policy.requires_grad_(False)
     say(f"pgzoo: starting the {recipe.rollout.engine} rollout engine from {policy_path} ...")
-    engine = build_engine(recipe, policy_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # engine-internal deprecation notices
+        engine = build_engine(recipe, policy_path)
     module = pl_adapter.RLModule(policy, tokenizer, objective, task, engine, loop_config(recipe), ref_policy)
     if ckpt is not None:
         say(f"pgzoo: resuming from {ckpt} at step {start}")
@@ -213,6 +215,7 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
         warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|exists and is not "
                                           "empty|LightningModule.optimizers|`training_step` returned).*")
         warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+        warnings.filterwarnings("ignore", message=".*treespec.*")
         try:
             if start < recipe.train.steps:
                 if ckpt is not None:
