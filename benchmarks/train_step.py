@@ -77,8 +77,8 @@ def memory(args) -> list[dict]:
             print(f"naive    T={r['T']:6d} V={r['V']}: not run; float32 logits alone {r['float32_logits_gb']:.2f} GB, "
                   f"logits + log-softmax >= {r['lower_bound_gb']:.2f} GB")
         else:
-            print(f"{r['method']:8s} T={r['T']:6d} V={r['V']} H={r['H']} chunk={r['chunk']}: peak +{r['peak_extra_gb']:.2f} GB "
-                  f"(fwd+bwd {r['seconds']:.1f} s)")
+            print(f"{r['method']:8s} T={r['T']:6d} V={r['V']} H={r['H']} chunk={r['chunk']}: "
+                  f"peak +{r['peak_extra_gb']:.2f} GB (fwd+bwd {r['seconds']:.1f} s)")
     return rows
 
 

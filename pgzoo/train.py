@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pgzoo.errors import ConfigError, DependencyError, EngineError, PgzooError, require
+from pgzoo.errors import ConfigError, DependencyError, PgzooError, require
 
 
 @dataclass
