@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import pgzoo.tasks
 from pgzoo.tasks import ArithmeticTask
 
@@ -12,7 +14,6 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "minirl.yaml
 VOLATILE = ("time/", "throughput/")
 
 
-@pgzoo.tasks.register("digit-fraction-test", override=True)
 class DigitFraction(ArithmeticTask):
     """Arithmetic prompts; reward = share of digit characters in the completion (dense, so advantages vary)."""
 
@@ -20,6 +21,14 @@ class DigitFraction(ArithmeticTask):
 
     def reward(self, completion, problem):
         return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def digit_fraction_task():
+    """Registers the test task for the importing module's tests only (no leak into other areas' registry tests)."""
+    pgzoo.tasks.register("digit-fraction-test", override=True)(DigitFraction)
+    yield DigitFraction
+    pgzoo.tasks.unregister("digit-fraction-test")
 
 
 def fresh_checkpoint(path: Path) -> Path:

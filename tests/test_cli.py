@@ -10,7 +10,7 @@ import pytest
 
 from pgzoo.cli import main
 
-from _train_helpers import RECIPE, fresh_checkpoint, overrides
+from _train_helpers import RECIPE, digit_fraction_task, fresh_checkpoint, overrides  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pgzoo.train as train_mod
 from pgzoo.errors import EngineError, PgzooError
 from pgzoo.recipes import load_recipe
 
-from _train_helpers import RECIPE, fresh_checkpoint, overrides, stable
+from _train_helpers import RECIPE, digit_fraction_task, fresh_checkpoint, overrides, stable  # noqa: F401
 
 REQUIRED = ["reward/mean", "reward/accuracy", "response/length_mean", "response/truncated_frac", "entropy/mean",
             "kl/train_inference_k1", "clip/low_fraction", "clip/high_fraction", "is/weight_mean", "is/weight_max",
