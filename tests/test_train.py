@@ -153,3 +153,13 @@ def test_short_run_with_vllm_rollouts(ckpt, tmp_path):
         assert row["log_ratio/train_inference_abs_mean"] < 1e-3
         assert 0.0 < row["reward/mean"] < 1.0
     assert res.checkpoint is not None and res.checkpoint.name == "step-000003"
+
+
+def test_periodic_evaluation_is_logged(ckpt, tmp_path):
+    out = tmp_path / "e"
+    recipe = load_recipe(RECIPE, overrides(ckpt, out, "train.steps=3", "eval.every=1", "eval.num_problems=4"))
+    train_mod.train(recipe, quiet=True)
+    during = json.loads((out / "eval.json").read_text())["during"]
+    assert sorted(during) == ["1", "2"] and "greedy_accuracy" in during["1"]
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert "eval/greedy_accuracy" in header
