@@ -16,13 +16,7 @@ from pgzoo.models.cold_start import SFTConfig, cache_key, cold_start, ensure_col
 BUDGET_S = 180.0  # the cold start's budget on 2 CPU cores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

@@ -14,15 +14,7 @@ from pgzoo.errors import ConfigError
 from pgzoo.evaluate import evaluate, pass_at_k
 from pgzoo.models import build_tiny_moe, build_tokenizer, save_pretrained
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads many times slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

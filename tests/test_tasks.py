@@ -11,15 +11,7 @@ from pgzoo.errors import ConfigError, PgzooError, UnknownNameError
 from pgzoo.tasks.arithmetic import evaluate_expression
 from pgzoo.tasks.math import normalised_match
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads many times slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

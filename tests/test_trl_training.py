@@ -30,13 +30,7 @@ def reward_digits(completions, **kwargs):
     return [float(sum(ch.isdigit() for ch in c[:4])) for c in completions]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model is far too small for intra-op threads; on a shared CPU they only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
