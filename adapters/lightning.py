@@ -23,10 +23,8 @@ same :meth:`RLModule.update` runs stand-alone (the DDP test drives it from two g
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from pgzoo import advantages as _advantages
 from pgzoo.batch import TokenBatch
 from pgzoo.diagnostics import entropy_metrics
 from pgzoo.errors import EngineError, PgzooError, RoutingError, require
+from pgzoo.fileio import atomic_folder
 from pgzoo.logprobs import completion_logprobs
 
 L = require("lightning", "lightning")
@@ -442,9 +441,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(module: RLModule, path: Path, step: int, extra: dict | None = None) -> Path:
     """Write an HF checkpoint + trainer state to ``path`` atomically (temp folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         gen = getattr(module.policy, "generation_config", None)
         if gen is not None and getattr(gen, "top_k", None) == 0 and not gen.do_sample:
             gen.do_sample = True  # a pure-temperature sampling config (top_k=0) must say it samples to validate
@@ -455,17 +452,6 @@ def save_checkpoint(module: RLModule, path: Path, step: int, extra: dict | None 
         torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "rng": rng_state(), "config": asdict(module.cfg), "history": module.history,
                     **(extra or {})}, tmp / STATE_FILE)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

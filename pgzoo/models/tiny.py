@@ -12,14 +12,12 @@ Nothing is downloaded: everything is built locally and saves with ``save_pretrai
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import string
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pgzoo.errors import ConfigError, require
+from pgzoo.fileio import atomic_folder
 
 CARD_NAME = "card.json"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -130,9 +128,7 @@ def save_pretrained(model, tokenizer, path, card: dict | None = None) -> Path:
     greedy decoding. Returns ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.do_sample, gen.temperature, gen.top_k, gen.top_p = True, 1.0, 0, 1.0
@@ -143,16 +139,6 @@ def save_pretrained(model, tokenizer, path, card: dict | None = None) -> Path:
         tokenizer.save_pretrained(tmp)
         if card is not None:
             (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "previous")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
