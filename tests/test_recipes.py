@@ -48,7 +48,9 @@ def test_paper_values_are_pinned(path):
         assert r.objective.options["eps_low"] == 0.2 and r.objective.options["eps_high"] == 0.27
     assert r.eval.k == 32 and set(r.eval.files) == {"hmmt25", "aime25", "aime24"}
     if path.stem == "cold-start-minirl-r2":
-        assert (r.rollout.prompts_per_step, r.train.num_minibatches, r.rollout.max_new_tokens) == (128, 2, 65536)
+        # global batch 4,096 responses split into N = 2 mini-batches of 2,048 (B = 128 prompts x G = 16)
+        assert (r.rollout.prompts_per_step, r.train.num_minibatches, r.rollout.max_new_tokens) == (256, 2, 65536)
+        assert r.minibatch_size == 2048
         assert r.train.routing_replay == "R2"
     else:
         assert r.minibatch_size == 1024 and r.rollout.max_new_tokens == 32768
