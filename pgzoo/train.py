@@ -240,6 +240,8 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
                 if ckpt is not None:
                     _restore_into_trainer(trainer, module, ckpt)
                 trainer.fit(module, train_dataloaders=pl_adapter.step_loader(start, recipe.train.steps))
+            # before the engine closes: closing an in-process vLLM engine tears the process group down
+            digests = _gather_digests(module.policy) if world > 1 else None
         except PgzooError as exc:
             last = pl_adapter.latest_checkpoint(run_dir)
             how = command or f"pgzoo train <recipe> output.dir={run_dir}"
@@ -250,7 +252,6 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
         finally:
             _close(engine)
     _finalize_loggers(trainer)
-    digests = _gather_digests(module.policy) if world > 1 else None
     if not lead:
         return None
     if digests is not None and len(set(digests)) != 1:
