@@ -22,7 +22,7 @@ pytest.importorskip("trl")
 import pgzoo  # noqa: E402
 from pgzoo import advantages as pg_advantages  # noqa: E402
 from pgzoo.errors import ConfigError, DependencyError, RoutingError  # noqa: E402
-from pgzoo.models import build_tiny_dense, build_tiny_moe, build_tokenizer  # noqa: E402
+from pgzoo.models import build_tiny_dense  # noqa: E402
 
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
@@ -31,20 +31,10 @@ from trl import GRPOConfig  # noqa: E402
 
 TEMPERATURE = 0.9
 MAX_LEN = 8
-PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (9, 9)]]
+from _trl_fixtures import PROMPTS, base_moe, tok  # noqa: E402,F401  (fixtures)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def base_moe(tok):
-    return build_tiny_moe(vocab_size=len(tok), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,11 @@ import math
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("trl")
 
 import pgzoo  # noqa: E402
-from pgzoo.models import build_tiny_moe, build_tokenizer  # noqa: E402
 
 datasets = pytest.importorskip("datasets")
 trl_adapter = pytest.importorskip("pgzoo.adapters.trl")
@@ -22,7 +20,7 @@ from trl import GRPOConfig  # noqa: E402
 from pgzoo.adapters.trl import EngineRollout, GRPOTrainer  # noqa: E402
 from pgzoo.rollout import TransformersEngine  # noqa: E402
 
-PROMPTS = [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (9, 9)]]
+from _trl_fixtures import PROMPTS, base_moe, tok  # noqa: E402,F401  (fixtures)
 
 
 def reward_digits(completions, **kwargs):
@@ -31,16 +29,6 @@ def reward_digits(completions, **kwargs):
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def base_moe(tok):
-    return build_tiny_moe(vocab_size=len(tok), seed=0)
 
 
 def config(tmp_path, **overrides):
