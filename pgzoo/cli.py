@@ -2,6 +2,7 @@
 
     pgzoo train RECIPE [key=value ...]     run a recipe (the GRPO-style Lightning loop)
     pgzoo recipe validate RECIPE ...       check recipes and print the resolved plan
+    pgzoo recipe list | cp NAME FILE       the recipes shipped with pgzoo; copy one to edit
     pgzoo cold-start [options]             supervised cold start of the embedded tiny policy
     pgzoo eval CHECKPOINT --task NAME      greedy accuracy and avg@k / pass@k
     pgzoo objectives                       list the registered objectives
@@ -23,7 +24,7 @@ from pgzoo.errors import PgzooError
 # subcommand -> (module, help). The module provides add_arguments(parser) and run(args).
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pgzoo.train", "run a recipe: rollouts, rewards, advantages, objective updates"),
-    "recipe": ("pgzoo.recipes", "validate recipes and print the resolved plan"),
+    "recipe": ("pgzoo.recipes", "list, copy and validate recipes"),
     "cold-start": ("pgzoo.models.cold_start", "supervised cold start of the embedded tiny policy"),
     "eval": ("pgzoo.evaluate", "evaluate a checkpoint on a task (greedy accuracy, avg@k, pass@k)"),
     "objectives": ("pgzoo.cli", "list the registered objectives with their defaults"),
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pgzoo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pgzoo recipe list | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

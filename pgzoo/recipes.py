@@ -13,6 +13,10 @@ Sizes (the paper's notation): B = ``rollout.prompts_per_step`` prompts per globa
 responses each, so B·G responses per step, split into N = ``train.num_minibatches`` mini-batches of B·G/N responses,
 one optimizer step each (N = 1 is on-policy; N > 1 is off-policy: mini-batch n is n updates stale).
 
+The recipes in ``recipes/`` ship inside the package (``pgzoo.recipe_files``): a recipe argument that is not a file
+names one (``tiny/minirl``, ``recipes/tiny/minirl.yaml``; :func:`find_recipe`), ``pgzoo recipe list`` lists them and
+``pgzoo recipe cp NAME FILE`` copies one to edit.
+
 ``pgzoo recipe validate RECIPE...`` checks files without loading any model (paths need not exist: file checks run
 when training starts, or here with ``--check-files``); ``pgzoo train RECIPE --dry-run`` prints the same plan.
 """
@@ -378,16 +382,69 @@ def recipe_from_dict(data: dict, overrides: list[str] | dict | None = None, *, s
     return recipe.check() if check else recipe
 
 
+# ---------------------------------------------------------------------- recipes shipped with pgzoo
+def shipped_recipe_dir() -> Path | None:
+    """The folder of the recipes pgzoo ships: the repository's ``recipes/``, installed as ``pgzoo.recipe_files``
+    (so ``pgzoo train tiny/minirl`` works from any folder, with a wheel install too)."""
+    from importlib import resources
+
+    try:
+        folder = Path(str(resources.files("pgzoo.recipe_files")))
+    except (ModuleNotFoundError, TypeError):  # an install made before the recipes were packaged
+        folder = Path(__file__).resolve().parent.parent / "recipes"
+    return folder if (folder / "tiny").is_dir() else None
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Shipped recipes by name (``tiny/minirl``, ``paper/offpolicy-n4-minirl-r2``, ...), sorted."""
+    folder = shipped_recipe_dir()
+    if folder is None:
+        return {}
+    found = {f"{p.parent.name}/{p.stem}": p for p in folder.glob("*/*.yaml")}
+    return dict(sorted(found.items()))
+
+
+def find_recipe(name: str | os.PathLike) -> Path:
+    """Resolve a recipe argument: an existing YAML file, else a shipped recipe (:func:`shipped_recipe`).
+
+    A local file of the same path always wins, so ``recipes/tiny/minirl.yaml`` is the checkout's file inside a
+    checkout and the installed copy anywhere else.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ConfigError(f"recipe {str(name)!r} is a folder; give one YAML file in it, e.g. "
+                          f"{next(iter(sorted(path.glob('*.yaml'))), path / 'minirl.yaml')}")
+    return shipped_recipe(name, missing="not found: no such file, and no shipped recipe of that name")
+
+
+def shipped_recipe(name: str | os.PathLike, *, missing: str = "no shipped recipe of that name") -> Path:
+    """The shipped recipe ``name``: ``tiny/minirl``, ``tiny/minirl.yaml`` or ``recipes/tiny/minirl.yaml`` (the paths
+    the docs and the recipe headers use), or a bare file name that only one grid has (``cold-start-minirl-r2``)."""
+    shipped = shipped_recipes()
+    key = Path(name).as_posix()
+    for prefix in ("./", "recipes/"):
+        key = key[len(prefix):] if key.startswith(prefix) else key
+    for ext in (".yaml", ".yml"):
+        key = key[: -len(ext)] if key.endswith(ext) else key
+    if key in shipped:
+        return shipped[key]
+    matches = [k for k in shipped if k.split("/", 1)[1] == key] if "/" not in key else []
+    if len(matches) == 1:
+        return shipped[matches[0]]
+    if matches:
+        raise ConfigError(f"recipe {str(name)!r} is ambiguous: {' or '.join(matches)}? Name the grid "
+                          "(`pgzoo recipe list` shows every shipped recipe)")
+    raise ConfigError(f"recipe {str(name)!r}: {missing}.{suggest(key, shipped)} `pgzoo recipe list` shows the "
+                      "shipped recipes; `pgzoo recipe cp NAME FILE` copies one to edit")
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | dict | None = None, *, check: bool = True) -> Recipe:
-    """Load a recipe YAML, apply ``key=value`` overrides, validate types and combinations."""
+    """Load a recipe YAML (a file, or a shipped recipe's name: see :func:`find_recipe`), apply ``key=value``
+    overrides, validate types and combinations."""
     yaml = require("yaml", "lightning")
-    path = Path(path)
-    if not path.is_file():
-        hint = ""
-        tiny = Path("recipes/tiny")
-        if tiny.is_dir():
-            hint = f" Recipes here: {', '.join(sorted(str(p) for p in tiny.glob('*.yaml'))[:6])} ..."
-        raise ConfigError(f"recipe file {str(path)!r} not found.{hint}")
+    path = find_recipe(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -397,16 +454,64 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | dict | None = No
     return recipe_from_dict(data, overrides, source=str(path), check=check)
 
 
-# ---------------------------------------------------------------------- `pgzoo recipe validate`
+# ---------------------------------------------------------------------- `pgzoo recipe validate | list | cp`
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
     v = sub.add_parser("validate", help="check recipe files and print the resolved plan")
-    v.add_argument("recipes", nargs="+", help="recipe YAML files (key=value overrides may follow)")
+    v.add_argument("recipes", nargs="+", help="recipe YAML files or shipped recipe names (key=value overrides "
+                                              "may follow)")
     v.add_argument("--check-files", action="store_true", help="also require model/eval/task paths to exist")
     v.add_argument("--print", dest="print_yaml", action="store_true", help="print the fully resolved YAML")
+    ls = sub.add_parser("list", help="list the recipes shipped with pgzoo")
+    ls.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'tiny/offpolicy-*'")
+    cp = sub.add_parser("cp", help="copy a shipped recipe to a file, to edit")
+    cp.add_argument("name", help="shipped recipe, e.g. tiny/minirl")
+    cp.add_argument("dest", help="destination file (or folder)")
+    cp.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+
+def list_recipes(pattern: str = "*") -> list[tuple[str, str]]:
+    """(name, description) of the shipped recipes matching the wildcard ``pattern``."""
+    import fnmatch
+
+    yaml = require("yaml", "lightning")
+    out = []
+    for name, path in shipped_recipes().items():
+        if fnmatch.fnmatch(name, pattern):
+            data = yaml.safe_load(path.read_text()) or {}
+            out.append((name, str(data.get("description", "")) if isinstance(data, dict) else ""))
+    return out
+
+
+def copy_recipe(name: str, dest: str | os.PathLike, *, force: bool = False) -> Path:
+    """Copy the shipped recipe ``name`` to ``dest`` (a file, or an existing folder); never overwrites unless
+    ``force``. Returns the written path."""
+    import shutil
+
+    src = shipped_recipe(name)
+    target = Path(dest)
+    if target.is_dir():
+        target = target / src.name
+    if target.exists() and not force:
+        raise ConfigError(f"{target} exists; pass --force to overwrite it, or choose another file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, target)
+    return target
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.recipe_command == "list":
+        rows = list_recipes(args.pattern)
+        if not rows:
+            raise ConfigError(f"no shipped recipe matches {args.pattern!r}; `pgzoo recipe list` shows them all")
+        width = max(len(n) for n, _ in rows)
+        for name, description in rows:
+            print(f"{name:{width}s}  {description}")
+        return 0
+    if args.recipe_command == "cp":
+        target = copy_recipe(args.name, args.dest, force=args.force)
+        print(f"copied {args.name} to {target}; run it with: pgzoo train {target}")
+        return 0
     files = [a for a in args.recipes if "=" not in a]
     overrides = [a for a in args.recipes if "=" in a]
     if not files:
@@ -422,6 +527,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["Recipe", "load_recipe", "recipe_from_dict", "parse_overrides", "add_arguments", "run",
+__all__ = ["Recipe", "load_recipe", "recipe_from_dict", "parse_overrides", "add_arguments", "run", "find_recipe",
+           "shipped_recipe", "shipped_recipes", "shipped_recipe_dir", "list_recipes", "copy_recipe",
            "ModelSection", "TaskSection", "ObjectiveSection", "RolloutSection", "TrainSection", "EvalSection",
            "OutputSection"]

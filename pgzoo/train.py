@@ -713,7 +713,8 @@ def _fmt(v) -> str:
 
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/minirl.yaml")
+    parser.add_argument("recipe", help="recipe YAML, or a shipped recipe's name, e.g. recipes/tiny/minirl.yaml "
+                        "or tiny/minirl (see `pgzoo recipe list`)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     parser.add_argument("--resume", action="store_true", help="continue the run in output.dir from its newest "
