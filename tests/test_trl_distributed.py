@@ -28,10 +28,11 @@ def worker(out_dir: str) -> None:
     import test_trl as T
 
     import pgzoo
+    from pgzoo.models import build_tiny_moe, build_tokenizer
 
     rank = int(os.environ["RANK"])
-    tok = T.build_tokenizer()
-    base = T.build_tiny_moe(vocab_size=len(tok), seed=0)
+    tok = build_tokenizer()
+    base = build_tiny_moe(vocab_size=len(tok), seed=0)
     for run, (name, routing) in RUNS.items():
         trainer = T.run_spy(Path(out_dir) / f"run-{run}", base, tok, pgzoo.get(name), routing_replay=routing,
                             config={"max_steps": 2, "dataloader_num_workers": 0})
@@ -57,9 +58,10 @@ def test_gradient_equals_objective_across_two_processes(tmp_path):
     import test_trl as T
 
     import pgzoo
+    from pgzoo.models import build_tiny_moe, build_tokenizer
 
-    tok = T.build_tokenizer()
-    base = T.build_tiny_moe(vocab_size=len(tok), seed=0)
+    tok = build_tokenizer()
+    base = build_tiny_moe(vocab_size=len(tok), seed=0)
     for run, (name, routing) in RUNS.items():
         ranks = [torch.load(tmp_path / f"{run}-rank{r}.pt", weights_only=False) for r in range(2)]
         assert len(ranks[0]) == len(ranks[1]) == 2
