@@ -1,6 +1,6 @@
 """Run the paper's grid at tiny scale (the shipped ``recipes/tiny/*.yaml``) and tabulate the outcome.
 
-    python benchmarks/tiny_grid.py [--out runs/tiny-grid] [--pattern 'offpolicy-n4-*'] [--seeds 0 1]
+    python benchmarks/tiny_grid.py [--out runs/tiny-grid] [--pattern 'offpolicy-n4-*' minirl] [--seeds 0 1]
                                    [--set rollout.engine=transformers --set rollout.fp8=true --label fp8]
     python benchmarks/tiny_grid.py --collect-only [--out runs/tiny-grid]
 
@@ -30,11 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_recipes(pattern: str) -> list[str]:
+def tiny_recipes(*patterns: str) -> list[str]:
+    """Shipped tiny recipes (``tiny/NAME``) whose NAME matches any of the glob ``patterns``, sorted."""
     from pgzoo.recipes import shipped_recipes
 
     names = [n for n in shipped_recipes() if n.startswith("tiny/")]
-    return [n for n in names if fnmatch.fnmatch(n.removeprefix("tiny/"), pattern)]
+    return [n for n in names if any(fnmatch.fnmatch(n.removeprefix("tiny/"), p) for p in patterns)]
 
 
 def run_dir_name(recipe: str, seed: int, label: str) -> str:
@@ -117,7 +118,8 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "tiny-grid", help="folder of the grid's run folders")
-    p.add_argument("--pattern", default="*", help="glob over the tiny recipe names, e.g. 'offpolicy-n4-*'")
+    p.add_argument("--pattern", nargs="+", default=["*"], help="globs over the tiny recipe names, e.g. "
+                   "'offpolicy-n4-*' or minirl minirl-no-is")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for every run (repeatable), e.g. rollout.fp8=true")
@@ -127,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
     if not args.collect_only:
-        recipes = tiny_recipes(args.pattern)
+        recipes = tiny_recipes(*args.pattern)
         if not recipes:
-            p.error(f"no tiny recipe matches {args.pattern!r}; see `pgzoo recipe list tiny/`")
+            p.error(f"no tiny recipe matches {' '.join(args.pattern)}; see `pgzoo recipe list tiny/`")
         for seed in args.seeds:
             for recipe in recipes:
                 rc, _ = run_one(recipe, seed, args.out, args.label, args.overrides)

@@ -25,6 +25,7 @@ def test_selects_tiny_recipes_by_pattern(grid):
         "tiny/offpolicy-n4-minirl-r2", "tiny/offpolicy-n4-minirl-r3"]
     assert len(grid.tiny_recipes("*")) == 18
     assert grid.tiny_recipes("no-such-*") == []
+    assert grid.tiny_recipes("minirl-no-is", "minirl") == ["tiny/minirl", "tiny/minirl-no-is"]
 
 
 def _fake_run(out: Path, name: str, rewards: list[float], gaps: list[float]) -> None:
