@@ -9,7 +9,8 @@ masking-by-replacement, no metrics. The two are timed interleaved in the same ru
 process CPU time, one thread by default), so load from other processes hits both alike; the ratio pgzoo / bare is
 what to read. pgzoo's side builds the TokenBatch
 inside the timed region with ``check_values=False`` (trainers that validate upstream do this; the value check is one
-host sync); the column ``checked`` times it with the check on.
+host sync); the column ``checked`` times it with the check on, and ``loss only`` times
+``pgzoo.get(name, metrics=False)``: the same loss and gradient without the diagnostics.
 """
 
 from __future__ import annotations
@@ -168,13 +169,14 @@ def main(argv=None) -> int:
     clock = "wall" if WALL or DEVICE.type != "cpu" else "process CPU"
     print(f"# [{args.batch}, {args.length}] float32, torch {torch.__version__}, {where}, {clock} time, "
           f"min of {args.repeats}")
-    header = "| objective | bare ms | pgzoo ms | ratio | checked ms |"
+    header = "| objective | bare ms | pgzoo ms | ratio | loss only ms | loss-only ratio | checked ms |"
     if args.compile:
-        header += " bare compiled ms | pgzoo compiled ms | compiled ratio |"
+        header += " bare compiled ms | pgzoo compiled ms | compiled ratio | loss-only compiled ratio |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name in args.names:
         obj = pgzoo.get(name)
+        obj_loss_only = pgzoo.get(name, metrics=False)  # same loss and gradient, no diagnostics
         bare = BARE[name]
         # correctness first: the bare loss is the same formula (same gradient)
         g_ref = bare_step(bare, lp, m, adv, old, mu, ref)
@@ -182,40 +184,53 @@ def main(argv=None) -> int:
         torch.testing.assert_close(g_obj, g_ref, rtol=1e-4, atol=1e-9)
         run_p = lambda: pgzoo_step(obj, lp, m, adv, old, mu, ref)  # noqa: E731
         run_c = lambda: pgzoo_step(obj, lp, m, adv, old, mu, ref, True)  # noqa: E731
+        run_n = lambda: pgzoo_step(obj_loss_only, lp, m, adv, old, mu, ref)  # noqa: E731
         run_b = lambda: bare_step(bare, lp, m, adv, old, mu, ref)  # noqa: E731
-        for f in (run_p, run_b):
+        for f in (run_p, run_n, run_b):
             f()
-        tp, tb, tc = [], [], []
-        for _ in range(args.repeats):  # interleaved: load affects both sides alike
+        tp, tn, tb, tc = [], [], [], []
+        for _ in range(args.repeats):  # interleaved: load affects all sides alike
             tb += timeit(run_b, 1)
             tp += timeit(run_p, 1)
+            tn += timeit(run_n, 1)
             tc += timeit(run_c, 1)
-        b, p, c = (min(x) * 1e3 for x in (tb, tp, tc))
-        row = f"| `{name}` | {b:.1f} | {p:.1f} | {p / b:.2f}x | {c:.1f} |"
+        b, p, n, c = (min(x) * 1e3 for x in (tb, tp, tn, tc))
+        row = f"| `{name}` | {b:.1f} | {p:.1f} | {p / b:.2f}x | {n:.1f} | {n / b:.2f}x | {c:.1f} |"
         if args.compile:
-            row += compiled_row(name, obj, bare, lp, m, adv, old, mu, ref, args.repeats)
+            row += compiled_row(obj, obj_loss_only, bare, lp, m, adv, old, mu, ref, args.repeats)
         print(row, flush=True)
     return 0
 
 
-def compiled_row(name, obj, bare, lp, m, adv, old, mu, ref, repeats):
+def compiled_row(obj, obj_loss_only, bare, lp, m, adv, old, mu, ref, repeats):
+    # Fresh compile caches per objective: the functions below are new closures each time, and past dynamo's
+    # recompile limit (8) a function silently runs eager, which would time the last objectives uncompiled.
+    torch._dynamo.reset()
     try:
-        def p_loss(lp_, m_, adv_, old_, mu_, ref_):
-            batch = pgzoo.TokenBatch(logprobs=lp_, mask=m_, advantages=adv_, old_logprobs=old_,
-                                     rollout_logprobs=mu_, ref_logprobs=ref_, check_values=False)
-            out = obj(batch)
-            return out.loss, out.metrics
+        def make_p_loss(objective):
+            def p_loss(lp_, m_, adv_, old_, mu_, ref_):
+                batch = pgzoo.TokenBatch(logprobs=lp_, mask=m_, advantages=adv_, old_logprobs=old_,
+                                         rollout_logprobs=mu_, ref_logprobs=ref_, check_values=False)
+                out = objective(batch)
+                return out.loss, out.metrics
+            return p_loss
 
         def b_loss(lp_, m_, adv_, old_, mu_, ref_):
             return bare(lp_, m_.to(lp_.dtype), adv_[:, None].expand_as(lp_), old_, mu_, ref_)
 
-        cp, cb = torch.compile(p_loss), torch.compile(b_loss)
+        cp, cn, cb = torch.compile(make_p_loss(obj)), torch.compile(make_p_loss(obj_loss_only)), torch.compile(b_loss)
 
-        def run_cp():
+        def run_compiled(fn):
             x = lp.detach().requires_grad_(True)
-            loss, _ = cp(x, m, adv, old, mu, ref)
+            loss, _ = fn(x, m, adv, old, mu, ref)
             loss.backward()
             return x.grad
+
+        def run_cp():
+            return run_compiled(cp)
+
+        def run_cn():
+            return run_compiled(cn)
 
         def run_cb():
             x = lp.detach().requires_grad_(True)
@@ -223,16 +238,18 @@ def compiled_row(name, obj, bare, lp, m, adv, old, mu, ref, repeats):
             return x.grad
 
         torch.testing.assert_close(run_cp(), run_cb(), rtol=1e-4, atol=1e-9)
-        for f in (run_cp, run_cb):
+        torch.testing.assert_close(run_cn(), run_cb(), rtol=1e-4, atol=1e-9)
+        for f in (run_cp, run_cn, run_cb):
             f()
-        tp, tb = [], []
+        tp, tn, tb = [], [], []
         for _ in range(repeats):
             tb += timeit(run_cb, 1)
             tp += timeit(run_cp, 1)
-        b, p = min(tb) * 1e3, min(tp) * 1e3
-        return f" {b:.1f} | {p:.1f} | {p / b:.2f}x |"
+            tn += timeit(run_cn, 1)
+        b, p, n = min(tb) * 1e3, min(tp) * 1e3, min(tn) * 1e3
+        return f" {b:.1f} | {p:.1f} | {p / b:.2f}x | {n / b:.2f}x |"
     except Exception as exc:  # report, do not hide: compile support varies by platform
-        return f" failed: {type(exc).__name__}: {str(exc).splitlines()[0][:60]} | | |"
+        return f" failed: {type(exc).__name__}: {str(exc).splitlines()[0][:60]} | | | |"
 
 
 if __name__ == "__main__":

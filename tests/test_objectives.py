@@ -390,3 +390,33 @@ def test_defaults_match_design_table():
     assert all("arXiv" in pgzoo.get(n).paper for n in NAMES)
     with pytest.raises(pgzoo.UnknownNameError, match="group-mean"):
         pgzoo.get("grpo", default_advantage="group-mean-sdt")
+
+
+# ---------------------------------------------------------------------------------------------- metrics=False
+@pytest.mark.parametrize("variant", [
+    *[(n, {}) for n in NAMES],
+    ("grpo", {"beta": 0.04}),
+    ("dapo", {"correction": {"level": "token", "mode": "truncate", "cap": 2.0}}),
+    ("cispo", {"correction": {"level": "sequence", "mode": "mask", "high": 3.0}}),
+    ("gspo", {"correction": {"level": "geometric", "mode": "truncate", "cap": 1.5}}),
+    ("gspo-token", {"correction": {"level": "token", "mode": "mask", "high": 2.0}}),
+], ids=lambda v: v[0] + ("+" + "+".join(v[1]) if v[1] else ""))
+def test_metrics_off_gives_the_same_loss_and_gradient_and_no_metrics(variant):
+    name, options = variant
+    full, bare = pgzoo.get(name, **options), pgzoo.get(name, metrics=False, **options)
+    assert bare.report_metrics is False and full.report_metrics is True
+    assert bare.config == full.config and "metrics=False" in repr(bare) and "metrics" not in repr(full)
+    for seed, scenario in enumerate(["off-policy", "far", "per-token-adv"]):
+        batch = random_batch(5, 7, seed=seed, pad_value=float("nan"), **SCENARIOS[scenario])
+        out_full, g_full = lib_grad(full, batch)
+        out_bare, g_bare = lib_grad(bare, batch)
+        assert out_bare.metrics == {} and len(out_full.metrics) > 5
+        torch.testing.assert_close(out_bare.loss, out_full.loss, rtol=0, atol=0)
+        torch.testing.assert_close(g_bare, g_full, rtol=0, atol=0)
+
+
+def test_metrics_flag_is_validated():
+    with pytest.raises(pgzoo.ConfigError, match="metrics="):
+        pgzoo.get("minirl", metrics="no")
+    with pytest.raises(pgzoo.ConfigError, match="default_advantage, paper, metrics"):
+        pgzoo.get("minirl", metrix=False)

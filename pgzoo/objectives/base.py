@@ -87,7 +87,10 @@ class Objective:
         paper: the reference (title and arXiv id).
 
     ``default_advantage`` and ``paper`` may also be given per instance (``pgzoo.get("grpo",
-    default_advantage="leave-one-out")``) or per registration; every other keyword is a ``Config`` field.
+    default_advantage="leave-one-out")``) or per registration; every other keyword is a ``Config`` field, except
+    ``metrics``: ``pgzoo.get("minirl", metrics=False)`` returns the same loss and gradient with an empty
+    ``out.metrics``, skipping the diagnostics' passes over the batch (on CPU they cost more than the loss itself;
+    see docs/objectives.md, Speed).
     ``requires`` is finalised per instance: ``extra_requires()`` adds fields the config needs (a correction needs
     ``rollout_logprobs``, GRPO's β > 0 needs ``ref_logprobs``).
     """
@@ -104,9 +107,13 @@ class Objective:
 
     def __init__(
         self, name: str | None = None, *, default_advantage: str | None = None, paper: str | None = None,
-        **overrides: Any,
+        metrics: bool = True, **overrides: Any,
     ):
         self.validate_overrides(overrides)
+        if not isinstance(metrics, bool):
+            raise ConfigError(f"metrics={metrics!r} must be True (report diagnostics in out.metrics, the default) "
+                              f"or False (loss only)")
+        self.report_metrics = metrics
         if "correction" in overrides:
             from pgzoo.correction import as_correction
 
@@ -130,11 +137,11 @@ class Objective:
     @classmethod
     def validate_overrides(cls, overrides: dict[str, Any]) -> None:
         valid = [f.name for f in dataclasses.fields(cls.Config)]
-        unknown = sorted(set(overrides) - set(valid) - {"default_advantage", "paper"})
+        unknown = sorted(set(overrides) - set(valid) - {"default_advantage", "paper", "metrics"})
         if unknown:
             raise ConfigError(
                 f"{cls.__name__} has no parameter(s) {', '.join(map(repr, unknown))}; "
-                f"valid keys: {', '.join(valid) or '(none)'}"
+                f"valid keys: {', '.join(valid) or '(none)'} (and default_advantage, paper, metrics)"
             )
 
     def extra_requires(self) -> frozenset[str]:
@@ -166,6 +173,8 @@ class Objective:
 
     def __repr__(self) -> str:
         params = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
+        if not self.report_metrics:
+            params += ", metrics=False"
         return f"{type(self).__name__}(name={self.name!r}, {params})"
 
 

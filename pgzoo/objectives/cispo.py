@@ -58,18 +58,21 @@ class CISPO(Objective):
         lp = batch.masked(batch.logprobs)
         adv = batch.token_advantages()
         log_r = lp.detach() - batch.clean("old_logprobs")
-        lo, hi = log_bounds(c.eps_low, c.eps_high)
-        low, high = log_r < lo, log_r > hi
         r_minus_one = log_r.clamp(max=40.0).expm1_()  # shared with the metrics; an unbounded weight stays finite
         weight = (r_minus_one + 1.0).clamp_(min=None if c.eps_low is None else 1.0 - c.eps_low,
                                             max=None if c.eps_high is None else 1.0 + c.eps_high)
         coef = weight * adv
-        metrics = policy_metrics(batch, log_r, staleness_expm1=r_minus_one)
         if c.correction is not None:
             corr, corr_metrics = c.correction.token_weights(batch)
             coef = corr * coef
-            metrics.update(corr_metrics)
         loss = -aggregate(coef * lp, batch, c.aggregation, clean=True)
+        if not self.report_metrics:
+            return ObjectiveOutput(loss, {})
+        lo, hi = log_bounds(c.eps_low, c.eps_high)
+        low, high = log_r < lo, log_r > hi  # where the weight is clipped (it keeps its gradient path via lp)
+        metrics = policy_metrics(batch, log_r, staleness_expm1=r_minus_one)
+        if c.correction is not None:
+            metrics.update(corr_metrics)
         metrics.update(clip_metrics(low, high, mask))
         metrics.update(weight_metrics(weight, low | high, mask, batch.mask_float()))
         return ObjectiveOutput(loss, metrics)

@@ -79,8 +79,7 @@ class GSPO(Objective):
         lengths = batch.seq_lengths().clamp_min(1.0)
         log_s = (log_r.sum(-1) / lengths).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)  # [B], with gradient
         lo, hi = log_bounds(c.eps_low, c.eps_high)
-        metrics = policy_metrics(batch, log_r.detach())
-        metrics["gspo/seq_ratio_mean"] = masked_mean(log_s.detach().exp(), batch.has_tokens())
+        corr_metrics = {}
         if c.token_level:
             adv = batch.token_advantages()
             log_s_tok = log_s.detach()[:, None] + (lp - lp.detach())  # value log s_i, gradient of lp
@@ -90,7 +89,6 @@ class GSPO(Objective):
             if c.correction is not None:
                 weight, corr_metrics = c.correction.token_weights(batch)
                 term = weight * term
-                metrics.update(corr_metrics)
             loss = -aggregate(term, batch, "seq-mean-token-mean", clean=True)
         else:
             adv = batch.advantages.to(lp.dtype)
@@ -104,8 +102,12 @@ class GSPO(Objective):
             if c.correction is not None:
                 weight, corr_metrics = c.correction.weights(batch)
                 term = weight * term
-                metrics.update(corr_metrics)
             loss = -aggregate(term, batch, "seq-mean", clean=True)
+        if not self.report_metrics:
+            return ObjectiveOutput(loss, {})
+        metrics = policy_metrics(batch, log_r.detach())
+        metrics["gspo/seq_ratio_mean"] = masked_mean(log_s.detach().exp(), batch.has_tokens())
+        metrics.update(corr_metrics)
         metrics.update(clip_metrics(low, high, where))
         return ObjectiveOutput(loss, metrics)
 

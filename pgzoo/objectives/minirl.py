@@ -94,9 +94,11 @@ class MiniRL(Objective):
         if c.clip:
             low, high = ppo_clip_flags(log_r, adv, *log_bounds(c.eps_low, c.eps_high))
             coef.mul_(~(low | high))  # M: 0 on the clipped side
-        else:
-            low = high = torch.zeros_like(mask)
         loss = -aggregate(coef * lp, batch, c.aggregation, clean=True)
+        if not self.report_metrics:
+            return ObjectiveOutput(loss, {})
+        if not c.clip:
+            low = high = torch.zeros_like(mask)  # nothing is clipped
         if c.train_inference_is:
             metrics = policy_metrics(batch, log_r, total_log=log_w, total_expm1=w_minus_one)
         else:
