@@ -38,6 +38,7 @@ from pgzoo.diagnostics import entropy_metrics
 from pgzoo.errors import EngineError, PgzooError, RoutingError, require
 from pgzoo.fileio import atomic_folder
 from pgzoo.logprobs import completion_logprobs
+from pgzoo.rollout.sync_check import check_sync
 
 L = require("lightning", "lightning")
 
@@ -63,6 +64,7 @@ class LoopConfig:
     advantage: str | None = None
     use_rollout_logprobs: bool = True
     seed: int = 0
+    verify_sync: float | None = None  # after each sync: tolerance of the engine-vs-policy logprob parity probe
 
     @property
     def needs_old_logprobs(self) -> bool:
@@ -154,6 +156,18 @@ class RLModule(L.LightningModule):
         else:
             loss.backward()
 
+    def _verify_sync(self, data: RolloutBatch, step: int) -> dict[str, float]:
+        """Parity of the freshly synced engine with the policy on a probe: the step's first prompts (up to 4), 8
+        tokens each at temperature 1. Raises EngineError above ``verify_sync`` (see pgzoo.rollout.sync_check)."""
+        rows = range(0, min(len(data.prompt_ids), 4 * self.cfg.group_size), self.cfg.group_size)
+        probe = [data.prompt_ids[i][data.prompt_mask[i]].tolist() for i in rows]
+        try:
+            result = check_sync(self.engine, self.policy, probe, max_new_tokens=min(8, self.cfg.max_new_tokens),
+                                seed=self.step_seed(step) + 1, tolerance=self.cfg.verify_sync)
+        except EngineError as exc:
+            raise EngineError(f"step {step}: {exc}") from exc
+        return {"sync/logprob_abs_diff_mean": result.mean_abs_diff, "sync/logprob_abs_diff_max": result.max_abs_diff}
+
     # ------------------------------------------------------------------ the loop
     def training_step(self, batch, batch_idx):
         step = int(batch)
@@ -187,6 +201,8 @@ class RLModule(L.LightningModule):
         except Exception as exc:
             raise EngineError(f"rollout engine {type(self.engine).__name__} failed to load the weights of step "
                               f"{step}: {type(exc).__name__}: {exc}") from exc
+        if self.cfg.verify_sync is not None:
+            metrics.update(self._verify_sync(data, step))
         t3 = time.perf_counter()
         # 7. log: one row per global step
         tokens = int(_all_reduce_sum(data.completion_mask.sum().float().clone()).item())

@@ -137,7 +137,6 @@ def align_routes(rollouts, prompt_len: int, completion_len: int) -> torch.Tensor
     if routes is None:
         raise EngineError("the rollout engine returned no routes; R3 needs engine.generate(..., return_routes=True)")
     n, P = rollouts.prompt_ids.shape
-    T = rollouts.completion_ids.shape[1]
     p_len = rollouts.prompt_mask.bool().sum(1).tolist()
     c_len = rollouts.completion_mask.bool().sum(1).tolist()
     if max(p_len) > prompt_len or max(c_len) > completion_len:

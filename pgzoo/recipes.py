@@ -82,6 +82,10 @@ class RolloutSection(_Section):
                               "'none': do not (objectives without training-inference correction only)")
     gpu_memory_utilization: float = Field(0.1, gt=0, le=1, description="vLLM only")
     max_model_len: int | None = Field(None, gt=0, description="vLLM only; default prompt + max_new_tokens headroom")
+    verify_sync: float | None = Field(
+        None, gt=0, description="after each weight sync, sample a probe (4 prompts x 8 tokens) and stop the run if the "
+                                "engine's mean |log mu - log pi| on it exceeds this (e.g. 1e-4 for float32 engines); "
+                                "null = off")
 
 
 class TrainSection(_Section):
@@ -260,7 +264,8 @@ class Recipe(_Section):
             f"{self.objective.advantage or 'objective default'}",
             f"rollout       {r.engine} ({r.dtype}{', fp8' if r.fp8 else ''}), B={r.prompts_per_step} prompts x "
             f"G={r.group_size} = {self.responses_per_step} responses/step, <= {r.max_new_tokens} new tokens, "
-            f"T={r.temperature}, μ logprobs: {r.logprobs}",
+            f"T={r.temperature}, μ logprobs: {r.logprobs}"
+            f"{'' if r.verify_sync is None else f', sync checked (mean |Δ log p| <= {r.verify_sync:g})'}",
             f"updates       N={t.num_minibatches} optimizer step(s)/step of {self.minibatch_size} responses"
             f"{'' if t.micro_batch_size is None else f' in micro-batches of {t.micro_batch_size}'}"
             f", lr={t.lr:g}, grad_clip={t.grad_clip}, devices={t.devices}",

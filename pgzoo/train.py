@@ -141,7 +141,7 @@ def loop_config(recipe):
                       betas=tuple(t.betas), grad_clip=t.grad_clip, warmup_steps=t.warmup_steps,
                       routing_replay=t.routing_replay, logprob_chunk_size=t.logprob_chunk_size,
                       advantage=recipe.objective.advantage, use_rollout_logprobs=r.logprobs == "engine",
-                      seed=recipe.seed)
+                      seed=recipe.seed, verify_sync=r.verify_sync)
 
 
 # ---------------------------------------------------------------------- the run

@@ -392,3 +392,25 @@ def test_vllm_engine_settings_checked_before_start(tmp_path):
         VLLMEngine(tmp_path)
     with pytest.raises(ConfigError, match="dtype"):
         VLLMEngine(tmp_path, dtype="fp8")
+
+
+def test_check_sync_measures_engine_policy_parity(moe, engine, vocab):
+    from pgzoo.rollout import check_sync
+
+    fp32 = check_sync(engine, moe, PROMPTS, tolerance=1e-4)
+    assert fp32.num_tokens > 0 and fp32.mean_abs_diff < 1e-5
+    bf16 = check_sync(TransformersEngine(moe, dtype="bfloat16"), moe, PROMPTS)
+    assert bf16.mean_abs_diff > 100 * fp32.mean_abs_diff  # the engine's precision is the gap: set tolerance above it
+    other = build_tiny_moe(vocab, seed=5)  # an engine holding other weights than the policy
+    with pytest.raises(EngineError, match=r"weight sync check failed.*TransformersEngine.*> tolerance 0.0001"):
+        check_sync(engine, other, PROMPTS, tolerance=1e-4)
+    with pytest.raises(EngineError, match="at least one probe prompt"):
+        check_sync(engine, moe, [])
+    was_training = moe.training
+    try:
+        for mode in (True, False):  # the probe's forward runs in eval mode and restores the caller's mode
+            moe.train(mode)
+            check_sync(engine, moe, PROMPTS)
+            assert moe.training is mode
+    finally:
+        moe.train(was_training)

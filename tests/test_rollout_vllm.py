@@ -250,3 +250,22 @@ def test_routes_need_gpu_build(checkpoint):
         pytest.skip("CPU-only check: on GPU builds enable_return_routed_experts is supported")
     with pytest.raises(EngineError, match="Model Runner V2"):
         VLLMEngine(checkpoint, enable_return_routed_experts=True)
+
+
+def test_check_sync_passes_after_a_sync_and_catches_vllms_naive_moe_reload(engine, policy, vocab, fresh_weights):
+    """pgzoo.rollout.check_sync (the `rollout.verify_sync` probe): parity after a pgzoo sync; on CPU, vLLM's own
+    in-place reload of every tensor, fused experts included, leaves the expert blocks unpacked -- the probe sees it."""
+    from pgzoo.rollout import check_sync
+    from pgzoo.rollout.vllm_engine import checkpoint_state_dict
+
+    other = build_tiny_moe(vocab, seed=13)
+    engine.load_weights(other)
+    ok = check_sync(engine, other, PROMPTS, max_new_tokens=8, tolerance=FRESH_MEAN * 10)
+    assert ok.num_tokens > 0 and ok.mean_abs_diff < FRESH_MEAN and ok.max_abs_diff < FRESH_MAX
+    if not engine.is_cpu:
+        return
+    named = checkpoint_state_dict(other, other.state_dict())
+    engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named.items())})
+    engine.llm.reset_prefix_cache()
+    with pytest.raises(EngineError, match=r"weight sync check failed.*VLLMEngine"):
+        check_sync(engine, other, PROMPTS, max_new_tokens=8, tolerance=1e-4)

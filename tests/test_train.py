@@ -163,3 +163,35 @@ def test_periodic_evaluation_is_logged(ckpt, tmp_path):
     assert sorted(during) == ["1", "2"] and "greedy_accuracy" in during["1"]
     header = (out / "metrics.csv").read_text().splitlines()[0]
     assert "eval/greedy_accuracy" in header
+
+
+class _StaleEngine(_DyingEngine):
+    """An engine whose weight sync silently does nothing after the first ``good`` syncs (a broken in-place reload)."""
+
+    def __init__(self, inner, good):
+        super().__init__(inner, die_at=-1)
+        self.good, self.syncs = good, 0
+
+    def load_weights(self, model):
+        self.syncs += 1
+        if self.syncs <= self.good:
+            self.inner.load_weights(model)
+
+
+def test_verify_sync_logs_parity_and_stops_a_silently_broken_sync(ckpt, tmp_path, monkeypatch):
+    ok = train_mod.train(load_recipe(RECIPE, overrides(ckpt, tmp_path / "ok", "train.steps=2",
+                                                       "rollout.verify_sync=1e-4")), quiet=True)
+    for row in ok.history:  # float32 engine and trainer: parity to round-off after every sync
+        assert 0.0 <= row["sync/logprob_abs_diff_mean"] < 1e-5 and row["sync/logprob_abs_diff_max"] < 1e-4
+
+    real = train_mod.build_engine
+    monkeypatch.setattr(train_mod, "build_engine", lambda r, p: _StaleEngine(real(r, p), good=1))
+    stale = load_recipe(RECIPE, overrides(ckpt, tmp_path / "stale", "train.steps=4", "output.checkpoint_every=1",
+                                          "rollout.verify_sync=1e-4"))
+    with pytest.raises(EngineError, match=r"step 1: weight sync check failed.*mean \|log μ − log π\|.*"
+                                          r"step-000001.*intact.*--resume"):
+        train_mod.train(stale, quiet=True, command="pgzoo train x.yaml")
+    # without the check the same broken engine trains on silently
+    monkeypatch.setattr(train_mod, "build_engine", lambda r, p: _StaleEngine(real(r, p), good=1))
+    silent = train_mod.train(load_recipe(RECIPE, overrides(ckpt, tmp_path / "silent", "train.steps=3")), quiet=True)
+    assert len(silent.history) == 3 and "sync/logprob_abs_diff_mean" not in silent.history[-1]
