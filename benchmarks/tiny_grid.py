@@ -9,7 +9,8 @@ process, one after the other (a vLLM engine holds its share of RAM until its pro
 in ``OUT/NAME-sS[-LABEL].log``. A run whose folder already holds ``summary.json`` is skipped, so an interrupted grid
 continues where it stopped. The table printed at the end (Markdown) has, per run: greedy held-out accuracy before
 and after, avg@k after, the mean training reward of the first and last 10 steps, the largest
-``first_order/gap_total`` and mean ``kl/train_inference_k1`` over the steps, and the wall time of the command.
+``first_order/gap_total`` and mean ``kl/train_inference_k1`` over the steps, and the wall time of the command; a
+second table groups the runs of one recipe over its seeds (greedy gain per seed and its mean).
 
 One seed per recipe is a smoke test of the grid, not a comparison: on the tiny task the difference between two
 seeds of one recipe can exceed the difference between two recipes. Pass several ``--seeds`` before reading a gap.
@@ -22,6 +23,7 @@ import csv
 import fnmatch
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -115,6 +117,27 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _recipe_of(run: str) -> tuple[str, str]:
+    """``minirl-s1-fp8`` -> (``minirl``, ``fp8``): the recipe name and label of a run folder."""
+    m = re.fullmatch(r"(.+)-s\d+(?:-(.+))?", run)
+    return (m.group(1), m.group(2) or "") if m else (run, "")
+
+
+def summarize(rows: list[dict]) -> str:
+    """One line per (recipe, label) over its seeds: greedy gain (after − before) per seed and its mean, largest gap."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_recipe_of(r["run"]), []).append(r)
+    lines = ["| recipe | seeds | greedy after − before, per seed | mean gain | max gap_total |",
+             "|---|---:|---|---:|---:|"]
+    for (recipe, label), rs in sorted(groups.items()):
+        gains = [r["greedy_after"] - r["greedy_before"] for r in rs]
+        name = f"{recipe} ({label})" if label else recipe
+        lines.append(f"| {name} | {len(rs)} | {', '.join(f'{g:+.3f}' for g in gains)} | **{_mean(gains):+.3f}** | "
+                     f"{_f(max(r['gap_total_max'] for r in rs), '.2g')} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "tiny-grid", help="folder of the grid's run folders")
@@ -137,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                 rc, _ = run_one(recipe, seed, args.out, args.label, args.overrides)
                 if rc != 0:
                     failed.append(run_dir_name(recipe, seed, args.label))
-    print(markdown(collect(args.out)))
+    rows = collect(args.out)
+    print(markdown(rows))
+    print()
+    print(summarize(rows))
     if failed:
         print(f"failed (see their .log): {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

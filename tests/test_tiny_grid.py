@@ -62,3 +62,15 @@ def test_finished_runs_are_skipped_without_starting_a_process(grid, tmp_path, mo
     monkeypatch.setattr(grid.subprocess, "call", lambda *a, **k: pytest.fail("a finished run was started again"))
     rc, _ = grid.run_one("tiny/minirl", 0, tmp_path, "", [])
     assert rc == 0
+
+
+def test_summary_groups_seeds_of_one_recipe(grid, tmp_path):
+    for seed, after in ((0, 0.75), (1, 0.65)):
+        _fake_run(tmp_path, f"minirl-s{seed}", [0.1], [0.0])
+        path = tmp_path / f"minirl-s{seed}" / "eval.json"
+        path.write_text(json.dumps({"before": {"greedy_accuracy": 0.5}, "after": {"greedy_accuracy": after}}))
+    _fake_run(tmp_path, "minirl-s0-fp8", [0.1], [0.5])
+    table = grid.summarize(grid.collect(tmp_path))
+    assert "| minirl | 2 | +0.250, +0.150 | **+0.200** | 0 |" in table
+    assert "| minirl (fp8) | 1 | +0.250 | **+0.250** | 0.5 |" in table
+    assert grid._recipe_of("offpolicy-n4-minirl-r2-s12") == ("offpolicy-n4-minirl-r2", "")
