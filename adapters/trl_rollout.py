@@ -38,20 +38,31 @@ class EngineRollout:
             parameters (a ``TransformersEngine`` built on the trainer's own model object).
         seed: base seed; rollout ``c`` on process ``p`` samples with seed ``seed + 7919·c + p`` (``None``: the
             trainer's ``args.seed``).
+        verify_sync: after each weight sync, check parity on a probe (the batch's first 4 prompts, 8 tokens) with
+            :func:`pgzoo.rollout.check_sync` and raise ``EngineError`` when the engine's mean |log μ − log π|
+            exceeds this (e.g. 1e-4 for a float32 engine); logged as ``pgzoo/sync/logprob_abs_diff_mean|max``.
+            None (default): no check.
 
     Sampling settings come from the trainer: ``temperature``, ``top_p`` and ``max_completion_length``. Settings the
     engines do not implement (``top_k``, ``min_p``, ``repetition_penalty``, ``generation_kwargs``) raise.
     """
 
-    def __init__(self, engine: Any, *, sync_weights: bool = True, seed: int | None = None):
+    def __init__(self, engine: Any, *, sync_weights: bool = True, seed: int | None = None,
+                 verify_sync: float | None = None):
         for attr in ("generate", "load_weights"):
             if not callable(getattr(engine, attr, None)):
                 raise ConfigError(
                     f"EngineRollout(engine=...) needs a pgzoo rollout engine with .{attr}(); got "
                     f"{type(engine).__name__}. Use pgzoo.rollout.VLLMEngine or pgzoo.rollout.TransformersEngine"
                 )
+        if verify_sync is not None and (isinstance(verify_sync, bool) or not isinstance(verify_sync, (int, float))
+                                        or not verify_sync > 0):
+            raise ConfigError(f"EngineRollout(verify_sync={verify_sync!r}): give a positive tolerance of the mean "
+                              f"|log mu - log pi| (e.g. 1e-4 for a float32 engine), or None for no check")
         self.engine = engine
         self.sync_weights = sync_weights
+        self.verify_sync = verify_sync
+        self.last_sync_check = None
         self.seed = seed
         self.calls = 0
         self.syncs = 0
@@ -97,6 +108,8 @@ class EngineRollout:
             with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
                                              gather_deepspeed3_params=trainer.args.ds3_gather_for_generation) as full:
                 self.engine.load_weights(full)
+                if self.verify_sync is not None:
+                    self._check_sync(full, unique, trainer, mode)
             self._synced_step = trainer.state.global_step
             self.syncs += 1
 
@@ -124,6 +137,18 @@ class EngineRollout:
             "completion_ids": [ids[m].tolist() for ids, m in zip(c_ids, c_mask)],
             "logprobs": [lp[m].tolist() for lp, m in zip(lps, c_mask)],
         }
+
+
+    def _check_sync(self, model, prompts: list, trainer, mode: str) -> None:
+        from pgzoo.rollout.sync_check import check_sync
+
+        result = check_sync(self.engine, model, prompts[:4], max_new_tokens=min(8, trainer.max_completion_length),
+                            seed=trainer.args.seed + 7919 * self.calls + 1, tolerance=self.verify_sync)
+        self.last_sync_check = result
+        logged = getattr(trainer, "_metrics", None)  # TRL's per-mode metric lists, averaged at each log
+        if logged is not None:
+            logged[mode]["pgzoo/sync/logprob_abs_diff_mean"].append(result.mean_abs_diff)
+            logged[mode]["pgzoo/sync/logprob_abs_diff_max"].append(result.max_abs_diff)
 
 
 def align_routes(rollouts, prompt_len: int, completion_len: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ trl_adapter = pytest.importorskip("pgzoo.adapters.trl")
 from trl import GRPOConfig  # noqa: E402
 
 from pgzoo.adapters.trl import EngineRollout, GRPOTrainer  # noqa: E402
+from pgzoo.errors import EngineError  # noqa: E402
 from pgzoo.rollout import TransformersEngine  # noqa: E402
 
 from _trl_fixtures import PROMPTS, base_moe, tok  # noqa: E402,F401  (fixtures)
@@ -138,13 +139,15 @@ def test_minirl_with_vllm_on_cpu(tmp_path, base_moe, tok):
     tok.save_pretrained(path)
     engine = VLLMEngine(path, dtype="float32", gpu_memory_utilization=0.1, max_model_len=64)
     try:
-        rollout = EngineRollout(engine)
+        rollout = EngineRollout(engine, verify_sync=1e-4)  # parity probe after every sync
         trainer, steps = train(tmp_path, base_moe, tok, pgzoo.get("minirl"), rollout_func=rollout,
                                config={"max_steps": 3, "learning_rate": 3e-2})
     finally:
         engine.close()
     assert moved(base_moe, trainer.model) > 1e-3
+    assert rollout.last_sync_check.num_tokens > 0 and rollout.last_sync_check.mean_abs_diff < 1e-5
     for h in steps:
+        assert h["pgzoo/sync/logprob_abs_diff_mean"] < 1e-5
         # float32 vLLM vs float32 transformers after an in-place sync: μ ≈ π_θold token by token
         assert h["pgzoo/log_ratio/train_inference_abs_mean"] < 1e-3
         assert h["pgzoo/is/weight_mean"] == pytest.approx(1.0, abs=1e-2)
@@ -164,3 +167,31 @@ def test_docs_example_runs_as_written(tmp_path, monkeypatch):
     exec(compile(block, "docs/trl.md", "exec"), scope)
     trainer = scope["trainer"]
     assert trainer.state.global_step == 2 and trainer.last_layers_hit == 4
+
+
+class _StaleSync:
+    """A TransformersEngine whose weight sync silently stops working after the first one."""
+
+    def __init__(self, inner):
+        self.inner, self.syncs, self.supports_routes = inner, 0, inner.supports_routes
+
+    def generate(self, *a, **k):
+        return self.inner.generate(*a, **k)
+
+    def load_weights(self, model):
+        self.syncs += 1
+        if self.syncs == 1:
+            self.inner.load_weights(model)
+
+
+def test_verify_sync_stops_training_on_an_engine_that_stopped_syncing(tmp_path, base_moe, tok):
+    ok = EngineRollout(TransformersEngine(copy.deepcopy(base_moe)), verify_sync=1e-4)
+    _, steps = train(tmp_path / "ok", base_moe, tok, pgzoo.get("minirl"), rollout_func=ok, config={"max_steps": 2})
+    assert ok.syncs == 2 and all(h["pgzoo/sync/logprob_abs_diff_mean"] < 1e-5 for h in steps)
+
+    stale = EngineRollout(_StaleSync(TransformersEngine(copy.deepcopy(base_moe))), verify_sync=1e-4)
+    with pytest.raises(EngineError, match=r"weight sync check failed"):
+        train(tmp_path / "stale", base_moe, tok, pgzoo.get("minirl"), rollout_func=stale,
+              config={"max_steps": 3, "learning_rate": 3e-2})
+    with pytest.raises(pgzoo.ConfigError, match="verify_sync"):
+        EngineRollout(ok.engine, verify_sync=0)
