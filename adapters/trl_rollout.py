@@ -138,7 +138,6 @@ class EngineRollout:
             "logprobs": [lp[m].tolist() for lp, m in zip(lps, c_mask)],
         }
 
-
     def _check_sync(self, model, prompts: list, trainer, mode: str) -> None:
         from pgzoo.rollout.sync_check import check_sync
 

@@ -19,7 +19,6 @@ seeds of one recipe can exceed the difference between two recipes. Pass several 
 from __future__ import annotations
 
 import argparse
-import csv
 import fnmatch
 import json
 import math
@@ -61,18 +60,13 @@ def run_one(recipe: str, seed: int, out: Path, label: str, overrides: list[str])
     return rc, wall
 
 
-def _metrics(path: Path) -> list[dict[str, float]]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as fh:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
-
-
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
 def collect(out: Path) -> list[dict]:
+    from pgzoo.train import read_metrics
+
     rows = []
     for run_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         summary_path = run_dir / "summary.json"
@@ -81,7 +75,7 @@ def collect(out: Path) -> list[dict]:
         summary = json.loads(summary_path.read_text())
         evals = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
         before, after = evals.get("before", {}), evals.get("after", {})
-        hist = _metrics(run_dir / "metrics.csv")
+        hist = read_metrics(run_dir / "metrics.csv")
         rewards = [r["reward/mean"] for r in hist if "reward/mean" in r]
         avg_key = next((k for k in after if k.startswith("avg@")), None)
         wall_file = out / f"{run_dir.name}.wall"

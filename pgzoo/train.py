@@ -186,7 +186,7 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.dump())
         if ckpt is not None:
-            kept_rows = [r for r in _read_metrics(run_dir / "metrics.csv") if r.get("step", 0) <= start - 1]
+            kept_rows = [r for r in read_metrics(run_dir / "metrics.csv") if r.get("step", 0) <= start - 1]
         loggers = _loggers(recipe, run_dir, kept_rows)  # before anything heavy: a missing logger package fails fast
     # 2. task and policy
     torch.manual_seed(recipe.seed)
@@ -262,7 +262,7 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
         say("pgzoo: evaluating the trained policy ...")
         evals["after"] = run_eval(recipe, module.policy, tokenizer, task, problems)
         _write_json(run_dir / "eval.json", evals)
-    history = _read_metrics(run_dir / "metrics.csv") or module.history
+    history = read_metrics(run_dir / "metrics.csv") or module.history
     if recipe.output.plots:
         plot_run(run_dir, history)
     result = TrainResult(run_dir, evals.get("before"), evals.get("after"), history,
@@ -618,7 +618,8 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _read_metrics(path: Path) -> list[dict[str, float]]:
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The rows of a run folder's ``metrics.csv`` as ``{column: float}`` (empty cells left out; [] if absent)."""
     if not path.exists():
         return []
     rows = []

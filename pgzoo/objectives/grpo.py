@@ -112,11 +112,9 @@ class GRPO(Objective):
         low, high = ppo_clip_flags(log_r.detach(), adv, *log_bounds(c.eps_low, c.eps_high))
         r = ratio(log_r)
         term = clipped_surrogate(r, adv, low, high, c.eps_low, c.eps_high)
-        extra = {}
         if c.beta > 0:
             kl = k3(lp, batch.clean("ref_logprobs"))
             term = term - c.beta * kl
-            extra["kl/ref_k3"] = kl
         if c.correction is not None:
             weight, corr_metrics = c.correction.token_weights(batch)
             term = weight * term
@@ -124,8 +122,8 @@ class GRPO(Objective):
         if not self.report_metrics:
             return ObjectiveOutput(loss, {})
         metrics = policy_metrics(batch, log_r.detach(), staleness_expm1=r.detach() - 1.0)
-        if "kl/ref_k3" in extra:
-            metrics["kl/ref_k3"] = masked_mean(extra["kl/ref_k3"], mask)
+        if c.beta > 0:
+            metrics["kl/ref_k3"] = masked_mean(kl, mask)
         if c.correction is not None:
             metrics.update(corr_metrics)
         metrics.update(clip_metrics(low, high, mask))
