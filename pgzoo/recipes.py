@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pgzoo.errors import ConfigError, require, suggest
+from pgzoo.recipe_yaml import load_yaml
 
 _pydantic = require("pydantic", "lightning")
 BaseModel, ConfigDict, Field, ValidationError = (_pydantic.BaseModel, _pydantic.ConfigDict, _pydantic.Field,
@@ -38,7 +39,10 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Strict: a boolean is true/false (not "false", not 1), an integer is not 3.0 or true, a number is not a string;
+    # finite numbers only. Numbers such as 3e-4 arrive as floats because recipes are read with YAML 1.2 floats
+    # (pgzoo.recipe_yaml).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -97,7 +101,7 @@ class TrainSection(_Section):
                                                                  "(gradient accumulation); null = whole mini-batch")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas, each in [0, 1)")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null = no clipping")
     warmup_steps: int = Field(0, ge=0, description="linear LR warmup, in optimizer steps")
     routing_replay: Literal["R2", "R3"] | None = Field(None, description="R2: replay the training engine's "
@@ -105,6 +109,16 @@ class TrainSection(_Section):
     logprob_chunk_size: int | None = Field(None, gt=0, description="tokens per chunk of the memory-bounded logprob "
                                                                    "pass; null = about 2**26 logits per chunk")
     devices: int = Field(1, gt=0, description="processes (CPU) or GPUs; >1 uses DDP with global normalisers")
+
+    @_pydantic.field_validator("betas", mode="before")
+    @classmethod
+    def _betas(cls, value):
+        if isinstance(value, list):  # YAML has no tuples; the pair is written as a list
+            value = tuple(value)
+        if isinstance(value, tuple) and any(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and not 0 <= b < 1 for b in value):
+            raise ValueError("each Adam beta must be in [0, 1), e.g. [0.9, 0.999]")
+        return value
 
 
 class EvalSection(_Section):
@@ -233,9 +247,10 @@ class Recipe(_Section):
 
     def check_files(self) -> "Recipe":
         """Check that user-supplied paths exist (run by `pgzoo train` before anything heavy)."""
-        if self.model.path is not None and not Path(os.path.expanduser(self.model.path)).exists():
-            raise ConfigError(f"model.path={self.model.path!r} does not exist; pass your checkpoint folder with "
-                              f"model.path=/path/to/checkpoint (or model.path=null for the embedded tiny cold start)")
+        if self.model.path is not None:
+            from pgzoo.fileio import check_model_folder
+
+            check_model_folder(self.model.path, "model.path")
         for name, path in self.eval.files.items():
             if not Path(os.path.expanduser(path)).exists():
                 raise ConfigError(f"eval.files.{name}={path!r} does not exist; pass it with eval.files.{name}=/path")
@@ -339,7 +354,6 @@ def _format_errors(exc: ValidationError, source: str) -> ConfigError:
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """``["train.lr=3e-4", "rollout.engine=vllm"]`` -> nested dict (values parsed as YAML)."""
-    yaml = require("yaml", "lightning")
     out: dict[str, Any] = {}
     for item in overrides or []:
         if "=" not in item:
@@ -348,10 +362,7 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"override {item!r} has an empty key part; write e.g. train.lr=3e-4")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        value = load_yaml(raw, f"override {item!r}") if raw.strip() else None
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -448,12 +459,11 @@ def shipped_recipe(name: str | os.PathLike, *, missing: str = "no shipped recipe
 def load_recipe(path: str | os.PathLike, overrides: list[str] | dict | None = None, *, check: bool = True) -> Recipe:
     """Load a recipe YAML (a file, or a shipped recipe's name: see :func:`find_recipe`), apply ``key=value``
     overrides, validate types and combinations."""
-    yaml = require("yaml", "lightning")
     path = find_recipe(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    data = load_yaml(path.read_text(), str(path))
+    if data is None:
+        raise ConfigError(f"{path}: the recipe file is empty; start from a shipped one with "
+                          f"`pgzoo recipe cp tiny/minirl {path}`")
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
     return recipe_from_dict(data, overrides, source=str(path), check=check)
@@ -479,11 +489,10 @@ def list_recipes(pattern: str = "*") -> list[tuple[str, str]]:
     """(name, description) of the shipped recipes matching the wildcard ``pattern``."""
     import fnmatch
 
-    yaml = require("yaml", "lightning")
     out = []
     for name, path in shipped_recipes().items():
         if fnmatch.fnmatch(name, pattern):
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text(), str(path)) or {}
             out.append((name, str(data.get("description", "")) if isinstance(data, dict) else ""))
     return out
 

@@ -290,6 +290,7 @@ def ensure_cold_start(task_name: str = "arithmetic", task_options: dict[str, Any
     """Path of the cached cold-start checkpoint for ``(task_name, task_options, seed, sft_options)``; trains it first
     when missing (or when ``force``). See the module docstring for the stopping rule and the cache key."""
     import pgzoo.tasks
+    from pgzoo.fileio import verify_folder
     from pgzoo.models.tiny import read_card, save_pretrained
 
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -301,6 +302,8 @@ def ensure_cold_start(task_name: str = "arithmetic", task_options: dict[str, Any
     path = root / "cold-start" / f"{task.name}-{key}"
     with _lock(root / "cold-start" / f".{task.name}-{key}.lock"):
         complete = all((path / f).is_file() for f in ("config.json", "tokenizer.json", "model.safetensors"))
+        if complete and verify_folder(path) is not None:  # damaged (truncated weights, checksum): rebuilt below
+            complete = False
         if not force and complete:
             try:
                 card = read_card(path)

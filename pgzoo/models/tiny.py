@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pgzoo.errors import ConfigError, require
-from pgzoo.fileio import atomic_folder
+from pgzoo.fileio import atomic_folder, check_model_folder
 
 CARD_NAME = "card.json"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -161,18 +161,10 @@ def load_pretrained(path, dtype: str = "float32"):
     """Load ``(model, tokenizer)`` from a checkpoint folder, with clear errors for missing or corrupt folders."""
     torch = require("torch", "hf")
     transformers = require("transformers", "hf")
-    path = Path(path)
-    fix = "pass a folder written by `pgzoo cold-start` or `save_pretrained`"
-    if not path.exists():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist; {fix}")
-    if not path.is_dir():
-        raise ConfigError(f"checkpoint {str(path)!r} is not a folder; {fix}")
-    for name in ("config.json", "tokenizer.json"):
-        if not (path / name).is_file():
-            raise ConfigError(f"checkpoint {str(path)!r} has no {name}: it is not a complete Hugging Face "
-                              f"checkpoint; {fix}")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ConfigError(f"checkpoint {str(path)!r} has no weights (*.safetensors); {fix}")
+    path = check_model_folder(path, "checkpoint")
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} has no tokenizer.json: it is not a complete Hugging Face "
+                          "checkpoint; pass a folder written by `pgzoo cold-start` or `save_pretrained`")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype={dtype!r}; use 'float32', 'bfloat16' or 'float16'")
     try:
