@@ -44,23 +44,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
+    """The top-level parser, and the parser of the command named in ``argv`` (None when there is none)."""
     parser = argparse.ArgumentParser(prog="pgzoo", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((a for a in argv if not a.startswith("-")), None)
+    chosen = None
     for name, (module, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text)
-        sp.set_defaults(_module=module)
+        sp.set_defaults(_module=module, command=name)
         if name == wanted:  # import only the module of the command being run (keeps `pgzoo -h` fast)
             importlib.import_module(module).add_arguments(sp)
-    return parser
+            chosen = sp
+    return parser, chosen
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; a command's flags and positionals (``key=value`` overrides) may come in any order:
+    ``pgzoo train RECIPE --dry-run train.steps=3`` is ``pgzoo train RECIPE train.steps=3 --dry-run``."""
+    parser, chosen = build_parser(argv)
+    if chosen is None or chosen._subparsers is not None or argv[0] != chosen.prog.split()[-1]:
+        return parser.parse_args(argv)  # no command yet, top-level flags first, or nested actions (`pgzoo recipe`)
+    return chosen.parse_intermixed_args(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser(argv)
-        args = parser.parse_args(argv)
+        args = parse(argv)
         return int(importlib.import_module(args._module).run(args) or 0)
     except PgzooError as exc:
         if os.environ.get("PGZOO_TRACEBACK"):
