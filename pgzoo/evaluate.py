@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from typing import Any
 
@@ -37,6 +38,24 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def heldout_problems(task, n: int, *, split: str = "test", seed: int = 0, say=None) -> list:
+    """``n`` distinct problems of ``split`` for evaluation: never a problem twice, which would weight it twice in the
+    accuracy. When the split holds fewer than ``n`` problems, the whole split is used once, and ``say`` (a print-like
+    callable) is told so."""
+    size_of = getattr(task, "split_size", None)
+    size = size_of(split) if size_of is not None else None
+    if size is not None and n > size:
+        if say is not None:
+            say(f"pgzoo: {n} evaluation problems asked but the {split} split of task {task.name!r} holds {size}; "
+                f"evaluating all {size} once")
+        n = size
+    problems = task.sample(n, split=split, seed=seed)
+    if len(problems) != n:
+        raise ConfigError(f"task {task.name!r} returned {len(problems)} problems for {n} asked; its sample() must "
+                          f"return exactly n problems")
+    return problems
 
 
 def generate_completions(model, tokenizer, prompts: list[str], *, num_return_sequences: int = 1,
@@ -163,7 +182,9 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(f"--n {args.n}: evaluate at least one problem")
     t0 = time.perf_counter()
-    metrics = evaluate(model, tokenizer, task, task.sample(args.n, split=args.split, seed=args.seed), k=args.k,
+    problems = heldout_problems(task, args.n, split=args.split, seed=args.seed,
+                                say=lambda msg: print(msg, file=sys.stderr))
+    metrics = evaluate(model, tokenizer, task, problems, k=args.k,
                        temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                        n_samples=args.n_samples, seed=args.seed)
     metrics["seconds"] = round(time.perf_counter() - t0, 3)

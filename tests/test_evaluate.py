@@ -139,3 +139,31 @@ def test_cli_eval(tok, tmp_path, capsys):
     assert main(["eval", str(path), "--threads", "-1"]) == 2
     assert "--threads -1" in capsys.readouterr().err
     assert not math.isnan(out["greedy_accuracy"])
+
+
+def test_heldout_problems_never_repeat_and_say_when_the_split_is_small():
+    import pgzoo.tasks
+    from pgzoo.evaluate import heldout_problems
+
+    task = pgzoo.tasks.get("arithmetic", max_digits=1, operands=2)
+    size = task.split_size("test")
+    said = []
+    probs = heldout_problems(task, size + 50, seed=3, say=said.append)
+    assert len(probs) == size == len({p.prompt for p in probs})
+    assert said and f"holds {size}; evaluating all {size} once" in said[0]
+    said.clear()
+    assert len(heldout_problems(task, 5, say=said.append)) == 5 and not said
+
+
+def test_heldout_problems_rejects_a_task_that_returns_too_few():
+    from pgzoo.evaluate import heldout_problems
+    from pgzoo.tasks.base import Problem, Task
+
+    class Short(Task):
+        name = "short"
+
+        def sample(self, n, split="train", seed=0):
+            return [Problem(prompt="1+1=", answer="2")] * (n - 1)
+
+    with pytest.raises(ConfigError, match="returned 2 problems for 3 asked"):
+        heldout_problems(Short(), 3)

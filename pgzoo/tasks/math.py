@@ -178,6 +178,11 @@ class MathTask(Task):
 
         return {**self.options, "sha256": hashlib.sha256(self.path.read_bytes()).hexdigest()}
 
+    def split_size(self, split: str) -> int:
+        """Number of problems in ``split``."""
+        check_split(split)
+        return len(self.splits[split])
+
     def sample(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
         check_count(n), check_split(split)
         pool = self.splits[split]
