@@ -270,15 +270,18 @@ def test_covariance_reductions_and_selection_rule():
     out = pgzoo.get("kl-cov")(batch)
     assert float(out.metrics["cov/selected_fraction"]) * batch.mask.sum() == pytest.approx(1.0)
     # ties: equal covariances are taken in row-major order
-    from pgzoo.objectives.cov import select_top
+    from pgzoo.objectives.cov import select_top, selected_mask
+
+    def select(key, cand, ratio_, batch):
+        return selected_mask(*select_top(key, cand, ratio_, batch), key)
 
     key = torch.tensor([[1.0, 3.0, 3.0], [3.0, 0.5, 3.0]], dtype=torch.float64)
     mask = torch.ones(2, 3, dtype=torch.bool)
     tie = pgzoo.TokenBatch(logprobs=-torch.ones(2, 3, dtype=torch.float64), mask=mask,
                            advantages=torch.zeros(2, dtype=torch.float64))
-    chosen = select_top(key, mask, 0.5, tie)  # n = 3 of four tied 3.0s
+    chosen = select(key, mask, 0.5, tie)  # n = 3 of four tied 3.0s
     assert chosen.tolist() == [[False, True, True], [True, False, False]]
-    chosen = select_top(key, mask & (key < 2), 0.5, tie)  # fewer candidates than n: all of them
+    chosen = select(key, mask & (key < 2), 0.5, tie)  # fewer candidates than n: all of them
     assert chosen.tolist() == [[True, False, False], [False, True, False]]
 
 
@@ -392,3 +395,24 @@ def test_every_metric_name_is_documented():
     for name, options in VARIANTS:
         seen |= set(pgzoo.get(name, **options)(random_batch(3, 4, seed=0)).metrics)
     assert seen - documented == set(), f"undocumented metrics: {sorted(seen - documented)}"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_selection_rule_against_a_sort(seed):
+    """select_top on random keys with heavy ties (few distinct values) equals a plain sort by (−key, index)."""
+    from pgzoo.objectives.cov import select_top, selected_mask
+
+    g = torch.Generator().manual_seed(seed)
+    B, T = 5, 9
+    key = torch.randint(0, 4, (B, T), generator=g).double()
+    mask = torch.rand(B, T, generator=g) < 0.8
+    cand = mask & (torch.rand(B, T, generator=g) < 0.7)
+    batch = pgzoo.TokenBatch(logprobs=-torch.ones(B, T, dtype=torch.float64), mask=mask,
+                             advantages=torch.zeros(B, dtype=torch.float64))
+    for ratio_ in (1e-3, 0.1, 0.3, 0.9):
+        got = selected_mask(*select_top(key, cand, ratio_, batch), key)
+        n = max(int(ratio_ * int(mask.sum())), 1)
+        flat = [(-float(key.reshape(-1)[j]), j) for j in range(B * T) if cand.reshape(-1)[j]]
+        expect = torch.zeros(B * T, dtype=torch.bool)
+        expect[[j for _, j in sorted(flat)[:n]]] = True
+        assert torch.equal(got.reshape(-1), expect), (seed, ratio_)

@@ -19,8 +19,9 @@ Selection is deterministic. verl's Clip-Cov draws its n tokens uniformly at rand
 candidates; pgzoo takes the candidates of largest covariance, the earlier token (row-major) first among equal
 covariances — the same rule KL-Cov uses, where verl takes ``torch.topk``. Where the candidates number at most n,
 both pick all of them and agree exactly with verl; the tests compare with verl's own function with its random draw
-replaced by this ranking. The selection uses no host sync (n stays a tensor; the candidates come from one
-``topk`` over an upper bound of n taken from the batch's shape).
+replaced by this ranking. The selection uses no host sync (n stays a tensor; one ``topk`` over an upper bound of n
+taken from the batch's shape, one ``nonzero_static`` for ties), and the selected terms are changed at their
+positions only, so the cost over PPO is that of the covariance, the ``topk`` and two passes.
 
 Both depend on statistics of the whole batch passed in (the means, N and the ranking): split into micro-batches,
 each selects on its own, as in verl, so micro-batch gradients do not add up to the whole batch's
@@ -58,28 +59,49 @@ from pgzoo.registry import register
 
 
 def token_covariance(batch: TokenBatch, adv: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
-    """(A − mean A)·(lp − mean lp) per token, means over the unmasked tokens; 0 at masked positions (detached)."""
+    """(A − mean A)·(lp − mean lp) per token (detached), means over the unmasked tokens.
+
+    ``adv`` (``[B, 1]`` per sequence, or ``[B, T]``) and ``lp`` are zero at masked positions. The result there is
+    finite but meaningless (callers select among unmasked tokens only).
+    """
     n = batch.local_token_count().clamp_min(1.0)
     lp = lp.detach()
-    return batch.masked((adv - adv.sum() / n) * (lp - lp.sum() / n))
+    adv_total = adv[:, 0].dot(batch.seq_lengths()) if adv.shape[1] == 1 else adv.sum()  # Σ over tokens
+    return (adv - adv_total / n) * (lp - lp.sum() / n)
 
 
-def select_top(key: torch.Tensor, candidates: torch.Tensor, ratio_: float, batch: TokenBatch) -> torch.Tensor:
-    """``[B, T]`` bool: the n = max(⌊ρ·N⌋, 1) candidates of largest ``key`` (ties: earlier row-major index first).
+def select_top(key: torch.Tensor, candidates: torch.Tensor, ratio_: float,
+               batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n = max(⌊ρ·N⌋, 1) candidates of largest ``key``, the earlier (row-major) index first among equal keys.
 
-    Fewer candidates than n: all of them. N is the batch's unmasked-token count; n stays a tensor (no host sync).
+    Fewer candidates than n: all of them. N is the batch's unmasked-token count. Returns flat indices into ``key``
+    and a same-length bool telling which are selected (the rest are padding at index 0), so that n stays a tensor
+    and nothing syncs with the host: one ``topk`` over k_max = max(⌊ρ·B·T⌋, 1) ≥ n finds the n-th largest key
+    (every key above it is among those k_max), and the keys equal to it are taken in index order from one
+    ``nonzero_static`` pass, as many as still fit.
     """
-    flat_key = torch.where(candidates, key, -torch.inf).reshape(-1)
+    flat_cand = candidates.reshape(-1)
+    flat_key = torch.where(flat_cand, key.reshape(-1), -torch.inf)
     n = torch.floor(batch.local_token_count().double() * ratio_).clamp_min(1.0).to(torch.long)
     k_max = min(max(int(ratio_ * flat_key.numel()), 1), flat_key.numel())  # ≥ n: N ≤ B·T
-    top = torch.topk(flat_key, k_max, sorted=True).values
-    thr = top.gather(0, (n - 1).clamp(max=k_max - 1).reshape(1))  # the n-th largest key (−inf: fewer candidates)
-    flat_cand = candidates.reshape(-1)
-    above = flat_cand & (flat_key > thr)
-    tied = flat_cand & (flat_key == thr)
-    room = n - above.sum()  # how many of the tied keys still fit, taken in index order
-    chosen = above | (tied & (torch.cumsum(tied, 0) <= room))
-    return chosen.reshape(key.shape)
+    top = torch.topk(flat_key, k_max, sorted=True)
+    thr = top.values.gather(0, (n - 1).clamp(max=k_max - 1).reshape(1))  # n-th largest (−inf: fewer candidates)
+    above = top.values > thr  # −inf is never above, so only candidates
+    first_tied = torch.nonzero_static(flat_key == thr, size=k_max, fill_value=-1)[:, 0]  # ascending indices
+    room = n - above.sum()  # how many of the tied keys still fit
+    tied = (first_tied >= 0) & (torch.arange(k_max, device=key.device) < room) & torch.isfinite(thr)
+    return torch.cat([top.indices, first_tied.clamp(min=0)]), torch.cat([above, tied])
+
+
+def selected_mask(idx: torch.Tensor, chosen: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The ``[B, T]`` bool mask of :func:`select_top`'s selection (for metrics and tests)."""
+    flat = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
+    return flat.index_put((idx,), chosen, accumulate=True).reshape(like.shape)
+
+
+def add_at(term: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``term`` with ``values`` added at flat positions ``idx`` (differentiable in both; repeats add up)."""
+    return term.reshape(-1).index_put((idx,), values, accumulate=True).reshape(term.shape)
 
 
 def _check_positive(name: str, key: str, value) -> None:
@@ -126,13 +148,15 @@ class ClipCov(Objective):
         c = self.config
         mask = batch.mask
         lp = batch.masked(batch.logprobs)
-        adv = batch.token_advantages()
+        adv = batch.token_advantages()  # dense and masked: r = 1 at masked positions, so r·A needs A = 0 there
         log_r = lp - batch.clean("old_logprobs")
         low, high = ppo_clip_flags(log_r.detach(), adv, *log_bounds(c.eps_low, c.eps_high))
         cov = token_covariance(batch, adv, lp)
         candidates = mask & ~(low | high) & (cov > c.cov_lb) & (cov < c.cov_ub)
-        selected = select_top(cov, candidates, c.cov_ratio, batch)
-        term = clipped_surrogate(ratio(log_r), adv, low, high, c.eps_low, c.eps_high) * ~selected
+        idx, chosen = select_top(cov, candidates, c.cov_ratio, batch)
+        term = clipped_surrogate(ratio(log_r), adv, low, high, c.eps_low, c.eps_high)
+        # a selected token's term is cancelled exactly (x − x = 0, gradient 1 − 1 = 0): k_max positions, no dense pass
+        term = add_at(term, idx, -term.reshape(-1).index_select(0, idx) * chosen)
         corr_metrics = {}
         if c.correction is not None:
             corr, corr_metrics = c.correction.token_weights(batch)
@@ -141,7 +165,7 @@ class ClipCov(Objective):
         if not self.report_metrics:
             return ObjectiveOutput(loss, {})
         metrics = policy_metrics(batch, log_r.detach())
-        metrics["cov/selected_fraction"] = masked_fraction(selected, mask)
+        metrics["cov/selected_fraction"] = chosen.sum().float() / batch.local_token_count().float().clamp_min(1.0)
         metrics["cov/candidate_fraction"] = masked_fraction(candidates, mask)
         metrics.update(corr_metrics)
         metrics.update(clip_metrics(low, high, mask))
@@ -180,10 +204,12 @@ class KLCov(Objective):
         c = self.config
         mask = batch.mask
         lp = batch.masked(batch.logprobs)
-        adv = batch.token_advantages()
+        adv = batch.token_advantages()  # dense and masked: r = 1 at masked positions, so r·A needs A = 0 there
         log_r = lp - batch.clean("old_logprobs")
-        selected = select_top(token_covariance(batch, adv, lp), mask, c.cov_ratio, batch)
-        term = ratio(log_r) * adv - (selected.to(lp.dtype) * c.kl_coef) * log_r.abs()
+        idx, chosen = select_top(token_covariance(batch, adv, lp), mask, c.cov_ratio, batch)
+        # the penalty touches at most 2·k_max positions: add it there instead of a dense |lr| pass
+        penalty = (c.kl_coef * chosen.to(lp.dtype)) * log_r.reshape(-1).index_select(0, idx).abs()
+        term = add_at(ratio(log_r) * adv, idx, -penalty)
         corr_metrics = {}
         if c.correction is not None:
             corr, corr_metrics = c.correction.token_weights(batch)
@@ -192,7 +218,7 @@ class KLCov(Objective):
         if not self.report_metrics:
             return ObjectiveOutput(loss, {})
         metrics = policy_metrics(batch, log_r.detach())
-        metrics["cov/selected_fraction"] = masked_fraction(selected, mask)
+        metrics["cov/selected_fraction"] = chosen.sum().float() / batch.local_token_count().float().clamp_min(1.0)
         metrics.update(corr_metrics)
         return ObjectiveOutput(loss, metrics)
 

@@ -38,7 +38,14 @@ from pgzoo.batch import TokenBatch
 from pgzoo.correction import Correction
 from pgzoo.diagnostics import clip_metrics, masked_max, masked_mean, policy_metrics, weight_metrics
 from pgzoo.errors import ConfigError
-from pgzoo.objectives.base import MAX_LOG_RATIO, Objective, ObjectiveOutput, aggregate, check_aggregation
+from pgzoo.objectives.base import (
+    MAX_LOG_RATIO,
+    Objective,
+    ObjectiveOutput,
+    advantage_factor,
+    aggregate,
+    check_aggregation,
+)
 from pgzoo.registry import register
 
 _BKL_GUARD = 1e-8  # verl's guard inside the binary KL's log((1 − p_old)/(1 − p))
@@ -53,8 +60,8 @@ def binary_divergence(kind: str, lp: torch.Tensor, old: torch.Tensor) -> torch.T
     p, p_old = lp.exp(), old.exp()
     if kind == "tv":
         return p - p_old
-    q, q_old = -torch.expm1(lp), -torch.expm1(old)  # 1 − p and 1 − p_old without cancellation
-    return p_old * (old - lp) + q_old * (torch.log(q_old + _BKL_GUARD) - torch.log(q + _BKL_GUARD))
+    q_old = 1.0 - p_old  # as verl: near p = 1 the 1e-8 guard dominates anyway
+    return p_old * (old - lp) + q_old * (torch.log(q_old + _BKL_GUARD) - torch.log((1.0 - p) + _BKL_GUARD))
 
 
 class DPPO(Objective):
@@ -93,7 +100,7 @@ class DPPO(Objective):
     def compute(self, batch: TokenBatch) -> ObjectiveOutput:
         c = self.config
         lp = batch.masked(batch.logprobs)
-        adv = batch.token_advantages()
+        adv = advantage_factor(batch)  # [B, 1] or [B, T]
         old = batch.clean("old_logprobs")
         lp_d = lp.detach()
         log_r = lp_d - old

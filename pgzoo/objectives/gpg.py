@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pgzoo.batch import TokenBatch
 from pgzoo.correction import Correction
 from pgzoo.diagnostics import policy_metrics
-from pgzoo.objectives.base import Objective, ObjectiveOutput, aggregate, check_aggregation
+from pgzoo.objectives.base import Objective, ObjectiveOutput, advantage_factor, aggregate, check_aggregation
 from pgzoo.registry import register
 
 
@@ -53,7 +53,7 @@ class GPG(Objective):
     def compute(self, batch: TokenBatch) -> ObjectiveOutput:
         c = self.config
         lp = batch.masked(batch.logprobs)
-        coef = batch.token_advantages()
+        coef = advantage_factor(batch)  # [B, 1] or [B, T]
         corr_metrics = {}
         if c.correction is not None:
             corr, corr_metrics = c.correction.token_weights(batch)
