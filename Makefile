@@ -6,6 +6,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RECIPE ?= recipes/tiny/minirl.yaml
 PYTEST_ARGS ?=
+# verl 0.9.1's own policy losses are the reference of tests/test_verl_losses.py. Importing
+# verl.trainer.ppo.core_algos needs only these (ray: verl's package __init__ imports it; tensordict 0.15 is the
+# release that loads beside torch 2.13, above verl's declared cap); the rest of verl's declared dependencies (a
+# whole training stack) are not needed, so everything here installs with --no-deps.
+VERL_REFERENCE := verl==0.9.1 omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 tensordict==0.15.3 pyvers==0.2.3 \
+	ray==2.60.0 msgpack==1.2.4 orjson==3.13.0 codetiming==1.4.0
 
 .PHONY: install train test bench clean
 
@@ -20,6 +26,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[all]"
 	-$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -m pip install -q --no-deps $(VERL_REFERENCE)
+	$(BIN)/python -c "import verl.trainer.ppo.core_algos" || echo "verl reference not importable: tests/test_verl_losses.py will skip"
 	$(BIN)/python -c "import torch, transformers, trl, lightning, vllm, pgzoo; print('pgzoo environment ready: torch', torch.__version__)"
 	touch $@
 

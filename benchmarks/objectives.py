@@ -81,6 +81,66 @@ def bare_gspo_token(lp, m, adv, old, mu, ref):
     return -(t.sum(-1) / n[:, 0]).sum() / m.any(-1).sum()
 
 
+def bare_dual_clip_ppo(lp, m, adv, old, mu, ref):
+    t = _ppo(lp, old, adv, 0.8, 1.2)
+    t = torch.where(adv < 0, torch.maximum(t, 3.0 * adv), t)
+    return -(t * m).sum() / m.sum()
+
+
+def bare_gpg(lp, m, adv, old, mu, ref):
+    return -(adv * lp * m).sum() / m.sum()
+
+
+def _cov_top(lp, m, adv, candidates, ratio):
+    """Flat indices of the k = max(⌊ρ·N⌋, 1) candidates of largest covariance (a bare loss may sync: k is an int)."""
+    n = m.sum()
+    cov = (adv - (adv * m).sum() / n) * (lp.detach() - (lp.detach() * m).sum() / n)
+    key = torch.where(candidates, cov, -torch.inf).reshape(-1)
+    top = torch.topk(key, max(int(ratio * int(n)), 1))
+    return top.indices[top.values > -torch.inf]
+
+
+def bare_clip_cov(lp, m, adv, old, mu, ref):
+    r = torch.exp(lp - old)
+    clipped = ((adv > 0) & (r.detach() > 1.2)) | ((adv < 0) & (r.detach() < 0.8))
+    n = m.sum()
+    cov = (adv - (adv * m).sum() / n) * (lp.detach() - (lp.detach() * m).sum() / n)
+    cand = (m > 0) & ~clipped & (cov > 1.0) & (cov < 5.0)
+    keep = torch.ones_like(lp).reshape(-1)
+    keep[_cov_top(lp, m, adv, cand, 2e-4)] = 0.0
+    t = torch.minimum(r * adv, torch.clamp(r, 0.8, 1.2) * adv) * keep.reshape(lp.shape)
+    return -(t * m).sum() / n
+
+
+def bare_kl_cov(lp, m, adv, old, mu, ref):
+    log_r = lp - old
+    sel = torch.zeros_like(lp).reshape(-1)
+    sel[_cov_top(lp, m, adv, m > 0, 2e-4)] = 0.1
+    t = torch.exp(log_r) * adv - sel.reshape(lp.shape) * log_r.abs()
+    return -(t * m).sum() / m.sum()
+
+
+def bare_gmpo(lp, m, adv, old, mu, ref):
+    sgn = torch.sign(adv)
+    x = lp - old
+    x = sgn * torch.minimum(sgn * x, sgn * torch.clamp(x, -0.2, 0.2))
+    n = m.sum(-1).clamp_min(1)
+    s = torch.exp((x * m).sum(-1) / n)
+    return -((adv * m).sum(-1) / n * s).sum() / m.any(-1).sum()
+
+
+def bare_dppo(lp, m, adv, old, mu, ref, *, kl=False):
+    w = torch.exp(lp.detach() - old).clamp(max=3.0)
+    x, old = lp.detach().clamp(max=0.0), old.clamp(max=0.0)  # log-probabilities read as ≤ 0, as pgzoo documents
+    p, p_old = torch.exp(x), torch.exp(old)
+    if kl:
+        d = p_old * (old - x) + (1 - p_old) * torch.log((1 - p_old + 1e-8) / (1 - p + 1e-8))
+        valid = torch.where(adv > 0, (d <= 0.2) | (p <= p_old), (d <= 0.2) | (p >= p_old))
+    else:
+        valid = torch.where(adv > 0, p - p_old <= 0.2, p - p_old >= -0.2)
+    return -(w * adv * lp * valid * m).sum() / m.sum()
+
+
 BARE = {
     "minirl": bare_minirl,
     "minirl-no-clip": lambda *a: bare_minirl(*a, no_clip=True),
@@ -92,6 +152,13 @@ BARE = {
     "cispo": bare_cispo,
     "gspo": bare_gspo,
     "gspo-token": bare_gspo_token,
+    "dual-clip-ppo": bare_dual_clip_ppo,
+    "gpg": bare_gpg,
+    "clip-cov": bare_clip_cov,
+    "kl-cov": bare_kl_cov,
+    "gmpo": bare_gmpo,
+    "dppo-tv": bare_dppo,
+    "dppo-kl": lambda *a: bare_dppo(*a, kl=True),
 }
 
 

@@ -5,9 +5,13 @@ family (module)        registered names                             class
 =====================  ===========================================  ==================
 ``minirl``             minirl, minirl-no-clip, minirl-length-norm,   :class:`MiniRL`
                        minirl-no-is
-``grpo``               grpo, dr-grpo, dapo                          :class:`GRPO`
+``grpo``               grpo, dr-grpo, dapo, dual-clip-ppo           :class:`GRPO`
 ``cispo``              cispo                                        :class:`CISPO`
 ``gspo``               gspo, gspo-token                             :class:`GSPO`
+``gpg``                gpg                                          :class:`GPG`
+``cov``                clip-cov, kl-cov                             :class:`ClipCov`, :class:`KLCov`
+``gmpo``               gmpo                                         :class:`GMPO`
+``dppo``               dppo-tv, dppo-kl                             :class:`DPPO`
 =====================  ===========================================  ==================
 
 Variants are registrations of one class with default overrides, never copies (see each module's docstring for the
@@ -16,8 +20,13 @@ exact formula, paper and reductions).
 
 from pgzoo.objectives.base import AGGREGATIONS, Objective, ObjectiveOutput, aggregate
 from pgzoo.objectives.cispo import CISPO
+from pgzoo.objectives.cov import ClipCov, KLCov
+from pgzoo.objectives.dppo import DPPO
+from pgzoo.objectives.gmpo import GMPO
+from pgzoo.objectives.gpg import GPG
 from pgzoo.objectives.grpo import GRPO
 from pgzoo.objectives.gspo import GSPO
 from pgzoo.objectives.minirl import MiniRL
 
-__all__ = ["AGGREGATIONS", "Objective", "ObjectiveOutput", "aggregate", "MiniRL", "GRPO", "CISPO", "GSPO"]
+__all__ = ["AGGREGATIONS", "Objective", "ObjectiveOutput", "aggregate", "MiniRL", "GRPO", "CISPO", "GSPO",
+           "GPG", "ClipCov", "KLCov", "GMPO", "DPPO"]

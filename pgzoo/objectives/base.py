@@ -20,7 +20,7 @@ import torch
 from pgzoo.batch import TokenBatch
 from pgzoo.errors import BatchError, ConfigError
 
-AGGREGATIONS = ("seq-mean-token-sum", "seq-mean-token-mean", "token-mean", "constant", "seq-mean")
+AGGREGATIONS = ("seq-mean-token-sum", "seq-mean-token-mean", "token-mean", "constant", "token-sum", "seq-mean")
 
 
 @dataclass
@@ -45,7 +45,13 @@ def aggregate(term: torch.Tensor, batch: TokenBatch, mode: str, *, clean: bool =
     - ``seq-mean-token-mean``: Σ_i (1/|y_i|) Σ_t m·term / N_seq      (fully masked rows contribute 0)
     - ``token-mean``:          Σ_i Σ_t m·term / N_tok
     - ``constant``:            Σ_i Σ_t m·term / (N_seq · L)
+    - ``token-sum``:           Σ_i Σ_t m·term                   (no normaliser)
     - ``seq-mean``:            Σ_i term_i / N_seq, for a ``[B]`` term; fully masked rows contribute 0
+
+    verl's ``loss_agg_mode`` values map one to one: ``token-mean``, ``token-sum``, ``seq-mean-token-sum`` and
+    ``seq-mean-token-mean`` by name, ``seq-mean-token-sum-norm`` is ``constant`` (verl's ``loss_scale_factor`` is
+    ``max_tokens``; both default to T). ``token-sum`` has no normaliser to carry a global count: a trainer that
+    averages gradients over W processes gets Σ/W (verl multiplies by its data-parallel size to undo that).
 
     Masked positions are replaced (not multiplied) by zero, so NaN there never reaches the result or gradient.
     ``clean=True`` promises that ``term`` is already exactly zero at masked positions (and fully masked rows) and
@@ -70,6 +76,8 @@ def aggregate(term: torch.Tensor, batch: TokenBatch, mode: str, *, clean: bool =
     elif mode == "constant":
         total = term.sum()
         denom = _as_tensor(batch.sequence_count(), total) * batch.length_constant()
+    elif mode == "token-sum":
+        return term.sum()
     else:
         raise ConfigError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGGREGATIONS)}")
     # A shard with no tokens (possible under global normalisers) contributes exactly zero, never 0/0.
@@ -104,6 +112,10 @@ class Objective:
     default_advantage: ClassVar[str] = "group-mean-std"
     aggregation: ClassVar[str] = "token-mean"
     paper: ClassVar[str] = ""
+    # False when the term depends on statistics of the whole TokenBatch (Clip-Cov and KL-Cov select tokens by the
+    # batch's covariance): micro-batches then each select on their own, as verl's do, and their gradients do not
+    # add up to the whole batch's.
+    shard_additive: ClassVar[bool] = True
 
     def __init__(
         self, name: str | None = None, *, default_advantage: str | None = None, paper: str | None = None,
@@ -219,3 +231,16 @@ def check_aggregation(cls_name: str, mode: str) -> None:
     token_modes = [m for m in AGGREGATIONS if m != "seq-mean"]
     if mode not in token_modes:
         raise ConfigError(f"{cls_name}: aggregation={mode!r} is not one of {', '.join(token_modes)}")
+
+
+def advantage_factor(batch: TokenBatch) -> torch.Tensor:
+    """The advantages ready to multiply a masked ``[B, T]`` term: ``[B, 1]`` for per-sequence advantages (rows
+    without tokens set to 0, so a NaN there never reaches the product), else ``batch.token_advantages()``.
+
+    A ``[B, 1]`` factor broadcasts in the product instead of materialising the ``[B, T]`` advantages: two passes
+    fewer for objectives that need the advantages only as a factor.
+    """
+    adv = batch.advantages
+    if adv.dim() == 2:
+        return batch.token_advantages()
+    return torch.where(batch.has_tokens(), adv.to(batch.logprobs.dtype), 0.0)[:, None]

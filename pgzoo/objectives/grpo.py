@@ -12,6 +12,12 @@ Per token (i, t), with r = exp(lp − old), A the advantage and ref the referenc
 where it is clipped, minus β·(1 − exp(ref − lp)) for the KL term. An optional training–inference ``correction``
 (:mod:`pgzoo.correction`) multiplies the whole term by its stop-gradient weight.
 
+Dual clip (``clip_c`` = c > 1; Ye et al., "Mastering Complex Control in MOBA Games with Deep Reinforcement
+Learning", arXiv 1912.09729, as verl's ``vanilla`` loss applies it): for A < 0 the surrogate is further bounded
+below, max(min(r·A, clip(r)·A), c·A), so a token with A < 0 and r > c contributes the constant c·A and no
+gradient. ``grpo``, ``dr-grpo`` and ``dapo`` come from TRL, which has no dual clip: their default is
+``clip_c=None`` (off). ``dual-clip-ppo`` is verl's ``vanilla`` out of the box: ε 0.2/0.2, c = 3, token-mean.
+
 Papers: GRPO — Shao et al., "DeepSeekMath" (arXiv 2402.03300); Dr. GRPO — Liu et al., "Understanding R1-Zero-Like
 Training: A Critical Perspective" (arXiv 2503.20783); DAPO — Yu et al. (arXiv 2503.14476).
 
@@ -25,13 +31,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from pgzoo.batch import TokenBatch
 from pgzoo.correction import Correction
-from pgzoo.diagnostics import clip_metrics, masked_mean, policy_metrics
+from pgzoo.diagnostics import clip_metrics, masked_fraction, masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import (
     MAX_LOG_RATIO,
@@ -52,14 +59,20 @@ def ratio(log_r: torch.Tensor) -> torch.Tensor:
 
 
 def clipped_surrogate(r: torch.Tensor, adv: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                      eps_low: float, eps_high: float) -> torch.Tensor:
+                      eps_low: float, eps_high: float, dual: torch.Tensor | None = None,
+                      clip_c: float | None = None) -> torch.Tensor:
     """min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) given r (with gradient) and the clip flags of ``ppo_clip_flags``.
 
     Written as "r where kept, the constant bound where clipped" so that a clipped token's gradient is exactly
-    zero (never 0·inf) and no elementwise ``torch.minimum`` / ``where`` is needed.
+    zero (never 0·inf) and no elementwise ``torch.minimum`` / ``where`` is needed. With ``dual`` (the flags A < 0
+    and r > c) the dual-clip bound c replaces r there: max(min(r·A, clip(r)·A), c·A) for A < 0.
     """
     r_clip = r.detach().clamp(1.0 - eps_low, 1.0 + eps_high)  # on a clipped token r_clip is the bound it crossed
-    return (r_clip + (r - r_clip) * ~(low | high)) * adv
+    clipped = low | high
+    if dual is not None:
+        r_clip.masked_fill_(dual, clip_c)  # dual and low are disjoint (r > c > 1 vs r < 1 − ε_low)
+        clipped |= dual
+    return (r_clip + (r - r_clip) * ~clipped) * adv
 
 
 def k3(lp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -74,6 +87,7 @@ class GRPO(Objective):
     Config:
         eps_low, eps_high: clip range of r (0.2, 0.2; DAPO 0.2, 0.28).
         beta: KL coefficient β (0). β > 0 requires ``ref_logprobs``.
+        clip_c: dual-clip bound c > 1 for negative advantages, or None (off; ``dual-clip-ppo``: 3, verl's default).
         aggregation: ``seq-mean-token-mean`` (grpo), ``constant`` (dr-grpo), ``token-mean`` (dapo), or any
             token-level mode of :func:`pgzoo.aggregate`.
         correction: optional training–inference correction (None, a Correction, or a dict of its fields).
@@ -86,6 +100,7 @@ class GRPO(Objective):
         beta: float = 0.0
         aggregation: str = "seq-mean-token-mean"
         correction: Correction | None = None
+        clip_c: float | None = None
 
     default_advantage = "group-mean-std"
     paper = "DeepSeekMath (arXiv 2402.03300)"
@@ -96,6 +111,10 @@ class GRPO(Objective):
         if isinstance(c.beta, bool) or not isinstance(c.beta, (int, float)) or not c.beta >= 0:
             raise ConfigError(f"{self.name}: beta={c.beta!r} must be a number >= 0 (0 disables the KL term)")
         check_aggregation(self.name, c.aggregation)
+        if c.clip_c is not None and (isinstance(c.clip_c, bool) or not isinstance(c.clip_c, (int, float))
+                                     or not c.clip_c > 1):
+            raise ConfigError(f"{self.name}: clip_c={c.clip_c!r} must be a number > 1 (the dual-clip bound on r "
+                              "for negative advantages; verl uses 3) or None (no dual clip)")
 
     def extra_requires(self) -> frozenset[str]:
         extra = set(super().extra_requires())
@@ -111,7 +130,10 @@ class GRPO(Objective):
         log_r = lp - batch.clean("old_logprobs")
         low, high = ppo_clip_flags(log_r.detach(), adv, *log_bounds(c.eps_low, c.eps_high))
         r = ratio(log_r)
-        term = clipped_surrogate(r, adv, low, high, c.eps_low, c.eps_high)
+        dual = None
+        if c.clip_c is not None:
+            dual = (adv < 0) & (log_r.detach() > math.log(c.clip_c))
+        term = clipped_surrogate(r, adv, low, high, c.eps_low, c.eps_high, dual, c.clip_c)
         if c.beta > 0:
             kl = k3(lp, batch.clean("ref_logprobs"))
             term = term - c.beta * kl
@@ -127,6 +149,8 @@ class GRPO(Objective):
         if c.correction is not None:
             metrics.update(corr_metrics)
         metrics.update(clip_metrics(low, high, mask))
+        if dual is not None:
+            metrics["clip/dual_fraction"] = masked_fraction(dual, mask)
         return ObjectiveOutput(loss, metrics)
 
 
@@ -135,3 +159,5 @@ register("dr-grpo", GRPO, aggregation="constant", default_advantage="group-mean"
          paper="Understanding R1-Zero-Like Training: A Critical Perspective (arXiv 2503.20783)")
 register("dapo", GRPO, eps_high=0.28, aggregation="token-mean",
          paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale (arXiv 2503.14476)")
+register("dual-clip-ppo", GRPO, aggregation="token-mean", clip_c=3.0,
+         paper="Mastering Complex Control in MOBA Games with Deep Reinforcement Learning (arXiv 1912.09729)")

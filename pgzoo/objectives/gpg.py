@@ -1,0 +1,69 @@
+"""GPG: plain policy gradient, no ratio, no clip, no KL — the surrogate is A·log π_θ.
+
+Chu et al., "GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning" (arXiv 2504.02546),
+as verl 0.9.1 implements it (``policy_loss.loss_mode=gpg``). Per token::
+
+    term = A · lp
+    loss = −Σ_i Σ_t m·term / N_tok          (``aggregation``: verl's ``loss_agg_mode``, default token-mean)
+
+∇_lp loss = −A·m / N_tok, whatever ``old_logprobs`` are: GPG ignores staleness by construction (it takes one
+update per batch). GPG's own advantage (group-mean baseline, rescaled by the share of groups with a non-zero
+spread) is an advantage estimator, not part of the loss; the default here is ``group-mean``. An optional
+training–inference ``correction`` multiplies the term by its stop-gradient weight (verl's ``rollout_is_weights``).
+
+Shapes: ``logprobs`` ``[B, T]``; advantages ``[B]`` or ``[B, T]``.
+
+Reduces to: REINFORCE with token-mean normalisation; on-policy it has the gradient of ``dapo`` and ``cispo``.
+
+Example:
+    >>> out = pgzoo.get("gpg")(pgzoo.TokenBatch(logprobs=lp, mask=m, advantages=a))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pgzoo.batch import TokenBatch
+from pgzoo.correction import Correction
+from pgzoo.diagnostics import policy_metrics
+from pgzoo.objectives.base import Objective, ObjectiveOutput, advantage_factor, aggregate, check_aggregation
+from pgzoo.registry import register
+
+
+class GPG(Objective):
+    """GPG (arXiv 2504.02546): A·log π_θ, token-mean.
+
+    Config:
+        aggregation: ``token-mean`` (verl's default ``loss_agg_mode``), or any token-level mode of
+            :func:`pgzoo.aggregate`.
+        correction: optional training–inference correction.
+    """
+
+    @dataclass(frozen=True)
+    class Config:
+        aggregation: str = "token-mean"
+        correction: Correction | None = None
+
+    default_advantage = "group-mean"
+    paper = "GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning (arXiv 2504.02546)"
+
+    def _check_config(self) -> None:
+        check_aggregation(type(self).__name__, self.config.aggregation)
+
+    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+        c = self.config
+        lp = batch.masked(batch.logprobs)
+        coef = advantage_factor(batch)  # [B, 1] or [B, T]
+        corr_metrics = {}
+        if c.correction is not None:
+            corr, corr_metrics = c.correction.token_weights(batch)
+            coef = corr * coef
+        loss = -aggregate(coef * lp, batch, c.aggregation, clean=True)
+        if not self.report_metrics:
+            return ObjectiveOutput(loss, {})
+        metrics = policy_metrics(batch)  # ratio and staleness: GPG ignores them, a user still wants to see them
+        metrics.update(corr_metrics)
+        return ObjectiveOutput(loss, metrics)
+
+
+register("gpg", GPG)
