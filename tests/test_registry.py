@@ -104,7 +104,7 @@ def test_entry_point_plugin_is_found(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry.objectives, "_plugins_loaded", False)
     try:
         obj = pgzoo.get("example_reinforce", scale=2.0)
         assert type(obj).__name__ == "ExampleReinforce" and obj.config.scale == 2.0
@@ -128,6 +128,6 @@ def test_broken_plugin_names_the_entry_point(tmp_path, monkeypatch):
     (dist / "entry_points.txt").write_text("[pgzoo.objectives]\nbroken = no_such_module_xyz:Thing\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry.objectives, "_plugins_loaded", False)
     with pytest.raises(pgzoo.ConfigError, match="'broken'"):
         pgzoo.get("not-registered-anywhere")
