@@ -54,7 +54,9 @@ def check_number(key: str, value: Any, *, low: float | None = None, high: float 
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{key}={value!r} must be {what}, not {type(value).__name__}{tail}")
     x = float(value)
-    if math.isnan(x) or (finite and math.isinf(x)):
+    if math.isnan(x):
+        raise ConfigError(f"{key}={value!r} must be {what}, not NaN{tail}")
+    if finite and math.isinf(x):
         raise ConfigError(f"{key}={value!r} must be {what}, finite{tail}")
     if low is not None and (x <= low if low_open else x < low):
         raise ConfigError(f"{key}={value!r} must be {what}{tail}")

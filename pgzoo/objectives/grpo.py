@@ -32,7 +32,6 @@ import torch
 from pgzoo.batch import TokenBatch
 from pgzoo.correction import Correction
 from pgzoo.diagnostics import clip_metrics, masked_mean, policy_metrics
-from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import (
     MAX_LOG_RATIO,
     Objective,
@@ -40,6 +39,7 @@ from pgzoo.objectives.base import (
     aggregate,
     check_aggregation,
     check_eps,
+    check_number,
     log_bounds,
     ppo_clip_flags,
 )
@@ -93,8 +93,7 @@ class GRPO(Objective):
     def _check_config(self) -> None:
         c = self.config
         check_eps(type(self).__name__, c.eps_low, c.eps_high)
-        if isinstance(c.beta, bool) or not isinstance(c.beta, (int, float)) or not c.beta >= 0:
-            raise ConfigError(f"{self.name}: beta={c.beta!r} must be a number >= 0 (0 disables the KL term)")
+        check_number(f"{self.name}: beta", c.beta, low=0.0, hint="0 disables the KL term")
         check_aggregation(self.name, c.aggregation)
 
     def extra_requires(self) -> frozenset[str]:
