@@ -186,6 +186,13 @@ class Objective:
         if not isinstance(batch, TokenBatch):
             raise ConfigError(f"objective {self.name!r} takes a pgzoo.TokenBatch, got {type(batch).__name__}")
         self.check_requires(batch)
+        if torch.is_grad_enabled() and not batch.logprobs.requires_grad:
+            # Only with grad mode on: under torch.no_grad() / inference_mode a loss is evaluated from plain tensors.
+            raise BatchError(
+                "logprobs",
+                f"does not require grad, so objective {self.name!r} would return a loss with no gradient",
+                "compute logprobs from the model with grad enabled (not .detach()ed, not under no_grad); to only "
+                "evaluate the loss, call the objective under torch.no_grad()")
         return self.compute(batch)
 
     def compute(self, batch: TokenBatch) -> ObjectiveOutput:
