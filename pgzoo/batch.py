@@ -89,6 +89,10 @@ class TokenBatch:
         if self.mask.dtype != torch.bool and self.check_values:  # checked in the one fused sync below
             mask_not_01 = ((self.mask != 0) & (self.mask != 1)).any()
         self.mask = self.mask.to(torch.bool)
+        for name in _NORMALISERS:  # a one-element tensor ([1], [1, 1]) as 0-d, so the loss stays a scalar
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor) and value.dim():
+                setattr(self, name, value.reshape(()))
         if self.advantages.dim() == 2 and self.advantages.shape[1] == 1:
             self.advantages = self.advantages[:, 0]
         if self.check_values:
