@@ -166,11 +166,11 @@ def test_assigning_a_field_drops_derived_views():
 
 
 def test_good_normalisers_of_every_kind_are_accepted():
-    lp = -torch.rand(3, 4)
+    lp, adv = -torch.rand(3, 4), torch.randn(3)
     losses = []
     for value in (12, 12.0, np.int64(12), np.float32(12.0), torch.tensor(12), torch.tensor([12.0]),
                   torch.tensor(12.0, dtype=torch.float64)):
-        batch = pgzoo.TokenBatch(**_fields(num_tokens=value, logprobs=lp.clone().requires_grad_()))
+        batch = pgzoo.TokenBatch(**_fields(num_tokens=value, logprobs=lp.clone().requires_grad_(), advantages=adv))
         losses.append(pgzoo.get("dapo")(batch).loss)
     torch.testing.assert_close(torch.stack(losses), losses[0].expand(len(losses)))
 
