@@ -170,7 +170,8 @@ def test_good_normalisers_of_every_kind_are_accepted():
     losses = []
     for value in (12, 12.0, np.int64(12), np.float32(12.0), torch.tensor(12), torch.tensor([12.0]),
                   torch.tensor(12.0, dtype=torch.float64)):
-        batch = pgzoo.TokenBatch(**_fields(num_tokens=value, logprobs=lp.clone().requires_grad_(), advantages=adv))
+        batch = pgzoo.TokenBatch(**_fields(num_tokens=value, logprobs=lp.clone().requires_grad_(), advantages=adv,
+                                           old_logprobs=lp - 0.1))
         losses.append(pgzoo.get("dapo")(batch).loss)
     torch.testing.assert_close(torch.stack(losses), losses[0].expand(len(losses)))
 
