@@ -13,6 +13,7 @@ Third-party tasks subclass :class:`Task` and register with ``@pgzoo.tasks.regist
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -41,6 +42,25 @@ def split_of(key: str, test_fraction: float, salt: str = "") -> str:
     return "test" if h / 2.0**64 < test_fraction else "train"
 
 
+def _checked_sample(sample):
+    @functools.wraps(sample)
+    def checked(self, n, split="train", seed=0):
+        out = sample(self, n, split, seed)
+        out = list(out) if out is not None and not isinstance(out, list) else out
+        name = getattr(self, "name", type(self).__name__)
+        if out is None or len(out) != n:
+            got = "None" if out is None else f"{len(out)} problems"
+            raise ConfigError(f"task {name!r}: sample(n={n}, split={split!r}, seed={seed}) returned {got}; a task "
+                              f"must return exactly n problems (repeat problems when its {split} pool is smaller)")
+        bad = next((p for p in out if not isinstance(p, Problem)), None)
+        if bad is not None:
+            raise ConfigError(f"task {name!r}: sample() returned a {type(bad).__name__} ({bad!r}); return "
+                              "pgzoo.tasks.Problem(prompt=..., answer=...) objects")
+        return out
+
+    return checked
+
+
 def check_split(split: str) -> str:
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is not a split; use one of {', '.join(SPLITS)}")
@@ -66,9 +86,22 @@ class Task:
     def __init__(self) -> None:
         self.options: dict[str, Any] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "sample" in cls.__dict__:  # every task's sample() returns exactly n Problems, or raises
+            cls.sample = _checked_sample(cls.__dict__["sample"])
+
     def sample(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
-        """``n`` problems from ``split`` ("train" or "test"), reproducible for ``seed``."""
+        """``n`` problems from ``split`` ("train" or "test"), reproducible for ``seed``.
+
+        Exactly ``n``: a task whose pool is smaller repeats problems (fewer would silently shrink the batch, and
+        is an error)."""
         raise NotImplementedError
+
+    def all_problems(self) -> list[Problem] | None:
+        """Every problem of both splits when the task holds a fixed list (a data file), else None (generated
+        problems). Used to check a whole data set up front, e.g. its characters against a tokenizer."""
+        return None
 
     def verify(self, completion: str, answer: str) -> bool:
         """Whether ``completion`` (the model's generated text after the prompt) states ``answer``."""
