@@ -296,3 +296,10 @@ def test_recipe_rollout_engine_is_checked_against_the_engine_registry():
         assert build_engine(recipe, Path("m")) == ("test-engine", Path("m"), 3, False)
     finally:
         registry.engines.unregister("test-engine")
+
+
+def test_default_advantage_is_looked_up_in_the_estimator_registry():
+    assert pgzoo.get("grpo", default_advantage="RLOO").default_advantage == "rloo"
+    assert pgzoo.get("dapo", default_advantage="reinforce++_baseline").default_advantage == "reinforce++-baseline"
+    with pytest.raises(pgzoo.UnknownNameError, match="Did you mean 'rloo'"):
+        pgzoo.get("grpo", default_advantage="rlo")

@@ -126,13 +126,9 @@ class Objective:
             self.name = name
         self._check_types()
         if default_advantage is not None:
-            from pgzoo import advantages
+            from pgzoo.registry import advantages
 
-            if default_advantage not in advantages.available():
-                from pgzoo.errors import UnknownNameError
-
-                raise UnknownNameError("advantage estimator", default_advantage, advantages.available())
-            self.default_advantage = default_advantage
+            self.default_advantage = advantages.entry(default_advantage)[0]  # canonical; unknown: nearest names
         if paper is not None:
             if not isinstance(paper, str):
                 raise ConfigError(f"{self.name}: paper={paper!r} must be a string (title and arXiv id)")
