@@ -3,19 +3,17 @@
 With r_i the reward of completion i, g(i) its group (the prompt it answers), mean_g / std_g the group's mean and
 standard deviation (unbiased, as TRL and verl compute it), G_g its size and l_i its length in tokens:
 
-=========================  ======================================================================  ===============
-name                       A_i                                                                     paper
-=========================  ======================================================================  ===============
-``group-mean``             r_i − mean_g                                                            Dr. GRPO, MiniRL
-``group-mean-std``         (r_i − mean_g) / (std_g + eps)                                          GRPO
-``leave-one-out``, ``rloo``  r_i − mean_{j∈g, j≠i} r_j = G_g/(G_g − 1)·(r_i − mean_g)              RLOO
-``reinforce++``            (r_i − mean_B) / sqrt(var_B + eps), over the whole batch B              REINFORCE++
-``reinforce++-baseline``   whiten_B(r_i − mean_g)                                                  REINFORCE++
-``opo``                    r_i − Σ_{j∈g} l_j r_j / Σ_{j∈g} l_j   (needs ``lengths``)                OPO
-``gpg``                    α·(r_i − mean_g)/f_norm,  α = N / #{j: r_j ≠ 0}                          GPG
-``grpo-passk``             best of the group: (r_max − r_second)/(std_g + eps); others 0           Pass@k (verl)
-``pass-at-k``              the group's pass@k advantage for binary rewards (closed form, ``k``)     Pass@k Training
-=========================  ======================================================================  ===============
+- ``group-mean``              r_i − mean_g                                  (Dr. GRPO; MiniRL)
+- ``group-mean-std``          (r_i − mean_g) / (std_g + eps)                (GRPO)
+- ``leave-one-out``, ``rloo``  r_i − mean_{j∈g, j≠i} r_j = G_g/(G_g − 1)·(r_i − mean_g)   (RLOO)
+- ``reinforce++``             (r_i − mean_B) / sqrt(var_B + eps), B the whole batch     (REINFORCE++)
+- ``reinforce++-baseline``    the same whitening of r_i − mean_g            (REINFORCE++)
+- ``opo``                     r_i − Σ_{j∈g} l_j r_j / Σ_{j∈g} l_j (needs ``lengths``)   (OPO)
+- ``gpg``                     α·(r_i − mean_g)/f_norm, α = N / #{j : r_j ≠ 0}         (GPG)
+- ``grpo-passk``              the group's best: (r_max − r_second)/(std_g + eps); others 0   (Pass@k, as verl)
+- ``pass-at-k``               the closed-form pass@k advantage of 0/1 rewards, option k   (Pass@k Training)
+
+Each estimator's docstring gives its paper and its verl counterpart.
 
 The batch statistics of ``reinforce++`` / ``reinforce++-baseline`` weight every completion by its length when
 ``lengths`` is given (verl whitens over tokens) and equally otherwise; the variance is unbiased.

@@ -18,17 +18,15 @@ Every kind of pluggable thing is a :class:`Registry` with the same rules:
 - ``available("minirl*")`` filters with shell-style wildcards;
 - third-party packages plug in through an entry-point group per registry. An entry point names either a module
   (importing it runs its ``register`` lines), an object the registry accepts (registered under the entry point's
-  name), or, for registries of classes, a function that registers when called.
+  name), or a function that registers when called (for registries of functions: one taking no arguments).
 
-========================  =====================  ========================================  ========================
-instance                  entry-point group      registered object                         used by
-========================  =====================  ========================================  ========================
-``objectives``            ``pgzoo.objectives``   an :class:`~pgzoo.Objective` subclass     ``pgzoo.get``
-``advantages``            ``pgzoo.advantages``   ``fn(rewards, index, num_groups, ...)``   ``pgzoo.advantages``
-``tasks``                 ``pgzoo.tasks``        a :class:`~pgzoo.tasks.Task` subclass     ``pgzoo.tasks.get``
-``engines``               ``pgzoo.engines``      ``build(rollout, model_path, *, seed,      recipes' ``rollout.engine``
-                                                 return_routes)`` -> a rollout engine
-========================  =====================  ========================================  ========================
+The four instances (entry-point group, what is registered, who looks it up):
+
+- ``objectives``  ``pgzoo.objectives``: an :class:`~pgzoo.Objective` subclass (``pgzoo.get``);
+- ``advantages``  ``pgzoo.advantages``: ``fn(rewards, index, num_groups, **options)`` (``pgzoo.advantages``);
+- ``tasks``       ``pgzoo.tasks``: a :class:`~pgzoo.tasks.Task` subclass (``pgzoo.tasks.get``);
+- ``engines``     ``pgzoo.engines``: ``build(rollout, model_path, *, seed, return_routes) -> engine``
+  (a recipe's ``rollout.engine``; see :mod:`pgzoo.rollout.builders`).
 
 The module-level ``register / get / available / unregister / get_class / defaults`` are the objective registry's
 (``pgzoo.register`` is this ``register``).
