@@ -93,3 +93,22 @@ def test_the_helpers():
         check_int("k", 2.0, low=1)
     with pytest.raises(ConfigError, match="Did you mean 'token-mean'"):
         check_choice("agg", "token_mean", ["token-mean", "constant"])
+
+
+def test_a_field_defaulting_to_none_takes_none_and_its_type_otherwise():
+    from dataclasses import dataclass
+
+    class Opt(pgzoo.Objective):
+        @dataclass(frozen=True)
+        class Config:
+            cap: float = None  # annotated float, default None: None is a value
+            flag: bool = False
+
+        def compute(self, batch):
+            raise NotImplementedError
+
+    assert Opt().config.cap is None and Opt(cap=2).config.cap == 2
+    with pytest.raises(ConfigError, match="cap='2' must be a number"):
+        Opt(cap="2")
+    with pytest.raises(ConfigError, match="flag=None must be true or false"):
+        Opt(flag=None)

@@ -157,12 +157,15 @@ class Objective:
 
         ``bool`` accepts only True/False (``"false"`` is an error, not True); ``float`` any real number but a bool
         or a string (ints too; ±inf allowed, NaN never); ``int`` only integers; ``str`` only strings; ``Literal``
-        only its values; ``X | None`` also None. Other annotations (a Correction, a union of classes) are left to
+        only its values; ``X | None`` also None, and so does any field whose default is None. Other annotations (a Correction, a union of classes) are left to
         the objective. Ranges are the objective's: :meth:`_check_config` with :func:`check_number` and friends.
         """
+        hints = _field_types(type(self.config))
         for f in dataclasses.fields(self.config):
-            check_annotated(f"{self.name}: {f.name}", getattr(self.config, f.name), _field_types(type(self.config))
-                            .get(f.name))
+            value = getattr(self.config, f.name)
+            if value is None and f.default is None:  # a field whose default is None takes None, however annotated
+                continue
+            check_annotated(f"{self.name}: {f.name}", value, hints.get(f.name))
 
     def _check_config(self) -> None:
         """Validate hyperparameter values and ranges; subclasses raise ConfigError with the field and the fix,
