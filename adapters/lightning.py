@@ -183,7 +183,8 @@ class RLModule(L.LightningModule):
         rewards = torch.tensor([self._reward(t, problems[i // self.cfg.group_size], step)
                                 for i, t in enumerate(texts)], dtype=torch.float32)
         # 3. advantages: group-relative (groups never straddle ranks: prompts are sharded whole)
-        adv = _advantages.compute(self.advantage_name, rewards, group_size=self.cfg.group_size)
+        adv = _advantages.compute(self.advantage_name, rewards, group_size=self.cfg.group_size,
+                                  lengths=ro.completion_mask.sum(-1))  # OPO's baseline, REINFORCE++'s token weights
         data = RolloutBatch(ro.prompt_ids, ro.prompt_mask.bool(), ro.completion_ids, ro.completion_mask.bool(),
                             ro.logprobs.float(), adv, rewards, ro.truncated.bool(),
                             routes=ro.routes if self.cfg.routing_replay == "R3" else None)

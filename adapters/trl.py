@@ -342,8 +342,12 @@ class GRPOTrainer(_TRLGRPOTrainer):
         scorable = ~torch.isnan(rpf).all(dim=1)  # TRL: all reward funcs None -> unscorable, advantage 0
         group_ids = torch.arange(rewards.numel(), device=rewards.device) // group
         adv = torch.zeros_like(rewards)
+        # completion lengths of every process's rows (OPO's baseline, REINFORCE++'s token weights); a completion
+        # TRL masked out entirely (mask_truncated_completions) still counts as one token there
+        lengths = self.accelerator.gather(output["completion_mask"].sum(1)).to(rewards.device).clamp_min(1)
         if bool(scorable.any()):
-            adv[scorable] = pg_advantages.compute(self.advantage, rewards[scorable], group_ids=group_ids[scorable])
+            adv[scorable] = pg_advantages.compute(self.advantage, rewards[scorable], group_ids=group_ids[scorable],
+                                                  lengths=lengths[scorable])
         n = output["advantages"].shape[0]
         start = self.accelerator.process_index * n
         output["advantages"] = adv[start:start + n].to(output["advantages"])

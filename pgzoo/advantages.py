@@ -1,52 +1,75 @@
-"""Group-relative advantage estimators: rewards of G completions per prompt → one advantage per completion.
+"""Advantage estimators: outcome rewards of G completions per prompt → one advantage per completion.
 
-With r_i the reward of completion i and g(i) its group (the prompt it answers), mean_g / std_g the group's mean and
-standard deviation (unbiased, as TRL and verl compute it) and G_g its size:
+With r_i the reward of completion i, g(i) its group (the prompt it answers), mean_g / std_g the group's mean and
+standard deviation (unbiased, as TRL and verl compute it), G_g its size and l_i its length in tokens:
 
-- ``group-mean``      A_i = r_i − mean_g                          (Dr. GRPO; MiniRL)
-- ``group-mean-std``  A_i = (r_i − mean_g) / (std_g + eps)        (GRPO, DAPO, CISPO, GSPO)
-- ``leave-one-out``   A_i = r_i − mean_{j ∈ g, j ≠ i} r_j = G_g/(G_g − 1) · (r_i − mean_g)   (RLOO)
+- ``group-mean``              r_i − mean_g                                  (Dr. GRPO; MiniRL)
+- ``group-mean-std``          (r_i − mean_g) / (std_g + eps)                (GRPO)
+- ``leave-one-out``, ``rloo``  r_i − mean_{j∈g, j≠i} r_j = G_g/(G_g − 1)·(r_i − mean_g)   (RLOO)
+- ``reinforce++``             (r_i − mean_B) / sqrt(var_B + eps), B the whole batch     (REINFORCE++)
+- ``reinforce++-baseline``    the same whitening of r_i − mean_g            (REINFORCE++)
+- ``opo``                     r_i − Σ_{j∈g} l_j r_j / Σ_{j∈g} l_j (needs ``lengths``)   (OPO)
+- ``gpg``                     α·(r_i − mean_g)/f_norm, α = N / #{j : r_j ≠ 0}         (GPG)
+- ``grpo-passk``              the group's best: (r_max − r_second)/(std_g + eps); others 0   (Pass@k, as verl)
+- ``pass-at-k``               the closed-form pass@k advantage of 0/1 rewards, option k   (Pass@k Training)
 
-A group whose rewards are all equal gets exactly zero advantage (never NaN), and so does a group of one.
+Each estimator's docstring gives its paper and its verl counterpart.
+
+The batch statistics of ``reinforce++`` / ``reinforce++-baseline`` weight every completion by its length when
+``lengths`` is given (verl whitens over tokens) and equally otherwise; the variance is unbiased.
+
+A group whose rewards are all equal gets exactly zero advantage (never NaN), and so does a group of one — for every
+estimator but the two batch-whitened ones, where the baseline is the batch (verl's convention; a group of one
+is a baseline-free sample to verl's group estimators, a zero here).
 
     >>> pgzoo.advantages.compute("group-mean-std", torch.tensor([1., 0., 0., 0.]), group_size=2)
     tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
 
 Groups are given either as ``group_size`` (rows of one prompt contiguous, prompt-major) or as ``group_ids``
-(any integer labels, e.g. ``Rollouts.group``). Custom estimators register with :func:`register`.
+(any integer labels, e.g. ``Rollouts.group``); the batch-level ``reinforce++`` needs neither. Estimators are entries
+of the generic registry :data:`pgzoo.registry.advantages` (entry-point group ``pgzoo.advantages``); custom ones
+register with :func:`register`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 
-from pgzoo.errors import ConfigError, UnknownNameError
+from pgzoo.errors import ConfigError
+from pgzoo.registry import advantages as _registry
+from pgzoo.validate import check_int, check_number
 
 Estimator = Callable[..., torch.Tensor]
-_ESTIMATORS: dict[str, Estimator] = {}
+_ESTIMATORS = _registry.entries  # name -> estimator (the registry's own dict)
 
 
 def register(name: str, *, override: bool = False):
-    """Decorator: register ``fn(rewards, group_index, num_groups, **options) -> advantages`` under ``name``."""
+    """Decorator: register ``fn(rewards, index, num_groups, **options) -> advantages`` under ``name``.
 
-    def _add(fn: Estimator) -> Estimator:
-        key = name.lower().replace("_", "-")
-        if key in _ESTIMATORS and not override:
-            raise ConfigError(f"advantage estimator {key!r} is already registered; pass override=True to replace it")
-        _ESTIMATORS[key] = fn
-        return fn
-
-    return _add
+    ``rewards`` is a float ``[N]`` tensor, ``index`` the ``[N]`` group of each row in ``0..num_groups-1``. An
+    estimator that takes a ``lengths`` argument receives the completions' ``[N]`` lengths when the caller gives
+    them; one with ``uses_groups = False`` set on it may be called without groups.
+    """
+    return _registry.register(name, override=override)
 
 
-def available() -> list[str]:
-    """Sorted names of the registered estimators."""
-    return sorted(_ESTIMATORS)
+def unregister(name: str) -> None:
+    """Remove a registered estimator (mainly for tests)."""
+    _registry.unregister(name)
 
 
-def _group_index(n: int, group_size: int | None, group_ids, device) -> tuple[torch.Tensor, int]:
+def available(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered estimators (shell-style wildcard filter)."""
+    return _registry.available(pattern)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _group_index(n: int, group_size: int | None, group_ids, device, *, needed: bool) -> tuple[torch.Tensor, int]:
+    if group_size is None and group_ids is None and not needed:
+        return torch.arange(n, device=device), n
     if (group_size is None) == (group_ids is None):
         raise ConfigError("pass exactly one of group_size=G (contiguous groups) or group_ids=[N] labels")
     if group_size is not None:
@@ -67,39 +90,211 @@ def _group_index(n: int, group_size: int | None, group_ids, device) -> tuple[tor
     return index, uniq.numel()
 
 
+def _group_sum(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    return torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, index, values)
+
+
 def _group_stats(rewards: torch.Tensor, index: torch.Tensor, num_groups: int):
-    """Per-row group size, mean, unbiased std and a 'group is constant' flag."""
-    zeros = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device)
-    size = zeros.index_add(0, index, torch.ones_like(rewards))
-    mean = zeros.index_add(0, index, rewards) / size
+    """Per-row group size, centred reward r − mean_g, unbiased std and a 'group is constant' flag."""
+    size = _group_sum(torch.ones_like(rewards), index, num_groups)
+    mean = _group_sum(rewards, index, num_groups) / size
     centred = rewards - mean[index]
-    var = zeros.index_add(0, index, centred * centred) / (size - 1).clamp_min(1.0)
+    var = _group_sum(centred * centred, index, num_groups) / (size - 1).clamp_min(1.0)
+    zeros = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device)
     gmax = zeros.scatter_reduce(0, index, rewards, "amax", include_self=False)
     gmin = zeros.scatter_reduce(0, index, rewards, "amin", include_self=False)
     constant = (gmax == gmin)[index]
     return size[index], centred, var.sqrt()[index], constant
 
 
+def _zero_where(flag: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    return torch.where(flag, torch.zeros_like(adv), adv)
+
+
+def _whiten(values: torch.Tensor, weights: torch.Tensor, eps: float) -> torch.Tensor:
+    """(v − mean_w) / sqrt(var_w + eps) with weighted mean and unbiased (n/(n−1), n = Σ w) weighted variance:
+    verl's ``masked_whiten`` over the tokens when the weights are lengths. A constant batch gives zeros."""
+    n = weights.sum()
+    if n <= 1 or bool((values == values[0]).all()):
+        return torch.zeros_like(values)
+    mean = (weights * values).sum() / n
+    centred = values - mean
+    var = (weights * centred * centred).sum() / n * (n / (n - 1))
+    return centred / torch.sqrt(var + eps)
+
+
+def _check_eps(eps, name: str = "eps") -> float:
+    return check_number(f"advantages: {name}", eps, low=0.0, low_open=True)
+
+
+# ---------------------------------------------------------------------------------------------------- estimators
 @register("group-mean")
-def group_mean(rewards, index, num_groups, **_):
-    """A_i = r_i − mean_g (Dr. GRPO, MiniRL)."""
+def group_mean(rewards, index, num_groups):
+    """A_i = r_i − mean_g. Dr. GRPO (Liu et al., arXiv 2503.20783); MiniRL (arXiv 2512.01374)."""
     _, centred, _, constant = _group_stats(rewards, index, num_groups)
-    return torch.where(constant, torch.zeros_like(centred), centred)
+    return _zero_where(constant, centred)
 
 
 @register("group-mean-std")
-def group_mean_std(rewards, index, num_groups, *, eps: float = 1e-6, **_):
-    """A_i = (r_i − mean_g) / (std_g + eps), std unbiased (GRPO)."""
+def group_mean_std(rewards, index, num_groups, *, eps: float = 1e-6):
+    """A_i = (r_i − mean_g) / (std_g + eps), std unbiased. GRPO (Shao et al., "DeepSeekMath", arXiv 2402.03300)."""
+    _check_eps(eps)
     _, centred, std, constant = _group_stats(rewards, index, num_groups)
-    return torch.where(constant, torch.zeros_like(centred), centred / (std + eps))
+    return _zero_where(constant, centred / (std + eps))
 
 
-@register("leave-one-out")
-def leave_one_out(rewards, index, num_groups, **_):
-    """A_i = r_i − mean of the other rewards in the group = G/(G−1)·(r_i − mean_g) (RLOO)."""
+def leave_one_out(rewards, index, num_groups):
+    """A_i = r_i − mean of the other rewards of the group = G/(G−1)·(r_i − mean_g).
+
+    RLOO: Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+    Feedback in LLMs" (arXiv 2402.14740); Kool et al., "Buy 4 REINFORCE Samples, Get a Baseline for Free!" (2019).
+    Registered as ``leave-one-out`` and ``rloo``.
+    """
     size, centred, _, constant = _group_stats(rewards, index, num_groups)
     adv = centred * size / (size - 1).clamp_min(1.0)
-    return torch.where(constant | (size < 2), torch.zeros_like(adv), adv)
+    return _zero_where(constant | (size < 2), adv)
+
+
+register("leave-one-out")(leave_one_out)
+register("rloo")(leave_one_out)
+
+
+def reinforce_pp(rewards, index, num_groups, *, lengths=None, eps: float = 1e-8):
+    """REINFORCE++: the reward whitened over the whole batch, A_i = (r_i − mean_B) / sqrt(var_B + eps).
+
+    Hu et al., "REINFORCE++: An Efficient RLHF Algorithm with Robustness to Both Prompt and Reward Models"
+    (arXiv 2501.03262). Outcome reward, γ = 1: every token's return is r_i. With ``lengths`` the mean and unbiased
+    variance are over tokens (each completion weighted by its length, as verl's
+    ``compute_reinforce_plus_plus_outcome_advantage`` whitens the token returns); without, over completions.
+    Needs no groups.
+    """
+    _check_eps(eps)
+    weights = torch.ones_like(rewards) if lengths is None else lengths
+    return _whiten(rewards, weights, eps)
+
+
+reinforce_pp.uses_groups = False
+register("reinforce++")(reinforce_pp)
+
+
+@register("reinforce++-baseline")
+def reinforce_pp_baseline(rewards, index, num_groups, *, lengths=None, eps: float = 1e-8):
+    """REINFORCE++-baseline: the group-mean-centred reward, whitened over the batch.
+
+    A_i = whiten_B(r_i − mean_g) — Hu et al. (arXiv 2501.03262), as verl's
+    ``compute_reinforce_plus_plus_baseline_outcome_advantage``: token-weighted statistics with ``lengths``,
+    completion-weighted without (then a constant group is exactly 0 before whitening).
+    """
+    _check_eps(eps)
+    _, centred, _, constant = _group_stats(rewards, index, num_groups)
+    centred = _zero_where(constant, centred)
+    weights = torch.ones_like(rewards) if lengths is None else lengths
+    return _whiten(centred, weights, eps)
+
+
+@register("opo")
+def opo(rewards, index, num_groups, *, lengths=None):
+    """OPO: the length-weighted group baseline, A_i = r_i − Σ_{j∈g} l_j r_j / Σ_{j∈g} l_j.
+
+    Hao et al., "On-Policy RL with Optimal Reward Baseline" (arXiv 2505.23585): the optimal baseline under the
+    assumption that the gradient norm grows with the sequence length. Needs ``lengths`` (verl:
+    ``compute_opo_outcome_advantage``, lengths = response-mask sums).
+    """
+    if lengths is None:
+        raise ConfigError("advantage estimator 'opo' weights the group baseline by response length: pass "
+                          "lengths=[N] (completion lengths in tokens, e.g. completion_mask.sum(-1))")
+    size, _, _, constant = _group_stats(rewards, index, num_groups)
+    baseline = _group_sum(lengths * rewards, index, num_groups) / _group_sum(lengths, index, num_groups)
+    return _zero_where(constant | (size < 2), rewards - baseline[index])
+
+
+@register("gpg")
+def gpg(rewards, index, num_groups, *, f_norm: float = 1.0):
+    """GPG: A_i = α·(r_i − mean_g) / f_norm with α = N / max(1, #{j : r_j ≠ 0}) over the whole batch.
+
+    Chu et al., "GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning" (arXiv 2504.02546).
+    α rescales the batch gradient for the completions that carry signal; its definition and f_norm = 1 follow
+    verl's ``compute_gpg_outcome_advantage``.
+    """
+    check_number("advantages: f_norm", f_norm, low=0.0, low_open=True)
+    _, centred, _, constant = _group_stats(rewards, index, num_groups)
+    alpha = rewards.numel() / max(1, int(torch.count_nonzero(rewards)))
+    return _zero_where(constant, alpha * centred / f_norm)
+
+
+@register("grpo-passk")
+def grpo_passk(rewards, index, num_groups, *, eps: float = 1e-6, scale_std: bool = True):
+    """Pass@k-style GRPO: only each group's best completion is credited, A = (r_max − r_second) / (std_g + eps).
+
+    Every other completion gets 0; ``scale_std=False`` drops the division. As verl's
+    ``compute_grpo_passk_outcome_advantage`` (after arXiv 2503.19595). Ties for the best give 0 (r_max = r_second);
+    the credited row of a tie is the first.
+    """
+    _check_eps(eps)
+    if not isinstance(scale_std, bool):
+        raise ConfigError(f"advantages: scale_std={scale_std!r} must be True or False")
+    size, _, std, constant = _group_stats(rewards, index, num_groups)
+    # order rows by group, then reward descending (two stable sorts): each group's best row comes first, its
+    # runner-up second, and a tie keeps the earlier row first
+    by_reward = torch.sort(rewards, descending=True, stable=True).indices
+    order = by_reward[torch.sort(index[by_reward], stable=True).indices]
+    g, r = index[order], rewards[order]
+    best = torch.ones_like(g, dtype=torch.bool)
+    best[1:] = g[1:] != g[:-1]
+    gap = torch.zeros_like(r)
+    gap[:-1] = r[:-1] - r[1:]  # meaningful where the next row is of the same group (size >= 2 is checked below)
+    credit = torch.where(best, gap, torch.zeros_like(gap))
+    if scale_std:
+        credit = credit / (std[order] + eps)
+    adv = torch.zeros_like(rewards).index_copy(0, order, credit)
+    return _zero_where(constant | (size < 2), adv)
+
+
+@register("pass-at-k")
+def pass_at_k(rewards, index, num_groups, *, k: int = 1):
+    """The pass@k advantage of binary rewards, in closed form over each group of N with N_neg failures.
+
+    Chen et al., "Pass@k Training for Adaptively Balancing Exploration and Exploitation of Large Reasoning
+    Models" (arXiv 2508.10751): with R̄ = 1 − C(N_neg, k)/C(N, k) the group's pass@k and σ = sqrt(R̄(1 − R̄)),
+    A_pos = (1 − R̄)/σ and A_neg = (1 − R̄ − C(N_neg − 1, k − 1)/C(N − 1, k − 1))/σ. k = 1 is GRPO's advantage with
+    the population std. Rewards must be 0/1; k at most the smallest group.
+    """
+    k = check_int("advantages: k", k, low=1)
+    if not bool(((rewards == 0) | (rewards == 1)).all()):
+        raise ConfigError("advantage estimator 'pass-at-k' needs binary rewards (0 or 1 per completion); "
+                          "use grpo-passk or group-mean-std for graded rewards")
+    size = _group_sum(torch.ones_like(rewards), index, num_groups)
+    if k > int(size.min()):
+        raise ConfigError(f"advantages: k={k} exceeds the smallest group ({int(size.min())} completions); "
+                          "pass k <= group size")
+    neg = size - _group_sum(rewards, index, num_groups)
+
+    def ratio(top: torch.Tensor, bottom: torch.Tensor, m: int) -> torch.Tensor:
+        # C(top, m)/C(bottom, m) = Π_{i<m} (top − i)/(bottom − i), zero once top < m
+        i = torch.arange(m, dtype=rewards.dtype, device=rewards.device)
+        return ((top[:, None] - i) / (bottom[:, None] - i)).clamp_min(0.0).prod(-1)
+
+    mean = 1.0 - ratio(neg, size, k)
+    sigma = torch.sqrt(mean * (1.0 - mean))
+    a_pos = (1.0 - mean) / sigma
+    a_neg = (1.0 - mean - ratio(neg - 1.0, size - 1.0, k - 1)) / sigma
+    adv = torch.where(rewards > 0, a_pos[index], a_neg[index])
+    return _zero_where((sigma == 0)[index], adv)
+
+
+# ---------------------------------------------------------------------------------------------------- the API
+def _check_lengths(lengths, n: int, like: torch.Tensor) -> torch.Tensor:
+    lengths = torch.as_tensor(lengths, device=like.device)
+    if lengths.dim() != 1 or lengths.shape[0] != n:
+        raise ConfigError(f"lengths must be a [N]={n} tensor (one length per completion), got shape "
+                          f"{tuple(lengths.shape)}")
+    if lengths.dtype == torch.bool or lengths.dtype.is_complex:
+        raise ConfigError(f"lengths must be numbers of tokens, got dtype {lengths.dtype}")
+    lengths = lengths.to(like.dtype)
+    if not bool((torch.isfinite(lengths) & (lengths > 0)).all()):
+        raise ConfigError("lengths must be positive finite token counts (every completion has at least one token: "
+                          "its end-of-sequence or its last token before truncation)")
+    return lengths
 
 
 def compute(
@@ -108,20 +303,21 @@ def compute(
     *,
     group_size: int | None = None,
     group_ids: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor:
     """Advantages ``[N]`` from flat rewards ``[N]`` with the estimator ``name``.
 
     Args:
-        name: ``"group-mean"``, ``"group-mean-std"``, ``"leave-one-out"`` or a registered estimator.
+        name: a registered estimator (see :func:`available`), e.g. ``"group-mean-std"`` or ``"rloo"``.
         rewards: ``[N]`` float rewards (finite).
         group_size: G, when the N rows are N/G contiguous groups (prompt-major).
         group_ids: ``[N]`` integer group labels, for ragged or interleaved groups.
-        options: estimator options (``eps`` for group-mean-std).
+        lengths: ``[N]`` completion lengths in tokens (positive); used by the estimators that take them
+            (``opo`` needs them; ``reinforce++`` and ``reinforce++-baseline`` weight by them), ignored by the rest.
+        options: estimator options (``eps``, ``k``, ``f_norm``, ...); an option the estimator does not take raises.
     """
-    key = str(name).lower().replace("_", "-")
-    if key not in _ESTIMATORS:
-        raise UnknownNameError("advantage estimator", key, _ESTIMATORS)
+    key, fn, defaults = _registry.entry(name)
     rewards = torch.as_tensor(rewards)
     if rewards.dim() != 1 or rewards.numel() == 0:
         raise ConfigError(f"rewards must be a non-empty [N] tensor, got shape {tuple(rewards.shape)}")
@@ -129,5 +325,22 @@ def compute(
         rewards = rewards.to(torch.get_default_dtype())
     if not torch.isfinite(rewards).all():
         raise ConfigError("rewards contain NaN or Inf; fix the reward function (return a finite float per completion)")
-    index, num_groups = _group_index(rewards.shape[0], group_size, group_ids, rewards.device)
-    return _ESTIMATORS[key](rewards, index, num_groups, **options)
+    n = rewards.shape[0]
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    valid = [p for p in list(params)[3:] if params[p].kind is not params[p].VAR_KEYWORD]
+    unknown = sorted(set(options) - set(valid) - {"lengths"})
+    if unknown and not takes_any:
+        raise ConfigError(f"advantage estimator {key!r} has no option(s) {', '.join(map(repr, unknown))}; "
+                          f"valid: {', '.join(o for o in valid if o != 'lengths') or '(none)'}")
+    index, num_groups = _group_index(n, group_size, group_ids, rewards.device,
+                                     needed=getattr(fn, "uses_groups", True))
+    kwargs = {**defaults, **options}
+    if lengths is not None:
+        lengths = _check_lengths(lengths, n, rewards)
+        if "lengths" in params or takes_any:
+            kwargs["lengths"] = lengths
+    return fn(rewards, index, num_groups, **kwargs)
+
+
+__all__ = ["available", "compute", "register", "unregister", "Estimator"]

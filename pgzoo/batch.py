@@ -10,6 +10,7 @@ single-process gradient of the whole mini-batch.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from pgzoo.errors import BatchError
 
 _TOKEN_FIELDS = ("old_logprobs", "rollout_logprobs", "ref_logprobs")
+_NORMALISERS = ("num_sequences", "num_tokens", "max_tokens")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -49,9 +51,17 @@ class TokenBatch:
         num_sequences: sequence normaliser. Default: rows with at least one unmasked token.
         num_tokens: token normaliser. Default: ``mask.sum()``.
         max_tokens: constant normaliser L (Dr. GRPO). Default: ``T``.
-        check_values: also check that unmasked values are finite. This costs one host sync; trainers that
-            validate upstream may pass ``False`` (finite unmasked values are then the caller's guarantee: eager
-            masking zeroes any non-finite product). Shape, dtype and device checks always run (they are free).
+            Normalisers are Python or numpy numbers, or one-element tensors (e.g. an all-reduced count);
+            they must be positive and finite.
+        check_values: also check values: unmasked values finite, a non-bool mask only 0/1, tensor normalisers
+            positive and finite. This costs one host sync; trainers that validate upstream may pass ``False``
+            (those are then the caller's guarantee: eager masking zeroes any non-finite product). Shape, dtype,
+            device and gradient checks always run (they are free).
+
+    Fixed quantities (``advantages``, ``old/rollout/ref_logprobs``, normaliser tensors) must not carry gradient,
+    and no tensor may be on the ``meta`` device. Calling an objective with grad mode on requires
+    ``logprobs.requires_grad`` (otherwise the loss could not train anything); under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` a loss is evaluated from plain tensors as well.
 
     Example:
         >>> import torch, pgzoo
@@ -75,11 +85,18 @@ class TokenBatch:
 
     def __post_init__(self) -> None:
         self._validate_structure()
+        mask_not_01 = None
+        if self.mask.dtype != torch.bool and self.check_values:  # checked in the one fused sync below
+            mask_not_01 = ((self.mask != 0) & (self.mask != 1)).any()
         self.mask = self.mask.to(torch.bool)
+        for name in _NORMALISERS:  # a one-element tensor ([1], [1, 1]) as 0-d, so the loss stays a scalar
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor) and value.dim():
+                setattr(self, name, value.reshape(()))
         if self.advantages.dim() == 2 and self.advantages.shape[1] == 1:
             self.advantages = self.advantages[:, 0]
         if self.check_values:
-            self._validate_values()
+            self._validate_values(mask_not_01)
 
     # ------------------------------------------------------------------ validation
     def _validate_structure(self) -> None:
@@ -87,6 +104,10 @@ class TokenBatch:
         if not isinstance(lp, torch.Tensor):
             raise BatchError("logprobs", f"expected a torch.Tensor, got {type(lp).__name__}",
                              "pass the [B, T] per-token log-probabilities as a tensor")
+        if lp.device.type == "meta":
+            raise BatchError("logprobs", "is on the meta device (a shape without data)",
+                             "materialise the model's weights (e.g. load_state_dict / to_empty + init) before "
+                             "computing logprobs")
         if lp.dim() != 2:
             raise BatchError("logprobs", f"expected rank 2 [B, T], got shape {tuple(lp.shape)}",
                              "gather the sampled tokens' log-probabilities into a [batch, completion_len] tensor")
@@ -113,6 +134,9 @@ class TokenBatch:
         if self.mask.dtype.is_complex or (self.mask.dtype.is_floating_point and self.mask.dtype not in _FLOAT_DTYPES):
             raise BatchError("mask", f"unsupported dtype {self.mask.dtype}", "pass a bool or 0/1 tensor")
         adv = self.advantages
+        if adv.requires_grad:
+            raise BatchError("advantages", "carries gradient; advantages are fixed weights of the objective",
+                             "pass them .detach()ed (compute them from rewards under torch.no_grad())")
         if adv.dtype not in _FLOAT_DTYPES:
             raise BatchError("advantages", f"expected a floating dtype, got {adv.dtype}",
                              "cast with .float()")
@@ -131,21 +155,31 @@ class TokenBatch:
             if value.requires_grad:
                 raise BatchError(name, "carries gradient; it is a fixed quantity of the objective",
                                  "pass it .detach()ed (compute it under torch.no_grad())")
-        for name in ("num_sequences", "num_tokens", "max_tokens"):
+        for name in _NORMALISERS:
             value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
                     raise BatchError(name, f"expected a scalar, got shape {tuple(value.shape)}",
-                                     "pass the global count as a Python number or a 0-d tensor")
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise BatchError(name, f"expected a positive number, got {value!r}",
+                                     "pass the global count as a Python number or a one-element tensor")
+                if value.dtype == torch.bool or value.dtype.is_complex:
+                    raise BatchError(name, f"expected a real count, got dtype {value.dtype}",
+                                     "pass the count as an integer or float tensor")
+                if value.device.type == "meta":
+                    raise BatchError(name, "is on the meta device (a shape without data)",
+                                     "pass the computed count")
+                if value.requires_grad:
+                    raise BatchError(name, "carries gradient; a normaliser is a fixed count",
+                                     "pass it .detach()ed")
+                continue  # its value (> 0, finite) is checked with the others in _validate_values
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
+                raise BatchError(name, f"expected a positive finite number, got {value!r}",
                                  "pass the global count over all ranks and micro-batches (> 0), or None")
 
-    def _validate_values(self) -> None:
-        # One fused reduction and a single host sync: is every unmasked value finite, and does any token count?
+    def _validate_values(self, mask_not_01: torch.Tensor | None = None) -> None:
+        # One fused reduction and a single host sync: is every unmasked value finite, is the mask 0/1, are tensor
+        # normalisers positive and finite, and does any token count?
         mask = self.mask
         checks = {"logprobs": self.logprobs.detach()}
         for name in _TOKEN_FIELDS:
@@ -155,9 +189,25 @@ class TokenBatch:
         adv_tok = adv[:, None].expand_as(mask) if adv.dim() == 1 else adv
         checks["advantages"] = adv_tok
         flags = [(~torch.isfinite(v) & mask).any() for v in checks.values()]
+        extra: list[tuple[str, str, str]] = []
+        if mask_not_01 is not None:
+            flags.append(mask_not_01.to(mask.device))
+            extra.append(("mask", "holds values other than 0 and 1",
+                          "pass a bool mask, or 0/1 values (a weight per token is not a mask: fold it into the "
+                          "advantages)"))
+        for name in _NORMALISERS:
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                v = value.detach().reshape(())
+                flags.append((~(torch.isfinite(v) & (v > 0))).to(mask.device))
+                extra.append((name, "is not a positive finite count",
+                              "pass the global count over all ranks and micro-batches (> 0)"))
         flags.append(~mask.any())
         bad = torch.stack(flags).tolist()
-        for (name, value), is_bad in zip(checks.items(), bad[:-1]):
+        for (name, problem, fix), is_bad in zip(extra, bad[len(checks):-1]):
+            if is_bad:
+                raise BatchError(name, problem, fix)
+        for (name, value), is_bad in zip(checks.items(), bad[:len(checks)]):
             if is_bad:
                 where = (~torch.isfinite(value) & mask).nonzero()[0].tolist()
                 raise BatchError(name, f"non-finite value at unmasked position {tuple(where)}",

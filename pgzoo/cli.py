@@ -5,7 +5,7 @@
     pgzoo recipe list | cp NAME FILE       the recipes shipped with pgzoo; copy one to edit
     pgzoo cold-start [options]             supervised cold start of the embedded tiny policy
     pgzoo eval CHECKPOINT --task NAME      greedy accuracy and avg@k / pass@k
-    pgzoo objectives                       list the registered objectives
+    pgzoo objectives [PATTERN] [--json]    list the registered objectives with every default
 
 Each subcommand lives in the module that owns its feature and exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only dispatches. User mistakes (any :class:`pgzoo.PgzooError`) print one clear
@@ -33,14 +33,63 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'minirl*'")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per objective")
+
+
+def describe_objective(name: str) -> dict:
+    """What ``pgzoo objectives`` prints for ``name``: class, paper, required fields, advantage, every default."""
+    import dataclasses
+
+    import pgzoo
+
+    obj = pgzoo.get(name)
+    return {
+        "name": name,
+        "class": type(obj).__name__,
+        "paper": obj.paper,
+        "requires": sorted(obj.requires),
+        "advantage": obj.default_advantage,
+        "defaults": {f.name: getattr(obj.config, f.name) for f in dataclasses.fields(obj.config)},
+    }
+
+
+def describe_estimators() -> dict[str, dict]:
+    """Each advantage estimator's options with their defaults."""
+    import inspect
+
+    from pgzoo.registry import advantages
+
+    out = {}
+    for name in advantages.available():
+        params = list(inspect.signature(advantages.get(name)).parameters.values())[3:]
+        out[name] = {p.name: p.default for p in params
+                     if p.default is not inspect.Parameter.empty and p.name != "lengths"}
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
     import pgzoo
 
-    for name in pgzoo.available(args.pattern):
-        obj = pgzoo.get(name)
-        print(f"{name:22s} advantage={obj.default_advantage:16s} {obj.config}")
+    names = pgzoo.available(args.pattern)
+    if not names:
+        from pgzoo.errors import ConfigError, suggest
+
+        raise ConfigError(f"no objective matches {args.pattern!r}.{suggest(args.pattern, pgzoo.available())} "
+                          f"Available: {', '.join(pgzoo.available())}")
+    for name in names:
+        d = describe_objective(name)
+        if args.json:
+            print(json.dumps(d, default=repr))
+            continue
+        print(f"{name}  ({d['class']}; {d['paper'] or 'no paper given'})")
+        print(f"    advantage: {d['advantage']}    also requires: {', '.join(d['requires']) or '-'}")
+        print("    " + " ".join(f"{k}={v!r}" for k, v in d["defaults"].items()))
+    if not args.json and args.pattern == "*":
+        print("\nadvantage estimators (objective.advantage; pgzoo.advantages.compute):")
+        for name, options in describe_estimators().items():
+            print(f"    {name}" + (f"  ({', '.join(f'{k}={v!r}' for k, v in options.items())})" if options else ""))
     return 0
 
 

@@ -66,15 +66,14 @@ class Correction:
     high: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.level not in LEVELS:
-            raise ConfigError(f"correction.level={self.level!r} is not one of {', '.join(LEVELS)}")
-        if self.mode not in MODES:
-            raise ConfigError(f"correction.mode={self.mode!r} is not one of {', '.join(MODES)}")
-        if not (isinstance(self.cap, (int, float)) and self.cap > 0):
-            raise ConfigError(f"correction.cap={self.cap!r} must be a positive number (TIS uses 2.0)")
-        if not (isinstance(self.low, (int, float)) and self.low >= 0):
-            raise ConfigError(f"correction.low={self.low!r} must be >= 0 (IcePop uses 0.5)")
-        if not (isinstance(self.high, (int, float)) and self.high > self.low):
+        from pgzoo.validate import check_choice, check_number
+
+        check_choice("correction.level", self.level, LEVELS)
+        check_choice("correction.mode", self.mode, MODES)
+        check_number("correction.cap", self.cap, low=0.0, low_open=True, hint="TIS uses 2.0")
+        check_number("correction.low", self.low, low=0.0, hint="IcePop uses 0.5")
+        check_number("correction.high", self.high, hint="IcePop uses 5.0")
+        if not self.high > self.low:
             raise ConfigError(f"correction.high={self.high!r} must be larger than correction.low={self.low!r}")
 
     # ------------------------------------------------------------------ weights

@@ -73,7 +73,8 @@ class ObjectiveSection(_Section):
 class RolloutSection(_Section):
     """The inference engine and sampling."""
 
-    engine: Literal["vllm", "transformers"] = "vllm"
+    engine: str = Field("vllm", description="a rollout engine of pgzoo.registry.engines: vllm, transformers, or one "
+                                            "a package registers (entry-point group pgzoo.engines)")
     dtype: Dtype = Field("float32", description="rollout dtype (vs model.dtype: the training-inference gap)")
     fp8: bool = Field(False, description="FP8 (e4m3) rollout weights")
     prompts_per_step: int = Field(16, gt=0, description="B: prompts per global step")
@@ -90,6 +91,17 @@ class RolloutSection(_Section):
         None, gt=0, description="after each weight sync, sample a probe (4 prompts x 8 tokens) and stop the run if the "
                                 "engine's mean |log mu - log pi| on it exceeds this (e.g. 1e-4 for float32 engines); "
                                 "null = off")
+
+    @_pydantic.field_validator("engine")
+    @classmethod
+    def _registered_engine(cls, value: str) -> str:
+        from pgzoo.errors import UnknownNameError
+        from pgzoo.registry import engines
+
+        try:
+            return engines.entry(value)[0]  # the canonical name
+        except (UnknownNameError, ConfigError) as exc:
+            raise ValueError(str(exc)) from None
 
 
 class TrainSection(_Section):

@@ -7,7 +7,8 @@
     assert_same_gradient("grpo", MyGRPO(), batch)            # raises AssertionError with the largest difference
     gradient_cosine("minirl", "minirl-no-is", batch)         # -> float in [-1, 1]
 
-Objectives may be given as registered names or as callables ``TokenBatch -> ObjectiveOutput``.
+Objectives may be given as registered names or as callables ``TokenBatch -> ObjectiveOutput`` or
+``TokenBatch -> scalar loss tensor`` (e.g. a hand-written reference loss).
 """
 
 from __future__ import annotations
@@ -102,12 +103,29 @@ def random_batch(
     )
 
 
+def _loss_of(out, objective) -> torch.Tensor:
+    """The scalar loss of what an objective-like callable returned: an ObjectiveOutput or a 0-d tensor."""
+    from pgzoo.objectives.base import ObjectiveOutput
+
+    loss = out.loss if isinstance(out, ObjectiveOutput) else out
+    if not isinstance(loss, torch.Tensor):
+        raise ConfigError(f"{getattr(objective, '__name__', objective)!r} returned {type(out).__name__}; an objective "
+                          "callable must return a pgzoo.ObjectiveOutput or a scalar loss tensor")
+    if loss.numel() != 1:
+        raise ConfigError(f"{getattr(objective, '__name__', objective)!r} returned a loss of shape "
+                          f"{tuple(loss.shape)}; reduce it to a scalar (e.g. with pgzoo.aggregate)")
+    return loss.reshape(())
+
+
 def grad_wrt_logprobs(objective: ObjectiveLike, batch: TokenBatch) -> torch.Tensor:
     """∂ loss / ∂ logprobs ``[B, T]`` of ``objective`` on ``batch`` (a fresh leaf; ``batch`` is not modified)."""
     obj = _resolve(objective)
     lp = batch.logprobs.detach().clone().requires_grad_(True)
-    out = obj(batch.replace(logprobs=lp))
-    (grad,) = torch.autograd.grad(out.loss, lp, allow_unused=True)
+    with torch.enable_grad():
+        loss = _loss_of(obj(batch.replace(logprobs=lp)), objective)
+    if not loss.requires_grad:  # a loss that does not depend on logprobs at all: its gradient is zero
+        return torch.zeros_like(lp)
+    (grad,) = torch.autograd.grad(loss, lp, allow_unused=True)
     return torch.zeros_like(lp) if grad is None else grad
 
 
@@ -115,6 +133,13 @@ def assert_same_gradient(
     a: ObjectiveLike, b: ObjectiveLike, batch: TokenBatch, *, rtol: float = 1e-6, atol: float = 1e-9
 ) -> None:
     """Assert that ``a`` and ``b`` have the same gradient w.r.t. ``logprobs`` on ``batch`` (unmasked positions).
+
+    ``a`` and ``b`` are registered names, objectives, or callables ``TokenBatch -> ObjectiveOutput | scalar
+    tensor``::
+
+        on_policy = random_batch(off_policy=False)     # minirl-no-is on policy is plain REINFORCE:
+        assert_same_gradient("minirl-no-is", lambda b: -(b.token_advantages() * b.masked(b.logprobs)).sum()
+                             / b.sequence_count(), on_policy)
 
     Raises ``AssertionError`` naming the largest absolute difference and where it is.
     """

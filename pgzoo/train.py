@@ -58,31 +58,13 @@ class TrainResult:
 
 # ---------------------------------------------------------------------- pieces (tests monkeypatch these)
 def build_engine(recipe, model_path: Path):
-    """The rollout engine of ``recipe.rollout``, loaded from ``model_path``."""
-    rollout = require("pgzoo.rollout", "hf")
-    r = recipe.rollout
-    if r.engine == "vllm":
-        max_len = r.max_model_len or _default_max_model_len(recipe)
-        share, kw = r.gpu_memory_utilization, {}
-        world = _world_size()
-        if world > 1 and not _cuda_available():
-            # N ranks on one CPU machine: each engine gets 1/N of the KV-cache cap (a share of RAM) and of the cores,
-            # so N engines together take what one would (on GPUs every rank has its own device and full share)
-            share, kw = share / world, {"cpu_threads": max(1, (os.cpu_count() or 1) // world)}
-        return rollout.VLLMEngine(str(model_path), dtype=r.dtype, gpu_memory_utilization=share,
-                                  max_model_len=max_len, seed=recipe.seed,
-                                  enable_return_routed_experts=recipe.train.routing_replay == "R3", **kw)
-    return rollout.TransformersEngine(str(model_path), dtype=r.dtype, fp8=r.fp8)
+    """The rollout engine of ``recipe.rollout``, loaded from ``model_path``: the builder registered under
+    ``rollout.engine`` in ``pgzoo.registry.engines`` (see pgzoo/rollout/builders.py)."""
+    require("pgzoo.rollout", "hf")
+    from pgzoo.registry import engines
 
-
-def _default_max_model_len(recipe) -> int:
-    try:
-        cfg = json.loads((Path(recipe.model.path or "") / "config.json").read_text())
-        limit = int(cfg.get("max_position_embeddings", 0)) or None
-    except (OSError, ValueError):
-        limit = None
-    want = 128 + recipe.rollout.max_new_tokens
-    return min(want, limit) if limit else want
+    return engines.build(recipe.rollout.engine, recipe.rollout, model_path, seed=recipe.seed,
+                         return_routes=recipe.train.routing_replay == "R3")
 
 
 def resolve_model_path(recipe, task) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +45,28 @@ BAD = {
     "num_sequences zero": ("num_sequences", dict(num_sequences=0), "positive"),
     "num_tokens bool": ("num_tokens", dict(num_tokens=True), "positive"),
     "max_tokens vector": ("max_tokens", dict(max_tokens=torch.ones(2)), "scalar"),
+    # normalisers as tensors or numpy scalars: positive and finite
+    "num_tokens tensor zero": ("num_tokens", dict(num_tokens=torch.tensor(0.0)), "positive finite"),
+    "num_tokens tensor negative": ("num_tokens", dict(num_tokens=torch.tensor([-4])), "positive finite"),
+    "num_sequences tensor nan": ("num_sequences", dict(num_sequences=torch.tensor(float("nan"))), "positive finite"),
+    "num_sequences tensor inf": ("num_sequences", dict(num_sequences=torch.tensor(float("inf"))), "positive finite"),
+    "max_tokens tensor zero": ("max_tokens", dict(max_tokens=torch.tensor(0)), "positive finite"),
+    "num_tokens bool tensor": ("num_tokens", dict(num_tokens=torch.tensor(True)), "real count"),
+    "num_tokens tensor with grad": ("num_tokens", dict(num_tokens=torch.tensor(4.0, requires_grad=True)), "gradient"),
+    "num_tokens meta": ("num_tokens", dict(num_tokens=torch.tensor(4.0, device="meta")), "meta"),
+    "num_tokens numpy zero": ("num_tokens", dict(num_tokens=np.float32(0.0)), "positive finite"),
+    "num_sequences numpy nan": ("num_sequences", dict(num_sequences=np.float64("nan")), "positive finite"),
+    "num_sequences float inf": ("num_sequences", dict(num_sequences=float("inf")), "positive finite"),
+    "num_tokens numpy bool": ("num_tokens", dict(num_tokens=np.bool_(True)), "positive finite"),
+    "num_tokens string": ("num_tokens", dict(num_tokens="12"), "positive finite"),
+    # masks that are not 0/1, tensors on the meta device, advantages with grad
+    "mask float weights": ("mask", dict(mask=torch.full((3, 4), 0.5)), "other than 0 and 1"),
+    "mask int 2": ("mask", dict(mask=torch.tensor([[1, 2, 0, 0]] * 3)), "other than 0 and 1"),
+    "mask nan": ("mask", dict(mask=torch.tensor([[1.0, float("nan"), 0, 0]] * 3)), "other than 0 and 1"),
+    "logprobs meta": ("logprobs", dict(logprobs=torch.zeros(3, 4, device="meta"), mask=torch.ones(3, 4, device="meta"),
+                                       advantages=torch.zeros(3, device="meta"), old_logprobs=None,
+                                       rollout_logprobs=None, ref_logprobs=None), "meta"),
+    "advantages with grad": ("advantages", dict(advantages=torch.zeros(3, requires_grad=True)), "gradient"),
 }
 
 
@@ -142,3 +165,35 @@ def test_assigning_a_field_drops_derived_views():
     torch.testing.assert_close(second.metrics["ratio/min"], torch.tensor(0.5, dtype=torch.float64).exp())
     batch.advantages = torch.zeros(4, dtype=torch.float64)
     assert float(pgzoo.get("minirl-no-is")(batch).loss.detach()) == 0.0
+
+
+def test_good_normalisers_of_every_kind_are_accepted():
+    lp, adv = -torch.rand(3, 4), torch.randn(3)
+    losses = []
+    for value in (12, 12.0, np.int64(12), np.float32(12.0), torch.tensor(12), torch.tensor([12.0]),
+                  torch.tensor(12.0, dtype=torch.float64)):
+        batch = pgzoo.TokenBatch(**_fields(num_tokens=value, logprobs=lp.clone().requires_grad_(), advantages=adv,
+                                           old_logprobs=lp - 0.1))
+        losses.append(pgzoo.get("dapo")(batch).loss)
+    torch.testing.assert_close(torch.stack(losses), losses[0].expand(len(losses)))
+
+
+def test_mask_checks_are_values_and_skip_with_check_values_false():
+    ok = pgzoo.TokenBatch(**_fields(mask=torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 3)))
+    assert ok.mask.dtype == torch.bool and ok.mask.sum() == 6
+    # the mask values check is a value check: check_values=False skips it (the caller's guarantee)
+    pgzoo.TokenBatch(**_fields(mask=torch.full((3, 4), 0.5)), check_values=False)
+
+
+def test_logprobs_without_grad_are_an_error_only_in_grad_mode():
+    batch = pgzoo.TokenBatch(**_fields())  # logprobs are a plain tensor
+    with pytest.raises(pgzoo.BatchError) as info:
+        pgzoo.get("minirl")(batch)
+    assert info.value.field == "logprobs" and "no_grad" in str(info.value)
+    with torch.no_grad():  # evaluating a loss: fine
+        out = pgzoo.get("minirl")(batch)
+    with torch.inference_mode():
+        assert torch.isfinite(pgzoo.get("grpo")(pgzoo.TokenBatch(**_fields())).loss)
+    assert torch.isfinite(out.loss) and not out.loss.requires_grad
+    lp = batch.logprobs.clone().requires_grad_()
+    assert pgzoo.get("minirl")(batch.replace(logprobs=lp)).loss.requires_grad

@@ -63,3 +63,25 @@ def test_cli_run_prints_a_summary_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pgzoo train minirl: 1 steps" in out and "reward/mean" in out
     assert (tmp_path / "run" / "metrics.csv").is_file()
+
+
+def test_objectives_lists_every_objective_with_every_default(capsys):
+    import dataclasses
+    import json
+
+    import pgzoo
+
+    assert main(["objectives"]) == 0
+    out = capsys.readouterr().out
+    for name in pgzoo.available():
+        obj = pgzoo.get(name)
+        assert f"\n{name}  ({type(obj).__name__}; " in "\n" + out
+        for f in dataclasses.fields(obj.config):
+            assert f"{f.name}={getattr(obj.config, f.name)!r}" in out
+    assert "advantage estimators" in out and "pass-at-k  (k=1)" in out and "rloo" in out
+    assert main(["objectives", "minirl*", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["name"] for r in rows] == pgzoo.available("minirl*")
+    assert rows[0]["defaults"]["is_cap"] == 5.0 and rows[0]["requires"] == ["rollout_logprobs"]
+    assert main(["objectives", "minirl-no-clp"]) == 2
+    assert "Did you mean 'minirl-no-clip'" in capsys.readouterr().err

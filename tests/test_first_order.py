@@ -114,7 +114,8 @@ def test_first_order_gap_metric_tracks_the_remainder():
         lp, mu = token_logprobs(theta), token_logprobs(phi)
         batch = pgzoo.TokenBatch(logprobs=lp, mask=torch.ones_like(lp, dtype=torch.bool),
                                  advantages=reward, rollout_logprobs=mu, old_logprobs=mu)
-        out = pgzoo.get("minirl")(batch)
+        with torch.no_grad():  # metrics only: plain tensors are accepted without grad mode
+            out = pgzoo.get("minirl")(batch)
         expected = ((lp - mu).sum(-1).exp() - (1 + ((lp - mu).exp() - 1).sum(-1))).abs().mean()
         torch.testing.assert_close(out.metrics["first_order/gap_total"], expected, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(out.metrics["first_order/gap_staleness"], expected, rtol=1e-10, atol=1e-14)

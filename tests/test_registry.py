@@ -104,7 +104,7 @@ def test_entry_point_plugin_is_found(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry.objectives, "_plugins_loaded", False)
     try:
         obj = pgzoo.get("example_reinforce", scale=2.0)
         assert type(obj).__name__ == "ExampleReinforce" and obj.config.scale == 2.0
@@ -128,6 +128,178 @@ def test_broken_plugin_names_the_entry_point(tmp_path, monkeypatch):
     (dist / "entry_points.txt").write_text("[pgzoo.objectives]\nbroken = no_such_module_xyz:Thing\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry.objectives, "_plugins_loaded", False)
     with pytest.raises(pgzoo.ConfigError, match="'broken'"):
         pgzoo.get("not-registered-anywhere")
+
+
+# -- the generic Registry and its four instances ------------------------------------------------------------------
+def test_four_registries_are_instances_of_one_class():
+    regs = [registry.objectives, registry.advantages, registry.tasks, registry.engines]
+    assert all(type(r) is registry.Registry for r in regs)
+    assert [r.group for r in regs] == ["pgzoo.objectives", "pgzoo.advantages", "pgzoo.tasks", "pgzoo.engines"]
+    assert registry.engines.available() == ["transformers", "vllm"]
+    assert registry.tasks.available("ar*") == ["arithmetic"]
+    assert "rloo" in registry.advantages.available("r*")
+    assert pgzoo.advantages.available() == registry.advantages.available()
+    assert pgzoo.tasks.available() == registry.tasks.available()
+
+
+def test_generic_registry_rules():
+    reg = registry.Registry("widget", "pgzoo.test-widgets")
+
+    @reg.register("Big_Widget", size=3)
+    def big(size=1):
+        return ("big", size)
+
+    @reg.register
+    def small_widget(size=1):
+        return ("small", size)
+
+    reg.register("tiny", lambda size=0: ("tiny", size))
+    assert reg.available() == ["big-widget", "small-widget", "tiny"]
+    assert reg.available("*widget") == ["big-widget", "small-widget"]
+    assert reg.build(" big_widget ") == ("big", 3) and reg.build("big-widget", size=5) == ("big", 5)
+    assert reg.get("small-widget") is small_widget and "tiny" in reg and "huge" not in reg
+    with pytest.raises(pgzoo.UnknownNameError, match="unknown widget 'smal-widget'. Did you mean 'small-widget'"):
+        reg.get("smal-widget")
+    with pytest.raises(pgzoo.ConfigError, match="already registered"):
+        reg.register("tiny", big)
+    reg.register("tiny", big, override=True)
+    assert reg.get("tiny") is big
+    with pytest.raises(pgzoo.ConfigError, match="expected a callable"):
+        reg.register("not-callable", 3)
+    with pytest.raises(pgzoo.ConfigError, match="non-empty string"):
+        reg.get("")
+    reg.unregister("tiny")
+    reg.unregister("tiny")  # absent: no error
+    assert reg.available() == ["big-widget", "small-widget"]
+
+
+def test_class_registries_refuse_other_things():
+    with pytest.raises(pgzoo.ConfigError, match="pgzoo.Objective subclass"):
+        pgzoo.register("not-an-objective", dict)
+    with pytest.raises(pgzoo.ConfigError, match="Task subclass"):
+        pgzoo.tasks.register("not-a-task")(dict)
+
+
+def _dist(tmp_path, name, groups: dict[str, list[str]], source: str | None = None):
+    """A fake installed distribution with entry points (and optionally a module), found on sys.path."""
+    if source is not None:
+        (tmp_path / f"{name}.py").write_text(source)
+    dist = tmp_path / f"{name}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "".join(f"[{group}]\n" + "".join(line + "\n" for line in lines) for group, lines in groups.items()))
+
+
+PLUGIN_SOURCE = '''
+import torch
+import pgzoo
+from pgzoo.registry import engines
+from pgzoo.tasks import Problem, Task
+
+
+class EchoTask(Task):
+    name = "echo"
+
+    def __init__(self, word: str = "hi"):
+        super().__init__()
+        self.options = {"word": word}
+
+    def sample(self, n, split="train", seed=0):
+        return [Problem(self.options["word"], self.options["word"])] * n
+
+    def verify(self, completion, answer):
+        return completion.strip() == answer
+
+
+def doubled(rewards, index, num_groups, *, factor: float = 2.0):
+    return factor * rewards
+
+
+def register_more():
+    pgzoo.advantages.register("plugin-tripled")(lambda rewards, index, num_groups: 3 * rewards)
+
+
+class FakeEngine:
+    def __init__(self, path, temperature, seed):
+        self.path, self.temperature, self.seed = path, temperature, seed
+
+
+@engines.register("plugin-module-engine")
+def build_from_module(rollout, model_path, *, seed, return_routes):
+    return FakeEngine(model_path, rollout.temperature, seed)
+
+
+def build_fake(rollout, model_path, *, seed, return_routes):
+    return FakeEngine(model_path, rollout.temperature, seed)
+'''
+
+
+def test_entry_point_plugins_for_tasks_advantages_and_engines(tmp_path, monkeypatch):
+    _dist(tmp_path, "pgzoo_multi_plugin", {
+        "pgzoo.tasks": ["echo-plugin = pgzoo_multi_plugin:EchoTask"],
+        "pgzoo.advantages": ["plugin-doubled = pgzoo_multi_plugin:doubled",
+                             "plugin-more = pgzoo_multi_plugin:register_more"],
+        "pgzoo.engines": ["plugin-engine = pgzoo_multi_plugin:build_fake",
+                          "plugin-module = pgzoo_multi_plugin"],
+    }, PLUGIN_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    regs = (registry.tasks, registry.advantages, registry.engines)
+    for reg in regs:
+        monkeypatch.setattr(reg, "_plugins_loaded", False)
+    try:
+        task = pgzoo.tasks.get("echo_plugin", word="yo")
+        assert task.sample(2) == [pgzoo.tasks.Problem("yo", "yo")] * 2
+        r = torch.tensor([1.0, 0.0])
+        assert pgzoo.advantages.compute("plugin-doubled", r, group_size=2, factor=5.0).tolist() == [5.0, 0.0]
+        assert pgzoo.advantages.compute("plugin-tripled", r, group_size=2).tolist() == [3.0, 0.0]
+        assert "plugin-more" not in pgzoo.advantages.available()  # a registrar is called, not registered
+
+        from pgzoo.recipes import Recipe
+        from pgzoo.train import build_engine
+
+        for name in ("plugin-engine", "plugin-module-engine"):
+            recipe = Recipe.model_validate({"seed": 7, "rollout": {"engine": name, "temperature": 0.5}})
+            engine = build_engine(recipe, tmp_path)
+            assert type(engine).__name__ == "FakeEngine"
+            assert (engine.path, engine.temperature, engine.seed) == (tmp_path, 0.5, 7)
+    finally:
+        for name in ("echo-plugin",):
+            registry.tasks.unregister(name)
+        for name in ("plugin-doubled", "plugin-tripled"):
+            registry.advantages.unregister(name)
+        for name in ("plugin-engine", "plugin-module-engine"):
+            registry.engines.unregister(name)
+        sys.modules.pop("pgzoo_multi_plugin", None)
+
+
+def test_recipe_rollout_engine_is_checked_against_the_engine_registry():
+    from pgzoo.recipes import load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "minirl.yaml"
+    with pytest.raises(pgzoo.ConfigError, match=r"rollout.engine.*unknown rollout engine 'vlm'. Did you mean 'vllm'"):
+        load_recipe(root, ["rollout.engine=vlm"])
+    assert load_recipe(root, ["rollout.engine=Transformers"]).rollout.engine == "transformers"
+
+    @registry.engines.register("test-engine")
+    def build(rollout, model_path, *, seed, return_routes):
+        return (rollout.engine, model_path, seed, return_routes)
+
+    try:
+        recipe = load_recipe(root, ["rollout.engine=test_engine", "seed=3"])
+        from pgzoo.train import build_engine
+
+        assert build_engine(recipe, Path("m")) == ("test-engine", Path("m"), 3, False)
+    finally:
+        registry.engines.unregister("test-engine")
+
+
+def test_default_advantage_is_looked_up_in_the_estimator_registry():
+    assert pgzoo.get("grpo", default_advantage="RLOO").default_advantage == "rloo"
+    assert pgzoo.get("dapo", default_advantage="reinforce++_baseline").default_advantage == "reinforce++-baseline"
+    with pytest.raises(pgzoo.UnknownNameError, match="Did you mean 'rloo'"):
+        pgzoo.get("grpo", default_advantage="rlo")

@@ -274,3 +274,69 @@ def test_normalised_match_fallback_rules():
 def test_errors_are_pgzoo_errors():
     with pytest.raises(PgzooError):
         pgzoo.tasks.get("arithmetic", operators="%")
+
+
+# -- silent data problems made visible ----------------------------------------------------------------------------
+def test_a_task_returning_fewer_problems_than_asked_is_an_error():
+    class Short(pgzoo.tasks.Task):
+        name = "short"
+
+        def sample(self, n, split="train", seed=0):
+            return [pgzoo.tasks.Problem("1+1=", "2")] * min(n, 3)
+
+        def verify(self, completion, answer):
+            return completion == answer
+
+    class Wrong(Short):
+        def sample(self, n, split="train", seed=0):
+            return ["1+1="] * n
+
+    class Generator(Short):
+        def sample(self, n, split="train", seed=0):
+            return (pgzoo.tasks.Problem(str(i), str(i)) for i in range(n))
+
+    assert len(Short().sample(3)) == 3
+    with pytest.raises(ConfigError, match=r"task 'short': sample\(n=8, split='test', seed=1\) returned 3 problems; "
+                                          r"a task must return exactly n"):
+        Short().sample(8, "test", 1)
+    with pytest.raises(ConfigError, match="returned a str"):
+        Wrong().sample(2)
+    assert [p.answer for p in Generator().sample(3)] == ["0", "1", "2"]  # any iterable of n problems is a list
+
+
+def _jsonl(tmp_path, rows, name="p.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("value,what", [(None, "null"), ("  ", "blank"), (True, "a bool"), ([1, 2], "a list"),
+                                        ({"x": 1}, "a dict")])
+def test_math_null_or_non_text_answer_names_the_line(tmp_path, value, what):
+    rows = [{"problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": value}]
+    with pytest.raises(ConfigError, match=rf"line 2 of .*p.jsonl: 'answer' is {what}"):
+        pgzoo.tasks.get("math", path=str(_jsonl(tmp_path, rows)))
+    rows = [{"problem": None, "answer": "2"}]
+    with pytest.raises(ConfigError, match=r"line 1 of .*'problem' is null"):
+        pgzoo.tasks.get("math", path=str(_jsonl(tmp_path, rows, "q.jsonl")))
+
+
+def test_math_numeric_answers_are_text(tmp_path):
+    task = pgzoo.tasks.get("math", path=str(_jsonl(tmp_path, [{"problem": "1+1", "answer": 2},
+                                                              {"problem": "1/2", "answer": 0.5}])))
+    assert sorted(p.answer for p in task.all_problems()) == ["0.5", "2"]
+
+
+def test_characters_outside_the_tiny_tokenizer_fail_at_task_load(tmp_path):
+    from pgzoo.models.tiny import check_characters
+
+    rows = [{"problem": f"{i}+{i}", "answer": str(2 * i)} for i in range(200)]
+    rows[150] = {"problem": "7+7", "answer": "14 ✓"}  # anywhere in the file, either split
+    task = pgzoo.tasks.get("math", path=str(_jsonl(tmp_path, rows)))
+    with pytest.raises(ConfigError, match=r"line 151 of .*p.jsonl uses character\(s\) '✓'"):
+        check_characters(task)
+    check_characters(pgzoo.tasks.get("arithmetic", operators="+-*", max_digits=3))  # ASCII: fine
+    with pytest.raises(ConfigError, match="uses character"):
+        from pgzoo.models.cold_start import ensure_cold_start
+
+        ensure_cold_start("math", {"path": str(tmp_path / "p.jsonl")}, cache_dir=tmp_path / "cache")

@@ -335,21 +335,25 @@ def test_gradient_under_r3_replay(tmp_path, base_moe, tok):
 
 
 # ---------------------------------------------------------------------------------------------- advantages
-@pytest.mark.parametrize("name", ["minirl", "grpo"])
+@pytest.mark.parametrize("name", ["minirl", "grpo", "opo"])
 def test_advantages_are_the_objectives_estimator(name, tmp_path, base_moe, tok):
-    objective = pgzoo.get(name)
+    objective = pgzoo.get("grpo", default_advantage="opo") if name == "opo" else pgzoo.get(name)
     trainer = run_spy(tmp_path, base_moe, tok, objective, config={"max_steps": 2})
     rows = [mb for step in trainer.steps for mb in step["window"]]  # the 16 rows of the one rollout, shuffled
-    groups, rewards, adv = [], [], []
+    groups, rewards, adv, lengths = [], [], [], []
     for mb in rows:
         for p, pm, c, cm, a in zip(mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
                                    mb["completion_mask"], mb["advantages"]):
             groups.append(tuple(p[pm.bool()].tolist()))
+            lengths.append(max(1, int(cm.sum())))
             rewards.append(reward_len([tok.decode(c[cm.bool()].tolist(), skip_special_tokens=True)])[0])
             adv.append(float(a))
     labels = torch.tensor([sorted(set(groups)).index(g) for g in groups])
-    expected = pg_advantages.compute(objective.default_advantage, torch.tensor(rewards), group_ids=labels)
+    expected = pg_advantages.compute(objective.default_advantage, torch.tensor(rewards), group_ids=labels,
+                                     lengths=torch.tensor(lengths))
     assert len(set(groups)) == 4
+    if name == "opo":  # the lengths differ, so the length-weighted baseline is not the group mean
+        assert not torch.allclose(expected, pg_advantages.compute("group-mean", torch.tensor(rewards), group_ids=labels))
     assert torch.allclose(torch.tensor(adv), expected.float(), atol=1e-5)
     assert expected.abs().max() > 0.1
     # the completions table TRL logs shows the same advantages (TRL's own were replaced)

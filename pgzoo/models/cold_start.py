@@ -203,16 +203,12 @@ def cold_start(task, seed: int = 0, config: SFTConfig | None = None, log=None):
 def _cold_start(task, seed, config, log):
     torch = require("torch", "hf")
     from pgzoo.evaluate import evaluate
-    from pgzoo.models.tiny import build_tiny_moe, build_tokenizer
+    from pgzoo.models.tiny import build_tiny_moe, build_tokenizer, check_characters
 
     t_start = time.perf_counter()
     tokenizer = build_tokenizer()
     model = build_tiny_moe(vocab_size=len(tokenizer), seed=seed, **config.model)
-    unknown = sorted({c for p in task.sample(64, "train", seed=seed) for c in p.prompt + p.answer}
-                     - set(tokenizer.get_vocab()))
-    if unknown:
-        raise ConfigError(f"cold start: the task uses characters the tiny tokenizer lacks: {''.join(unknown)!r}; "
-                          "use a task over printable ASCII")
+    check_characters(task)  # whole data files; samples of generated tasks
     val = _encode_batch(tokenizer, task.sample(config.eval_n, "train", seed=10_000_019 + seed), "cpu")
     history: list[dict[str, float]] = []
     with torch.random.fork_rng(devices=[]):
@@ -296,6 +292,9 @@ def ensure_cold_start(task_name: str = "arithmetic", task_options: dict[str, Any
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"cold start: seed={seed!r}; use an integer")
     task = pgzoo.tasks.get(task_name, **(task_options or {}))
+    from pgzoo.models.tiny import check_characters
+
+    check_characters(task)  # at task load, cached checkpoint or not: never <unk> at run time
     config = SFTConfig.from_options(sft_options)
     key = cache_key(pgzoo.tasks.base.canonical(task_name), task.fingerprint(), seed, config)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -72,6 +72,34 @@ def build_tokenizer(model_max_length: int = 256):
     return tok
 
 
+# Problems sampled per split to check a generated task's characters (a data-file task is checked whole).
+CHECK_SAMPLES = 512
+
+
+def check_characters(task) -> None:
+    """Raise ConfigError when ``task``'s prompts or answers hold characters outside :data:`CHARACTERS`.
+
+    The character tokenizer would turn them into ``<unk>`` at run time, silently: the policy could then never
+    write such an answer. A task with a fixed list of problems (:meth:`~pgzoo.tasks.Task.all_problems`, e.g. a
+    JSONL file) is checked whole and the error names the first offending line; a generated one on
+    ``CHECK_SAMPLES`` problems of each split.
+    """
+    known = set(CHARACTERS)
+    problems = task.all_problems()
+    if problems is None:
+        problems = [p for split in ("train", "test") for p in task.sample(CHECK_SAMPLES, split, seed=0)]
+    for p in problems:
+        bad = sorted(set(p.prompt + p.answer) - known)
+        if bad:
+            line = p.meta.get("line") if isinstance(p.meta, dict) else None
+            where = f"line {line} of {task.options.get('path', 'the data')}" if line is not None else \
+                f"problem {p.prompt!r}"
+            raise ConfigError(
+                f"task {task.name!r}: {where} uses character(s) {''.join(bad)!r} that the embedded tiny model's "
+                "character tokenizer lacks (it knows printable ASCII and newline; others would become <unk>); "
+                "rewrite them in ASCII, or train your own model with its tokenizer (model.path=...)")
+
+
 def tiny_moe_config(vocab_size: int | None = None, **overrides: Any):
     """A ``Qwen3MoeConfig`` with the tiny defaults above (about 1 M parameters), ``overrides`` applied."""
     transformers = require("transformers", "hf")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,6 +21,7 @@ import torch
 
 from pgzoo.batch import TokenBatch
 from pgzoo.errors import BatchError, ConfigError
+from pgzoo.validate import check_bool, check_choice, check_int, check_number  # noqa: F401  (re-exported helpers)
 
 AGGREGATIONS = ("seq-mean-token-sum", "seq-mean-token-mean", "token-mean", "constant", "token-sum", "seq-mean")
 
@@ -133,15 +136,14 @@ class Objective:
         self.config = self.Config(**overrides)
         if name is not None:
             self.name = name
+        self._check_types()
         if default_advantage is not None:
-            from pgzoo import advantages
+            from pgzoo.registry import advantages
 
-            if default_advantage not in advantages.available():
-                from pgzoo.errors import UnknownNameError
-
-                raise UnknownNameError("advantage estimator", default_advantage, advantages.available())
-            self.default_advantage = default_advantage
+            self.default_advantage = advantages.entry(default_advantage)[0]  # canonical; unknown: nearest names
         if paper is not None:
+            if not isinstance(paper, str):
+                raise ConfigError(f"{self.name}: paper={paper!r} must be a string (title and arXiv id)")
             self.paper = paper
         self._check_config()
         self.requires = frozenset(type(self).requires | self.extra_requires())
@@ -162,8 +164,25 @@ class Objective:
             return frozenset({"rollout_logprobs"})
         return frozenset()
 
+    def _check_types(self) -> None:
+        """Check every Config value against its annotation, strictly (runs before :meth:`_check_config`).
+
+        ``bool`` accepts only True/False (``"false"`` is an error, not True); ``float`` any real number but a bool
+        or a string (ints too; ±inf allowed, NaN never); ``int`` only integers; ``str`` only strings; ``Literal``
+        only its values; ``X | None`` also None, and so does any field whose default is None. Other annotations (a Correction, a union of classes) are left to
+        the objective. Ranges are the objective's: :meth:`_check_config` with :func:`check_number` and friends.
+        """
+        hints = _field_types(type(self.config))
+        for f in dataclasses.fields(self.config):
+            value = getattr(self.config, f.name)
+            if value is None and f.default is None:  # a field whose default is None takes None, however annotated
+                continue
+            check_annotated(f"{self.name}: {f.name}", value, hints.get(f.name))
+
     def _check_config(self) -> None:
-        """Validate hyperparameter values; subclasses raise ConfigError with the field and the fix."""
+        """Validate hyperparameter values and ranges; subclasses raise ConfigError with the field and the fix,
+        usually through the shared helpers ``check_number(f"{self.name}: key", value, low=..., high=...)``,
+        ``check_int``, ``check_bool`` and ``check_choice`` (pgzoo.validate, re-exported here)."""
 
     def check_requires(self, batch: TokenBatch) -> None:
         for name in sorted(self.requires):
@@ -178,6 +197,13 @@ class Objective:
         if not isinstance(batch, TokenBatch):
             raise ConfigError(f"objective {self.name!r} takes a pgzoo.TokenBatch, got {type(batch).__name__}")
         self.check_requires(batch)
+        if torch.is_grad_enabled() and not batch.logprobs.requires_grad:
+            # Only with grad mode on: under torch.no_grad() / inference_mode a loss is evaluated from plain tensors.
+            raise BatchError(
+                "logprobs",
+                f"does not require grad, so objective {self.name!r} would return a loss with no gradient",
+                "compute logprobs from the model with grad enabled (not .detach()ed, not under no_grad); to only "
+                "evaluate the loss, call the objective under torch.no_grad()")
         return self.compute(batch)
 
     def compute(self, batch: TokenBatch) -> ObjectiveOutput:
@@ -191,6 +217,49 @@ class Objective:
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(config_cls: type) -> dict[str, Any]:
+    """The resolved annotations of a Config dataclass (cached; {} when a name cannot be resolved)."""
+    if config_cls not in _HINTS:
+        try:
+            _HINTS[config_cls] = typing.get_type_hints(config_cls)
+        except Exception:  # an annotation naming something not importable here: check nothing by type
+            _HINTS[config_cls] = {}
+    return _HINTS[config_cls]
+
+
+def check_annotated(key: str, value: Any, hint: Any) -> None:
+    """Strict check of ``value`` against a type annotation (see :meth:`Objective._check_types`)."""
+    if hint is None or hint is Any:
+        return
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return check_annotated(key, value, rest[0])
+        if all(a in (int, float) for a in rest):
+            return check_annotated(key, value, float)
+        return  # a union of classes: the objective's own check
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        if value not in choices or isinstance(value, bool) != any(isinstance(c, bool) for c in choices):
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, choices))}")
+        return
+    if hint is bool:
+        check_bool(key, value)
+    elif hint is float:
+        check_number(key, value, finite=False)
+    elif hint is int:
+        check_int(key, value)
+    elif hint is str and not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r} must be a string, not {type(value).__name__}")
+
+
 # Log-ratios entering an exponential *with gradient* are clamped to ±MAX_LOG_RATIO (as verl does): r stays within
 # [2e-9, 4.9e8], so the loss and its gradient are finite in float32 however far the policies drift. Inside the
 # band the gradient is exact.
@@ -218,19 +287,13 @@ def ppo_clip_flags(log_r: torch.Tensor, adv: torch.Tensor, lo: float, hi: float)
 def check_eps(cls_name: str, eps_low, eps_high, *, low_optional: bool = False, high_optional: bool = False) -> None:
     """Validate clip ranges, raising ConfigError naming the key."""
     for key, value, optional in (("eps_low", eps_low, low_optional), ("eps_high", eps_high, high_optional)):
-        if value is None and optional:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            hint = " or None (no bound)" if optional else ""
-            raise ConfigError(f"{cls_name}: {key}={value!r} must be a number >= 0{hint}")
+        check_number(f"{cls_name}: {key}", value, low=0.0, optional=optional, finite=False)
     if eps_low is not None and eps_low >= 1 and not low_optional:
         raise ConfigError(f"{cls_name}: eps_low={eps_low!r} must be < 1 (the lower clip bound is 1 - eps_low > 0)")
 
 
 def check_aggregation(cls_name: str, mode: str) -> None:
-    token_modes = [m for m in AGGREGATIONS if m != "seq-mean"]
-    if mode not in token_modes:
-        raise ConfigError(f"{cls_name}: aggregation={mode!r} is not one of {', '.join(token_modes)}")
+    check_choice(f"{cls_name}: aggregation", mode, [m for m in AGGREGATIONS if m != "seq-mean"])
 
 
 def advantage_factor(batch: TokenBatch) -> torch.Tensor:

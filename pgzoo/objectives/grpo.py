@@ -47,6 +47,7 @@ from pgzoo.objectives.base import (
     aggregate,
     check_aggregation,
     check_eps,
+    check_number,
     log_bounds,
     ppo_clip_flags,
 )
@@ -108,8 +109,7 @@ class GRPO(Objective):
     def _check_config(self) -> None:
         c = self.config
         check_eps(type(self).__name__, c.eps_low, c.eps_high)
-        if isinstance(c.beta, bool) or not isinstance(c.beta, (int, float)) or not c.beta >= 0:
-            raise ConfigError(f"{self.name}: beta={c.beta!r} must be a number >= 0 (0 disables the KL term)")
+        check_number(f"{self.name}: beta", c.beta, low=0.0, hint="0 disables the KL term")
         check_aggregation(self.name, c.aggregation)
         if c.clip_c is not None and (isinstance(c.clip_c, bool) or not isinstance(c.clip_c, (int, float))
                                      or not c.clip_c > 1):

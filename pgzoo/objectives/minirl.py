@@ -31,13 +31,13 @@ import torch
 
 from pgzoo.batch import TokenBatch
 from pgzoo.diagnostics import clip_metrics, policy_metrics, weight_metrics
-from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import (
     Objective,
     ObjectiveOutput,
     aggregate,
     check_aggregation,
     check_eps,
+    check_number,
     log_bounds,
     ppo_clip_flags,
 )
@@ -73,8 +73,8 @@ class MiniRL(Objective):
     def _check_config(self) -> None:
         c = self.config
         check_eps(type(self).__name__, c.eps_low, c.eps_high)
-        if isinstance(c.is_cap, bool) or not isinstance(c.is_cap, (int, float)) or not c.is_cap > 0:
-            raise ConfigError(f"MiniRL: is_cap={c.is_cap!r} must be a positive number (the paper uses C = 5)")
+        check_number(f"{self.name}: is_cap", c.is_cap, low=0.0, low_open=True, finite=False,
+                     hint="the paper uses C = 5; inf: no truncation")
         check_aggregation(type(self).__name__, c.aggregation)
 
     def extra_requires(self) -> frozenset[str]:

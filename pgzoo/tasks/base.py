@@ -13,12 +13,12 @@ Third-party tasks subclass :class:`Task` and register with ``@pgzoo.tasks.regist
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pgzoo.errors import ConfigError, UnknownNameError
+from pgzoo.errors import ConfigError
 
 SPLITS = ("train", "test")
 
@@ -40,6 +40,25 @@ def split_of(key: str, test_fraction: float, salt: str = "") -> str:
     """
     h = int.from_bytes(hashlib.sha256((salt + key).encode("utf-8")).digest()[:8], "big")
     return "test" if h / 2.0**64 < test_fraction else "train"
+
+
+def _checked_sample(sample):
+    @functools.wraps(sample)
+    def checked(self, n, split="train", seed=0):
+        out = sample(self, n, split, seed)
+        out = list(out) if out is not None and not isinstance(out, list) else out
+        name = getattr(self, "name", type(self).__name__)
+        if out is None or len(out) != n:
+            got = "None" if out is None else f"{len(out)} problems"
+            raise ConfigError(f"task {name!r}: sample(n={n}, split={split!r}, seed={seed}) returned {got}; a task "
+                              f"must return exactly n problems (repeat problems when its {split} pool is smaller)")
+        bad = next((p for p in out if not isinstance(p, Problem)), None)
+        if bad is not None:
+            raise ConfigError(f"task {name!r}: sample() returned a {type(bad).__name__} ({bad!r}); return "
+                              "pgzoo.tasks.Problem(prompt=..., answer=...) objects")
+        return out
+
+    return checked
 
 
 def check_split(split: str) -> str:
@@ -67,9 +86,22 @@ class Task:
     def __init__(self) -> None:
         self.options: dict[str, Any] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "sample" in cls.__dict__:  # every task's sample() returns exactly n Problems, or raises
+            cls.sample = _checked_sample(cls.__dict__["sample"])
+
     def sample(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
-        """``n`` problems from ``split`` ("train" or "test"), reproducible for ``seed``."""
+        """``n`` problems from ``split`` ("train" or "test"), reproducible for ``seed``.
+
+        Exactly ``n``: a task whose pool is smaller repeats problems (fewer would silently shrink the batch, and
+        is an error)."""
         raise NotImplementedError
+
+    def all_problems(self) -> list[Problem] | None:
+        """Every problem of both splits when the task holds a fixed list (a data file), else None (generated
+        problems). Used to check a whole data set up front, e.g. its characters against a tokenizer."""
+        return None
 
     def verify(self, completion: str, answer: str) -> bool:
         """Whether ``completion`` (the model's generated text after the prompt) states ``answer``."""
@@ -98,56 +130,44 @@ class Task:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# registry (one dict and a decorator, like pgzoo's objective registry)
+# registry: the generic pgzoo.registry.Registry instance for tasks (entry-point group ``pgzoo.tasks``)
 
-_TASKS: dict[str, type[Task]] = {}
+from pgzoo.registry import tasks as _registry  # noqa: E402  (Task must exist before the registry's type check)
+
+_TASKS = _registry.entries  # name -> Task subclass (the registry's own dict)
 
 
 def canonical(name: str) -> str:
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"task name must be a non-empty string, got {name!r}")
-    return name.strip().lower().replace("_", "-")
+    return _registry.canonical(name)
 
 
 def register(name: str | type | None = None, *, override: bool = False):
     """Register a :class:`Task` subclass under ``name`` (decorator). A duplicate name raises unless ``override``."""
     if isinstance(name, type):
-        return register(None, override=override)(name)
-
-    def _add(cls: type[Task]) -> type[Task]:
-        if not (isinstance(cls, type) and issubclass(cls, Task)):
-            raise ConfigError(f"register: {cls!r} is not a pgzoo.tasks.Task subclass")
-        key = canonical(name if name is not None else cls.name)
-        if key in _TASKS and _TASKS[key] is not cls and not override:
-            raise ConfigError(f"task {key!r} is already registered (by {_TASKS[key].__qualname__}); "
-                              "pass override=True to replace it")
-        _TASKS[key] = cls
-        return cls
-
-    return _add
+        return _registry.register(None, name, override=override)
+    return _registry.register(name, override=override)
 
 
 def unregister(name: str) -> None:
     """Remove a registered task (mainly for tests)."""
-    _TASKS.pop(canonical(name), None)
+    _registry.unregister(name)
 
 
 def get(name: str, **options: Any) -> Task:
     """Build the task registered as ``name`` with ``options`` (validated by the task; unknown keys raise)."""
-    key = canonical(name)
-    if key not in _TASKS:
-        raise UnknownNameError("task", key, _TASKS)
-    cls = _TASKS[key]
-    try:
-        return cls(**options)
-    except TypeError as exc:  # unknown keyword: list the valid ones
-        import inspect
+    key, cls, defaults = _registry.entry(name)
+    import inspect
 
-        valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        raise ConfigError(f"task {key!r}: {exc}. Valid options: {', '.join(valid)}") from exc
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    valid = [p for p in params if p != "self" and params[p].kind is not params[p].VAR_KEYWORD]
+    unknown = sorted(set(options) - set(valid))
+    if unknown and not takes_any:
+        raise ConfigError(f"task {key!r} has no option(s) {', '.join(map(repr, unknown))}. "
+                          f"Valid options: {', '.join(valid) or '(none)'}")
+    return cls(**{**defaults, **options})
 
 
 def available(pattern: str = "*") -> list[str]:
     """Sorted registered task names matching a shell-style wildcard."""
-    pattern = pattern.lower().replace("_", "-")
-    return sorted(n for n in _TASKS if fnmatch.fnmatchcase(n, pattern))
+    return _registry.available(pattern)

@@ -95,6 +95,18 @@ def math_verify_match(completion: str, answer: str) -> bool:
     return bool(verify(gold, pred, timeout_seconds=timeout))
 
 
+def _text(value, key: str, lineno: int, path: Path) -> str:
+    """A problem or answer field as text: strings, and numbers written as text; null, booleans, lists, objects
+    and blank strings are errors naming the line."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    what = "null" if value is None else "blank" if isinstance(value, str) else f"a {type(value).__name__}"
+    raise ConfigError(f"math: line {lineno} of {path}: {key!r} is {what} ({json.dumps(value)}); give every problem "
+                      f"its {key} as text or a number (fix {path}:{lineno})")
+
+
 @register("math")
 class MathTask(Task):
     """Problems and answers from a JSONL file (see module docstring)."""
@@ -158,7 +170,8 @@ class MathTask(Task):
                     if key not in row:
                         raise ConfigError(f"math: line {lineno} of {self.path} has no field {key!r} (fields: "
                                           f"{', '.join(row)}); fix the line or set problem_field/answer_field")
-                problem, answer = str(row[self.problem_field]), str(row[self.answer_field])
+                problem, answer = (_text(row[key], key, lineno, self.path)
+                                   for key in (self.problem_field, self.answer_field))
                 if self.split_field is not None:
                     split = row.get(self.split_field)
                     if split not in SPLITS:
@@ -171,6 +184,10 @@ class MathTask(Task):
         if not any(splits.values()):
             raise ConfigError(f"math: {self.path} holds no problems")
         return splits
+
+    def all_problems(self) -> list[Problem]:
+        """Every problem of the file (train, then test)."""
+        return [p for split in SPLITS for p in self.splits[split]]
 
     def fingerprint(self) -> dict:
         """Options plus the sha256 of the file, so an edited file never reuses a stale cold start."""

