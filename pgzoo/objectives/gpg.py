@@ -8,7 +8,7 @@ as verl 0.9.1 implements it (``policy_loss.loss_mode=gpg``). Per token::
 
 ∇_lp loss = −A·m / N_tok, whatever ``old_logprobs`` are: GPG ignores staleness by construction (it takes one
 update per batch). GPG's own advantage (group-mean baseline, rescaled by the share of groups with a non-zero
-spread) is an advantage estimator, not part of the loss; the default here is ``group-mean``. An optional
+spread) is an advantage estimator, not part of the loss: ``pgzoo.advantages`` ``gpg``, the default here. An optional
 training–inference ``correction`` multiplies the term by its stop-gradient weight (verl's ``rollout_is_weights``).
 
 Shapes: ``logprobs`` ``[B, T]``; advantages ``[B]`` or ``[B, T]``.
@@ -44,7 +44,7 @@ class GPG(Objective):
         aggregation: str = "token-mean"
         correction: Correction | None = None
 
-    default_advantage = "group-mean"
+    default_advantage = "gpg"
     paper = "GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning (arXiv 2504.02546)"
 
     def _check_config(self) -> None:
