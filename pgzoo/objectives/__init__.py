@@ -5,13 +5,16 @@ family (module)        registered names                             class
 =====================  ===========================================  ==================
 ``minirl``             minirl, minirl-no-clip, minirl-length-norm,   :class:`MiniRL`
                        minirl-no-is
-``grpo``               grpo, dr-grpo, dapo                          :class:`GRPO`
+``grpo``               grpo, dr-grpo, dapo, bnpo, luspo             :class:`GRPO`
 ``cispo``              cispo                                        :class:`CISPO`
 ``gspo``               gspo, gspo-token                             :class:`GSPO`
+``sapo``               sapo                                         :class:`SAPO`
+``vespo``              vespo                                        :class:`VESPO`
 =====================  ===========================================  ==================
 
 Variants are registrations of one class with default overrides, never copies (see each module's docstring for the
-exact formula, paper and reductions).
+exact formula, paper and reductions). The loss-shaping options several families share (KL estimator, entropy and
+off-policy masks, entropy bonus) live in :mod:`pgzoo.objectives.shaping`.
 """
 
 from pgzoo.objectives.base import AGGREGATIONS, Objective, ObjectiveOutput, aggregate
@@ -19,5 +22,9 @@ from pgzoo.objectives.cispo import CISPO
 from pgzoo.objectives.grpo import GRPO
 from pgzoo.objectives.gspo import GSPO
 from pgzoo.objectives.minirl import MiniRL
+from pgzoo.objectives.sapo import SAPO
+from pgzoo.objectives.shaping import Shaping
+from pgzoo.objectives.vespo import VESPO
 
-__all__ = ["AGGREGATIONS", "Objective", "ObjectiveOutput", "aggregate", "MiniRL", "GRPO", "CISPO", "GSPO"]
+__all__ = ["AGGREGATIONS", "Objective", "ObjectiveOutput", "aggregate", "MiniRL", "GRPO", "CISPO", "GSPO", "SAPO", "VESPO",
+           "Shaping"]

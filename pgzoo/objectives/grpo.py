@@ -1,22 +1,32 @@
-"""The PPO-clip surrogate family: GRPO, Dr. GRPO and DAPO — one term, three aggregations.
+"""The PPO-clip surrogate family: GRPO, Dr. GRPO, DAPO, BNPO and LUSPO — one term, five aggregations.
 
-Per token (i, t), with r = exp(lp − old), A the advantage and ref the reference policy::
+Per token (i, t), with r = exp(lp − old) (or, at ``importance_sampling_level="sequence"``, the row's
+r_i = exp(Σ_t m(lp − old)/|y_i|) on every token), A the advantage and ref the reference policy::
 
     term = min(r·A, clip(r, 1 − ε_low, 1 + ε_high)·A) − β·k3,    k3 = exp(ref − lp) − (ref − lp) − 1
 
     grpo     loss = −Σ_i (1/|y_i|) Σ_t m·term / N_seq      ε .2/.2, β 0, advantage group-mean-std
     dr-grpo  loss = −Σ_i Σ_t m·term / (N_seq·L)            ε .2/.2,      advantage group-mean
     dapo     loss = −Σ_i Σ_t m·term / N_tok                ε .2/.28,     advantage group-mean-std
+    bnpo     loss = −Σ_i Σ_t m·term / N_tok                ε .2/.2,      advantage group-mean-std
+    luspo    loss = −Σ_i Σ_t m·term / N_seq, sequence-level r            ε .2/.2 (TRL's defaults)
 
 ∇_lp term = r·A where the surrogate is unclipped (not (A > 0 and r > 1+ε_high), not (A < 0 and r < 1−ε_low)), 0
 where it is clipped, minus β·(1 − exp(ref − lp)) for the KL term. An optional training–inference ``correction``
-(:mod:`pgzoo.correction`) multiplies the whole term by its stop-gradient weight.
+(:mod:`pgzoo.correction`) multiplies the policy term by its stop-gradient weight (the KL term too only with
+``correct_kl=True``). ``delta`` adds INTELLECT-2's two-sided clip (r capped at δ); the KL estimator, the entropy and
+off-policy masks and the entropy bonus are the options of :mod:`pgzoo.objectives.shaping`.
+
+BNPO is TRL's ``bnpo`` loss type: DAPO's token-mean with ε_high = ε_low, normalised by the tokens of the batch it
+is given (TRL: the local micro-batch; pass ``num_tokens`` for a global count). LUSPO (Length-Unbiased Sequence Policy
+Optimization, arXiv 2602.05261) is GSPO's sequence ratio with each sequence's term scaled by its length |y_i|: the
+token sum per sequence; TRL recommends it at sequence level, pgzoo's default.
 
 Papers: GRPO — Shao et al., "DeepSeekMath" (arXiv 2402.03300); Dr. GRPO — Liu et al., "Understanding R1-Zero-Like
-Training: A Critical Perspective" (arXiv 2503.20783); DAPO — Yu et al. (arXiv 2503.14476).
+Training: A Critical Perspective" (arXiv 2503.20783); DAPO — Yu et al. (arXiv 2503.14476); LUSPO (arXiv 2602.05261).
 
-Reduces to: on-policy with β = 0 all three are REINFORCE, −Σ A·lp, differing only in normalisation; with one token
-per sequence GRPO equals GSPO at the same ε.
+Reduces to: on-policy with β = 0 all are REINFORCE, −Σ A·lp, differing only in normalisation; with one token
+per sequence GRPO equals GSPO at the same ε; ``dapo`` with ε_high = ε_low is ``bnpo``.
 
 Example:
     >>> out = pgzoo.get("grpo", beta=0.04)(pgzoo.TokenBatch(logprobs=lp, mask=m, advantages=a,
@@ -25,13 +35,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from pgzoo.batch import TokenBatch
 from pgzoo.correction import Correction
-from pgzoo.diagnostics import clip_metrics, masked_mean, policy_metrics
+from pgzoo.diagnostics import clip_metrics, masked_fraction, policy_metrics
 from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import (
     MAX_LOG_RATIO,
@@ -42,6 +53,14 @@ from pgzoo.objectives.base import (
     check_eps,
     log_bounds,
     ppo_clip_flags,
+)
+from pgzoo.objectives.shaping import (
+    Shaper,
+    Shaping,
+    check_is_level,
+    check_shaping,
+    importance_log_ratio,
+    shaping_requires,
 )
 from pgzoo.registry import register
 
@@ -62,28 +81,28 @@ def clipped_surrogate(r: torch.Tensor, adv: torch.Tensor, low: torch.Tensor, hig
     return (r_clip + (r - r_clip) * ~(low | high)) * adv
 
 
-def k3(lp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(π_θ‖π_ref): exp(ref − lp) − (ref − lp) − 1 (≥ 0; log-ratio clamped ±20)."""
-    d = (ref - lp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-    return torch.expm1(d) - d
-
-
 class GRPO(Objective):
-    """PPO-clip surrogate with an optional k3 KL penalty (GRPO, Dr. GRPO, DAPO).
+    """PPO-clip surrogate with optional KL penalty and loss shaping (GRPO, Dr. GRPO, DAPO, BNPO, LUSPO).
 
     Config:
         eps_low, eps_high: clip range of r (0.2, 0.2; DAPO 0.2, 0.28).
-        beta: KL coefficient β (0). β > 0 requires ``ref_logprobs``.
-        aggregation: ``seq-mean-token-mean`` (grpo), ``constant`` (dr-grpo), ``token-mean`` (dapo), or any
-            token-level mode of :func:`pgzoo.aggregate`.
+        delta: two-sided clipping (INTELLECT-2, arXiv 2505.07291): r is also capped at δ, so a token with A < 0
+            and r > δ has no gradient; None (default) disables it. Must exceed 1 + ε_high.
+        importance_sampling_level: ``token`` (r per token, default) or ``sequence`` (r_i = exp of the row mean of
+            lp − old, broadcast over the row's tokens; TRL's ``importance_sampling_level``, LUSPO's default).
+        aggregation: ``seq-mean-token-mean`` (grpo), ``constant`` (dr-grpo), ``token-mean`` (dapo, bnpo),
+            ``seq-mean-token-sum`` (luspo), or any token-level mode of :func:`pgzoo.aggregate`.
         correction: optional training–inference correction (None, a Correction, or a dict of its fields).
+        beta, kl, kl_clamp, bias_correction_kl, correct_kl, top_entropy_quantile, off_policy_mask_threshold,
+            entropy_coef: the loss-shaping options of :mod:`pgzoo.objectives.shaping` (all off by default).
     """
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(Shaping):
         eps_low: float = 0.2
         eps_high: float = 0.2
-        beta: float = 0.0
+        delta: float | None = None
+        importance_sampling_level: str = "token"
         aggregation: str = "seq-mean-token-mean"
         correction: Correction | None = None
 
@@ -93,40 +112,44 @@ class GRPO(Objective):
     def _check_config(self) -> None:
         c = self.config
         check_eps(type(self).__name__, c.eps_low, c.eps_high)
-        if isinstance(c.beta, bool) or not isinstance(c.beta, (int, float)) or not c.beta >= 0:
-            raise ConfigError(f"{self.name}: beta={c.beta!r} must be a number >= 0 (0 disables the KL term)")
+        check_shaping(self.name, c)
+        check_is_level(self.name, c.importance_sampling_level)
+        if c.delta is not None and (isinstance(c.delta, bool) or not isinstance(c.delta, (int, float))
+                                    or not c.delta > 1.0 + c.eps_high):
+            raise ConfigError(f"{self.name}: delta={c.delta!r} must be a number > 1 + eps_high = {1 + c.eps_high} "
+                              "(the upper bound of two-sided clipping; INTELLECT-2 uses 4), or None")
         check_aggregation(self.name, c.aggregation)
 
     def extra_requires(self) -> frozenset[str]:
-        extra = set(super().extra_requires())
-        if self.config.beta > 0:
-            extra.add("ref_logprobs")
-        return frozenset(extra)
+        return frozenset(super().extra_requires() | shaping_requires(self.config))
 
     def compute(self, batch: TokenBatch) -> ObjectiveOutput:
         c = self.config
         mask = batch.mask
         lp = batch.masked(batch.logprobs)
         adv = batch.token_advantages()
-        log_r = lp - batch.clean("old_logprobs")
+        log_r = importance_log_ratio(batch, lp, c.importance_sampling_level)
         low, high = ppo_clip_flags(log_r.detach(), adv, *log_bounds(c.eps_low, c.eps_high))
         r = ratio(log_r)
-        term = clipped_surrogate(r, adv, low, high, c.eps_low, c.eps_high)
-        if c.beta > 0:
-            kl = k3(lp, batch.clean("ref_logprobs"))
-            term = term - c.beta * kl
+        r_capped = r if c.delta is None else r.clamp(max=c.delta)  # two-sided: no gradient above δ
+        shaper = Shaper(c, batch, lp, adv, self.report_metrics)
+        weight = None
         if c.correction is not None:
             weight, corr_metrics = c.correction.token_weights(batch)
-            term = weight * term
-        loss = -aggregate(term, batch, c.aggregation, clean=True)
+        policy = shaper.policy(clipped_surrogate(r_capped, adv, low, high, c.eps_low, c.eps_high), weight)
+        term = shaper.total(policy, r, weight)  # the KL term is not weighted by the correction unless correct_kl
+        loss = shaper.bonus(-aggregate(term, batch, c.aggregation, clean=True))
         if not self.report_metrics:
             return ObjectiveOutput(loss, {})
-        metrics = policy_metrics(batch, log_r.detach(), staleness_expm1=r.detach() - 1.0)
-        if c.beta > 0:
-            metrics["kl/ref_k3"] = masked_mean(kl, mask)
+        stale = (lp.detach() - batch.clean("old_logprobs")) if c.importance_sampling_level == "sequence" else None
+        metrics = policy_metrics(batch, stale if stale is not None else log_r.detach(),
+                                 staleness_expm1=None if stale is not None else r.detach() - 1.0)
+        metrics.update(shaper.metrics)
         if c.correction is not None:
             metrics.update(corr_metrics)
         metrics.update(clip_metrics(low, high, mask))
+        if c.delta is not None:
+            metrics["clip/delta_fraction"] = masked_fraction((log_r.detach() > math.log(c.delta)) & (adv < 0), mask)
         return ObjectiveOutput(loss, metrics)
 
 
@@ -135,3 +158,7 @@ register("dr-grpo", GRPO, aggregation="constant", default_advantage="group-mean"
          paper="Understanding R1-Zero-Like Training: A Critical Perspective (arXiv 2503.20783)")
 register("dapo", GRPO, eps_high=0.28, aggregation="token-mean",
          paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale (arXiv 2503.14476)")
+register("bnpo", GRPO, aggregation="token-mean",
+         paper="TRL loss_type 'bnpo': DAPO's token-level normalisation (arXiv 2503.14476) with eps_high = eps_low")
+register("luspo", GRPO, importance_sampling_level="sequence", aggregation="seq-mean-token-sum",
+         paper="LUSPO: Length-Unbiased Sequence Policy Optimization (arXiv 2602.05261)")
