@@ -26,5 +26,5 @@ from pgzoo.objectives.sapo import SAPO
 from pgzoo.objectives.shaping import Shaping
 from pgzoo.objectives.vespo import VESPO
 
-__all__ = ["AGGREGATIONS", "Objective", "ObjectiveOutput", "aggregate", "MiniRL", "GRPO", "CISPO", "GSPO", "SAPO", "VESPO",
-           "Shaping"]
+__all__ = ["AGGREGATIONS", "Objective", "ObjectiveOutput", "aggregate", "MiniRL", "GRPO", "CISPO", "GSPO", "SAPO",
+           "VESPO", "Shaping"]

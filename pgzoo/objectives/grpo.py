@@ -11,6 +11,9 @@ r_i = exp(Σ_t m(lp − old)/|y_i|) on every token), A the advantage and ref the
     bnpo     loss = −Σ_i Σ_t m·term / N_tok                ε .2/.2,      advantage group-mean-std
     luspo    loss = −Σ_i Σ_t m·term / N_seq, sequence-level r            ε .2/.2 (TRL's defaults)
 
+bnpo and luspo take TRL's defaults, including ``bias_correction_kl=True`` (TRL's ``use_bias_correction_kl``) for
+when β > 0; grpo, dr-grpo and dapo keep their papers' plain KL term.
+
 ∇_lp term = r·A where the surrogate is unclipped (not (A > 0 and r > 1+ε_high), not (A < 0 and r < 1−ε_low)), 0
 where it is clipped, minus β·(1 − exp(ref − lp)) for the KL term. An optional training–inference ``correction``
 (:mod:`pgzoo.correction`) multiplies the policy term by its stop-gradient weight (the KL term too only with
@@ -158,7 +161,8 @@ register("dr-grpo", GRPO, aggregation="constant", default_advantage="group-mean"
          paper="Understanding R1-Zero-Like Training: A Critical Perspective (arXiv 2503.20783)")
 register("dapo", GRPO, eps_high=0.28, aggregation="token-mean",
          paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale (arXiv 2503.14476)")
-register("bnpo", GRPO, aggregation="token-mean",
+register("bnpo", GRPO, aggregation="token-mean", bias_correction_kl=True,
          paper="TRL loss_type 'bnpo': DAPO's token-level normalisation (arXiv 2503.14476) with eps_high = eps_low")
 register("luspo", GRPO, importance_sampling_level="sequence", aggregation="seq-mean-token-sum",
+         bias_correction_kl=True,
          paper="LUSPO: Length-Unbiased Sequence Policy Optimization (arXiv 2602.05261)")

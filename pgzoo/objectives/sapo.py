@@ -56,6 +56,7 @@ class SAPO(Objective):
 
     @dataclass(frozen=True)
     class Config(Shaping):
+        bias_correction_kl: bool = True  # TRL's use_bias_correction_kl default (with β > 0)
         temperature_pos: float = 1.0
         temperature_neg: float = 1.05
         importance_sampling_level: str = "token"

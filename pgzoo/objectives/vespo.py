@@ -54,6 +54,7 @@ class VESPO(Objective):
 
     @dataclass(frozen=True)
     class Config(Shaping):
+        bias_correction_kl: bool = True  # TRL's use_bias_correction_kl default (with β > 0)
         k_pos: float = 2.0
         lambda_pos: float = 3.0
         k_neg: float = 3.0
