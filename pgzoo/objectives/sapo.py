@@ -85,7 +85,7 @@ class SAPO(Objective):
         adv = batch.token_advantages()
         log_r = importance_log_ratio(batch, lp, c.importance_sampling_level)
         r = ratio(log_r)
-        tau = torch.where(adv > 0, c.temperature_pos, c.temperature_neg).to(lp.dtype)
+        tau = torch.full_like(adv, c.temperature_neg).masked_fill_(adv > 0, c.temperature_pos)  # exact in lp's dtype
         gate = torch.sigmoid(tau * (r - 1.0)) * (4.0 / tau)  # masked: r = 1, A = 0 → term exactly 0
         shaper = Shaper(c, batch, lp, adv, self.report_metrics)
         weight = None

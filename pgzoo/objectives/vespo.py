@@ -89,8 +89,8 @@ class VESPO(Objective):
             log_w = log_w + (batch.masked(log_c).sum(-1) if log_c.dim() == 2 else log_c)
         log_w = log_w.clamp(LOG_W_MIN, MAX_LOG_RATIO)[:, None]
         pos = adv >= 0
-        k = torch.where(pos, c.k_pos, c.k_neg).to(log_w.dtype)
-        lam = torch.where(pos, c.lambda_pos, c.lambda_neg).to(log_w.dtype).clamp_min(1e-4)
+        k = torch.full_like(adv, c.k_neg).masked_fill_(pos, c.k_pos)  # built in adv's dtype: exact for float64
+        lam = torch.full_like(adv, c.lambda_neg).masked_fill_(pos, c.lambda_pos).clamp_min_(1e-4)
         phi = torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num_(0.0, 0.0, 0.0)
         return phi * batch.mask_float(), log_w[:, 0], corr_metrics
 
