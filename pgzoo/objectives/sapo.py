@@ -85,13 +85,16 @@ class SAPO(Objective):
         adv = batch.token_advantages()
         log_r = importance_log_ratio(batch, lp, c.importance_sampling_level)
         r = ratio(log_r)
-        tau = torch.full_like(adv, c.temperature_neg).masked_fill_(adv > 0, c.temperature_pos)  # exact in lp's dtype
-        gate = torch.sigmoid(tau * (r - 1.0)) * (4.0 / tau)  # masked: r = 1, A = 0 → term exactly 0
+        pos, neg = (torch.tensor(v, dtype=lp.dtype, device=lp.device) for v in (c.temperature_pos,
+                                                                              c.temperature_neg))
+        tau = torch.where(adv > 0, pos, neg)  # exact in lp's dtype
+        scaled_adv = torch.div(4.0, tau).mul_(adv)  # (4/τ)·A, no gradient
+        policy = torch.sigmoid((r - 1.0) * tau) * scaled_adv  # masked: A = 0 → term exactly 0
         shaper = Shaper(c, batch, lp, adv, self.report_metrics)
         weight = None
         if c.correction is not None:
             weight, corr_metrics = c.correction.token_weights(batch)
-        term = shaper.total(shaper.policy(gate * adv, weight), r, weight)
+        term = shaper.total(shaper.policy(policy, weight), r, weight)
         loss = shaper.bonus(-aggregate(term, batch, c.aggregation, clean=True))
         if not self.report_metrics:
             return ObjectiveOutput(loss, {})

@@ -77,38 +77,51 @@ class VESPO(Objective):
     def extra_requires(self) -> frozenset[str]:
         return frozenset(super().extra_requires() | shaping_requires(self.config))
 
-    def gamma_weights(self, batch: TokenBatch, adv: torch.Tensor):
-        """φ ``[B, T]`` (stop-gradient, 0 at masked positions), log w_i ``[B]`` and the correction's metrics."""
+    def gamma_weights(self, batch: TokenBatch, lp: torch.Tensor, adv: torch.Tensor):
+        """φ (stop-gradient; ``[B]`` for ``[B]`` advantages ``adv``, else ``[B, T]``), log w_i ``[B]`` and the
+        correction's metrics. ``lp`` is the masked logprobs."""
         c = self.config
-        log_r = (batch.masked(batch.logprobs.detach()) - batch.clean("old_logprobs"))
-        log_w = log_r.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).sum(-1)
+        log_r = lp.detach() - batch.clean("old_logprobs")
+        log_w = log_r.clamp_(-MAX_LOG_RATIO, MAX_LOG_RATIO).sum(-1)
         corr_metrics = {}
         if c.correction is not None:
             weight, corr_metrics = c.correction.weights(batch)
             log_c = weight.log().clamp(LOG_W_MIN, MAX_LOG_RATIO)
             log_w = log_w + (batch.masked(log_c).sum(-1) if log_c.dim() == 2 else log_c)
-        log_w = log_w.clamp(LOG_W_MIN, MAX_LOG_RATIO)[:, None]
+        log_w = log_w.clamp(LOG_W_MIN, MAX_LOG_RATIO)
+        if adv.dim() == 2:
+            log_w_b = log_w[:, None]
+        else:
+            log_w_b = log_w
         pos = adv >= 0
         k = torch.full_like(adv, c.k_neg).masked_fill_(pos, c.k_pos)  # built in adv's dtype: exact for float64
         lam = torch.full_like(adv, c.lambda_neg).masked_fill_(pos, c.lambda_pos).clamp_min_(1e-4)
-        phi = torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num_(0.0, 0.0, 0.0)
-        return phi * batch.mask_float(), log_w[:, 0], corr_metrics
+        phi = torch.exp(lam + k * log_w_b - lam * log_w_b.exp()).nan_to_num_(0.0, 0.0, 0.0)
+        return phi, log_w, corr_metrics
 
     def compute(self, batch: TokenBatch) -> ObjectiveOutput:
         c = self.config
         lp = batch.masked(batch.logprobs)
-        adv = batch.token_advantages()
-        phi, log_w, corr_metrics = self.gamma_weights(batch, adv)
+        if batch.advantages.dim() == 1:  # one φ_i·A_i per row: [B] work, one [B, T] product
+            adv_row = torch.where(batch.has_tokens(), batch.advantages.to(lp.dtype), 0.0)
+            phi, log_w, corr_metrics = self.gamma_weights(batch, lp, adv_row)
+            policy = (phi * adv_row)[:, None] * lp
+        else:
+            adv_tok = batch.token_advantages()
+            phi, log_w, corr_metrics = self.gamma_weights(batch, lp, adv_tok)
+            policy = phi * adv_tok * lp
+        adv = batch.token_advantages() if c.off_policy_mask_threshold is not None else None
         shaper = Shaper(c, batch, lp, adv, self.report_metrics)
         r = ratio(lp - batch.clean("old_logprobs")) if c.beta > 0 and c.bias_correction_kl else None
-        term = shaper.total(shaper.policy(phi * adv * lp), r)
+        term = shaper.total(shaper.policy(policy), r)
         loss = shaper.bonus(-aggregate(term, batch, c.aggregation, clean=True))
         if not self.report_metrics:
             return ObjectiveOutput(loss, {})
         metrics = policy_metrics(batch)
         has = batch.has_tokens()
-        metrics["vespo/phi_mean"] = masked_mean(phi, batch.mask)
-        metrics["vespo/phi_max"] = masked_max(phi, batch.mask)
+        phi_tok = (phi[:, None] if phi.dim() == 1 else phi).expand_as(lp)
+        metrics["vespo/phi_mean"] = masked_mean(phi_tok, batch.mask)
+        metrics["vespo/phi_max"] = masked_max(phi_tok, batch.mask)
         metrics["vespo/seq_weight_mean"] = masked_mean(log_w.exp(), has)
         metrics.update(shaper.metrics)
         metrics.update(corr_metrics)
