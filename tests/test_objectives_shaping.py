@@ -336,3 +336,32 @@ def test_on_policy_reductions_and_luspo_length_weighting():
     luspo = pgzoo.testing.grad_wrt_logprobs("luspo", off)
     grpo_seq = pgzoo.testing.grad_wrt_logprobs(pgzoo.get("grpo", importance_sampling_level="sequence"), off)
     torch.testing.assert_close(luspo, grpo_seq * off.seq_lengths()[:, None])
+
+
+@pytest.mark.parametrize("name", NEW + ["grpo", "cispo"])
+@pytest.mark.parametrize("shaping", [False, True])
+def test_compiles_to_one_graph(name, shaping):
+    torch._dynamo.reset()
+    options = dict(beta=0.05, top_entropy_quantile=0.5, off_policy_mask_threshold=0.05, entropy_coef=0.01,
+                   correction={"level": "token", "mode": "mask"}) if shaping else {}
+    obj = pgzoo.get(name, **options)
+    ref = random_batch(4, 6, seed=0, scale=0.3, pad_value=float("nan"))
+    ent = entropies(ref, 0)
+
+    def step(lp, mask, adv, old, mu, refl, e):
+        batch = pgzoo.TokenBatch(logprobs=lp, mask=mask, advantages=adv, old_logprobs=old, rollout_logprobs=mu,
+                                 ref_logprobs=refl, entropies=e, check_values=False)
+        out = obj(batch)
+        return out.loss, out.metrics
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)  # a graph break is an error
+    args = (ref.mask, ref.advantages, ref.old_logprobs, ref.rollout_logprobs, ref.ref_logprobs, ent)
+    lp_c = ref.logprobs.detach().clone().requires_grad_(True)
+    lp_e = ref.logprobs.detach().clone().requires_grad_(True)
+    (loss_c, metrics_c), (loss_e, metrics_e) = compiled(lp_c, *args), step(lp_e, *args)
+    loss_c.backward()
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(lp_c.grad, lp_e.grad)
+    for key in metrics_e:
+        torch.testing.assert_close(metrics_c[key], metrics_e[key], msg=key)

@@ -29,7 +29,7 @@ from pgzoo.objectives.base import Objective, ObjectiveOutput, aggregate, check_a
 from pgzoo.objectives.grpo import ratio
 from pgzoo.objectives.shaping import (
     Shaper,
-    Shaping,
+    shaped,
     check_is_level,
     check_shaping,
     importance_log_ratio,
@@ -50,8 +50,9 @@ class CISPO(Objective):
         beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping`.
     """
 
+    @shaped
     @dataclass(frozen=True)
-    class Config(Shaping):
+    class Config:
         eps_low: float | None = None
         eps_high: float | None = 4.0
         importance_sampling_level: str = "token"

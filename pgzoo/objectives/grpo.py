@@ -61,7 +61,7 @@ from pgzoo.objectives.base import (
 )
 from pgzoo.objectives.shaping import (
     Shaper,
-    Shaping,
+    shaped,
     check_is_level,
     check_shaping,
     importance_log_ratio,
@@ -102,8 +102,9 @@ class GRPO(Objective):
             entropy_coef: the loss-shaping options of :mod:`pgzoo.objectives.shaping` (all off by default).
     """
 
+    @shaped
     @dataclass(frozen=True)
-    class Config(Shaping):
+    class Config:
         eps_low: float = 0.2
         eps_high: float = 0.2
         delta: float | None = None

@@ -34,7 +34,7 @@ from pgzoo.objectives.base import Objective, ObjectiveOutput, aggregate, check_a
 from pgzoo.objectives.grpo import ratio
 from pgzoo.objectives.shaping import (
     Shaper,
-    Shaping,
+    shaped,
     check_is_level,
     check_shaping,
     importance_log_ratio,
@@ -54,8 +54,9 @@ class SAPO(Objective):
         beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping`.
     """
 
+    @shaped
     @dataclass(frozen=True)
-    class Config(Shaping):
+    class Config:
         bias_correction_kl: bool = True  # TRL's use_bias_correction_kl default (with β > 0)
         temperature_pos: float = 1.0
         temperature_neg: float = 1.05

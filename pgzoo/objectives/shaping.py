@@ -32,6 +32,7 @@ Every option is off by default; each objective's docstring says which ones it ta
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ LOW_VAR_KL_CLAMP = 10.0  # verl's clamp of low_var_kl
 
 @dataclass(frozen=True)
 class Shaping:
-    """The shaping fields an objective's ``Config`` inherits (see the module docstring for their meaning)."""
+    """The shaping fields an objective's ``Config`` takes through :func:`shaped` (meanings: module docstring)."""
 
     beta: float = 0.0
     kl: str = "k3"
@@ -59,6 +60,21 @@ class Shaping:
     top_entropy_quantile: float = 1.0
     off_policy_mask_threshold: float | None = None
     entropy_coef: float = 0.0
+
+
+def shaped(cls: type) -> type:
+    """Class decorator: the frozen dataclass ``cls`` with :class:`Shaping`'s fields appended after its own (so
+    ``repr`` and ``pgzoo objectives`` show the objective's own parameters first). A shaping field ``cls`` declares
+    itself keeps its place among the shaping fields with ``cls``'s default (e.g. ``bias_correction_kl=True``)."""
+    own = {f.name: f for f in dataclasses.fields(cls)}
+    shaping = {f.name for f in dataclasses.fields(Shaping)}
+    specs = [(f.name, f.type, dataclasses.field(default=f.default)) for f in own.values() if f.name not in shaping]
+    for f in dataclasses.fields(Shaping):
+        default = own[f.name].default if f.name in own else f.default
+        specs.append((f.name, f.type, dataclasses.field(default=default)))
+    new = dataclasses.make_dataclass(cls.__name__, specs, frozen=True)
+    new.__qualname__, new.__module__, new.__doc__ = cls.__qualname__, cls.__module__, cls.__doc__
+    return new
 
 
 def _number(name: str, value, *, low: float, low_ok: bool = True, optional: bool = False, hint: str = "") -> None:

@@ -35,7 +35,7 @@ from pgzoo.diagnostics import masked_max, masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import MAX_LOG_RATIO, Objective, ObjectiveOutput, aggregate, check_aggregation
 from pgzoo.objectives.grpo import ratio
-from pgzoo.objectives.shaping import Shaper, Shaping, check_shaping, shaping_requires
+from pgzoo.objectives.shaping import Shaper, check_shaping, shaped, shaping_requires
 from pgzoo.registry import register
 
 LOG_W_MIN = math.log(1e-8)  # TRL's lower clamp of log w
@@ -52,8 +52,9 @@ class VESPO(Objective):
             token ratio r = exp(lp − old)).
     """
 
+    @shaped
     @dataclass(frozen=True)
-    class Config(Shaping):
+    class Config:
         bias_correction_kl: bool = True  # TRL's use_bias_correction_kl default (with β > 0)
         k_pos: float = 2.0
         lambda_pos: float = 3.0
