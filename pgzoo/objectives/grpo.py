@@ -48,12 +48,12 @@ from pgzoo.correction import Correction
 from pgzoo.diagnostics import clip_metrics, masked_fraction, policy_metrics
 from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import (
-    AGGREGATIONS,
     MAX_LOG_RATIO,
+    ROW_SUM_MODES,
     Objective,
     ObjectiveOutput,
-    _as_tensor,
     aggregate,
+    aggregate_row_sums,
     check_aggregation,
     check_eps,
     log_bounds,
@@ -165,7 +165,7 @@ class GRPO(Objective):
         """At sequence level with [B] advantages and no per-token option, the term is constant along each row."""
         c = self.config
         return (batch.advantages.dim() == 1 and c.beta == 0 and c.correction is None and c.top_entropy_quantile == 1
-                and c.off_policy_mask_threshold is None and c.aggregation in AGGREGATIONS)
+                and c.off_policy_mask_threshold is None and c.aggregation in ROW_SUM_MODES)
 
     def _compute_rows(self, batch: TokenBatch) -> ObjectiveOutput:
         """The sequence-level term once per row ([B], not [B, T]); Σ_t m·term_i = |y_i|·term_i. Same loss and
@@ -180,15 +180,7 @@ class GRPO(Objective):
         r = ratio(log_s)
         r_capped = r if c.delta is None else r.clamp(max=c.delta)
         term = clipped_surrogate(r_capped, adv, low, high, c.eps_low, c.eps_high)
-        if c.aggregation == "seq-mean-token-mean":  # (1/|y_i|)·|y_i|·term_i
-            loss = -aggregate(term, batch, "seq-mean", clean=True)
-        elif c.aggregation == "seq-mean-token-sum":
-            loss = -aggregate(term * lengths, batch, "seq-mean", clean=True)
-        else:
-            total = (term * lengths).sum()
-            denom = batch.token_count() if c.aggregation == "token-mean" else \
-                _as_tensor(batch.sequence_count(), total) * batch.length_constant()
-            loss = -total / _as_tensor(denom, total).clamp_min(1e-12)
+        loss = -aggregate_row_sums(term * lengths, batch, c.aggregation)
         shaper = Shaper(c, batch, lp, batch.token_advantages(), self.report_metrics)
         loss = shaper.bonus(loss)
         if not self.report_metrics:

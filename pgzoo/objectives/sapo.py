@@ -30,7 +30,14 @@ from pgzoo.batch import TokenBatch
 from pgzoo.correction import Correction
 from pgzoo.diagnostics import masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
-from pgzoo.objectives.base import Objective, ObjectiveOutput, aggregate, check_aggregation
+from pgzoo.objectives.base import (
+    ROW_SUM_MODES,
+    Objective,
+    ObjectiveOutput,
+    aggregate,
+    aggregate_row_sums,
+    check_aggregation,
+)
 from pgzoo.objectives.grpo import ratio
 from pgzoo.objectives.shaping import (
     Shaper,
@@ -83,31 +90,53 @@ class SAPO(Objective):
     def compute(self, batch: TokenBatch) -> ObjectiveOutput:
         c = self.config
         lp = batch.masked(batch.logprobs)
-        adv = batch.token_advantages()
-        log_r = importance_log_ratio(batch, lp, c.importance_sampling_level)
-        r = ratio(log_r)
         pos, neg = (torch.tensor(v, dtype=lp.dtype, device=lp.device) for v in (c.temperature_pos,
                                                                               c.temperature_neg))
-        tau = torch.where(adv > 0, pos, neg)  # exact in lp's dtype
-        scaled_adv = torch.div(4.0, tau).mul_(adv)  # (4/τ)·A, no gradient
-        policy = torch.sigmoid((r - 1.0) * tau) * scaled_adv  # masked: A = 0 → term exactly 0
-        shaper = Shaper(c, batch, lp, adv, self.report_metrics)
-        weight = None
-        if c.correction is not None:
-            weight, corr_metrics = c.correction.token_weights(batch)
-        term = shaper.total(shaper.policy(policy, weight), r, weight)
-        loss = shaper.bonus(-aggregate(term, batch, c.aggregation, clean=True))
+        log_r = importance_log_ratio(batch, lp, c.importance_sampling_level)
+        r = ratio(log_r)
+        weight = corr_metrics = None
+        if self._row_factored(batch):
+            # [B] advantages, token-level ratio, nothing per-token: σ(x)·(4/τ)·A = (1 + tanh(x/2))·(2/τ)·A, and the
+            # tanh part is exactly 0 at masked positions (r = 1), so Σ_t m·term = (2/τ_i)·A_i·(Σ_t tanh + |y_i|)
+            # with τ and A per row: no [B, T] advantage or temperature tensors.
+            adv_row = torch.where(batch.has_tokens(), batch.advantages.to(lp.dtype), 0.0)
+            tau_row = torch.where(adv_row > 0, pos, neg)
+            tanh = torch.tanh((r - 1.0) * (0.5 * tau_row)[:, None])
+            row_sums = (tanh.sum(-1) + batch.seq_lengths()) * (2.0 / tau_row * adv_row)
+            shaper = Shaper(c, batch, lp, None, self.report_metrics)
+            if c.beta > 0:
+                row_sums = row_sums + shaper.total(lp.new_zeros(()), r).sum(-1)  # −β·KL per row
+            loss = shaper.bonus(-aggregate_row_sums(row_sums, batch, c.aggregation))
+            gate_factor = None if not self.report_metrics else 1.0 - tanh.detach().square()
+        else:
+            adv = batch.token_advantages()
+            tau = torch.where(adv > 0, pos, neg)  # exact in lp's dtype
+            scaled_adv = torch.div(4.0, tau).mul_(adv)  # (4/τ)·A, no gradient
+            policy = torch.sigmoid((r - 1.0) * tau) * scaled_adv  # masked: A = 0 → term exactly 0
+            shaper = Shaper(c, batch, lp, adv, self.report_metrics)
+            if c.correction is not None:
+                weight, corr_metrics = c.correction.token_weights(batch)
+            term = shaper.total(shaper.policy(policy, weight), r, weight)
+            loss = shaper.bonus(-aggregate(term, batch, c.aggregation, clean=True))
+            if self.report_metrics:
+                sig = torch.sigmoid(tau * (r.detach() - 1.0))
+                gate_factor = 4.0 * sig * (1.0 - sig)
         if not self.report_metrics:
             return ObjectiveOutput(loss, {})
         stale = lp.detach() - batch.clean("old_logprobs")
         metrics = policy_metrics(batch, stale)
-        sig = torch.sigmoid(tau * (r.detach() - 1.0))
         # the factor multiplying r·A in the gradient: 1 on-policy, → 0 far off-policy
-        metrics["sapo/gate_mean"] = masked_mean(4.0 * sig * (1.0 - sig), batch.mask)
+        metrics["sapo/gate_mean"] = masked_mean(gate_factor, batch.mask)
         metrics.update(shaper.metrics)
-        if c.correction is not None:
+        if corr_metrics is not None:
             metrics.update(corr_metrics)
         return ObjectiveOutput(loss, metrics)
+
+    def _row_factored(self, batch: TokenBatch) -> bool:
+        c = self.config
+        return (batch.advantages.dim() == 1 and c.importance_sampling_level == "token" and c.correction is None
+                and c.top_entropy_quantile == 1 and c.off_policy_mask_threshold is None
+                and c.aggregation in ROW_SUM_MODES)
 
 
 register("sapo", SAPO)

@@ -33,12 +33,25 @@ from pgzoo.batch import TokenBatch
 from pgzoo.correction import Correction
 from pgzoo.diagnostics import masked_max, masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
-from pgzoo.objectives.base import MAX_LOG_RATIO, Objective, ObjectiveOutput, aggregate, check_aggregation
+from pgzoo.objectives.base import (
+    MAX_LOG_RATIO,
+    ROW_SUM_MODES,
+    Objective,
+    ObjectiveOutput,
+    aggregate,
+    aggregate_row_sums,
+    check_aggregation,
+)
 from pgzoo.objectives.grpo import ratio
 from pgzoo.objectives.shaping import Shaper, check_shaping, shaped, shaping_requires
 from pgzoo.registry import register
 
 LOG_W_MIN = math.log(1e-8)  # TRL's lower clamp of log w
+
+
+def _row_dot(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Σ_t x_it·m_it per row (a multiply and a row sum: on CPU several times faster than einsum's batched dot)."""
+    return (x * m).sum(-1)
 
 
 class VESPO(Objective):
@@ -80,10 +93,16 @@ class VESPO(Objective):
 
     def gamma_weights(self, batch: TokenBatch, lp: torch.Tensor, adv: torch.Tensor):
         """φ (stop-gradient; ``[B]`` for ``[B]`` advantages ``adv``, else ``[B, T]``), log w_i ``[B]`` and the
-        correction's metrics. ``lp`` is the masked logprobs."""
+        correction's metrics. ``lp``: the logprobs (masked or not: masked positions are dropped here)."""
         c = self.config
-        log_r = lp.detach() - batch.clean("old_logprobs")
-        log_w = log_r.clamp_(-MAX_LOG_RATIO, MAX_LOG_RATIO).sum(-1)
+        if batch.old_logprobs is None:  # on-policy: w = 1
+            log_w = lp.new_zeros(lp.shape[0])
+        else:
+            # Σ_t m·clamp(lp − old, ±20): garbage at masked positions becomes finite (clamp, nan_to_num) and is then
+            # dropped by the mask
+            log_r = torch.sub(lp.detach(), batch.old_logprobs.to(lp.dtype)).clamp_(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+            log_r.nan_to_num_(0.0)
+            log_w = _row_dot(log_r, batch.mask_float())
         corr_metrics = {}
         if c.correction is not None:
             weight, corr_metrics = c.correction.weights(batch)
@@ -102,20 +121,30 @@ class VESPO(Objective):
 
     def compute(self, batch: TokenBatch) -> ObjectiveOutput:
         c = self.config
-        lp = batch.masked(batch.logprobs)
-        if batch.advantages.dim() == 1:  # one φ_i·A_i per row: [B] work, one [B, T] product
+        if (batch.advantages.dim() == 1 and c.beta == 0 and c.top_entropy_quantile == 1
+                and c.off_policy_mask_threshold is None and c.aggregation in ROW_SUM_MODES):
+            # one φ_i·A_i per row and nothing per token: Σ_t m·φ_i·A_i·lp = φ_i·A_i·Σ_t m·lp (no [B, T] term)
+            lp = batch.masked(batch.logprobs)
             adv_row = torch.where(batch.has_tokens(), batch.advantages.to(lp.dtype), 0.0)
-            phi, log_w, corr_metrics = self.gamma_weights(batch, lp, adv_row)
-            policy = (phi * adv_row)[:, None] * lp
+            phi, log_w, corr_metrics = self.gamma_weights(batch, batch.logprobs, adv_row)
+            lp_rows = lp.sum(-1)
+            shaper = Shaper(c, batch, None, None, self.report_metrics)
+            loss = shaper.bonus(-aggregate_row_sums(phi * adv_row * lp_rows, batch, c.aggregation))
         else:
-            adv_tok = batch.token_advantages()
-            phi, log_w, corr_metrics = self.gamma_weights(batch, lp, adv_tok)
-            policy = phi * adv_tok * lp
-        adv = batch.token_advantages() if c.off_policy_mask_threshold is not None else None
-        shaper = Shaper(c, batch, lp, adv, self.report_metrics)
-        r = ratio(lp - batch.clean("old_logprobs")) if c.beta > 0 and c.bias_correction_kl else None
-        term = shaper.total(shaper.policy(policy), r)
-        loss = shaper.bonus(-aggregate(term, batch, c.aggregation, clean=True))
+            lp = batch.masked(batch.logprobs)
+            if batch.advantages.dim() == 1:
+                adv_row = torch.where(batch.has_tokens(), batch.advantages.to(lp.dtype), 0.0)
+                phi, log_w, corr_metrics = self.gamma_weights(batch, lp, adv_row)
+                coef = (phi * adv_row)[:, None]
+            else:
+                adv_tok = batch.token_advantages()
+                phi, log_w, corr_metrics = self.gamma_weights(batch, lp, adv_tok)
+                coef = phi * adv_tok
+            adv = batch.token_advantages() if c.off_policy_mask_threshold is not None else None
+            shaper = Shaper(c, batch, lp, adv, self.report_metrics)
+            r = ratio(lp - batch.clean("old_logprobs")) if c.beta > 0 and c.bias_correction_kl else None
+            term = shaper.total(shaper.policy(coef * lp), r)
+            loss = shaper.bonus(-aggregate(term, batch, c.aggregation, clean=True))
         if not self.report_metrics:
             return ObjectiveOutput(loss, {})
         metrics = policy_metrics(batch)
