@@ -365,3 +365,43 @@ def test_compiles_to_one_graph(name, shaping):
     torch.testing.assert_close(lp_c.grad, lp_e.grad)
     for key in metrics_e:
         torch.testing.assert_close(metrics_c[key], metrics_e[key], msg=key)
+
+
+# ---------------------------------------------------------------------------------------------- properties
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SHAPE_ALL = dict(beta=0.05, top_entropy_quantile=0.5, off_policy_mask_threshold=0.05, entropy_coef=0.01)
+
+
+@pytest.mark.parametrize("options", [{}, SHAPE_ALL], ids=["plain", "shaped"])
+@pytest.mark.parametrize("name", NEW)
+@PROPERTY
+@given(B=st.integers(1, 5), T=st.integers(1, 6), seed=st.integers(0, 10_000), per_token=st.booleans(),
+       extra=st.integers(0, 3), fill=st.floats(allow_nan=True, allow_infinity=True, width=64),
+       scale=st.sampled_from([1e-4, 0.3, 3.0]))
+def test_padding_and_row_order_do_not_matter(name, options, B, T, seed, per_token, extra, fill, scale):
+    obj = pgzoo.get(name, **options)
+    base = random_batch(B, T, seed=seed, scale=scale, per_token_advantages=per_token, max_tokens=T)
+    base = base.replace(entropies=entropies(base, seed))
+
+    def pad(x):
+        return torch.cat([torch.where(base.mask, x.detach(), torch.full_like(x, fill)),
+                          torch.full((B, extra), fill, dtype=x.dtype)], 1)
+
+    fields = ("old_logprobs", "rollout_logprobs", "ref_logprobs", "entropies")
+    padded = pgzoo.TokenBatch(
+        logprobs=pad(base.logprobs), mask=torch.cat([base.mask, torch.zeros(B, extra, dtype=torch.bool)], 1),
+        advantages=pad(base.advantages) if base.advantages.dim() == 2 else base.advantages,
+        **{f: pad(getattr(base, f)) for f in fields}, max_tokens=T)
+    g_a = pgzoo.testing.grad_wrt_logprobs(obj, base)
+    g_b = pgzoo.testing.grad_wrt_logprobs(obj, padded)
+    torch.testing.assert_close(obj(padded).loss, obj(base).loss, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(g_b[:, :T], g_a, rtol=1e-10, atol=1e-13)
+    assert (g_b[:, T:] == 0).all() and torch.isfinite(g_b).all()
+    perm = torch.randperm(B, generator=torch.Generator().manual_seed(seed))
+    permuted = pgzoo.TokenBatch(logprobs=base.logprobs.detach()[perm], mask=base.mask[perm],
+                                advantages=base.advantages[perm], max_tokens=T,
+                                **{f: getattr(base, f)[perm] for f in fields})
+    torch.testing.assert_close(pgzoo.testing.grad_wrt_logprobs(obj, permuted), g_a[perm], rtol=1e-10, atol=1e-13)
