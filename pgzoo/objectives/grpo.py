@@ -171,8 +171,10 @@ class GRPO(Objective):
         """The sequence-level term once per row ([B], not [B, T]); Σ_t m·term_i = |y_i|·term_i. Same loss and
         gradient as the broadcast path (tested against the naive loop and TRL), in a few passes over [B, T]."""
         c = self.config
-        lp = batch.masked(batch.logprobs)
-        stale = lp - batch.clean("old_logprobs")
+        lp = batch.logprobs
+        old = batch.old_logprobs if batch.old_logprobs is not None else lp.detach()
+        # one NaN-safe masking of the difference (not of lp and old separately): lp − old, 0 where masked
+        stale = batch.masked(lp - old.to(lp.dtype))
         lengths = batch.seq_lengths()
         log_s = stale.sum(-1) / lengths.clamp_min(1.0)
         adv = torch.where(batch.has_tokens(), batch.advantages.to(lp.dtype), 0.0)
@@ -181,7 +183,7 @@ class GRPO(Objective):
         r_capped = r if c.delta is None else r.clamp(max=c.delta)
         term = clipped_surrogate(r_capped, adv, low, high, c.eps_low, c.eps_high)
         loss = -aggregate_row_sums(term * lengths, batch, c.aggregation)
-        shaper = Shaper(c, batch, lp, batch.token_advantages(), self.report_metrics)
+        shaper = Shaper(c, batch, None, None, self.report_metrics)  # only the entropy bonus can be on here
         loss = shaper.bonus(loss)
         if not self.report_metrics:
             return ObjectiveOutput(loss, {})
