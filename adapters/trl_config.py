@@ -34,7 +34,7 @@ import logging
 from typing import Any
 
 import pgzoo
-from pgzoo.errors import ConfigError
+from pgzoo.errors import ConfigError, UnknownNameError
 from pgzoo.objectives.base import Objective
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def with_options(objective: Objective, **changes: Any) -> Objective:
 def _registered_default(objective: Objective, option: str) -> Any:
     try:
         return getattr(pgzoo.get(objective.name).config, option)
-    except Exception:  # a class used without registration: its dataclass default
+    except UnknownNameError:  # a class used without registration: its dataclass default
         field = {f.name: f for f in dataclasses.fields(objective.config)}[option]
         return field.default
 

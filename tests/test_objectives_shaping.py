@@ -249,6 +249,8 @@ def test_entropies_are_validated_and_required():
     with pytest.raises(pgzoo.BatchError, match="entropies"):
         batch.replace(entropies=torch.full((3, 4), float("nan"), dtype=torch.float64))
     assert "entropies" in pgzoo.get("sapo", entropy_coef=0.01).requires
+    with pytest.raises(pgzoo.BatchError, match="entropy_coef"):  # a bonus without gradient would be a no-op
+        pgzoo.get("grpo", entropy_coef=0.01)(batch.replace(entropies=torch.rand(3, 4, dtype=torch.float64)))
     assert "entropies" not in pgzoo.get("sapo").requires
 
 
@@ -281,7 +283,7 @@ def test_metrics_off_same_loss_and_gradient(name):
     full = pgzoo.get(name, beta=0.05, top_entropy_quantile=0.5, entropy_coef=0.01)
     bare = pgzoo.get(name, beta=0.05, top_entropy_quantile=0.5, entropy_coef=0.01, metrics=False)
     batch = random_batch(5, 7, seed=1, scale=0.5, pad_value=float("nan"), per_token_advantages=True)
-    batch = batch.replace(entropies=entropies(batch, 1))
+    batch = batch.replace(entropies=entropies(batch, 1).requires_grad_())
     out_full, out_bare = full(batch), bare(batch)
     assert out_bare.metrics == {} and len(out_full.metrics) > 5
     torch.testing.assert_close(out_bare.loss, out_full.loss, rtol=0, atol=0)
@@ -346,7 +348,7 @@ def test_compiles_to_one_graph(name, shaping):
                    correction={"level": "token", "mode": "mask"}) if shaping else {}
     obj = pgzoo.get(name, **options)
     ref = random_batch(4, 6, seed=0, scale=0.3, pad_value=float("nan"))
-    ent = entropies(ref, 0)
+    ent = entropies(ref, 0).requires_grad_()
 
     def step(lp, mask, adv, old, mu, refl, e):
         batch = pgzoo.TokenBatch(logprobs=lp, mask=mask, advantages=adv, old_logprobs=old, rollout_logprobs=mu,
@@ -384,17 +386,18 @@ SHAPE_ALL = dict(beta=0.05, top_entropy_quantile=0.5, off_policy_mask_threshold=
 def test_padding_and_row_order_do_not_matter(name, options, B, T, seed, per_token, extra, fill, scale):
     obj = pgzoo.get(name, **options)
     base = random_batch(B, T, seed=seed, scale=scale, per_token_advantages=per_token, max_tokens=T)
-    base = base.replace(entropies=entropies(base, seed))
+    base = base.replace(entropies=entropies(base, seed).requires_grad_())
 
     def pad(x):
         return torch.cat([torch.where(base.mask, x.detach(), torch.full_like(x, fill)),
                           torch.full((B, extra), fill, dtype=x.dtype)], 1)
 
-    fields = ("old_logprobs", "rollout_logprobs", "ref_logprobs", "entropies")
+    fields = ("old_logprobs", "rollout_logprobs", "ref_logprobs")
+    ent = {"entropies": pad(base.entropies).requires_grad_()}
     padded = pgzoo.TokenBatch(
         logprobs=pad(base.logprobs), mask=torch.cat([base.mask, torch.zeros(B, extra, dtype=torch.bool)], 1),
         advantages=pad(base.advantages) if base.advantages.dim() == 2 else base.advantages,
-        **{f: pad(getattr(base, f)) for f in fields}, max_tokens=T)
+        **{f: pad(getattr(base, f)) for f in fields}, **ent, max_tokens=T)
     g_a = pgzoo.testing.grad_wrt_logprobs(obj, base)
     g_b = pgzoo.testing.grad_wrt_logprobs(obj, padded)
     torch.testing.assert_close(obj(padded).loss, obj(base).loss, rtol=1e-10, atol=1e-13)
@@ -403,5 +406,6 @@ def test_padding_and_row_order_do_not_matter(name, options, B, T, seed, per_toke
     perm = torch.randperm(B, generator=torch.Generator().manual_seed(seed))
     permuted = pgzoo.TokenBatch(logprobs=base.logprobs.detach()[perm], mask=base.mask[perm],
                                 advantages=base.advantages[perm], max_tokens=T,
+                                entropies=base.entropies.detach()[perm].requires_grad_(),
                                 **{f: getattr(base, f)[perm] for f in fields})
     torch.testing.assert_close(pgzoo.testing.grad_wrt_logprobs(obj, permuted), g_a[perm], rtol=1e-10, atol=1e-13)

@@ -209,6 +209,12 @@ class Shaper:
         c, batch = self.c, self.batch
         if c.entropy_coef == 0:
             return loss
+        if batch.logprobs.requires_grad and not batch.entropies.requires_grad:
+            from pgzoo.errors import BatchError
+
+            raise BatchError("entropies", f"carry no gradient, so entropy_coef={c.entropy_coef} would change the "
+                             "loss but not the update", "compute the entropies with gradient (TRL's forward does; "
+                             "pgzoo.logprobs returns them detached), or set entropy_coef=0")
         ent = batch.masked(batch.entropies)
         count = batch.token_count()
         count = count if isinstance(count, torch.Tensor) else torch.tensor(float(count), dtype=ent.dtype)
