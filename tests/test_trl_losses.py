@@ -157,6 +157,15 @@ def test_every_trl_loss_type_with_every_shaping_option(loss_type, shaping):
         assert_same(args, make_tensors(seed, scale=0.4, per_token=per_token))
 
 
+def test_vespo_at_sequence_level():
+    """VESPO's weights are per sequence whatever the level; TRL's level then only changes the bias-corrected KL's
+    ratio, which pgzoo's vespo takes per token: equal without β, refused with it."""
+    args = trl_config(loss_type="vespo", importance_sampling_level="sequence", top_entropy_quantile=0.5)
+    assert_same(args, make_tensors(6, scale=0.3, per_token=False))
+    with pytest.raises(ConfigError, match="importance_sampling_level='token'"):
+        objective_from_trl(trl_config(loss_type="vespo", importance_sampling_level="sequence", beta=0.04))
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])
 def test_sequence_importance_sampling_level(loss_type):
     for shaping in ("plain", "all"):
@@ -212,3 +221,14 @@ def test_unoffered_settings_raise_naming_the_option():
     assert mapped.config.top_entropy_quantile == 0.2 and mapped.config.beta == 0.04
     assert mapped.config.bias_correction_kl is True and {"entropies", "ref_logprobs"} <= mapped.requires
     assert apply_trl_settings(pgzoo.get("minirl"), trl_config()).name == "minirl"  # nothing to map
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_fully_masked_row(loss_type):
+    """TRL averages its per-sequence losses over every row of the micro-batch, a fully masked one included; pgzoo's
+    N_seq counts rows with tokens unless told: num_sequences=B reproduces TRL exactly."""
+    x = make_tensors(7, scale=0.4, per_token=True)
+    x["mask"][-1] = 0
+    x["lp"][-1], x["old"][-1] = 0.0, 0.0  # TRL multiplies masked values by 0, so its padding must be finite
+    args = trl_config(loss_type=loss_type, **EXTRA.get(loss_type, {}), beta=0.04, top_entropy_quantile=0.7)
+    assert_same(args, x, num_sequences=B)
