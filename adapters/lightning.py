@@ -319,7 +319,8 @@ class RLModule(L.LightningModule):
                         rollout_logprobs=mb.rollout_logprobs if cfg.use_rollout_logprobs else None,
                         ref_logprobs=self._ref_logprobs(mb) if self.ref_policy is not None else None,
                         num_sequences=num_seq, num_tokens=num_tok, max_tokens=cfg.max_new_tokens,
-                        check_values=bool(mb.completion_mask.any()))
+                        check_values=bool(mb.completion_mask.any()),
+                        entropies=ent if "entropies" in self.objective.requires else None)
                     out = self.objective(batch)
                     self._backward(out.loss)  # inside the replay context: any recomputation replays too
                 w = float(mb.completion_mask.sum())

@@ -37,6 +37,8 @@ Replay raises when a forward misses an MoE layer; ``pgzoo/routing/layers_hit`` l
 from the replayed one (see :class:`pgzoo.routing.RoutingReplay`).
 
 Importance-sampling corrections are the objective's business: the adapter never multiplies TRL's vLLM ratio in.
+TRL's loss-shaping settings become objective options (``pgzoo.adapters.trl_config``); ``loss=None`` takes TRL's
+``loss_type`` itself as a pgzoo objective. Entropies reach the objective when one of its options needs them.
 Metrics: every objective metric is logged as ``pgzoo/<name>`` next to TRL's own keys. Full guide: docs/trl.md.
 """
 
@@ -59,6 +61,7 @@ from pgzoo.routing.trainer import RoutingReplay
 _trl = require("trl", "trl")
 from trl import GRPOTrainer as _TRLGRPOTrainer  # noqa: E402
 
+from pgzoo.adapters.trl_config import LOSS_TYPES, apply_trl_settings, objective_from_trl  # noqa: E402
 from pgzoo.adapters.trl_rollout import EngineRollout, align_routes  # noqa: E402
 
 __all__ = ["GRPOTrainer", "EngineRollout", "align_routes", "check_trl_version", "TESTED_TRL"]
@@ -93,15 +96,31 @@ def check_trl_version(version: str | None = None) -> None:
         )
 
 
-def _as_objective(loss: Any) -> Objective:
+def _objective_for(loss: Any, config: Any) -> Objective:
+    """The objective for ``GRPOTrainer(loss=..., args=config)``: ``loss`` (an objective or its name) with the
+    config's loss-shaping settings mapped onto it, or, for ``loss=None``, TRL's own ``loss_type`` as an objective."""
+    if loss is None:
+        if config is None:
+            raise ConfigError("GRPOTrainer needs loss=pgzoo.get(...) or args=GRPOConfig(loss_type=...) to take "
+                              "TRL's loss as a pgzoo objective")
+        return objective_from_trl(config)
     if isinstance(loss, str):
-        return pgzoo.get(loss)
-    if isinstance(loss, Objective):
+        loss = pgzoo.get(loss)
+    if not isinstance(loss, Objective):
+        raise ConfigError(
+            f"GRPOTrainer(loss=...) takes a pgzoo objective or its name, got {type(loss).__name__}; "
+            f"e.g. loss=pgzoo.get('minirl') or loss='grpo' (available: {', '.join(pgzoo.available())})"
+        )
+    if config is None:
         return loss
-    raise ConfigError(
-        f"GRPOTrainer(loss=...) takes a pgzoo objective or its name, got {type(loss).__name__}; "
-        f"e.g. loss=pgzoo.get('minirl') or loss='grpo' (available: {', '.join(pgzoo.available())})"
-    )
+    loss_type = getattr(config, "loss_type", "dapo")
+    if loss_type != "dapo" and LOSS_TYPES.get(loss_type) != loss.name:  # "dapo" is TRL's default: not a choice
+        raise ConfigError(
+            f"GRPOConfig.loss_type={loss_type!r} but loss={loss.name!r}: the loss is the objective. Pass "
+            f"loss=pgzoo.get({LOSS_TYPES.get(loss_type, loss_type)!r}) or leave loss=None to take TRL's loss_type "
+            "as a pgzoo objective"
+        )
+    return apply_trl_settings(loss, config)
 
 
 def _reduce_kind(name: str) -> str:
@@ -117,14 +136,20 @@ class GRPOTrainer(_TRLGRPOTrainer):
     """TRL's ``GRPOTrainer`` whose loss is a pgzoo objective (see the module docstring for the exact semantics).
 
     Args:
-        loss: a pgzoo objective (``pgzoo.get("minirl")``) or its registered name.
+        loss: a pgzoo objective (``pgzoo.get("minirl")``) or its registered name; ``GRPOConfig``'s loss-shaping
+            settings (``top_entropy_quantile``, ``off_policy_mask_threshold``, ``delta``, ``entropy_coef``,
+            ``importance_sampling_level``, ``beta`` with ``use_bias_correction_kl``) are mapped onto its options
+            (:func:`pgzoo.adapters.trl_config.apply_trl_settings`; an option it lacks raises naming the objectives
+            that have it). ``None``: TRL's ``loss_type`` and settings as a pgzoo objective
+            (:func:`pgzoo.adapters.trl_config.objective_from_trl`).
         routing_replay: ``"R2"``, ``"R3"`` or ``None``. R3 needs ``rollout_func=EngineRollout(engine)`` with an
             engine that returns routes.
         advantage: advantage estimator in :mod:`pgzoo.advantages` (default: the objective's
             ``default_advantage``), or ``"trl"`` to keep TRL's own advantages (``GRPOConfig.scale_rewards``).
-        rollout_logprobs: where μ (the sampler's logprobs) comes from: ``"engine"`` (default: ``rollout_func`` or
-            TRL's vLLM) or ``"old"``, an explicit opt-in for TRL's transformers generation where the sampler *is*
-            the training model, so μ_θold = π_θold.
+        rollout_logprobs: where μ (the sampler's logprobs) comes from: ``"engine"`` (``rollout_func`` or TRL's
+            vLLM) or ``"old"`` (π_θold: exact for TRL's transformers generation, where the sampler *is* the
+            training model). ``None`` (default): ``"engine"`` when there is an engine, else ``"old"`` for an
+            objective that needs μ (logged once at info level).
         *args, **kwargs: TRL's ``GRPOTrainer`` arguments (``model``, ``reward_funcs``, ``args``, ``train_dataset``,
             ``rollout_func``, ...).
 
@@ -136,14 +161,15 @@ class GRPOTrainer(_TRLGRPOTrainer):
     def __init__(
         self,
         *args: Any,
-        loss: Any,
+        loss: Any = None,
         routing_replay: str | None = None,
         advantage: str | None = None,
-        rollout_logprobs: str = "engine",
+        rollout_logprobs: str | None = None,
         **kwargs: Any,
     ):
         check_trl_version()
-        self.objective = _as_objective(loss)
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        self.objective = _objective_for(loss, config)
         self._rr = RoutingReplay(routing_replay)  # validates the mode
         self.routing_replay = self._rr.mode
         self.advantage = advantage if advantage is not None else self.objective.default_advantage
@@ -152,8 +178,9 @@ class GRPOTrainer(_TRLGRPOTrainer):
                 f"advantage={advantage!r} is not an estimator in pgzoo.advantages "
                 f"({', '.join(pg_advantages.available())}) nor 'trl'"
             )
-        if rollout_logprobs not in ("engine", "old"):
-            raise ConfigError(f"rollout_logprobs={rollout_logprobs!r}: use 'engine' (default) or 'old'")
+        if rollout_logprobs not in (None, "engine", "old"):
+            raise ConfigError(f"rollout_logprobs={rollout_logprobs!r}: use None (automatic, default), 'engine' or "
+                              "'old'")
         self.rollout_logprobs = rollout_logprobs
         self._pgzoo_window: list[tuple[float, float]] | None = None
         self._pgzoo_gen_state: dict | None = None  # set while TRL generates and scores a batch
@@ -161,7 +188,6 @@ class GRPOTrainer(_TRLGRPOTrainer):
         self._pgzoo_pending_rollouts = None
         self._pgzoo_deferred = contextlib.ExitStack()
         self.last_layers_hit: int | None = None  # MoE layers forced in the latest loss pass (R2/R3)
-        config = kwargs.get("args", args[2] if len(args) > 2 else None)
         self._check_beta(getattr(config, "beta", 0.0))  # before TRL loads a reference model for β != 0
         super().__init__(*args, **kwargs)
         self._check_settings()
@@ -186,20 +212,6 @@ class GRPOTrainer(_TRLGRPOTrainer):
                 "global token/sequence counts are unknown. Set steps_per_generation to a multiple of "
                 "gradient_accumulation_steps (TRL's default, steps_per_generation = gradient_accumulation_steps, works)"
             )
-        ignored = {
-            "importance_sampling_level": (a.importance_sampling_level, "token", "use pgzoo.get('gspo') for GSPO"),
-            "top_entropy_quantile": (a.top_entropy_quantile, 1.0, "leave it at 1.0"),
-            "off_policy_mask_threshold": (a.off_policy_mask_threshold, None, "leave it unset"),
-            "delta": (a.delta, None, "leave it unset"),
-            "entropy_coef": (a.entropy_coef, 0.0, "leave it at 0.0"),
-            "use_adaptive_entropy": (a.use_adaptive_entropy, False, "leave it off"),
-        }
-        for name, (value, neutral, fix) in ignored.items():
-            if value != neutral:
-                raise ConfigError(
-                    f"GRPOConfig.{name}={value!r} shapes TRL's built-in loss, which the pgzoo objective "
-                    f"{obj.name!r} replaces; {fix}"
-                )
         self._check_beta(a.beta)
         if self.advantage != "trl" and self.multi_objective_aggregation != "sum_then_normalize":
             raise ConfigError(
@@ -215,13 +227,23 @@ class GRPOTrainer(_TRLGRPOTrainer):
                 "rollout_logprobs='old' substitutes π_θold for the sampler's logprobs, but this trainer samples "
                 "with a separate engine (rollout_func or use_vllm) that returns them; drop rollout_logprobs='old'"
             )
+        if self.rollout_logprobs is None:
+            # TRL's transformers generation samples with the training model itself: μ_θold = π_θold exactly.
+            use_old = needs_mu and not engine_logprobs
+            self.rollout_logprobs = "old" if use_old else "engine"
+            if use_old:
+                logger.info(
+                    "objective %r needs the sampler's logprobs μ_θold; TRL's transformers generation samples with "
+                    "the training model, so μ_θold = π_θold and the old logprobs are used (pass "
+                    "rollout_logprobs='engine' to require an inference engine's logprobs instead)", obj.name)
         if needs_mu and not engine_logprobs and self.rollout_logprobs != "old":
             raise ConfigError(
                 f"objective {obj.name!r} needs rollout logprobs (μ_θold from the inference engine that sampled the "
-                "completions) but TRL's transformers generation returns none. Fix one of: sample with a pgzoo engine "
+                "completions) but TRL's transformers generation returns none and rollout_logprobs='engine' was asked "
+                "for. Fix one of: sample with a pgzoo engine "
                 "(rollout_func=pgzoo.adapters.trl.EngineRollout(pgzoo.rollout.VLLMEngine(path))); set "
-                "GRPOConfig(use_vllm=True); or, if the training model itself samples, opt in with "
-                "GRPOTrainer(..., rollout_logprobs='old') to use π_θold as μ"
+                "GRPOConfig(use_vllm=True); or drop rollout_logprobs='engine' (the default uses π_θold as μ, exact "
+                "when the training model itself samples)"
             )
         if self.use_vllm and self.vllm_importance_sampling_correction:
             if needs_mu:
@@ -421,7 +443,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         # 2. the TokenBatch, with this optimizer step's global normalisers
         old = inputs.get("old_per_token_logps")
         mu = inputs.get("sampling_per_token_logps")
-        if self.rollout_logprobs == "old":
+        if self.rollout_logprobs == "old":  # the training model sampled: μ_θold = π_θold
             mu = old if old is not None else per_token_logps.detach()
         num_sequences = num_tokens = None  # eval (or a call outside TRL's loop): this batch's own counts
         if mode == "train" and self._pgzoo_window is not None:
@@ -437,6 +459,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
             num_sequences=num_sequences,
             num_tokens=num_tokens,
             max_tokens=self.max_completion_length,
+            entropies=entropies if "entropies" in self.objective.requires else None,
         )
         out = self.objective(batch)
         loss = out.loss

@@ -141,6 +141,33 @@ def bare_dppo(lp, m, adv, old, mu, ref, *, kl=False):
     return -(w * adv * lp * valid * m).sum() / m.sum()
 
 
+def bare_bnpo(lp, m, adv, old, mu, ref):
+    return -(_ppo(lp, old, adv, 0.8, 1.2) * m).sum() / m.sum()
+
+
+def bare_luspo(lp, m, adv, old, mu, ref):
+    n = m.sum(-1)
+    s = torch.exp(((lp - old) * m).sum(-1) / n.clamp_min(1))
+    a = adv[:, 0]
+    t = torch.minimum(s * a, torch.clamp(s, 0.8, 1.2) * a)
+    return -(t * n).sum() / m.any(-1).sum()
+
+
+def bare_sapo(lp, m, adv, old, mu, ref):
+    tau = torch.where(adv > 0, 1.0, 1.05)
+    t = torch.sigmoid(tau * (torch.exp(lp - old) - 1)) * (4 / tau) * adv * m
+    return -(t.sum(-1) / m.sum(-1).clamp_min(1)).sum() / m.any(-1).sum()
+
+
+def bare_vespo(lp, m, adv, old, mu, ref):
+    log_w = ((lp.detach() - old) * m).sum(-1).clamp(math.log(1e-8), 20.0)  # one weight per sequence
+    a = adv[:, 0]
+    pos = a >= 0
+    k, lam = torch.where(pos, 2.0, 3.0), torch.where(pos, 3.0, 2.0)
+    phi = torch.exp(lam + k * log_w - lam * log_w.exp())
+    return -((phi * a)[:, None] * lp * m).sum() / m.sum()
+
+
 BARE = {
     "minirl": bare_minirl,
     "minirl-no-clip": lambda *a: bare_minirl(*a, no_clip=True),
@@ -159,6 +186,10 @@ BARE = {
     "gmpo": bare_gmpo,
     "dppo-tv": bare_dppo,
     "dppo-kl": lambda *a: bare_dppo(*a, kl=True),
+    "bnpo": bare_bnpo,
+    "luspo": bare_luspo,
+    "sapo": bare_sapo,
+    "vespo": bare_vespo,
 }
 
 

@@ -53,6 +53,8 @@ class TokenBatch:
         max_tokens: constant normaliser L (Dr. GRPO). Default: ``T``.
             Normalisers are Python or numpy numbers, or one-element tensors (e.g. an all-reduced count);
             they must be positive and finite.
+        entropies: ``[B, T]`` per-token entropies of π_θ (may carry grad), for the loss-shaping options that use
+            them (``top_entropy_quantile``, ``entropy_coef``); ``None`` otherwise. ``pgzoo.logprobs`` computes them.
         check_values: also check values: unmasked values finite, a non-bool mask only 0/1, tensor normalisers
             positive and finite. This costs one host sync; trainers that validate upstream may pass ``False``
             (those are then the caller's guarantee: eager masking zeroes any non-finite product). Shape, dtype,
@@ -82,6 +84,7 @@ class TokenBatch:
     num_tokens: int | float | torch.Tensor | None = None
     max_tokens: int | float | None = None
     check_values: bool = True
+    entropies: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self._validate_structure()
@@ -118,7 +121,7 @@ class TokenBatch:
         if B == 0 or T == 0:
             raise BatchError("logprobs", f"empty batch of shape {tuple(lp.shape)}",
                              "pass at least one sequence with at least one completion token")
-        for name in ("mask", "advantages", *_TOKEN_FIELDS):
+        for name in ("mask", "advantages", *_TOKEN_FIELDS, "entropies"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -155,6 +158,13 @@ class TokenBatch:
             if value.requires_grad:
                 raise BatchError(name, "carries gradient; it is a fixed quantity of the objective",
                                  "pass it .detach()ed (compute it under torch.no_grad())")
+        ent = self.entropies
+        if ent is not None:
+            if tuple(ent.shape) != (B, T):
+                raise BatchError("entropies", f"shape {tuple(ent.shape)} does not match logprobs {(B, T)}",
+                                 "pass the [B, T] per-token entropies aligned with logprobs (same padding)")
+            if ent.dtype not in _FLOAT_DTYPES:
+                raise BatchError("entropies", f"expected a floating dtype, got {ent.dtype}", "cast with .float()")
         for name in _NORMALISERS:
             value = getattr(self, name)
             if value is None:
@@ -185,6 +195,8 @@ class TokenBatch:
         for name in _TOKEN_FIELDS:
             if getattr(self, name) is not None:
                 checks[name] = getattr(self, name)
+        if self.entropies is not None:
+            checks["entropies"] = self.entropies.detach()
         adv = self.advantages
         adv_tok = adv[:, None].expand_as(mask) if adv.dim() == 1 else adv
         checks["advantages"] = adv_tok

@@ -11,6 +11,7 @@ normalisers — and compares.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 
 import pytest
@@ -367,14 +368,21 @@ def trainer_kwargs(tmp_path, base, tok, **config):
                 train_dataset=dataset(), processing_class=tok)
 
 
-def test_minirl_without_rollout_logprobs_names_the_setting(tmp_path, base_moe, tok):
+def test_minirl_on_trl_generation_uses_old_logprobs_unless_engine_is_asked(tmp_path, base_moe, tok, caplog):
+    # the one line: TRL's transformers generation samples with the policy itself, so μ_θold = π_θold
+    with caplog.at_level(logging.INFO, logger="pgzoo.adapters.trl"):
+        trainer = trl_adapter.GRPOTrainer(loss=pgzoo.get("minirl"), **trainer_kwargs(tmp_path, base_moe, tok))
+    assert trainer.rollout_logprobs == "old"
+    assert sum("μ_θold = π_θold" in r.getMessage() for r in caplog.records) == 1
+    # objectives that need no μ keep μ absent; an engine's μ is used when there is one
+    assert trl_adapter.GRPOTrainer(loss="minirl-no-is", **trainer_kwargs(tmp_path, base_moe, tok)
+                                   ).rollout_logprobs == "engine"
+    assert trl_adapter.GRPOTrainer(loss="minirl", rollout_func=FakeRollout(),
+                                   **trainer_kwargs(tmp_path, base_moe, tok)).rollout_logprobs == "engine"
+    # explicit settings: 'engine' without an engine, 'old' with one, both raise naming the fix
     with pytest.raises(ConfigError, match="rollout_func=pgzoo.adapters.trl.EngineRollout") as info:
-        trl_adapter.GRPOTrainer(loss=pgzoo.get("minirl"), **trainer_kwargs(tmp_path, base_moe, tok))
-    assert "rollout_logprobs='old'" in str(info.value) and "use_vllm=True" in str(info.value)
-    # objectives that need no μ run on TRL's own generation
-    trl_adapter.GRPOTrainer(loss=pgzoo.get("minirl-no-is"), **trainer_kwargs(tmp_path, base_moe, tok))
-    # the explicit opt-in: the sampler is the training model, μ_θold = π_θold
-    trl_adapter.GRPOTrainer(loss="minirl", rollout_logprobs="old", **trainer_kwargs(tmp_path, base_moe, tok))
+        trl_adapter.GRPOTrainer(loss="minirl", rollout_logprobs="engine", **trainer_kwargs(tmp_path, base_moe, tok))
+    assert "use_vllm=True" in str(info.value)
     with pytest.raises(ConfigError, match="drop rollout_logprobs='old'"):
         trl_adapter.GRPOTrainer(loss="minirl", rollout_logprobs="old", rollout_func=FakeRollout(),
                                 **trainer_kwargs(tmp_path, base_moe, tok))
@@ -410,10 +418,13 @@ def test_untested_trl_version_raises(monkeypatch):
         ({"loss": "grpo"}, {"steps_per_generation": 3, "gradient_accumulation_steps": 2,
                             "per_device_train_batch_size": 4, "generation_batch_size": None},
          "not a multiple of gradient_accumulation_steps"),
-        ({"loss": "grpo"}, {"beta": 0.04}, "GRPOConfig.beta=0.04 but objective 'grpo' has beta=0.0"),
+        ({"loss": pgzoo.get("grpo", beta=0.1)}, {"beta": 0.04}, "GRPOConfig.beta=0.04 but objective 'grpo' has beta=0.1"),
         ({"loss": pgzoo.get("grpo", beta=0.04)}, {}, r"Set GRPOConfig\(beta=0.04\)"),
         ({"loss": "gspo"}, {"importance_sampling_level": "sequence"}, "importance_sampling_level"),
-        ({"loss": "grpo"}, {"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+        ({"loss": "minirl"}, {"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+        ({"loss": "grpo"}, {"loss_type": "sapo"}, "loss_type='sapo' but loss='grpo'"),
+        ({"loss": "grpo"}, {"use_adaptive_entropy": True}, "use_adaptive_entropy"),
+        ({}, {"loss_type": "cispo"}, "epsilon_high"),
         ({"loss": "grpo", "routing_replay": "R3"}, {}, "routing_replay='R3' replays the rollout engine's routes"),
     ],
 )

@@ -118,10 +118,10 @@ def test_r3_with_a_transformers_engine(tmp_path, base_moe, tok):
         assert 0.0 < h["pgzoo/routing/drift_rollout"] < 0.5
 
 
-def test_minirl_one_line_swap_with_opt_in_old_logprobs(tmp_path, base_moe, tok):
-    """TRL's own generation with `rollout_logprobs='old'`: the documented opt-in runs and μ is π_θold exactly."""
-    trainer, steps = train(tmp_path, base_moe, tok, pgzoo.get("minirl"), rollout_logprobs="old",
-                           config={"max_steps": 2})
+def test_minirl_one_line_swap_on_trl_generation(tmp_path, base_moe, tok):
+    """`GRPOTrainer(loss=pgzoo.get("minirl"))` on TRL's own generation: the sampler is the policy, μ is π_θold."""
+    trainer, steps = train(tmp_path, base_moe, tok, pgzoo.get("minirl"), config={"max_steps": 2})
+    assert trainer.rollout_logprobs == "old"
     for h in steps:
         assert h["pgzoo/log_ratio/train_inference_abs_mean"] == 0.0
         assert h["pgzoo/is/weight_mean"] == pytest.approx(1.0, abs=1e-5)

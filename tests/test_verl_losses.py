@@ -257,6 +257,6 @@ def test_every_verl_policy_loss_is_accounted_for():
     from pathlib import Path
 
     doc = (Path(__file__).parents[1] / "docs" / "objectives.md").read_text()
-    table = doc[doc.index("pgzoo name ↔ TRL loss_type ↔ verl policy_loss"):]
+    table = doc[doc.index("pgzoo name ↔ TRL `loss_type` ↔ verl `policy_loss`"):]
     for name in core_algos.POLICY_LOSS_REGISTRY:
         assert f"`{name}`" in table, name

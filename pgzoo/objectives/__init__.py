@@ -5,17 +5,21 @@ family (module)        registered names                             class
 =====================  ===========================================  ==================
 ``minirl``             minirl, minirl-no-clip, minirl-length-norm,   :class:`MiniRL`
                        minirl-no-is
-``grpo``               grpo, dr-grpo, dapo, dual-clip-ppo           :class:`GRPO`
+``grpo``               grpo, dr-grpo, dapo, dual-clip-ppo,          :class:`GRPO`
+                       bnpo, luspo
 ``cispo``              cispo                                        :class:`CISPO`
 ``gspo``               gspo, gspo-token                             :class:`GSPO`
 ``gpg``                gpg                                          :class:`GPG`
 ``cov``                clip-cov, kl-cov                             :class:`ClipCov`, :class:`KLCov`
 ``gmpo``               gmpo                                         :class:`GMPO`
 ``dppo``               dppo-tv, dppo-kl                             :class:`DPPO`
+``sapo``               sapo                                         :class:`SAPO`
+``vespo``              vespo                                        :class:`VESPO`
 =====================  ===========================================  ==================
 
 Variants are registrations of one class with default overrides, never copies (see each module's docstring for the
-exact formula, paper and reductions).
+exact formula, paper and reductions). The loss-shaping options several families share (KL estimator, entropy and
+off-policy masks, entropy bonus) live in :mod:`pgzoo.objectives.shaping`.
 """
 
 from pgzoo.objectives.base import AGGREGATIONS, Objective, ObjectiveOutput, aggregate
@@ -27,6 +31,9 @@ from pgzoo.objectives.gpg import GPG
 from pgzoo.objectives.grpo import GRPO
 from pgzoo.objectives.gspo import GSPO
 from pgzoo.objectives.minirl import MiniRL
+from pgzoo.objectives.sapo import SAPO
+from pgzoo.objectives.shaping import Shaping
+from pgzoo.objectives.vespo import VESPO
 
 __all__ = ["AGGREGATIONS", "Objective", "ObjectiveOutput", "aggregate", "MiniRL", "GRPO", "CISPO", "GSPO",
-           "GPG", "ClipCov", "KLCov", "GMPO", "DPPO"]
+           "GPG", "ClipCov", "KLCov", "GMPO", "DPPO", "SAPO", "VESPO", "Shaping"]

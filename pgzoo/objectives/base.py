@@ -87,6 +87,31 @@ def aggregate(term: torch.Tensor, batch: TokenBatch, mode: str, *, clean: bool =
     return total / denom.clamp_min(1e-12)
 
 
+ROW_SUM_MODES = ("seq-mean-token-sum", "seq-mean-token-mean", "token-mean", "constant")
+
+
+def aggregate_row_sums(row_sums: torch.Tensor, batch: TokenBatch, mode: str) -> torch.Tensor:
+    """``aggregate(term, batch, mode)`` from the row sums alone: ``row_sums`` ``[B]`` = Σ_t m·term_it (exactly 0 for
+    fully masked rows). For a term that factors per row (a sequence-level ratio, a per-row weight times lp) the
+    row sums cost [B] work or one reduction, instead of building the ``[B, T]`` term. Modes: :data:`ROW_SUM_MODES`.
+    """
+    if mode == "seq-mean-token-mean":
+        total = (row_sums / batch.seq_lengths().clamp_min(1.0)).sum()
+        denom = _as_tensor(batch.sequence_count(), total)
+    elif mode == "seq-mean-token-sum":
+        total = row_sums.sum()
+        denom = _as_tensor(batch.sequence_count(), total)
+    elif mode == "token-mean":
+        total = row_sums.sum()
+        denom = _as_tensor(batch.token_count(), total)
+    elif mode == "constant":
+        total = row_sums.sum()
+        denom = _as_tensor(batch.sequence_count(), total) * batch.length_constant()
+    else:
+        raise ConfigError(f"aggregate_row_sums: mode {mode!r} is not one of {', '.join(ROW_SUM_MODES)}")
+    return total / denom.clamp_min(1e-12)
+
+
 class Objective:
     """Base class of every pgzoo objective.
 

@@ -7,7 +7,9 @@ MiniMax, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Atten
 
 Defaults ε_low = None (no lower bound), ε_high = 4 (the weight is capped at 5). ∇_lp loss = −clamp(r)·A / N_tok:
 unlike PPO clipping, a clipped token keeps a (capped) gradient. An optional training–inference ``correction``
-multiplies the term by its stop-gradient weight.
+multiplies the term by its stop-gradient weight. ``importance_sampling_level="sequence"`` uses the row's
+geometric-mean ratio for r (TRL's option); the loss-shaping options are those of :mod:`pgzoo.objectives.shaping`.
+TRL's ``epsilon_high`` for ``cispo`` is the cap itself: TRL ε_high = X is pgzoo ``eps_high = X − 1``.
 
 Reduces to: on-policy (r = 1) token-mean REINFORCE, −Σ A·lp / N_tok; with ε_high = C − 1, ε_low = None and
 old = mu it has MiniRL's weight min(r, C) without MiniRL's mask, normalised per token.
@@ -24,6 +26,15 @@ from pgzoo.batch import TokenBatch
 from pgzoo.correction import Correction
 from pgzoo.diagnostics import clip_metrics, policy_metrics, weight_metrics
 from pgzoo.objectives.base import Objective, ObjectiveOutput, aggregate, check_aggregation, check_eps, log_bounds
+from pgzoo.objectives.grpo import ratio
+from pgzoo.objectives.shaping import (
+    Shaper,
+    shaped,
+    check_is_level,
+    check_shaping,
+    importance_log_ratio,
+    shaping_requires,
+)
 from pgzoo.registry import register
 
 
@@ -33,14 +44,18 @@ class CISPO(Objective):
     Config:
         eps_low: lower clip ε_low, or None for no lower bound (default None).
         eps_high: upper clip ε_high (4: weight ≤ 5), or None for no upper bound.
+        importance_sampling_level: ``token`` (default) or ``sequence`` (the row's geometric-mean ratio).
         aggregation: ``token-mean`` (or any token-level mode of :func:`pgzoo.aggregate`).
         correction: optional training–inference correction.
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping`.
     """
 
+    @shaped
     @dataclass(frozen=True)
     class Config:
         eps_low: float | None = None
         eps_high: float | None = 4.0
+        importance_sampling_level: str = "token"
         aggregation: str = "token-mean"
         correction: Correction | None = None
 
@@ -51,26 +66,40 @@ class CISPO(Objective):
         c = self.config
         check_eps(type(self).__name__, c.eps_low, c.eps_high, low_optional=True, high_optional=True)
         check_aggregation(type(self).__name__, c.aggregation)
+        check_shaping(self.name, c)
+        check_is_level(self.name, c.importance_sampling_level)
+
+    def extra_requires(self) -> frozenset[str]:
+        return frozenset(super().extra_requires() | shaping_requires(self.config))
 
     def compute(self, batch: TokenBatch) -> ObjectiveOutput:
         c = self.config
         mask = batch.mask
         lp = batch.masked(batch.logprobs)
         adv = batch.token_advantages()
-        log_r = lp.detach() - batch.clean("old_logprobs")
+        log_r = importance_log_ratio(batch, lp.detach(), c.importance_sampling_level)
         r_minus_one = log_r.clamp(max=40.0).expm1_()  # shared with the metrics; an unbounded weight stays finite
         weight = (r_minus_one + 1.0).clamp_(min=None if c.eps_low is None else 1.0 - c.eps_low,
                                             max=None if c.eps_high is None else 1.0 + c.eps_high)
-        coef = weight * adv
+        corr = None
         if c.correction is not None:
             corr, corr_metrics = c.correction.token_weights(batch)
-            coef = corr * coef
-        loss = -aggregate(coef * lp, batch, c.aggregation, clean=True)
+        shaper = Shaper(c, batch, lp, adv, self.report_metrics)
+        r = None
+        if c.beta > 0 and c.bias_correction_kl:  # the KL term's ratio carries gradient
+            r = ratio(importance_log_ratio(batch, lp, c.importance_sampling_level))
+        term = shaper.total(shaper.policy(weight * adv * lp, corr), r, corr)
+        loss = shaper.bonus(-aggregate(term, batch, c.aggregation, clean=True))
         if not self.report_metrics:
             return ObjectiveOutput(loss, {})
         lo, hi = log_bounds(c.eps_low, c.eps_high)
         low, high = log_r < lo, log_r > hi  # where the weight is clipped (it keeps its gradient path via lp)
+        if c.importance_sampling_level == "sequence":  # the staleness metrics stay per token
+            low, high = low & mask, high & mask
+            log_r = lp.detach() - batch.clean("old_logprobs")
+            r_minus_one = log_r.clamp(max=40.0).expm1()
         metrics = policy_metrics(batch, log_r, staleness_expm1=r_minus_one)
+        metrics.update(shaper.metrics)
         if c.correction is not None:
             metrics.update(corr_metrics)
         metrics.update(clip_metrics(low, high, mask))
