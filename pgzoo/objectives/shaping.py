@@ -33,7 +33,6 @@ Every option is off by default; each objective's docstring says which ones it ta
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
