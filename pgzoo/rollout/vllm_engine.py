@@ -11,16 +11,18 @@ How it works:
   sync hands tensors to the worker by reference: no serialisation, no copy of the state dict.
 * μ are vLLM's *processed* logprobs (``logprobs_mode="processed_logprobs"``): log-softmax of the logits after
   temperature (and the top-p nucleus), of the sampled token — the distribution the token was actually drawn from.
-* ``load_weights`` converts the module's state dict to checkpoint names (transformers 5 keeps MoE experts fused as
-  ``mlp.experts.gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I]; checkpoints and vLLM's loader use per-expert
-  names, so the conversion transformers applies when saving is reused), then calls vLLM's in-place
-  ``reload_weights``, which reruns each layer's weight processing (fused qkv / gate_up, oneDNN and small-GEMM
-  packing on CPU). That reload is wrong for the fused-MoE experts on CPU: the kernel expects ``w13`` / ``w2`` in
-  the VNNI-prepacked layout ``cpu_prepack_moe_weight`` produces at load time, and after a reload they hold the plain
-  layout (every MoE layer silently computes garbage), or the reload fails outright when the kernel pads the
-  intermediate size. So on CPU the expert blocks skip the reload and the engine writes them itself, from the
-  trainer's fused tensors: zero-padded as the kernel pads, prepacked, copied in place. Then it drops vLLM's prefix
-  cache (cached KV blocks were computed with the old weights).
+* ``load_weights`` streams the policy (plain, FSDP2-sharded or PEFT LoRA) through
+  :func:`pgzoo.rollout.sync.sync_weights`: parameter by parameter, under checkpoint names (transformers 5 keeps MoE
+  experts fused as ``mlp.experts.gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I]; checkpoints and vLLM's loader
+  use per-expert names, so the conversion transformers applies when saving is reused), in bounded buckets that one
+  vLLM ``reload_weights`` call consumes lazily; the reload reruns each layer's weight processing (fused qkv /
+  gate_up, oneDNN and small-GEMM packing on CPU). That reload is wrong for the fused-MoE experts on CPU: the kernel
+  expects ``w13`` / ``w2`` in the VNNI-prepacked layout ``cpu_prepack_moe_weight`` produces at load time, and after
+  a reload they hold the plain layout (every MoE layer silently computes garbage), or the reload fails outright
+  when the kernel pads the intermediate size. So on CPU the expert tensors skip the reload and the engine writes
+  them itself, expert by expert: zero-padded as the kernel pads, prepacked (the packed layout is separable by
+  expert and by the gate / up halves, checked at every sync), copied in place. Then it drops vLLM's prefix cache
+  (cached KV blocks were computed with the old weights).
 * Routes (R3): vLLM returns ``routed_experts`` [seq_len, layers, top_k] per completion when started with
   ``enable_return_routed_experts=True``; that needs vLLM's Model Runner V2 (GPU builds). On CPU the engine raises
   :class:`~pgzoo.errors.EngineError` and points to :class:`~pgzoo.rollout.TransformersEngine`.
@@ -32,18 +34,22 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pgzoo.errors import ConfigError, DependencyError, EngineError
-from pgzoo.rollout.base import Rollouts, assemble, check_finite_weights, check_generate_args, unwrap
+from pgzoo.rollout.base import Rollouts, assemble, check_generate_args
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Sequences a CPU engine sizes its KV cache for when kv_cache_memory_bytes is not given (x max_model_len tokens).
 CPU_KV_SEQUENCES = 256
+# A checkpoint name of one expert's weight: model.layers.3.mlp.experts.17.gate_proj.weight
+_EXPERT = re.compile(r"(?P<prefix>.+)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 
 def import_vllm():
@@ -71,18 +77,6 @@ def checkpoint_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]
     return dict(converted)
 
 
-def fused_experts(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{prefix: (w13 [E, 2I, H], w2 [E, H, I])}`` for every fused expert block in a transformers-5 state dict."""
-    out = {}
-    for key, value in state.items():
-        if key.endswith(".gate_up_proj") and value.dim() == 3:
-            prefix = key[: -len(".gate_up_proj")]
-            down = state.get(prefix + ".down_proj")
-            if down is not None and down.dim() == 3:
-                out[prefix] = (value, down)
-    return out
-
-
 def _cpu_moe_layers(model):
     """``(transformers-style prefix, module, fused_experts)`` of every CPU fused-MoE layer of a vLLM model."""
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
@@ -94,45 +88,54 @@ def _cpu_moe_layers(model):
             yield name.removesuffix(".routed_experts"), module, fe
 
 
-def _cpu_moe_prefixes(worker) -> list[str]:
-    """Worker-side: the prefixes of the CPU fused-MoE layers (``model.layers.3.mlp.experts``)."""
-    return [prefix for prefix, _, _ in _cpu_moe_layers(worker.model_runner.get_model())]
-
-
-def _repack_cpu_moe(worker, experts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Worker-side: rewrite every CPU fused-MoE layer's ``w13``/``w2`` in the kernel's prepacked layout, in place.
-
-    ``experts`` maps a transformers module prefix (``model.layers.3.mlp.experts``) to its plain fused tensors
-    ``(w13 [E, 2I, H], w2 [E, H, I])``; a layer without an entry (a transformers version that does not fuse experts)
-    is repacked from the plain values vLLM's reload left in it. Returns the number of layers written.
-    """
+def _cpu_moe_targets(worker) -> dict[str, CPUExperts]:
+    """Worker-side (in process): the CPU fused-MoE layers' kernel tensors, by transformers module prefix
+    (``model.layers.3.mlp.experts``), after checking once that the kernel's prepacked layout is separable by
+    expert and by the gate / up halves (what a per-expert in-place write relies on)."""
     from vllm._custom_ops import cpu_prepack_moe_weight
 
-    count = 0
-    for prefix, module, fe in list(_cpu_moe_layers(worker.model_runner.get_model())):
-        name = prefix
+    out = {}
+    for prefix, module, fe in _cpu_moe_layers(worker.model_runner.get_model()):
         w13, w2 = module.w13_weight, module.w2_weight
-        if prefix in experts:
-            plain13, plain2 = (t.to(dtype=w13.dtype) for t in experts[prefix])
-        else:
-            plain13, plain2 = w13.data.clone(), w2.data.clone()
-        num, two_i, hidden = plain13.shape
-        inter = two_i // 2
         padded = w13.shape[1] // 2
-        if plain13.shape[0] != w13.shape[0] or plain13.shape[2] != w13.shape[2] or plain2.shape[-1] != inter:
-            raise RuntimeError(f"{name}: expert weights {tuple(plain13.shape)}/{tuple(plain2.shape)} do not fit "
-                               f"the engine's {tuple(w13.shape)}/{tuple(w2.shape)}")
-        if padded != inter:  # the kernel zero-pads the intermediate size of gate, up and down to its alignment
-            new13 = plain13.new_zeros(num, 2 * padded, hidden)
-            new13[:, :inter] = plain13[:, :inter]
-            new13[:, padded: padded + inter] = plain13[:, inter:]
-            new2 = plain2.new_zeros(num, hidden, padded)
-            new2[:, :, :inter] = plain2
-            plain13, plain2 = new13, new2
-        w13.data.copy_(cpu_prepack_moe_weight(plain13.contiguous(), fe.isa))
-        w2.data.copy_(cpu_prepack_moe_weight(plain2.contiguous(), fe.isa))
-        count += 1
-    return count
+        probe = torch.randn(2, 2 * padded, w13.shape[2], generator=torch.Generator().manual_seed(0)).to(w13.dtype)
+        whole = cpu_prepack_moe_weight(probe, fe.isa)
+        parts = torch.cat([torch.cat([cpu_prepack_moe_weight(probe[e:e + 1, h * padded:(h + 1) * padded]
+                                                             .contiguous(), fe.isa) for h in (0, 1)], 1)
+                           for e in (0, 1)])
+        if not torch.equal(whole, parts):
+            raise EngineError(f"{prefix}: this vLLM CPU build packs MoE expert weights in a layout pgzoo cannot "
+                              f"write expert by expert; use the transformers engine or another vLLM version")
+        out[prefix] = CPUExperts(w13, w2, fe.isa, padded)
+    return out
+
+
+@dataclass
+class CPUExperts:
+    """A CPU fused-MoE layer's kernel tensors: ``w13`` [E, 2I', H] and ``w2`` [E, H, I'] in the kernel's prepacked
+    layout, its ISA and the padded intermediate size I' (the kernel zero-pads I to its alignment, 32)."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    isa: str
+    padded: int
+
+    @torch.no_grad()
+    def write(self, expert: int, proj: str, weight: torch.Tensor) -> None:
+        """Write one expert's checkpoint tensor (``gate_proj`` / ``up_proj`` [I, H], ``down_proj`` [H, I]) in
+        place: zero-padded to I' as the kernel pads at load time, prepacked for its ISA."""
+        from vllm._custom_ops import cpu_prepack_moe_weight
+
+        weight = weight.to(self.w13.dtype)
+        if proj == "down_proj":
+            plain = weight.new_zeros(1, weight.shape[0], self.padded)
+            plain[0, :, : weight.shape[1]] = weight
+            self.w2.data[expert: expert + 1].copy_(cpu_prepack_moe_weight(plain, self.isa))
+            return
+        plain = weight.new_zeros(1, self.padded, weight.shape[1])
+        plain[0, : weight.shape[0]] = weight
+        half = 0 if proj == "gate_proj" else self.padded
+        self.w13.data[expert: expert + 1, half: half + self.padded].copy_(cpu_prepack_moe_weight(plain, self.isa))
 
 
 class _DropExpected(logging.Filter):
@@ -287,7 +290,6 @@ class VLLMEngine:
         self.last_sync_seconds: float | None = None
         self.num_syncs = 0
         self.generate_threads = generate_threads if self.is_cpu else None
-        self._cpu_moe_prefixes: set[str] | None = None
 
     @staticmethod
     def _cpu_kv_bytes(config: dict, dtype: str, max_model_len: int, share: float) -> int:
@@ -380,17 +382,23 @@ class VLLMEngine:
             raise EngineError(f"vLLM routed_experts has shape {tuple(routed.shape)}, expected [seq_len, layers, top_k]")
         return routed[:length]
 
-    # -- weight sync --------------------------------------------------------------------------------------------
-    def load_weights(self, model: torch.nn.Module) -> None:
+    # -- weight sync (streaming: see pgzoo.rollout.sync) --------------------------------------------------------
+    sync_names = "checkpoint"  # vLLM loads checkpoint names (per-expert MoE tensors)
+
+    def load_weights(self, model: torch.nn.Module, bucket_mb: float | None = None) -> None:
         """Copy ``model``'s current weights into the running engine, in place (no restart, no disk).
+
+        ``model`` may be a plain transformers model, an FSDP2-sharded one (call on every rank) or a PEFT LoRA model
+        (its effective weights are synced); see :func:`pgzoo.rollout.sync.sync_weights`.
 
         Raises:
             EngineError: NaN/Inf in the weights (nothing is synced), or names/shapes that do not match the engine's
                 checkpoint (a different architecture or vocabulary).
         """
+        from pgzoo.rollout.sync import DEFAULT_BUCKET_MB, sync_weights
+
         self._check_open()
-        with self._engine_threads():
-            self._load_weights(unwrap(model))
+        sync_weights(model, self, bucket_mb=bucket_mb or DEFAULT_BUCKET_MB)
 
     @contextlib.contextmanager
     def _engine_threads(self):
@@ -404,42 +412,59 @@ class VLLMEngine:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
 
-    def _load_weights(self, model: torch.nn.Module) -> None:
+    def load_weight_buckets(self, buckets) -> None:
+        """Reload the engine in place from buckets of ``(checkpoint name, tensor)``, consumed lazily.
+
+        One vLLM ``reload_weights`` call reads the tensors of one bucket after another (the layerwise reload holds a
+        layer's tensors only until that layer is complete, then re-fuses and re-packs it into the kernel storage),
+        so at most one bucket plus one partly loaded layer is alive. On CPU, fused-MoE expert tensors bypass the
+        reload and are written expert by expert into the kernel's prepacked storage (see the module docstring).
+        A failure in the middle leaves the engine's weights undefined: close it and start a new one.
+        """
+        self._check_open()
         start = time.perf_counter()
-        state = check_finite_weights(model)
-        named = checkpoint_state_dict(model, state)
-        # Tied heads stay in: vLLM's in-place reload treats the LM head as its own layer and, finding no weight for
-        # it, would restore the old (shared) embedding tensor.
-        self._check_names(named)
         target = getattr(torch, self.dtype)
-        experts = {}
+        experts: dict[str, CPUExperts] = {}
         if self.is_cpu:
-            if self._cpu_moe_prefixes is None:
-                self._cpu_moe_prefixes = set(self.llm.collective_rpc(_cpu_moe_prefixes)[0])
-            experts = {k: tuple(t.to(target) for t in v) for k, v in fused_experts(state).items()
-                       if k in self._cpu_moe_prefixes}
-        # CPU: fused expert blocks are written by _repack_cpu_moe alone (vLLM's reload of them leaves the wrong
-        # layout, and fails outright when the kernel pads the intermediate size), so they skip the reload.
-        skip = tuple(prefix + "." for prefix in experts)
-        weights = [(k, v if v.dtype == target or not v.is_floating_point() else v.to(target))
-                   for k, v in named.items() if not (skip and k.startswith(skip))]
+            experts = self.llm.collective_rpc(_cpu_moe_targets)[0]
+        written: set[tuple[str, int, str]] = set()
+
+        def weights():
+            for bucket in buckets:
+                for name, tensor in bucket:
+                    hit = _EXPERT.match(name) if experts else None
+                    if hit and hit["prefix"] in experts:
+                        experts[hit["prefix"]].write(int(hit["expert"]), hit["proj"], tensor)
+                        written.add((hit["prefix"], int(hit["expert"]), hit["proj"]))
+                        continue
+                    yield name, tensor.to(target) if tensor.is_floating_point() and tensor.dtype != target else tensor
+                del bucket  # let the producer free it before the next one is gathered
+
         try:
-            with _quiet_reload_warnings():
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-            if self.is_cpu:
-                self.llm.collective_rpc(_repack_cpu_moe, args=(experts,))
+            with self._engine_threads(), _quiet_reload_warnings():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
             self.llm.reset_prefix_cache()
+        except EngineError:
+            raise
         except Exception as exc:
             raise EngineError(f"weight sync into vLLM failed: {exc}") from exc
+        expected = {(p, e, proj) for p, ex in experts.items() for e in range(ex.w13.shape[0])
+                    for proj in ("gate_proj", "up_proj", "down_proj")}
+        if written != expected:
+            raise EngineError(f"weight sync into vLLM: {len(expected - written)} expert tensors were not sent "
+                              f"(e.g. {sorted(expected - written)[:2]}); the engine mixes old and new experts")
         self.last_sync_seconds = time.perf_counter() - start
         self.num_syncs += 1
 
-    def _check_names(self, named: dict[str, torch.Tensor]) -> None:
+    def check_sync_plan(self, plan) -> None:
+        """Raise :class:`EngineError` unless ``plan`` (``[(checkpoint name, shape, dtype)]``) has exactly the
+        engine's checkpoint tensors with their shapes (a tied LM head may come along)."""
         if not self._shapes:
             return
+        named = {name: tuple(shape) for name, shape, _ in plan}
         missing = sorted(set(self._shapes) - set(named))
         extra = sorted(set(named) - set(self._shapes) - ({"lm_head.weight"} if self.tie_word_embeddings else set()))
-        wrong = sorted(k for k in set(named) & set(self._shapes) if tuple(named[k].shape) != self._shapes[k])
+        wrong = sorted(k for k in set(named) & set(self._shapes) if named[k] != self._shapes[k])
         if missing or extra or wrong:
             parts = []
             if missing:
@@ -447,7 +472,7 @@ class VLLMEngine:
             if extra:
                 parts.append(f"unexpected {extra[:4]}")
             if wrong:
-                parts.append(f"shape mismatch {[(k, tuple(named[k].shape), self._shapes[k]) for k in wrong[:3]]}")
+                parts.append(f"shape mismatch {[(k, named[k], self._shapes[k]) for k in wrong[:3]]}")
             raise EngineError(
                 f"load_weights: the module does not match the engine's checkpoint {self.model_path} "
                 f"({'; '.join(parts)})"
