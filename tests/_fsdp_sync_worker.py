@@ -111,10 +111,9 @@ def worker(rank: int, args) -> None:
 
         result = dict(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
     Path(f"{args.out}.{rank}").write_text(json.dumps(result))
-    if "error" not in result:
-        dist.destroy_process_group()
-    else:
+    if "error" in result:
         os._exit(1)
+    dist.destroy_process_group()
 
 
 def main(argv=None) -> int:
@@ -128,6 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     import torch.multiprocessing as mp
+
+    # Fixed mmap threshold: freed large tensors go back to the OS at once, so resident memory tracks live tensors.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
 
     mp.start_processes(worker, args=(args,), nprocs=args.world, start_method="spawn", join=True)
     out = {r: json.loads(Path(f"{args.out}.{r}").read_text()) for r in range(args.world)}

@@ -268,6 +268,9 @@ class VLLMEngine:
             kwargs["enable_chunked_prefill"] = False
         kwargs.update(llm_kwargs)
         self._vllm = vllm
+        # Under a trainer's torch.distributed (external_launcher) vLLM joins the existing default process group;
+        # close() must then leave it alive.
+        self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         try:
             self.llm = vllm.LLM(**kwargs)
@@ -499,9 +502,12 @@ class VLLMEngine:
 
         gc.collect()
         try:
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory, destroy_model_parallel
 
-            cleanup_dist_env_and_memory()
+            if self._owns_process_group:
+                cleanup_dist_env_and_memory()
+            else:  # the trainer's process group (external_launcher): keep it, drop only vLLM's own groups
+                destroy_model_parallel()
         except Exception:
             pass
 
