@@ -106,6 +106,7 @@ def worker(rank: int, args) -> None:
                       local_bytes=local_bytes, rss_extra=mem.extra, stats=stats.__dict__, stats2=again.__dict__)
         if hasattr(engine, "close"):
             engine.close()
+        result["pg_alive"] = dist.is_initialized()
     except BaseException as exc:  # report, then let the other rank time out rather than hang the test
         import traceback
 

@@ -143,18 +143,43 @@ class _DropExpected(logging.Filter):
     (rotary caches; CPU expert blocks, which the engine writes itself)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Failed to load weights" not in record.getMessage()
+        message = record.getMessage()
+        return "Failed to load weights" not in message and "were not loaded from checkpoint" not in message
 
 
 @contextlib.contextmanager
 def _quiet_reload_warnings():
-    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    """(Names and shapes are checked against the checkpoint before every sync, so these warnings carry nothing.)"""
+    loggers = [logging.getLogger("vllm.model_executor.model_loader.reload." + m) for m in ("layerwise", "inplace")]
     flt = _DropExpected()
-    logger.addFilter(flt)
+    for logger in loggers:
+        logger.addFilter(flt)
     try:
         yield
     finally:
-        logger.removeFilter(flt)
+        for logger in loggers:
+            logger.removeFilter(flt)
+
+
+@contextlib.contextmanager
+def _keep_default_process_group():
+    """vLLM's shutdown destroys the default process group (``cleanup_dist_env_and_memory``); under
+    ``external_launcher`` that group is the trainer's, which must outlive the engine. Let vLLM destroy its own
+    subgroups only."""
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+
+    def destroy_subgroups_only(group=None, *args, **kwargs):
+        if group is None or group is dist.group.WORLD:
+            return None
+        return destroy(group, *args, **kwargs)
+
+    dist.destroy_process_group = destroy_subgroups_only
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
 
 
 def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -493,23 +518,23 @@ class VLLMEngine:
         if llm is None:
             return
         self.llm = None
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:
-            pass
-        del llm
-        import gc
+        with contextlib.ExitStack() as stack:
+            if not self._owns_process_group:
+                stack.enter_context(_keep_default_process_group())
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+            del llm
+            import gc
 
-        gc.collect()
-        try:
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory, destroy_model_parallel
+            gc.collect()
+            try:
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-            if self._owns_process_group:
                 cleanup_dist_env_and_memory()
-            else:  # the trainer's process group (external_launcher): keep it, drop only vLLM's own groups
-                destroy_model_parallel()
-        except Exception:
-            pass
+            except Exception:
+                pass
 
     def __enter__(self) -> VLLMEngine:
         return self
