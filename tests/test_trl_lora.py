@@ -103,5 +103,7 @@ def test_lora_grpo_with_vllm_on_cpu(tmp_path, base_moe, tok):
     assert adapter_moved(trainer) > 0
     assert engine.num_syncs == rollout.syncs == 2
     for h in steps:
+        # the probe runs the policy in eval mode, where LoRA dropout is off: the engine has exactly W + (α/r)·B·A
         assert h["pgzoo/sync/logprob_abs_diff_mean"] < 1e-5
-        assert h["pgzoo/log_ratio/train_inference_abs_mean"] < 1e-3
+        # (the trainer's own train-mode forward drops adapter inputs at random, so its π is not μ token by token)
+        assert 0 < h["pgzoo/log_ratio/train_inference_abs_mean"] < 0.5

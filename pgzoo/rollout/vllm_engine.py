@@ -31,6 +31,7 @@ How it works:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -318,6 +319,24 @@ class VLLMEngine:
         self.last_sync_seconds: float | None = None
         self.num_syncs = 0
         self.generate_threads = generate_threads if self.is_cpu else None
+        self._tp_group = self._tensor_parallel_group(llm_kwargs)
+
+    @staticmethod
+    def _tensor_parallel_group(llm_kwargs: dict):
+        """Under ``external_launcher`` with ``tensor_parallel_size = k > 1`` (one engine per trainer rank, TRL's
+        colocate layout), ranks ``[0..k)``, ``[k..2k)``, ... form one vLLM instance each and must submit identical
+        requests: the process subgroup :meth:`generate` gathers prompts over. None otherwise. (Unverified: needs a
+        GPU build of vLLM.)"""
+        tp = int(llm_kwargs.get("tensor_parallel_size") or 1)
+        if tp == 1 or llm_kwargs.get("distributed_executor_backend") != "external_launcher":
+            return None
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        if world % tp:
+            raise ConfigError(f"tensor_parallel_size={tp} must divide the number of trainer processes ({world})")
+        group, _ = dist.new_subgroups_by_enumeration([list(range(i * tp, (i + 1) * tp)) for i in range(world // tp)])
+        return group
 
     @staticmethod
     def _cpu_kv_bytes(config: dict, dtype: str, max_model_len: int, share: float) -> int:
@@ -359,6 +378,13 @@ class VLLMEngine:
                 "return_routes=True needs VLLMEngine(..., enable_return_routed_experts=True) on a GPU build of vLLM "
                 "(Model Runner V2); on CPU use pgzoo.rollout.TransformersEngine for routes"
             )
+        seeds = [None if seed is None else int(seed) + i for i in range(len(prompts))]
+        if self._tp_group is not None:
+            return self._generate_tensor_parallel(prompts, seeds, n, max_new_tokens, temperature, top_p,
+                                                  return_routes)
+        return self._sample(prompts, seeds, n, max_new_tokens, temperature, top_p, return_routes)
+
+    def _sample(self, prompts, seeds, n, max_new_tokens, temperature, top_p, return_routes) -> Rollouts:
         SamplingParams = self._vllm.SamplingParams
         # vLLM refuses n > 1 with greedy sampling: send greedy prompts n times instead (rows stay prompt-major)
         copies = n if temperature == 0 else 1
@@ -372,7 +398,7 @@ class VLLMEngine:
                 logprobs=0,
                 flat_logprobs=True,
                 detokenize=False,
-                seed=None if seed is None else int(seed) + i,
+                seed=seeds[i],
             )
             for i, _ in requests
         ]
@@ -397,6 +423,21 @@ class VLLMEngine:
                     routes.append(self._routes_of(comp, out, len(prompt) + len(ids)))
         return assemble(prompts, n, completions, logprobs, truncated, self.pad_token_id,
                         routes if return_routes else None)
+
+    def _generate_tensor_parallel(self, prompts, seeds, n, max_new_tokens, temperature, top_p, return_routes):
+        """All ranks of the tensor-parallel group sample the group's prompts together — identical requests, each
+        prompt with the seed its own rank gave it — and each rank keeps its own rows. The sampling settings must
+        agree across the group (they come from the recipe)."""
+        import torch.distributed as dist
+
+        blocks: list = [None] * dist.get_world_size(self._tp_group)
+        dist.all_gather_object(blocks, list(zip(prompts, seeds)), group=self._tp_group)
+        start = sum(len(b) for b in blocks[: dist.get_rank(self._tp_group)])
+        rows = [pair for block in blocks for pair in block]
+        ro = self._sample([p for p, _ in rows], [s for _, s in rows], n, max_new_tokens, temperature, top_p,
+                          return_routes)
+        mine = ro.select(slice(start * n, (start + len(prompts)) * n))
+        return dataclasses.replace(mine, group=mine.group - start)
 
     @staticmethod
     def _routes_of(comp, out, length: int) -> torch.Tensor:
