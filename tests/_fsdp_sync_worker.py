@@ -92,7 +92,8 @@ def worker(rank: int, args) -> None:
             engine = TransformersEngine(build(args.model, vocab))
         else:
             engine = VLLMEngine(args.checkpoint, dtype="float32", gpu_memory_utilization=0.05, max_model_len=64,
-                                distributed_executor_backend="external_launcher", seed=rank)
+                                distributed_executor_backend="external_launcher", seed=rank // args.tp,
+                                tensor_parallel_size=args.tp)
         before = check_sync(engine, model, PROMPTS, max_new_tokens=8, seed=rank)
         dist.barrier()
         with PeakRSS() as mem:
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--bucket-mb", type=float, default=4.0)
     parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=1, help="vLLM tensor-parallel size (ranks per engine)")
     parser.add_argument("--port", type=int, default=29512)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)

@@ -83,3 +83,22 @@ def test_fsdp2_shards_of_the_paper_moe_stream_into_vllm(tmp_path):
         slack = 32 << 20  # vLLM's per-layer reload buffers, prepack temporaries, allocator granularity
         assert r["rss_extra"] <= s["bucket_bytes"] + 2 * s["max_param_bytes"] + slack, (rank, r["rss_extra"])
         assert r["rss_extra"] < 0.6 * r["full_bytes"], (rank, r["rss_extra"])
+
+
+def test_fsdp2_shards_stream_into_one_tensor_parallel_vllm_across_two_ranks(tmp_path):
+    """The TRL/verl colocated layout: two ranks form one vLLM instance (tensor_parallel_size=2, external_launcher).
+    Both stream full tensors, vLLM keeps each rank's slice (the CPU expert writer its share of the intermediate
+    size), the ranks sample their prompts together (each keeps its own rows), and both pass the parity check."""
+    tok = build_tokenizer()
+    save_pretrained(build_tiny_moe(len(tok), seed=0), tok, tmp_path / "ckpt")
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(HERE / "_fsdp_sync_worker.py"), "--engine", "vllm", "--model", "tiny",
+                           "--checkpoint", str(tmp_path / "ckpt"), "--bucket-mb", "1", "--tp", "2", "--port", "29535",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for rank, r in results.items():
+        assert r["before"] > 1e-2, rank
+        assert r["after"] <= 1e-5 and r["after2"] <= 1e-5, (rank, r)
+        assert r["stats"]["buckets"] > 1 and r["pg_alive"]
+    assert results["0"]["before"] != results["1"]["before"]  # each rank scored its own rows (its own seeds)

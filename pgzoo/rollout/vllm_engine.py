@@ -35,9 +35,7 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +43,11 @@ import torch
 
 from pgzoo.errors import ConfigError, DependencyError, EngineError
 from pgzoo.rollout.base import Rollouts, assemble, check_generate_args
+from pgzoo.rollout.vllm_cpu_moe import EXPERT_NAME, CPUExperts, cpu_moe_targets
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Sequences a CPU engine sizes its KV cache for when kv_cache_memory_bytes is not given (x max_model_len tokens).
 CPU_KV_SEQUENCES = 256
-# A checkpoint name of one expert's weight: model.layers.3.mlp.experts.17.gate_proj.weight
-_EXPERT = re.compile(r"(?P<prefix>.+)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 
 def import_vllm():
@@ -76,67 +73,6 @@ def checkpoint_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]
         return state
     converted = revert_weight_conversion(model, dict(state))
     return dict(converted)
-
-
-def _cpu_moe_layers(model):
-    """``(transformers-style prefix, module, fused_experts)`` of every CPU fused-MoE layer of a vLLM model."""
-    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
-
-    for name, module in model.named_modules():
-        method = getattr(module, "quant_method", None)
-        fe = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
-        if isinstance(fe, CPUUnquantizedExperts) and not getattr(fe, "_use_zentorch", False):
-            yield name.removesuffix(".routed_experts"), module, fe
-
-
-def _cpu_moe_targets(worker) -> dict[str, CPUExperts]:
-    """Worker-side (in process): the CPU fused-MoE layers' kernel tensors, by transformers module prefix
-    (``model.layers.3.mlp.experts``), after checking once that the kernel's prepacked layout is separable by
-    expert and by the gate / up halves (what a per-expert in-place write relies on)."""
-    from vllm._custom_ops import cpu_prepack_moe_weight
-
-    out = {}
-    for prefix, module, fe in _cpu_moe_layers(worker.model_runner.get_model()):
-        w13, w2 = module.w13_weight, module.w2_weight
-        padded = w13.shape[1] // 2
-        probe = torch.randn(2, 2 * padded, w13.shape[2], generator=torch.Generator().manual_seed(0)).to(w13.dtype)
-        whole = cpu_prepack_moe_weight(probe, fe.isa)
-        parts = torch.cat([torch.cat([cpu_prepack_moe_weight(probe[e:e + 1, h * padded:(h + 1) * padded]
-                                                             .contiguous(), fe.isa) for h in (0, 1)], 1)
-                           for e in (0, 1)])
-        if not torch.equal(whole, parts):
-            raise EngineError(f"{prefix}: this vLLM CPU build packs MoE expert weights in a layout pgzoo cannot "
-                              f"write expert by expert; use the transformers engine or another vLLM version")
-        out[prefix] = CPUExperts(w13, w2, fe.isa, padded)
-    return out
-
-
-@dataclass
-class CPUExperts:
-    """A CPU fused-MoE layer's kernel tensors: ``w13`` [E, 2I', H] and ``w2`` [E, H, I'] in the kernel's prepacked
-    layout, its ISA and the padded intermediate size I' (the kernel zero-pads I to its alignment, 32)."""
-
-    w13: torch.Tensor
-    w2: torch.Tensor
-    isa: str
-    padded: int
-
-    @torch.no_grad()
-    def write(self, expert: int, proj: str, weight: torch.Tensor) -> None:
-        """Write one expert's checkpoint tensor (``gate_proj`` / ``up_proj`` [I, H], ``down_proj`` [H, I]) in
-        place: zero-padded to I' as the kernel pads at load time, prepacked for its ISA."""
-        from vllm._custom_ops import cpu_prepack_moe_weight
-
-        weight = weight.to(self.w13.dtype)
-        if proj == "down_proj":
-            plain = weight.new_zeros(1, weight.shape[0], self.padded)
-            plain[0, :, : weight.shape[1]] = weight
-            self.w2.data[expert: expert + 1].copy_(cpu_prepack_moe_weight(plain, self.isa))
-            return
-        plain = weight.new_zeros(1, self.padded, weight.shape[1])
-        plain[0, : weight.shape[0]] = weight
-        half = 0 if proj == "gate_proj" else self.padded
-        self.w13.data[expert: expert + 1, half: half + self.padded].copy_(cpu_prepack_moe_weight(plain, self.isa))
 
 
 class _DropExpected(logging.Filter):
@@ -495,13 +431,13 @@ class VLLMEngine:
         target = getattr(torch, self.dtype)
         experts: dict[str, CPUExperts] = {}
         if self.is_cpu:
-            experts = self.llm.collective_rpc(_cpu_moe_targets)[0]
+            experts = self.llm.collective_rpc(cpu_moe_targets)[0]
         written: set[tuple[str, int, str]] = set()
 
         def weights():
             for bucket in buckets:
                 for name, tensor in bucket:
-                    hit = _EXPERT.match(name) if experts else None
+                    hit = EXPERT_NAME.match(name) if experts else None
                     if hit and hit["prefix"] in experts:
                         experts[hit["prefix"]].write(int(hit["expert"]), hit["proj"], tensor)
                         written.add((hit["prefix"], int(hit["expert"]), hit["proj"]))
