@@ -79,15 +79,24 @@ def worker(rank: int, args) -> None:
         vocab = len(build_tokenizer())
         model = build(args.model, vocab)
         full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if args.lora:  # LoRA on attention, fused experts and router; FSDP2 over the PEFT model (frozen base)
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(
+                r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]))
         mesh = init_device_mesh("cpu", (args.world,))
-        for layer in model.model.layers:
+        decoder = model.base_model.model.model if args.lora else model.model
+        for layer in decoder.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         gen = torch.Generator().manual_seed(100 + rank)
         with torch.no_grad():
-            for p in model.parameters():
+            for name, p in model.named_parameters():
+                if args.lora and "lora_B" not in name:
+                    continue  # only the adapter moves
                 local = p.to_local()
-                local.add_(torch.randn(local.shape, generator=gen) * 0.05)
+                local.add_(torch.randn(local.shape, generator=gen) * (0.3 if args.lora else 0.05))
         if args.engine == "transformers":
             engine = TransformersEngine(build(args.model, vocab))
         else:
@@ -125,6 +134,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--bucket-mb", type=float, default=4.0)
     parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--lora", action="store_true", help="a PEFT LoRA policy (the engine gets W + s*B*A)")
     parser.add_argument("--tp", type=int, default=1, help="vLLM tensor-parallel size (ranks per engine)")
     parser.add_argument("--port", type=int, default=29512)
     parser.add_argument("--out", required=True)

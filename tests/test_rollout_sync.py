@@ -222,3 +222,18 @@ def test_fsdp2_shards_stream_into_the_transformers_engine(tmp_path):
         s = r["stats"]
         assert s["buckets"] > 1 and s["max_bucket_bytes"] <= max(s["bucket_bytes"], s["max_param_bytes"])
         assert s["bytes"] >= r["full_bytes"]  # every parameter went (a tied head twice)
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_policy_streams_its_effective_weights(tmp_path):
+    """FSDP2 over a PEFT model (frozen base, adapters on attention, fused experts and router, B moved on each
+    rank's shard): W + (α/r)·B·A is computed from the shards (DTensor ops in PEFT's get_delta_weight) and gathered,
+    and each rank's engine matches the sharded LoRA policy."""
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(HERE / "_fsdp_sync_worker.py"), "--engine", "transformers",
+                           "--model", "tiny", "--lora", "--bucket-mb", "0.25", "--port", "29537", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank, r in json.loads(out.read_text()).items():
+        assert r["before"] > 1e-2, rank  # the engine has the base weights: the adapter matters
+        assert r["after"] <= 1e-5 and r["after2"] <= 1e-5, rank

@@ -218,7 +218,10 @@ def _preflight(model: torch.nn.Module, engine, names: str, distributed: bool) ->
     """Check names/shapes against the engine and every floating tensor for NaN/Inf (local shards), agree on the
     verdict across ranks, and raise on every rank if any rank refuses."""
     problem: EngineError | None = None
-    if engine is not None and hasattr(engine, "check_sync_plan"):
+    if engine is not None and not callable(getattr(engine, "load_weight_buckets", None)):
+        problem = EngineError(f"{type(engine).__name__} has no load_weight_buckets(buckets): streaming weight sync "
+                              f"needs a pgzoo engine (VLLMEngine, TransformersEngine) or one with that method")
+    elif engine is not None and hasattr(engine, "check_sync_plan"):
         try:
             engine.check_sync_plan(sync_plan(model, names))
         except EngineError as exc:
