@@ -443,7 +443,7 @@ class VLLMEngine:
                         written.add((hit["prefix"], int(hit["expert"]), hit["proj"]))
                         continue
                     yield name, tensor.to(target) if tensor.is_floating_point() and tensor.dtype != target else tensor
-                del bucket  # let the producer free it before the next one is gathered
+                bucket = tensor = None  # let the producer free it before the next one is gathered
 
         try:
             with self._engine_threads(), _quiet_reload_warnings():
