@@ -109,6 +109,8 @@ def test_sync_weights_checks_before_anything_moves(base, vocab):
         sync_weights(base, engine, bucket_mb=0)
     with pytest.raises(ConfigError, match="bucket_mb"):
         sync_weights(base, engine, bucket_mb=True)
+    with pytest.raises(EngineError, match="load_weight_buckets"):
+        sync_weights(base, object())
     bad = copy.deepcopy(base)
     with torch.no_grad():
         bad.model.layers[2].self_attn.q_proj.weight[0, 0] = float("nan")
