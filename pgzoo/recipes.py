@@ -91,6 +91,10 @@ class RolloutSection(_Section):
         None, gt=0, description="after each weight sync, sample a probe (4 prompts x 8 tokens) and stop the run if the "
                                 "engine's mean |log mu - log pi| on it exceeds this (e.g. 1e-4 for float32 engines); "
                                 "null = off")
+    sync_bucket_mb: float = Field(
+        256.0, gt=0, description="weight sync streams the policy into the engine parameter by parameter in buckets of "
+                                 "at most this many MB (a larger parameter travels alone); bounds the sync's extra "
+                                 "memory per rank (pgzoo.rollout.sync)")
 
     @_pydantic.field_validator("engine")
     @classmethod

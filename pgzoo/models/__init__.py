@@ -1,5 +1,6 @@
 """Local tiny policies (MoE and dense) with a character tokenizer; cold-start SFT lives in ``cold_start``."""
 
+from pgzoo.models.paper import build_paper_moe, paper_moe_config
 from pgzoo.models.tiny import (
     build_tiny_dense,
     build_tiny_moe,
@@ -12,6 +13,8 @@ from pgzoo.models.tiny import (
 )
 
 __all__ = [
+    "build_paper_moe",
+    "paper_moe_config",
     "build_tiny_dense",
     "build_tiny_moe",
     "build_tokenizer",

@@ -243,25 +243,3 @@ def unwrap(model):
             model = model._orig_mod
         else:
             return model
-
-
-def check_finite_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` detached, after checking every floating tensor is finite (one host sync).
-
-    Raises:
-        EngineError: naming the first parameters holding NaN/Inf (the engine keeps its previous weights).
-    """
-    if not isinstance(model, torch.nn.Module):
-        raise EngineError(f"load_weights expects a torch.nn.Module (the policy), got {type(model).__name__}")
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    floats = [(k, v) for k, v in state.items() if v.is_floating_point()]
-    if floats:
-        ok = torch.stack([torch.isfinite(v).all() for _, v in floats]).cpu()
-        if not bool(ok.all()):
-            bad = [k for (k, _), good in zip(floats, ok.tolist()) if not good]
-            raise EngineError(
-                f"refusing to sync non-finite weights: NaN/Inf in {', '.join(bad[:5])}"
-                f"{' ...' if len(bad) > 5 else ''}. The engine keeps its previous weights; lower the learning rate or "
-                f"enable gradient clipping"
-            )
-    return state

@@ -25,6 +25,30 @@ from pgzoo.errors import EngineError
 from pgzoo.rollout.base import unwrap
 
 
+def _is_fsdp(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _root_forward_logprobs(module, ro) -> torch.Tensor:
+    """Completion logprobs through the model's own forward. Under FSDP2 the root's forward hook gathers the root's
+    parameters (embeddings, final norm, head); pgzoo.logprobs calls the decoder and head directly, which would see
+    shards. One full-vocabulary forward of a short probe (collective: every rank runs the check)."""
+    from pgzoo.logprobs import naive_logprobs_and_entropy, position_ids_from_mask
+
+    am = ro.attention_mask
+    try:
+        logits = module(input_ids=ro.input_ids, attention_mask=am, position_ids=position_ids_from_mask(am),
+                        use_cache=False).logits
+    finally:
+        module.reshard()  # the root keeps its parameters gathered after a forward (for a backward that won't come)
+    p = ro.prompt_ids.shape[1]
+    return naive_logprobs_and_entropy(logits[:, p - 1:-1], ro.completion_ids).logprobs
+
+
 @dataclass(frozen=True)
 class SyncCheck:
     """Parity of the engine's logprobs with the model's on a probe: mean and max |log μ − log π| over its tokens."""
@@ -54,12 +78,15 @@ def check_sync(engine, model: torch.nn.Module, prompts: list[list[int]], *, max_
     module.eval()
     try:
         with torch.no_grad():
-            out = completion_logprobs(module, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask,
-                                      with_entropy=False)
+            if _is_fsdp(module):
+                logprobs = _root_forward_logprobs(module, ro)
+            else:
+                logprobs = completion_logprobs(module, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
+                                               ro.completion_mask, with_entropy=False).logprobs
     finally:
         module.train(was_training)
     mask = ro.completion_mask.bool()
-    diff = (ro.logprobs.double() - out.logprobs.double()).abs()[mask]
+    diff = (ro.logprobs.double() - logprobs.double()).abs()[mask]
     n = int(diff.numel())
     result = SyncCheck(float(diff.mean()) if n else 0.0, float(diff.max()) if n else 0.0, n)
     if tolerance is not None and not result.mean_abs_diff <= tolerance:  # `not <=` also catches NaN

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from pgzoo.errors import ConfigError, EngineError, require
-from pgzoo.rollout.base import Rollouts, assemble, check_finite_weights, check_generate_args, unwrap
+from pgzoo.rollout.base import Rollouts, assemble, check_generate_args, unwrap
 from pgzoo.rollout.fp8 import GRANULARITIES, fp8_parameter_names, quantize_fp8_tensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -146,17 +146,25 @@ class TransformersEngine:
 
     @torch.no_grad()
     def _write(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy ``state`` into the engine's parameters and buffers, casting and FP8-rounding as configured."""
+        """Copy a whole ``state`` (the engine's own module names) into the engine; used at construction."""
+        self.check_sync_plan([(k, tuple(v.shape), v.dtype) for k, v in state.items()])
+        self._write_tensors(state.items())
+
+    @torch.no_grad()
+    def _write_tensors(self, named) -> set[str]:
+        """Copy ``(name, tensor)`` pairs into the engine's parameters and buffers, casting and FP8-rounding as
+        configured; returns the parameter names written."""
         target = DTYPES[self.dtype]
-        params = dict(self.model.named_parameters())
-        missing = [k for k in params if k not in state]
-        if missing:
-            raise EngineError(
-                f"load_weights: the module lacks {missing[:4]}{' ...' if len(missing) > 4 else ''} that the engine's "
-                f"model has: sync the same architecture the engine was built from"
-            )
-        for name, p in params.items():
-            src = state[name]
+        params = self._params
+        buffers = self._buffers
+        written = set()
+        for name, src in named:
+            p = params.get(name)
+            if p is None:
+                b = buffers.get(name)
+                if b is not None and src.shape == b.shape:
+                    b.copy_(src.to(b.device))
+                continue
             if src.shape != p.shape:
                 raise EngineError(f"load_weights: {name} has shape {tuple(src.shape)}, the engine's {tuple(p.shape)}")
             src = src.to(device=p.device, dtype=torch.float32) if src.is_floating_point() else src.to(p.device)
@@ -166,25 +174,70 @@ class TransformersEngine:
                 p.data = src.to(target)
             else:
                 p.copy_(src)
-        buffers = dict(self.model.named_buffers())
-        for name, b in buffers.items():
-            if name in state and state[name].shape == b.shape:
-                b.copy_(state[name].to(b.device))
+            written.add(name)
+        return written
 
-    def load_weights(self, model: torch.nn.Module) -> None:
+    @property
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    @property
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_buffers())
+
+    # -- weight sync (streaming: see pgzoo.rollout.sync) --------------------------------------------------------
+    sync_names = "module"  # the engine's model is a transformers module: fused MoE experts as in state_dict
+
+    def check_sync_plan(self, plan) -> None:
+        """Raise :class:`EngineError` unless ``plan`` (``[(name, shape, dtype)]``) covers every parameter of the
+        engine's model with its shape."""
+        params = self._params
+        shapes = {name: tuple(shape) for name, shape, _ in plan}
+        missing = [k for k in params if k not in shapes]
+        if missing:
+            raise EngineError(
+                f"load_weights: the module lacks {missing[:4]}{' ...' if len(missing) > 4 else ''} that the engine's "
+                f"model has: sync the same architecture the engine was built from"
+            )
+        wrong = [(k, shapes[k], tuple(p.shape)) for k, p in params.items() if shapes[k] != tuple(p.shape)]
+        if wrong:
+            raise EngineError(f"load_weights: shape mismatch {wrong[:3]} (name, sent, engine's): sync the same "
+                              f"architecture the engine was built from")
+
+    def load_weight_buckets(self, buckets) -> None:
+        """Copy buckets of ``(name, tensor)`` (module names) into the engine, one bucket at a time (each is let go
+        before the next is read); what :func:`pgzoo.rollout.sync.sync_weights` calls."""
+        import time
+
+        start = time.perf_counter()
+        written: set[str] = set()
+        for bucket in buckets:
+            written |= self._write_tensors(bucket)
+            del bucket
+        missing = [k for k in self._params if k not in written]
+        if missing:
+            raise EngineError(f"load_weights: the sync sent no {missing[:4]}; the engine now mixes old and new "
+                              f"weights: sync again from the full model")
+        self.last_sync_seconds = time.perf_counter() - start
+
+    def load_weights(self, model: torch.nn.Module, bucket_mb: float | None = None) -> None:
         """Copy ``model``'s weights into the engine (cast to the rollout dtype, FP8-rounded when ``fp8``).
+
+        ``model`` may be a plain transformers model, an FSDP2-sharded one (call on every rank) or a PEFT LoRA model
+        (its effective weights are synced); see :func:`pgzoo.rollout.sync.sync_weights`.
 
         Raises:
             EngineError: NaN/Inf in the weights (nothing is copied), or an architecture mismatch.
         """
         import time
 
+        from pgzoo.rollout.sync import DEFAULT_BUCKET_MB, sync_weights
+
         start = time.perf_counter()
-        model = unwrap(model)
-        if model is self.model:
+        if unwrap(model) is self.model:
             self.last_sync_seconds = 0.0
             return
-        self._write(check_finite_weights(model))
+        sync_weights(model, self, bucket_mb=bucket_mb or DEFAULT_BUCKET_MB)
         self.last_sync_seconds = time.perf_counter() - start
 
     @torch.no_grad()

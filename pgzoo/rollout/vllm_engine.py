@@ -11,16 +11,18 @@ How it works:
   sync hands tensors to the worker by reference: no serialisation, no copy of the state dict.
 * μ are vLLM's *processed* logprobs (``logprobs_mode="processed_logprobs"``): log-softmax of the logits after
   temperature (and the top-p nucleus), of the sampled token — the distribution the token was actually drawn from.
-* ``load_weights`` converts the module's state dict to checkpoint names (transformers 5 keeps MoE experts fused as
-  ``mlp.experts.gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I]; checkpoints and vLLM's loader use per-expert
-  names, so the conversion transformers applies when saving is reused), then calls vLLM's in-place
-  ``reload_weights``, which reruns each layer's weight processing (fused qkv / gate_up, oneDNN and small-GEMM
-  packing on CPU). That reload is wrong for the fused-MoE experts on CPU: the kernel expects ``w13`` / ``w2`` in
-  the VNNI-prepacked layout ``cpu_prepack_moe_weight`` produces at load time, and after a reload they hold the plain
-  layout (every MoE layer silently computes garbage), or the reload fails outright when the kernel pads the
-  intermediate size. So on CPU the expert blocks skip the reload and the engine writes them itself, from the
-  trainer's fused tensors: zero-padded as the kernel pads, prepacked, copied in place. Then it drops vLLM's prefix
-  cache (cached KV blocks were computed with the old weights).
+* ``load_weights`` streams the policy (plain, FSDP2-sharded or PEFT LoRA) through
+  :func:`pgzoo.rollout.sync.sync_weights`: parameter by parameter, under checkpoint names (transformers 5 keeps MoE
+  experts fused as ``mlp.experts.gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I]; checkpoints and vLLM's loader
+  use per-expert names, so the conversion transformers applies when saving is reused), in bounded buckets that one
+  vLLM ``reload_weights`` call consumes lazily; the reload reruns each layer's weight processing (fused qkv /
+  gate_up, oneDNN and small-GEMM packing on CPU). That reload is wrong for the fused-MoE experts on CPU: the kernel
+  expects ``w13`` / ``w2`` in the VNNI-prepacked layout ``cpu_prepack_moe_weight`` produces at load time, and after
+  a reload they hold the plain layout (every MoE layer silently computes garbage), or the reload fails outright
+  when the kernel pads the intermediate size. So on CPU the expert tensors skip the reload and the engine writes
+  them itself, expert by expert: zero-padded as the kernel pads, prepacked (the packed layout is separable by
+  expert and by the gate / up halves, checked at every sync), copied in place. Then it drops vLLM's prefix cache
+  (cached KV blocks were computed with the old weights).
 * Routes (R3): vLLM returns ``routed_experts`` [seq_len, layers, top_k] per completion when started with
   ``enable_return_routed_experts=True``; that needs vLLM's Model Runner V2 (GPU builds). On CPU the engine raises
   :class:`~pgzoo.errors.EngineError` and points to :class:`~pgzoo.rollout.TransformersEngine`.
@@ -29,6 +31,7 @@ How it works:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -39,7 +42,8 @@ from typing import Any
 import torch
 
 from pgzoo.errors import ConfigError, DependencyError, EngineError
-from pgzoo.rollout.base import Rollouts, assemble, check_finite_weights, check_generate_args, unwrap
+from pgzoo.rollout.base import Rollouts, assemble, check_generate_args
+from pgzoo.rollout.vllm_cpu_moe import EXPERT_NAME, CPUExperts, cpu_moe_targets
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Sequences a CPU engine sizes its KV cache for when kv_cache_memory_bytes is not given (x max_model_len tokens).
@@ -71,87 +75,48 @@ def checkpoint_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]
     return dict(converted)
 
 
-def fused_experts(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{prefix: (w13 [E, 2I, H], w2 [E, H, I])}`` for every fused expert block in a transformers-5 state dict."""
-    out = {}
-    for key, value in state.items():
-        if key.endswith(".gate_up_proj") and value.dim() == 3:
-            prefix = key[: -len(".gate_up_proj")]
-            down = state.get(prefix + ".down_proj")
-            if down is not None and down.dim() == 3:
-                out[prefix] = (value, down)
-    return out
-
-
-def _cpu_moe_layers(model):
-    """``(transformers-style prefix, module, fused_experts)`` of every CPU fused-MoE layer of a vLLM model."""
-    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
-
-    for name, module in model.named_modules():
-        method = getattr(module, "quant_method", None)
-        fe = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
-        if isinstance(fe, CPUUnquantizedExperts) and not getattr(fe, "_use_zentorch", False):
-            yield name.removesuffix(".routed_experts"), module, fe
-
-
-def _cpu_moe_prefixes(worker) -> list[str]:
-    """Worker-side: the prefixes of the CPU fused-MoE layers (``model.layers.3.mlp.experts``)."""
-    return [prefix for prefix, _, _ in _cpu_moe_layers(worker.model_runner.get_model())]
-
-
-def _repack_cpu_moe(worker, experts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Worker-side: rewrite every CPU fused-MoE layer's ``w13``/``w2`` in the kernel's prepacked layout, in place.
-
-    ``experts`` maps a transformers module prefix (``model.layers.3.mlp.experts``) to its plain fused tensors
-    ``(w13 [E, 2I, H], w2 [E, H, I])``; a layer without an entry (a transformers version that does not fuse experts)
-    is repacked from the plain values vLLM's reload left in it. Returns the number of layers written.
-    """
-    from vllm._custom_ops import cpu_prepack_moe_weight
-
-    count = 0
-    for prefix, module, fe in list(_cpu_moe_layers(worker.model_runner.get_model())):
-        name = prefix
-        w13, w2 = module.w13_weight, module.w2_weight
-        if prefix in experts:
-            plain13, plain2 = (t.to(dtype=w13.dtype) for t in experts[prefix])
-        else:
-            plain13, plain2 = w13.data.clone(), w2.data.clone()
-        num, two_i, hidden = plain13.shape
-        inter = two_i // 2
-        padded = w13.shape[1] // 2
-        if plain13.shape[0] != w13.shape[0] or plain13.shape[2] != w13.shape[2] or plain2.shape[-1] != inter:
-            raise RuntimeError(f"{name}: expert weights {tuple(plain13.shape)}/{tuple(plain2.shape)} do not fit "
-                               f"the engine's {tuple(w13.shape)}/{tuple(w2.shape)}")
-        if padded != inter:  # the kernel zero-pads the intermediate size of gate, up and down to its alignment
-            new13 = plain13.new_zeros(num, 2 * padded, hidden)
-            new13[:, :inter] = plain13[:, :inter]
-            new13[:, padded: padded + inter] = plain13[:, inter:]
-            new2 = plain2.new_zeros(num, hidden, padded)
-            new2[:, :, :inter] = plain2
-            plain13, plain2 = new13, new2
-        w13.data.copy_(cpu_prepack_moe_weight(plain13.contiguous(), fe.isa))
-        w2.data.copy_(cpu_prepack_moe_weight(plain2.contiguous(), fe.isa))
-        count += 1
-    return count
-
-
 class _DropExpected(logging.Filter):
     """Hide vLLM's "<Layer>: Failed to load weights" for layers a sync leaves to the reload's fallback on purpose
     (rotary caches; CPU expert blocks, which the engine writes itself)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Failed to load weights" not in record.getMessage()
+        message = record.getMessage()
+        return "Failed to load weights" not in message and "were not loaded from checkpoint" not in message
 
 
 @contextlib.contextmanager
 def _quiet_reload_warnings():
-    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    """(Names and shapes are checked against the checkpoint before every sync, so these warnings carry nothing.)"""
+    loggers = [logging.getLogger("vllm.model_executor.model_loader.reload." + m) for m in ("layerwise", "inplace")]
     flt = _DropExpected()
-    logger.addFilter(flt)
+    for logger in loggers:
+        logger.addFilter(flt)
     try:
         yield
     finally:
-        logger.removeFilter(flt)
+        for logger in loggers:
+            logger.removeFilter(flt)
+
+
+@contextlib.contextmanager
+def _keep_default_process_group():
+    """vLLM's shutdown destroys the default process group (``cleanup_dist_env_and_memory``); under
+    ``external_launcher`` that group is the trainer's, which must outlive the engine. Let vLLM destroy its own
+    subgroups only."""
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+
+    def destroy_subgroups_only(group=None, *args, **kwargs):
+        if group is None or group is dist.group.WORLD:
+            return None
+        return destroy(group, *args, **kwargs)
+
+    dist.destroy_process_group = destroy_subgroups_only
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
 
 
 def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -265,6 +230,9 @@ class VLLMEngine:
             kwargs["enable_chunked_prefill"] = False
         kwargs.update(llm_kwargs)
         self._vllm = vllm
+        # Under a trainer's torch.distributed (external_launcher) vLLM joins the existing default process group;
+        # close() must then leave it alive.
+        self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         try:
             self.llm = vllm.LLM(**kwargs)
@@ -287,7 +255,24 @@ class VLLMEngine:
         self.last_sync_seconds: float | None = None
         self.num_syncs = 0
         self.generate_threads = generate_threads if self.is_cpu else None
-        self._cpu_moe_prefixes: set[str] | None = None
+        self._tp_group = self._tensor_parallel_group(llm_kwargs)
+
+    @staticmethod
+    def _tensor_parallel_group(llm_kwargs: dict):
+        """Under ``external_launcher`` with ``tensor_parallel_size = k > 1`` (one engine per trainer rank, TRL's
+        colocate layout), ranks ``[0..k)``, ``[k..2k)``, ... form one vLLM instance each and must submit identical
+        requests: the process subgroup :meth:`generate` gathers prompts over. None otherwise. (Unverified: needs a
+        GPU build of vLLM.)"""
+        tp = int(llm_kwargs.get("tensor_parallel_size") or 1)
+        if tp == 1 or llm_kwargs.get("distributed_executor_backend") != "external_launcher":
+            return None
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        if world % tp:
+            raise ConfigError(f"tensor_parallel_size={tp} must divide the number of trainer processes ({world})")
+        group, _ = dist.new_subgroups_by_enumeration([list(range(i * tp, (i + 1) * tp)) for i in range(world // tp)])
+        return group
 
     @staticmethod
     def _cpu_kv_bytes(config: dict, dtype: str, max_model_len: int, share: float) -> int:
@@ -329,6 +314,13 @@ class VLLMEngine:
                 "return_routes=True needs VLLMEngine(..., enable_return_routed_experts=True) on a GPU build of vLLM "
                 "(Model Runner V2); on CPU use pgzoo.rollout.TransformersEngine for routes"
             )
+        seeds = [None if seed is None else int(seed) + i for i in range(len(prompts))]
+        if self._tp_group is not None:
+            return self._generate_tensor_parallel(prompts, seeds, n, max_new_tokens, temperature, top_p,
+                                                  return_routes)
+        return self._sample(prompts, seeds, n, max_new_tokens, temperature, top_p, return_routes)
+
+    def _sample(self, prompts, seeds, n, max_new_tokens, temperature, top_p, return_routes) -> Rollouts:
         SamplingParams = self._vllm.SamplingParams
         # vLLM refuses n > 1 with greedy sampling: send greedy prompts n times instead (rows stay prompt-major)
         copies = n if temperature == 0 else 1
@@ -342,7 +334,7 @@ class VLLMEngine:
                 logprobs=0,
                 flat_logprobs=True,
                 detokenize=False,
-                seed=None if seed is None else int(seed) + i,
+                seed=seeds[i],
             )
             for i, _ in requests
         ]
@@ -368,6 +360,21 @@ class VLLMEngine:
         return assemble(prompts, n, completions, logprobs, truncated, self.pad_token_id,
                         routes if return_routes else None)
 
+    def _generate_tensor_parallel(self, prompts, seeds, n, max_new_tokens, temperature, top_p, return_routes):
+        """All ranks of the tensor-parallel group sample the group's prompts together — identical requests, each
+        prompt with the seed its own rank gave it — and each rank keeps its own rows. The sampling settings must
+        agree across the group (they come from the recipe)."""
+        import torch.distributed as dist
+
+        blocks: list = [None] * dist.get_world_size(self._tp_group)
+        dist.all_gather_object(blocks, list(zip(prompts, seeds)), group=self._tp_group)
+        start = sum(len(b) for b in blocks[: dist.get_rank(self._tp_group)])
+        rows = [pair for block in blocks for pair in block]
+        ro = self._sample([p for p, _ in rows], [s for _, s in rows], n, max_new_tokens, temperature, top_p,
+                          return_routes)
+        mine = ro.select(slice(start * n, (start + len(prompts)) * n))
+        return dataclasses.replace(mine, group=mine.group - start)
+
     @staticmethod
     def _routes_of(comp, out, length: int) -> torch.Tensor:
         routed = getattr(comp, "routed_experts", None)
@@ -380,17 +387,23 @@ class VLLMEngine:
             raise EngineError(f"vLLM routed_experts has shape {tuple(routed.shape)}, expected [seq_len, layers, top_k]")
         return routed[:length]
 
-    # -- weight sync --------------------------------------------------------------------------------------------
-    def load_weights(self, model: torch.nn.Module) -> None:
+    # -- weight sync (streaming: see pgzoo.rollout.sync) --------------------------------------------------------
+    sync_names = "checkpoint"  # vLLM loads checkpoint names (per-expert MoE tensors)
+
+    def load_weights(self, model: torch.nn.Module, bucket_mb: float | None = None) -> None:
         """Copy ``model``'s current weights into the running engine, in place (no restart, no disk).
+
+        ``model`` may be a plain transformers model, an FSDP2-sharded one (call on every rank) or a PEFT LoRA model
+        (its effective weights are synced); see :func:`pgzoo.rollout.sync.sync_weights`.
 
         Raises:
             EngineError: NaN/Inf in the weights (nothing is synced), or names/shapes that do not match the engine's
                 checkpoint (a different architecture or vocabulary).
         """
+        from pgzoo.rollout.sync import DEFAULT_BUCKET_MB, sync_weights
+
         self._check_open()
-        with self._engine_threads():
-            self._load_weights(unwrap(model))
+        sync_weights(model, self, bucket_mb=bucket_mb or DEFAULT_BUCKET_MB)
 
     @contextlib.contextmanager
     def _engine_threads(self):
@@ -404,42 +417,59 @@ class VLLMEngine:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
 
-    def _load_weights(self, model: torch.nn.Module) -> None:
+    def load_weight_buckets(self, buckets) -> None:
+        """Reload the engine in place from buckets of ``(checkpoint name, tensor)``, consumed lazily.
+
+        One vLLM ``reload_weights`` call reads the tensors of one bucket after another (the layerwise reload holds a
+        layer's tensors only until that layer is complete, then re-fuses and re-packs it into the kernel storage),
+        so at most one bucket plus one partly loaded layer is alive. On CPU, fused-MoE expert tensors bypass the
+        reload and are written expert by expert into the kernel's prepacked storage (see the module docstring).
+        A failure in the middle leaves the engine's weights undefined: close it and start a new one.
+        """
+        self._check_open()
         start = time.perf_counter()
-        state = check_finite_weights(model)
-        named = checkpoint_state_dict(model, state)
-        # Tied heads stay in: vLLM's in-place reload treats the LM head as its own layer and, finding no weight for
-        # it, would restore the old (shared) embedding tensor.
-        self._check_names(named)
         target = getattr(torch, self.dtype)
-        experts = {}
+        experts: dict[str, CPUExperts] = {}
         if self.is_cpu:
-            if self._cpu_moe_prefixes is None:
-                self._cpu_moe_prefixes = set(self.llm.collective_rpc(_cpu_moe_prefixes)[0])
-            experts = {k: tuple(t.to(target) for t in v) for k, v in fused_experts(state).items()
-                       if k in self._cpu_moe_prefixes}
-        # CPU: fused expert blocks are written by _repack_cpu_moe alone (vLLM's reload of them leaves the wrong
-        # layout, and fails outright when the kernel pads the intermediate size), so they skip the reload.
-        skip = tuple(prefix + "." for prefix in experts)
-        weights = [(k, v if v.dtype == target or not v.is_floating_point() else v.to(target))
-                   for k, v in named.items() if not (skip and k.startswith(skip))]
+            experts = self.llm.collective_rpc(cpu_moe_targets)[0]
+        written: set[tuple[str, int, str]] = set()
+
+        def weights():
+            for bucket in buckets:
+                for name, tensor in bucket:
+                    hit = EXPERT_NAME.match(name) if experts else None
+                    if hit and hit["prefix"] in experts:
+                        experts[hit["prefix"]].write(int(hit["expert"]), hit["proj"], tensor)
+                        written.add((hit["prefix"], int(hit["expert"]), hit["proj"]))
+                        continue
+                    yield name, tensor.to(target) if tensor.is_floating_point() and tensor.dtype != target else tensor
+                bucket = tensor = None  # let the producer free it before the next one is gathered
+
         try:
-            with _quiet_reload_warnings():
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-            if self.is_cpu:
-                self.llm.collective_rpc(_repack_cpu_moe, args=(experts,))
+            with self._engine_threads(), _quiet_reload_warnings():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
             self.llm.reset_prefix_cache()
+        except EngineError:
+            raise
         except Exception as exc:
             raise EngineError(f"weight sync into vLLM failed: {exc}") from exc
+        expected = {(p, e, proj) for p, ex in experts.items() for e in range(ex.w13.shape[0])
+                    for proj in ("gate_proj", "up_proj", "down_proj")}
+        if written != expected:
+            raise EngineError(f"weight sync into vLLM: {len(expected - written)} expert tensors were not sent "
+                              f"(e.g. {sorted(expected - written)[:2]}); the engine mixes old and new experts")
         self.last_sync_seconds = time.perf_counter() - start
         self.num_syncs += 1
 
-    def _check_names(self, named: dict[str, torch.Tensor]) -> None:
+    def check_sync_plan(self, plan) -> None:
+        """Raise :class:`EngineError` unless ``plan`` (``[(checkpoint name, shape, dtype)]``) has exactly the
+        engine's checkpoint tensors with their shapes (a tied LM head may come along)."""
         if not self._shapes:
             return
+        named = {name: tuple(shape) for name, shape, _ in plan}
         missing = sorted(set(self._shapes) - set(named))
         extra = sorted(set(named) - set(self._shapes) - ({"lm_head.weight"} if self.tie_word_embeddings else set()))
-        wrong = sorted(k for k in set(named) & set(self._shapes) if tuple(named[k].shape) != self._shapes[k])
+        wrong = sorted(k for k in set(named) & set(self._shapes) if named[k] != self._shapes[k])
         if missing or extra or wrong:
             parts = []
             if missing:
@@ -447,7 +477,7 @@ class VLLMEngine:
             if extra:
                 parts.append(f"unexpected {extra[:4]}")
             if wrong:
-                parts.append(f"shape mismatch {[(k, tuple(named[k].shape), self._shapes[k]) for k in wrong[:3]]}")
+                parts.append(f"shape mismatch {[(k, named[k], self._shapes[k]) for k in wrong[:3]]}")
             raise EngineError(
                 f"load_weights: the module does not match the engine's checkpoint {self.model_path} "
                 f"({'; '.join(parts)})"
@@ -465,20 +495,23 @@ class VLLMEngine:
         if llm is None:
             return
         self.llm = None
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:
-            pass
-        del llm
-        import gc
+        with contextlib.ExitStack() as stack:
+            if not self._owns_process_group:
+                stack.enter_context(_keep_default_process_group())
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+            del llm
+            import gc
 
-        gc.collect()
-        try:
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+            gc.collect()
+            try:
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-            cleanup_dist_env_and_memory()
-        except Exception:
-            pass
+                cleanup_dist_env_and_memory()
+            except Exception:
+                pass
 
     def __enter__(self) -> VLLMEngine:
         return self

@@ -107,6 +107,15 @@ def _family_of(module: torch.nn.Module) -> Family | None:
     return None
 
 
+def _unwrap_peft(module):
+    """The module a PEFT LoRA wrapper adapts (``ParamWrapper`` on a router or expert parameter, nested when several
+    parameters are targeted): hooks go on the inner module, which PEFT calls with the adapted weight."""
+    while isinstance(module, torch.nn.Module) and callable(getattr(module, "get_base_layer", None)) \
+            and isinstance(getattr(module, "base_layer", None), torch.nn.Module):
+        module = module.base_layer
+    return module
+
+
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -122,7 +131,8 @@ def find_moe_layers(model: torch.nn.Module) -> list[MoeLayer]:
         raise RoutingError(f"routing record/replay needs a torch.nn.Module, got {type(model).__name__}")
     cached = _CACHE.get(model)
     if cached is not None and all(
-        getattr(layer.block, "gate", None) is layer.router and getattr(layer.block, "experts", None) is layer.experts
+        _unwrap_peft(getattr(layer.block, "gate", None)) is layer.router
+        and _unwrap_peft(getattr(layer.block, "experts", None)) is layer.experts
         for layer in cached
     ):
         return list(cached)
@@ -135,9 +145,9 @@ def _discover(model: torch.nn.Module) -> list[MoeLayer]:
     layers: list[MoeLayer] = []
     unknown: list[str] = []
     for name, block in model.named_modules():
-        router = getattr(block, "gate", None)
+        router = _unwrap_peft(getattr(block, "gate", None))
         if isinstance(router, torch.nn.Module) and (family := _family_of(router)) is not None:
-            experts = getattr(block, "experts", None)
+            experts = _unwrap_peft(getattr(block, "experts", None))
             if not isinstance(experts, torch.nn.Module):
                 raise RoutingError(f"{type(block).__name__} at {name!r} has a {family.router_class} but no `experts`")
             match = _LAYER_NUMBER.search(name)
