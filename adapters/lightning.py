@@ -39,7 +39,7 @@ import torch
 from pgzoo import advantages as _advantages
 from pgzoo.batch import TokenBatch
 from pgzoo.diagnostics import entropy_metrics
-from pgzoo.distributed import all_reduce_sum, is_sharded, shard_policy, unsharded, world
+from pgzoo.distributed import all_reduce_sum, consolidated, is_sharded, shard_policy, world
 from pgzoo.errors import EngineError, PgzooError, RoutingError, require
 from pgzoo.logprobs import completion_logprobs
 from pgzoo.rollout.sync_check import check_sync
@@ -219,11 +219,10 @@ class RLModule(L.LightningModule):
         return None
 
     def sync_engine(self, step: int) -> None:
-        """Step 6: the policy's weights into this rank's rollout engine, in place. A sharded (FSDP2) policy is
-        unsharded for the copy and resharded after (each rank's engine gets the full weights)."""
+        """Step 6: the policy's weights into this rank's rollout engine, in place (each rank's engine gets the full
+        weights; a sharded policy is gathered first, :func:`pgzoo.distributed.consolidated`)."""
         try:
-            with unsharded(self.policy):
-                self.engine.load_weights(self.policy)
+            self.engine.load_weights(consolidated(self.policy))
         except PgzooError:
             raise
         except Exception as exc:
@@ -237,7 +236,7 @@ class RLModule(L.LightningModule):
         probe = [data.prompt_ids[i][data.prompt_mask[i]].tolist() for i in range(0, min(len(data.prompt_ids), 4 * G),
                                                                                    G)]
         try:
-            with unsharded(self.policy):
+            with torch.no_grad():
                 result = check_sync(self.engine, self.policy, probe, max_new_tokens=min(8, self.ro.max_new_tokens),
                                     seed=self.step_seed(step) + 1, tolerance=self.ro.verify_sync)
         except EngineError as exc:

@@ -151,11 +151,35 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def grad_norm_value(norm) -> float:
-    """``float`` of a gradient norm that may be a DTensor (FSDP2's clip_grad_norm_ returns one)."""
-    full = getattr(norm, "full_tensor", None)
-    return float(full() if full is not None else norm)
+def consolidated(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` for a rollout engine's ``load_weights``: itself when not sharded; under FSDP2 a view whose
+    ``state_dict()`` holds the full parameters on this rank (gathered with
+    ``get_model_state_dict(full_state_dict=True)``; the whole model is materialised once per rank)."""
+    if not is_sharded(model):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return _FullWeights(model, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+
+
+class _FullWeights(torch.nn.Module):
+    """A sharded model seen through its gathered weights: ``state_dict()`` is the full state, every other attribute
+    (config, named modules) the model's."""
+
+    def __init__(self, model: torch.nn.Module, state: dict[str, torch.Tensor]):
+        super().__init__()
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_state", state)
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102
+        return dict(self._state)
+
+    def named_parameters(self, *args, **kwargs):  # noqa: D102
+        return iter([(k, v) for k, v in self._state.items()])
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "_model"), name)
 
 
 __all__ = ["env_rank", "world", "all_reduce_sum", "trainer_parallelism", "shard_policy", "unsharded",
-           "full_state_dict", "is_sharded", "decoder_layers", "grad_norm_value"]
+           "full_state_dict", "is_sharded", "decoder_layers", "consolidated"]

@@ -192,8 +192,10 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
         try:
             if start < recipe.train.steps:
                 trainer.fit(module, train_dataloaders=pl_adapter.step_loader(start, recipe.train.steps))
-        except Exception as exc:
-            raise _with_resume_hint(exc, recipe, module, command) from exc
+        except BaseException as exc:
+            if isinstance(exc, Exception) or type(exc).__name__ == "SIGTERMException":  # Lightning's, on SIGTERM
+                raise _with_resume_hint(exc, recipe, module, command) from exc
+            raise
         finally:
             _close(engine)
     rf.finalize_loggers(trainer)
@@ -289,6 +291,8 @@ def _with_resume_hint(exc: BaseException, recipe, module, command: str | None) -
     """A pgzoo error (or a torch.distributed failure: a peer rank died) with where the run stands and how to go on."""
     from pgzoo import run_folder as rf
 
+    if type(exc).__name__ == "SIGTERMException":
+        exc = _Stopped("stopped by SIGTERM: another rank failed or the job was cancelled")
     if not isinstance(exc, PgzooError):
         import torch.distributed as dist
 
