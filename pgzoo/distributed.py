@@ -34,7 +34,7 @@ def env_rank() -> int:
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
     if os.environ.get("LOCAL_RANK", "").isdigit():
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("PGZOO_DEVICES", "1")))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # only "is it 0" matters before fit
         return int(os.environ.get("NODE_RANK", "0") or 0) * per_node + int(os.environ["LOCAL_RANK"])
     return 0
 
