@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from typing import Any
 
 import torch
 
-from pgzoo.errors import ConfigError
+from pgzoo.errors import ConfigError, PgzooError
 
 
 def env_rank() -> int:
@@ -181,5 +182,59 @@ class _FullWeights(torch.nn.Module):
         return getattr(object.__getattribute__(self, "_model"), name)
 
 
-__all__ = ["env_rank", "world", "all_reduce_sum", "trainer_parallelism", "shard_policy", "unsharded",
+# ---------------------------------------------------------------------- failures of a multi-rank run
+class Stopped(PgzooError):
+    """This rank was told to stop (SIGTERM): torchrun stopping the survivors of a failed rank, or SLURM cancelling."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(world_size: int):
+    """With several ranks, SIGTERM raises :class:`Stopped` (Lightning's own SIGTERM handler runs first and keeps
+    running: it is chained), so the rank stops with the resume hint instead of dying silently."""
+    if world_size == 1:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Stopped("stopped by SIGTERM: another rank failed or the job was cancelled")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def with_resume_hint(exc: BaseException, run_dir, world_size: int, step: int, command: str | None) -> BaseException:
+    """A pgzoo error, a torch.distributed failure (a peer rank died) or Lightning's SIGTERM exit, as a pgzoo error
+    that says where the run stands and how to continue; other exceptions unchanged."""
+    from pgzoo.run_folder import latest_checkpoint
+
+    if type(exc).__name__ == "SIGTERMException":
+        exc = Stopped("stopped by SIGTERM: another rank failed or the job was cancelled")
+    if not isinstance(exc, PgzooError):
+        text = str(exc)
+        lost = isinstance(exc, getattr(torch.distributed, "DistError", ())) or any(
+            word in text.lower() for word in ("gloo", "nccl", "connection"))
+        if not lost:
+            return exc
+        first = text.splitlines()[0] if text else ""
+        exc = PgzooError(f"rank {env_rank()} lost contact with another rank during step {step} "
+                         f"({type(exc).__name__}: {first}); the other rank died (killed, out of memory) or its "
+                         "machine is unreachable")
+    last = latest_checkpoint(run_dir)
+    how = command or f"pgzoo train <recipe> output.dir={run_dir}"
+    if world_size > 1 and os.environ.get("TORCHELASTIC_RUN_ID"):
+        how = f"the same torchrun command ({how} ...)"
+    where = (f"The last checkpoint ({last}) is intact; continue with: {how} --resume"
+             if last is not None else "No checkpoint had been written yet; rerun to start again.")
+    exc.args = (f"{exc.args[0] if exc.args else exc}. {where}", *exc.args[1:])
+    return exc
+
+
+__all__ = ["Stopped", "stop_on_sigterm", "with_resume_hint", "env_rank", "world", "all_reduce_sum", "trainer_parallelism", "shard_policy", "unsharded",
            "full_state_dict", "is_sharded", "decoder_layers", "consolidated"]

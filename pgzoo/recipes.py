@@ -215,10 +215,6 @@ class Recipe(_Section):
         if t.activation_checkpointing and self.strategy != "fsdp":
             raise ConfigError("train.activation_checkpointing=true is applied per decoder layer by the fsdp strategy; "
                               "set train.strategy=fsdp")
-        if self.eval.every and self.strategy == "fsdp" and world > 1:
-            raise ConfigError("eval.every with train.strategy=fsdp on several ranks: the sharded policy cannot be "
-                              "evaluated by one rank mid-run; use eval.before/eval.after (after runs on the "
-                              "consolidated final checkpoint) or evaluate saved checkpoints")
         if r.group_size < 2:
             raise ConfigError("rollout.group_size must be >= 2: group-relative advantages of a group of one are 0, "
                               "so nothing would be learned")

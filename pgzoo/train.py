@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 import warnings
@@ -184,7 +183,9 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     # 5. the global steps
     from pgzoo.adapters import lightning as pl_adapter
 
-    with warnings.catch_warnings(), _stop_on_sigterm(recipe):
+    from pgzoo.distributed import stop_on_sigterm, with_resume_hint
+
+    with warnings.catch_warnings(), stop_on_sigterm(recipe.world_size):
         warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|exists and is not "
                                           "empty|LightningModule.optimizers|`training_step` returned).*")
         warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
@@ -194,7 +195,8 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
                 trainer.fit(module, train_dataloaders=pl_adapter.step_loader(start, recipe.train.steps))
         except BaseException as exc:
             if isinstance(exc, Exception) or type(exc).__name__ == "SIGTERMException":  # Lightning's, on SIGTERM
-                raise _with_resume_hint(exc, recipe, module, command) from exc
+                raise with_resume_hint(exc, recipe.run_dir, recipe.world_size, module.last_step + 1,
+                                       command) from exc
             raise
         finally:
             _close(engine)
@@ -236,8 +238,8 @@ def _module_and_trainer(recipe, policy, tokenizer, objective, task, engine, ref_
         callbacks.append(_Restore(ckpt))
     callbacks.append(pl_adapter.HFCheckpoint(run_dir, every=recipe.output.checkpoint_every,
                                              keep=recipe.output.keep_checkpoints, total_steps=recipe.train.steps))
-    if lead and recipe.eval.every:
-        callbacks.append(_PeriodicEval(recipe, tokenizer, task, problems, run_dir, evals))
+    if recipe.eval.every:
+        callbacks.append(_PeriodicEval(recipe, tokenizer, task, problems, run_dir, evals, lead))
     bar = recipe.output.progress_bar and not quiet and lead
     if bar:
         callbacks.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1))
@@ -261,65 +263,6 @@ def _one_device_per_rank(recipe) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.train.devices))
 
 
-class _Stopped(PgzooError):
-    pass
-
-
-@__import__("contextlib").contextmanager
-def _stop_on_sigterm(recipe):
-    """Several ranks: SIGTERM (torchrun stopping the survivors of a failed rank, SLURM cancelling) becomes an
-    exception, so the rank stops with the resume hint instead of dying silently."""
-    if recipe.world_size == 1:
-        yield
-        return
-
-    def handler(signum, frame):
-        raise _Stopped("stopped by SIGTERM: another rank failed or the job was cancelled")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _with_resume_hint(exc: BaseException, recipe, module, command: str | None) -> BaseException:
-    """A pgzoo error (or a torch.distributed failure: a peer rank died) with where the run stands and how to go on."""
-    from pgzoo import run_folder as rf
-
-    if type(exc).__name__ == "SIGTERMException":
-        exc = _Stopped("stopped by SIGTERM: another rank failed or the job was cancelled")
-    if not isinstance(exc, PgzooError):
-        import torch.distributed as dist
-
-        lost = isinstance(exc, getattr(dist, "DistError", ())) or "gloo" in str(exc).lower() or \
-            "connection" in str(exc).lower() or "nccl" in str(exc).lower()
-        if not lost:
-            return exc
-        step = module.last_step + 1
-        exc = PgzooError(f"rank {_rank_now()} lost contact with another rank during step {step} "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                         "the other rank died (killed, out of memory) or its machine is unreachable")
-    last = rf.latest_checkpoint(recipe.run_dir)
-    how = command or f"pgzoo train <recipe> output.dir={recipe.run_dir}"
-    if recipe.world_size > 1 and os.environ.get("TORCHELASTIC_RUN_ID"):
-        how = f"the same torchrun command ({how} ...)"
-    where = (f"The last checkpoint ({last}) is intact; continue with: {how} --resume"
-             if last is not None else "No checkpoint had been written yet; rerun to start again.")
-    exc.args = (f"{exc.args[0] if exc.args else exc}. {where}", *exc.args[1:])
-    return exc
-
-
-def _rank_now() -> int:
-    from pgzoo.distributed import env_rank
-
-    return env_rank()
-
-
 def _Restore(ckpt):
     """Optimizer state is loaded after Lightning builds (and FSDP shards) the optimizers: on_train_start."""
     L = require("lightning", "lightning")
@@ -332,20 +275,40 @@ def _Restore(ckpt):
     return Restore()
 
 
-def _PeriodicEval(recipe, tokenizer, task, problems, run_dir, evals):
-    """Rank 0 evaluates every ``eval.every`` steps (not under FSDP with several ranks: the recipe check refuses)."""
+def _PeriodicEval(recipe, tokenizer, task, problems, run_dir, evals, lead):
+    """Rank 0 evaluates every ``eval.every`` steps. A sharded policy is gathered first (every rank takes part) into
+    an unsharded copy on rank 0, built once from the policy's config."""
     L = require("lightning", "lightning")
     from pgzoo import run_folder as rf
+    from pgzoo.distributed import full_state_dict, is_sharded
 
     class PeriodicEval(L.Callback):
+        copy = None
+
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             step = int(batch)
-            if (step + 1) % recipe.eval.every == 0 and step + 1 < recipe.train.steps:
-                res = run_eval(recipe, module.policy, tokenizer, task, problems)
-                evals.setdefault("during", {})[str(step + 1)] = res
-                rf.write_eval(run_dir, evals)
-                for lg in module.loggers:
-                    lg.log_metrics({f"eval/{k}": v for k, v in res.items()}, step=step)
+            if (step + 1) % recipe.eval.every or step + 1 >= recipe.train.steps:
+                return
+            policy = module.policy
+            if is_sharded(policy):
+                state = full_state_dict(policy)  # collective: the full tensors land on rank 0
+                if lead:
+                    policy = self.unsharded_copy(module, state)
+            if not lead:
+                return
+            res = run_eval(recipe, policy, tokenizer, task, problems)
+            evals.setdefault("during", {})[str(step + 1)] = res
+            rf.write_eval(run_dir, evals)
+            for lg in module.loggers:
+                lg.log_metrics({f"eval/{k}": v for k, v in res.items()}, step=step)
+
+        def unsharded_copy(self, module, state):
+            import transformers
+
+            if self.copy is None:
+                self.copy = transformers.AutoModelForCausalLM.from_config(module.policy.config).to(module.device)
+            self.copy.load_state_dict(state)
+            return self.copy.eval()
 
     return PeriodicEval()
 

@@ -46,12 +46,6 @@ def test_combinations_that_cannot_run_name_the_fix(train, match):
         _recipe(**train)
 
 
-def test_periodic_eval_under_multi_rank_fsdp_is_refused():
-    with pytest.raises(ConfigError, match="eval.every"):
-        recipe_from_dict({"rollout": {"prompts_per_step": 4, "group_size": 2}, "eval": {"every": 2},
-                          "train": {"strategy": "fsdp", "devices": 2}})
-
-
 def test_env_rank(monkeypatch):
     from pgzoo.distributed import env_rank
 
