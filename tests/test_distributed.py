@@ -110,3 +110,12 @@ def test_sharded_policy_gives_the_same_logprobs_gradients_and_replay(one_rank_gr
     assert set(s1) == set(s0) == set(c1)  # consolidated names are the Hugging Face ones
     for k in s0:
         torch.testing.assert_close(s1[k], s0[k])
+
+
+def test_importing_the_trainer_module_does_not_import_lightning():
+    """`pgzoo train --help` stays fast: Lightning is imported inside the functions that use it."""
+    import subprocess
+    import sys
+
+    code = "import sys, pgzoo.train, pgzoo.cli; assert not any(m.startswith('lightning') for m in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
