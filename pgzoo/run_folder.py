@@ -92,6 +92,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
     """The rows of a run folder's ``metrics.csv`` as ``{column: float}`` (empty cells left out; [] if absent)."""
+    path = Path(path)
     if not path.exists():
         return []
     rows = []
