@@ -258,7 +258,8 @@ def _one_device_per_rank(recipe) -> None:
     if recipe.world_size == 1:
         return
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
+        local = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0"  # torchrun/Lightning, SLURM
+        torch.cuda.set_device(int(local))
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.train.devices))
 
