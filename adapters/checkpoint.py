@@ -89,7 +89,8 @@ def save_checkpoint(module, path: Path, step: int, extra: dict | None = None) ->
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-            dcp.save({"optimizer": get_optimizer_state_dict(module.policy, opt)}, checkpoint_id=str(tmp / OPTIMIZER_DIR))
+            dcp.save({"optimizer": get_optimizer_state_dict(module.policy, opt)},
+                     checkpoint_id=str(tmp / OPTIMIZER_DIR))
         elif rank == 0:
             state["optimizer"] = opt.state_dict()
         if rank == 0:

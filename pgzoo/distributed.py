@@ -7,8 +7,8 @@ Lightning starts and supervises the processes: its subprocess launcher for ``tra
 none when ``torchrun`` / SLURM already started one process per rank (its cluster environments read ``RANK``,
 ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` / ``SLURM_*``). pgzoo adds only the objective's semantics: the
 normalisers of a mini-batch (sequence and token counts) are summed over ranks before its first micro-batch, and the
-loss is scaled by the number of ranks because DDP and FSDP average gradients (``1/W Σ_r ∇(W·loss_r) = Σ_r ∇loss_r``,
-the single-process gradient of the mini-batch).
+loss is scaled by the number of ranks because DDP and FSDP average gradients
+(``1/W Σ_r ∇(W·loss_r) = Σ_r ∇loss_r``, the single-process gradient of the mini-batch).
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) goes through Lightning's ``ModelParallelStrategy``: it builds the
 device mesh, calls ``LightningModule.configure_model`` (where the policy is sharded per decoder layer, then at the
@@ -125,22 +125,6 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-@contextlib.contextmanager
-def unsharded(model: torch.nn.Module):
-    """Inside: every FSDP2 unit of ``model`` holds its full (unsharded) parameters, as plain tensors, on every rank;
-    resharded on exit. A no-op for an unsharded model."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in units:
-        m.unshard()
-    try:
-        yield model
-    finally:
-        for m in units:
-            m.reshard()
-
-
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The consolidated parameters of a (possibly sharded) model on rank 0, on the CPU (empty on other ranks):
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` with ``full_state_dict=True, cpu_offload=True``
@@ -236,5 +220,6 @@ def with_resume_hint(exc: BaseException, run_dir, world_size: int, step: int, co
     return exc
 
 
-__all__ = ["Stopped", "stop_on_sigterm", "with_resume_hint", "env_rank", "world", "all_reduce_sum", "trainer_parallelism", "shard_policy", "unsharded",
-           "full_state_dict", "is_sharded", "decoder_layers", "consolidated"]
+__all__ = ["Stopped", "stop_on_sigterm", "with_resume_hint", "env_rank", "world", "all_reduce_sum",
+           "trainer_parallelism", "shard_policy", "full_state_dict", "is_sharded", "decoder_layers",
+           "consolidated"]
