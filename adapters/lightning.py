@@ -2,212 +2,175 @@
 
 Runbook. Each global step (one ``training_step``):
 
-    1. rollout      B prompts x G completions from the rollout engine (vLLM or transformers), with μ logprobs
+    1. rollout      this rank's share of B prompts x G completions from the rollout engine, with μ logprobs;
+                    moved once onto the module's device
     2. rewards      the task's verifiable reward per completion
     3. advantages   the objective's default estimator (or the recipe's), group-relative over the G completions
     4. old logprobs π_θold in the training engine, only off-policy (N > 1) or for R2 (routes recorded there)
     5. updates      N mini-batches, one optimizer step each, R2/R3 routes replayed; normalisers are GLOBAL
-                    (every rank and micro-batch of the mini-batch), so DDP and accumulation give the
-                    single-process gradient
-    6. sync         the new weights into the rollout engine, in place
+                    (every rank and micro-batch of the mini-batch, summed through the strategy), so DDP/FSDP and
+                    accumulation give the single-process gradient
+    6. sync         the new weights into the rollout engine (:meth:`RLModule.sync_engine`)
     7. log          one metrics row per step (Lightning loggers); checkpoints by :class:`HFCheckpoint`
 
-    module = RLModule(policy, tokenizer, pgzoo.get("minirl"), pgzoo.tasks.get("arithmetic"), engine, LoopConfig())
+    module = RLModule(policy, tokenizer, pgzoo.get("minirl"), pgzoo.tasks.get("arithmetic"), engine, recipe)
     trainer = lightning.Trainer(max_epochs=1, ..., callbacks=[HFCheckpoint(run_dir, every=10)])
     trainer.fit(module, train_dataloaders=step_loader(start=0, steps=40))
 
-``pgzoo train RECIPE`` (pgzoo/train.py) builds all of this from a recipe. Without a Lightning trainer attached the
-same :meth:`RLModule.update` runs stand-alone (the DDP test drives it from two gloo processes).
+The loop reads the recipe's typed sections (``recipe.rollout``, ``recipe.train``, ``recipe.objective``,
+``recipe.seed``; :mod:`pgzoo.recipes`). ``pgzoo train RECIPE`` (pgzoo/train.py) builds all of this; data
+parallelism is Lightning's (``train.strategy``, :mod:`pgzoo.distributed`). Without a Trainer attached the same
+:meth:`RLModule.update` runs stand-alone in one process.
+
+Host syncs of a step (documented; none per micro-batch beyond these): the engine's CPU output and the decoded texts
+(rollout, rewards), one transfer of the rows' lengths (trimming and token weights), one of the global normalisers of
+all N mini-batches, the objective's finite-value check of each micro-batch (``TokenBatch.check_values``), and the
+metrics row at the end of the step.
 """
 
 from __future__ import annotations
 
 import math
-import random
-import shutil
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
+from pgzoo.adapters.loop_data import (
+    RolloutBatch,
+    StepDataset,
+    _Accumulator,
+    _attention,
+    _full,
+    _lengths,
+    _Lengths,
+    _strip,
+    step_loader,
+)
 from pgzoo import advantages as _advantages
 from pgzoo.batch import TokenBatch
 from pgzoo.diagnostics import entropy_metrics
+from pgzoo.distributed import all_reduce_sum, is_sharded, shard_policy, world
 from pgzoo.errors import EngineError, PgzooError, RoutingError, require
-from pgzoo.fileio import atomic_folder
 from pgzoo.logprobs import completion_logprobs
+from pgzoo.rollout.sync import sync_weights
 from pgzoo.rollout.sync_check import check_sync
 
 L = require("lightning", "lightning")
 
 
-@dataclass
-class LoopConfig:
-    """The loop's knobs (a recipe's rollout/train sections, flattened; see pgzoo.recipes for each one)."""
-
-    prompts_per_step: int = 16
-    group_size: int = 8
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    num_minibatches: int = 1
-    micro_batch_size: int | None = None
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = 1.0
-    warmup_steps: int = 0
-    routing_replay: str | None = None
-    logprob_chunk_size: int | None = None
-    advantage: str | None = None
-    use_rollout_logprobs: bool = True
-    seed: int = 0
-    verify_sync: float | None = None  # after each sync: tolerance of the engine-vs-policy logprob parity probe
-
-    @property
-    def needs_old_logprobs(self) -> bool:
-        return self.num_minibatches > 1 or self.routing_replay == "R2"
-
-
-@dataclass
-class RolloutBatch:
-    """One step's data on this rank, rows prompt-major (the G rows of a prompt contiguous)."""
-
-    prompt_ids: torch.Tensor        # [n, P] left-padded
-    prompt_mask: torch.Tensor       # [n, P]
-    completion_ids: torch.Tensor    # [n, T] right-padded
-    completion_mask: torch.Tensor   # [n, T] bool
-    rollout_logprobs: torch.Tensor  # [n, T] μ (0 at padding)
-    advantages: torch.Tensor        # [n]
-    rewards: torch.Tensor           # [n]
-    truncated: torch.Tensor         # [n] bool
-    routes: torch.Tensor | None = None      # [n, P+T, L, k] routes to replay (R3: rollout's; R2: θold's)
-    old_logprobs: torch.Tensor | None = None  # [n, T] π_θold (training engine)
-
-    def rows(self, idx: slice) -> "RolloutBatch":
-        pick = lambda x: None if x is None else x[idx]  # noqa: E731
-        return RolloutBatch(**{k: pick(v) for k, v in self.__dict__.items()})
-
-
-def _dist():
-    d = torch.distributed
-    return (d.get_world_size(), d.get_rank()) if d.is_available() and d.is_initialized() else (1, 0)
-
-
-def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if _dist()[0] > 1:
-        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM)
-    return x
-
-
-def _trim(mb: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, slice, slice]:
-    """Drop all-padding prompt columns (left) and completion columns (right) of a micro-batch: less compute, same
-    values (left padding is masked and positions are counted from the first real token)."""
-    P = mb.prompt_ids.shape[1]
-    first = int((mb.prompt_mask.long().sum(0) > 0).nonzero()[0]) if mb.prompt_mask.any() else 0
-    last = int(mb.completion_mask.long().sum(-1).max().clamp_min(1))
-    ps, cs = slice(first, P), slice(0, last)
-    return (mb.prompt_ids[:, ps], mb.prompt_mask[:, ps], mb.completion_ids[:, cs], mb.completion_mask[:, cs], ps, cs)
-
-
 class RLModule(L.LightningModule):
-    """Policy-gradient RL on a Hugging Face causal LM with a pgzoo objective (see the module docstring)."""
+    """Policy-gradient RL on a Hugging Face causal LM with a pgzoo objective (see the module docstring).
 
-    def __init__(self, policy, tokenizer, objective, task, engine, config: LoopConfig | None = None,
-                 ref_policy=None):
+    ``recipe`` is a :class:`pgzoo.recipes.Recipe` (None: the defaults); the loop reads its ``rollout``, ``train`` and
+    ``objective`` sections and ``seed``.
+    """
+
+    def __init__(self, policy, tokenizer, objective, task, engine, recipe=None, ref_policy=None):
         super().__init__()
+        if recipe is None:
+            from pgzoo.recipes import Recipe
+
+            recipe = Recipe()
         self.policy = policy
         self.tokenizer = tokenizer
         self.objective = objective
         self.task = task
         self.engine = engine
-        self.cfg = config or LoopConfig()
+        self.recipe = recipe
         self.ref_policy = ref_policy
         self.automatic_optimization = False
-        self.advantage_name = self.cfg.advantage or objective.default_advantage
+        self.advantage_name = recipe.objective.advantage or objective.default_advantage
         self.history: list[dict[str, float]] = []  # one metrics row per step (also sent to the loggers)
         self.last_step = -1
+        self.architecture = type(policy).__name__  # before FSDP2 renames the class (FSDP<Name>)
         from pgzoo.routing import RoutingReplay
 
-        self.replay = RoutingReplay(self.cfg.routing_replay)
+        self.replay = RoutingReplay(recipe.train.routing_replay)
 
-    # ------------------------------------------------------------------ optimisation setup
+    @property
+    def ro(self):
+        return self.recipe.rollout
+
+    @property
+    def tr(self):
+        return self.recipe.train
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        return self.recipe.needs_old_logprobs
+
+    # ------------------------------------------------------------------ parallelism and optimisation setup
+    def configure_model(self) -> None:
+        """FSDP2 (train.strategy=fsdp): shard the policy (and the frozen reference) per decoder layer and at the root
+        over the strategy's data-parallel mesh. Called by Lightning's ModelParallelStrategy before the optimizer."""
+        if self.recipe.strategy != "fsdp" or is_sharded(self.policy):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        kw = dict(activation_checkpointing=self.tr.activation_checkpointing, mixed_precision=self.tr.mixed_precision)
+        shard_policy(self.policy, mesh, **kw)
+        if self.ref_policy is not None:
+            shard_policy(self.ref_policy, mesh, mixed_precision=self.tr.mixed_precision)
+
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.policy.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
-                                betas=tuple(self.cfg.betas))
-        warm = self.cfg.warmup_steps
+        t = self.tr
+        opt = torch.optim.AdamW(self.policy.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        warm = t.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         return [opt], [sched]
 
     def _opt_and_sched(self):
         if self._trainer is not None:
-            opt, sched = self.optimizers(), self.lr_schedulers()
-            return opt, sched
+            return self.optimizers(), self.lr_schedulers()
         if not hasattr(self, "_standalone"):
             (opt,), (sched,) = self.configure_optimizers()
             self._standalone = (opt, sched)
         return self._standalone
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self._trainer is not None:
-            self.manual_backward(loss)
-        else:
-            loss.backward()
+    def _strategy(self):
+        return self._trainer.strategy if self._trainer is not None else None
 
-    def _verify_sync(self, data: RolloutBatch, step: int) -> dict[str, float]:
-        """Parity of the freshly synced engine with the policy on a probe: the step's first prompts (up to 4), 8
-        tokens each at temperature 1. Raises EngineError above ``verify_sync`` (see pgzoo.rollout.sync_check)."""
-        rows = range(0, min(len(data.prompt_ids), 4 * self.cfg.group_size), self.cfg.group_size)
-        probe = [data.prompt_ids[i][data.prompt_mask[i]].tolist() for i in rows]
-        try:
-            result = check_sync(self.engine, self.policy, probe, max_new_tokens=min(8, self.cfg.max_new_tokens),
-                                seed=self.step_seed(step) + 1, tolerance=self.cfg.verify_sync)
-        except EngineError as exc:
-            raise EngineError(f"step {step}: {exc}") from exc
-        return {"sync/logprob_abs_diff_mean": result.mean_abs_diff, "sync/logprob_abs_diff_max": result.max_abs_diff}
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self._trainer is None:
+            loss.backward()
+            return
+        # DDP and FSDP average gradients over the W ranks; the loss already carries the GLOBAL normalisers, so the
+        # single-process gradient is the SUM over ranks: scale by W (exact in floating point for W a power of 2)
+        self.manual_backward(loss * world()[0] if world()[0] > 1 else loss)
 
     # ------------------------------------------------------------------ the loop
     def training_step(self, batch, batch_idx):
         step = int(batch)
-        world, rank = _dist()
+        n_ranks, rank = world()
         t0 = time.perf_counter()
         # 1. rollout: this rank's share of the B prompts, G completions each (host sync: the engine returns CPU ids)
-        problems = self.task.sample(self.cfg.prompts_per_step, split="train", seed=self.step_seed(step))
-        problems = problems[rank::world]
+        problems = self.task.sample(self.ro.prompts_per_step, split="train", seed=self.step_seed(step))
+        problems = problems[rank::n_ranks]
         ro = self.rollout(problems, step)
         t1 = time.perf_counter()
         # 2. rewards: the task's verifiable reward of each decoded completion
         texts = self.tokenizer.batch_decode(_strip(ro.completion_ids, ro.completion_mask), skip_special_tokens=True)
-        rewards = torch.tensor([self._reward(t, problems[i // self.cfg.group_size], step)
+        rewards = torch.tensor([self._reward(t, problems[i // self.ro.group_size], step)
                                 for i, t in enumerate(texts)], dtype=torch.float32)
         # 3. advantages: group-relative (groups never straddle ranks: prompts are sharded whole)
-        adv = _advantages.compute(self.advantage_name, rewards, group_size=self.cfg.group_size,
+        adv = _advantages.compute(self.advantage_name, rewards, group_size=self.ro.group_size,
                                   lengths=ro.completion_mask.sum(-1))  # OPO's baseline, REINFORCE++'s token weights
         data = RolloutBatch(ro.prompt_ids, ro.prompt_mask.bool(), ro.completion_ids, ro.completion_mask.bool(),
                             ro.logprobs.float(), adv, rewards, ro.truncated.bool(),
-                            routes=ro.routes if self.cfg.routing_replay == "R3" else None)
-        if self.cfg.routing_replay == "R3" and data.routes is None:
+                            routes=ro.routes if self.tr.routing_replay == "R3" else None).to(self.device)
+        if self.tr.routing_replay == "R3" and data.routes is None:
             raise RoutingError("routing_replay=R3 but the rollout engine returned no routes; use an engine with "
                                "supports_routes (rollout.engine=transformers on CPU) or R2")
         # 4-5. old logprobs (when needed; R2 records routes there) and the N mini-batch updates (R2/R3 replay)
         metrics = self.update(data)
         t2 = time.perf_counter()
-        # 6. sync: the updated weights into the rollout engine, in place
-        try:
-            self.engine.load_weights(self.policy)
-        except PgzooError:
-            raise
-        except Exception as exc:
-            raise EngineError(f"rollout engine {type(self.engine).__name__} failed to load the weights of step "
-                              f"{step}: {type(exc).__name__}: {exc}") from exc
-        if self.cfg.verify_sync is not None:
+        # 6. sync: the updated weights into the rollout engine
+        self.sync_engine(step)
+        if self.ro.verify_sync is not None:
             metrics.update(self._verify_sync(data, step))
         t3 = time.perf_counter()
         # 7. log: one row per global step
-        tokens = int(_all_reduce_sum(data.completion_mask.sum().float().clone()).item())
         metrics.update(self._rollout_metrics(data))
+        tokens = metrics.pop("_tokens")
         metrics.update({"time/rollout": t1 - t0, "time/old_logprobs": metrics.pop("_t_old", 0.0),
                         "time/update": metrics.pop("_t_upd", t2 - t1), "time/sync": t3 - t2,
                         "time/step": t3 - t0, "throughput/tokens_per_s": tokens / max(t3 - t0, 1e-9)})
@@ -215,22 +178,48 @@ class RLModule(L.LightningModule):
         self.last_step = step
         bar = {"reward": metrics["reward/mean"], "len": metrics["response/length_mean"]}
         if self._trainer is not None:
-            self.log_dict(bar, prog_bar=True, on_step=True, logger=False, batch_size=1)
+            self.log_dict(bar, prog_bar=True, on_step=True, logger=False, batch_size=1, rank_zero_only=True)
         return None
+
+    def sync_engine(self, step: int) -> None:
+        """Step 6: the policy's weights into this rank's rollout engine, in place: streamed parameter by parameter in
+        buckets of ``rollout.sync_bucket_mb`` (:func:`pgzoo.rollout.sync.sync_weights`; a sharded policy is gathered
+        one parameter at a time on every rank, never as a whole state dict)."""
+        try:
+            sync_weights(self.policy, self.engine, bucket_mb=self.ro.sync_bucket_mb)
+        except PgzooError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"rollout engine {type(self.engine).__name__} failed to load the weights of step "
+                              f"{step}: {type(exc).__name__}: {exc}") from exc
+
+    def _verify_sync(self, data: RolloutBatch, step: int) -> dict[str, float]:
+        """Parity of the freshly synced engine with the policy on a probe: the step's first prompts (up to 4), 8
+        tokens each at temperature 1. Raises EngineError above ``verify_sync`` (see pgzoo.rollout.sync_check)."""
+        G = self.ro.group_size
+        probe = [data.prompt_ids[i][data.prompt_mask[i]].tolist() for i in range(0, min(len(data.prompt_ids), 4 * G),
+                                                                                   G)]
+        try:
+            with torch.no_grad():
+                result = check_sync(self.engine, self.policy, probe, max_new_tokens=min(8, self.ro.max_new_tokens),
+                                    seed=self.step_seed(step) + 1, tolerance=self.ro.verify_sync)
+        except EngineError as exc:
+            raise EngineError(f"step {step}: {exc}") from exc
+        return {"sync/logprob_abs_diff_mean": result.mean_abs_diff, "sync/logprob_abs_diff_max": result.max_abs_diff}
 
     def step_seed(self, step: int) -> int:
         """The seed of step ``step`` (prompts and sampling): a function of the recipe seed and the step only, so a
         resumed run draws exactly what the uninterrupted run drew."""
-        return (self.cfg.seed * 1_000_003 + step * 7_919) % (2**31 - 1)
+        return (self.recipe.seed * 1_000_003 + step * 7_919) % (2**31 - 1)
 
     def rollout(self, problems, step: int):
         enc = self.tokenizer([p.prompt for p in problems], add_special_tokens=False)
         prompts = [list(ids) for ids in enc["input_ids"]]
         try:
-            return self.engine.generate(prompts, n=self.cfg.group_size, max_new_tokens=self.cfg.max_new_tokens,
-                                        temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                        seed=self.step_seed(step) + _dist()[1],
-                                        return_routes=self.cfg.routing_replay == "R3")
+            return self.engine.generate(prompts, n=self.ro.group_size, max_new_tokens=self.ro.max_new_tokens,
+                                        temperature=self.ro.temperature, top_p=self.ro.top_p,
+                                        seed=self.step_seed(step) + world()[1],
+                                        return_routes=self.tr.routing_replay == "R3")
         except PgzooError:
             raise
         except Exception as exc:
@@ -250,34 +239,43 @@ class RLModule(L.LightningModule):
         return value
 
     # ------------------------------------------------------------------ updates
-    def forward_logprobs(self, mb: RolloutBatch, trim: bool = True):
-        """Per-token logprobs/entropy ``[n, T]`` of a micro-batch's completions under the policy. ``trim`` drops
-        all-padding columns first (not under routing replay: stored routes cover the full padded positions)."""
+    def forward_logprobs(self, mb: RolloutBatch, trim: tuple[slice, slice] | None = None, policy=None):
+        """Per-token logprobs/entropy ``[n, T]`` of a micro-batch's completions under ``policy`` (default: the
+        policy). ``trim`` = (prompt columns, completion columns) to keep: all-padding columns dropped first (not
+        under routing replay: stored routes cover the full padded positions); padding comes back as zeros."""
+        model = self.policy if policy is None else policy
         n, T = mb.completion_ids.shape
-        kw = dict(temperature=self.cfg.temperature, chunk_size=self.cfg.logprob_chunk_size)
-        if not trim:
-            out = completion_logprobs(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
-                                      mb.completion_mask, **kw)
+        kw = dict(temperature=self.ro.temperature, chunk_size=self.tr.logprob_chunk_size,
+                  with_entropy=policy is None)
+        if trim is None:
+            out = completion_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
+                                      **kw)
             return out.logprobs, out.entropy
-        pid, pm, cid, cm, ps, cs = _trim(mb)
-        out = completion_logprobs(self.policy, pid, pm, cid, cm, **kw)
+        ps, cs = trim
+        out = completion_logprobs(model, mb.prompt_ids[:, ps], mb.prompt_mask[:, ps], mb.completion_ids[:, cs],
+                                  mb.completion_mask[:, cs], **kw)
         if cs.stop == T:
             return out.logprobs, out.entropy
-        pad = torch.zeros(n, T - cs.stop, dtype=out.logprobs.dtype)
-        return torch.cat([out.logprobs, pad], 1), torch.cat([out.entropy, pad], 1)
+        pad = out.logprobs.new_zeros(n, T - cs.stop)  # on the logprobs' device and dtype
+        ent = None if out.entropy is None else torch.cat([out.entropy, pad], 1)
+        return torch.cat([out.logprobs, pad], 1), ent
 
     def _micro_slices(self, n: int) -> list[slice]:
-        size = self.cfg.micro_batch_size or n
+        size = self.tr.micro_batch_size or n
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
+    def _trim(self, lengths: _Lengths, rows: slice, P: int) -> tuple[slice, slice] | None:
+        return lengths.trim(rows, P) if self.replay.mode is None else None
+
     @torch.no_grad()
-    def compute_old_logprobs(self, data: RolloutBatch) -> None:
+    def compute_old_logprobs(self, data: RolloutBatch, lengths: _Lengths | None = None) -> None:
         """π_θold of every row in the training engine (R2: routes recorded here; R3: rollout routes replayed)."""
+        lengths = lengths or _lengths(data)
         olds = []
         for sl in self._micro_slices(data.prompt_ids.shape[0]):
             mb = data.rows(sl)
             with self.replay.old_pass(self.policy, rows=sl, mask=_attention(mb)):
-                lp, _ = self.forward_logprobs(mb, trim=self.replay.mode is None)
+                lp, _ = self.forward_logprobs(mb, self._trim(lengths, sl, data.prompt_ids.shape[1]))
             olds.append(lp)
         data.old_logprobs = torch.cat(olds)
 
@@ -285,243 +283,98 @@ class RLModule(L.LightningModule):
         """Steps 4-5: old logprobs when needed, then N optimizer steps over N contiguous mini-batches.
 
         Normalisers of each mini-batch (sequences with >= 1 token, unmasked tokens) are summed over all ranks
-        before the first micro-batch, so Σ_ranks Σ_micro ∇loss_micro = ∇(loss of the whole mini-batch).
+        (through the strategy) before the first micro-batch, so Σ_ranks Σ_micro ∇loss_micro = ∇(loss of the whole
+        mini-batch); DDP/FSDP average over ranks, hence the factor W in :meth:`_backward`.
         """
-        cfg = self.cfg
+        t = self.tr
         opt, sched = self._opt_and_sched()
         t0 = time.perf_counter()
         self.policy.train()
         self.replay.start_batch(data.routes)
-        if cfg.needs_old_logprobs:
-            self.compute_old_logprobs(data)
+        lengths = _lengths(data)
+        if self.needs_old_logprobs:
+            self.compute_old_logprobs(data, lengths)
         t1 = time.perf_counter()
-        n_rows = data.prompt_ids.shape[0]
-        if n_rows % cfg.num_minibatches:
-            raise PgzooError(f"num_minibatches={cfg.num_minibatches} does not divide the {n_rows} rows on this rank")
-        mb_rows = n_rows // cfg.num_minibatches
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
-        for n in range(cfg.num_minibatches):
+        n_rows, P = data.prompt_ids.shape
+        if n_rows % t.num_minibatches:
+            raise PgzooError(f"num_minibatches={t.num_minibatches} does not divide the {n_rows} rows on this rank")
+        mb_rows = n_rows // t.num_minibatches
+        # the global normalisers of all N mini-batches in one reduction (host sync: one per step)
+        per_mb = data.completion_mask.reshape(t.num_minibatches, mb_rows, -1)
+        counts = torch.stack([per_mb.any(-1).sum(-1), per_mb.sum((-1, -2))], -1).float()
+        counts = all_reduce_sum(counts, self._strategy()).clamp_min(1.0).tolist()
+        acc = _Accumulator(data.completion_mask.device)
+        for n in range(t.num_minibatches):
             lo = n * mb_rows
             mini = data.rows(slice(lo, lo + mb_rows))
-            counts = torch.stack([mini.completion_mask.any(-1).sum(), mini.completion_mask.sum()]).float()
-            counts = _all_reduce_sum(counts)  # host sync below: the global normalisers of this mini-batch
-            num_seq, num_tok = max(float(counts[0]), 1.0), max(float(counts[1]), 1.0)
+            num_seq, num_tok = counts[n]
             opt.zero_grad(set_to_none=True)
             for sl in self._micro_slices(mb_rows):
                 mb = mini.rows(sl)
                 rows = slice(lo + sl.start, lo + sl.stop)
+                w = lengths.tokens(rows)
                 with self.replay.update_pass(self.policy, rows=rows, mask=_attention(mb)):
-                    lp, ent = self.forward_logprobs(mb, trim=self.replay.mode is None)
+                    lp, ent = self.forward_logprobs(mb, self._trim(lengths, rows, P))
                     batch = TokenBatch(
                         logprobs=lp, mask=mb.completion_mask, advantages=mb.advantages,
                         old_logprobs=mb.old_logprobs,
-                        rollout_logprobs=mb.rollout_logprobs if cfg.use_rollout_logprobs else None,
-                        ref_logprobs=self._ref_logprobs(mb) if self.ref_policy is not None else None,
-                        num_sequences=num_seq, num_tokens=num_tok, max_tokens=cfg.max_new_tokens,
-                        check_values=bool(mb.completion_mask.any()),
+                        rollout_logprobs=mb.rollout_logprobs if self.ro.logprobs == "engine" else None,
+                        ref_logprobs=self._ref_logprobs(mb, lengths, rows) if self.ref_policy is not None else None,
+                        num_sequences=num_seq, num_tokens=num_tok, max_tokens=self.ro.max_new_tokens,
+                        check_values=w > 0,
                         entropies=ent if "entropies" in self.objective.requires else None)
                     out = self.objective(batch)
                     self._backward(out.loss)  # inside the replay context: any recomputation replays too
-                w = float(mb.completion_mask.sum())
-                _accumulate(sums, weights, out.metrics, w)
-                _accumulate(sums, weights, {**entropy_metrics(ent, mb.completion_mask),
-                                            "loss": out.loss.detach() * num_tok / max(w, 1.0)}, w)
-            self._sync_grads()
-            if cfg.grad_clip is not None:
-                gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+                acc.add(out.metrics, w)
+                acc.add({**entropy_metrics(ent, mb.completion_mask),
+                         "loss": out.loss.detach() * num_tok / max(w, 1.0)}, w)
+            params = [p for p in self.policy.parameters() if p.grad is not None]
+            if t.grad_clip is not None:
+                gn = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
             else:
-                gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.policy.parameters()
-                                    if p.grad is not None))
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
-            weights["grad_norm"] = weights.get("grad_norm", 0.0) + 1.0
+                gn = torch.nn.utils.get_total_norm([p.grad for p in params])
+            acc.add({"grad_norm": _full(gn)}, 1.0)
             opt.step()
             sched.step()
         t2 = time.perf_counter()
         self.policy.eval()
-        metrics = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
+        metrics = acc.result(self._strategy())  # host sync: the step's metrics, over all ranks
         metrics["lr"] = float(sched.get_last_lr()[0])
         metrics.update({k: float(v) for k, v in self.replay.metrics().items()})
-        if cfg.routing_replay is not None and metrics.get("routing/layers_hit", 0.0) <= 0:
-            raise RoutingError(f"routing replay {cfg.routing_replay} was asked for but forced no MoE layer this step")
+        if t.routing_replay is not None and metrics.get("routing/layers_hit", 0.0) <= 0:
+            raise RoutingError(f"routing replay {t.routing_replay} was asked for but forced no MoE layer this step")
         metrics["_t_old"], metrics["_t_upd"] = t1 - t0, t2 - t1
         return metrics
 
-    def _sync_grads(self) -> None:
-        """Sum gradients over ranks (normalisers are global, so the sum is the single-process gradient)."""
-        world, _ = _dist()
-        if world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.policy.parameters()]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        offset = 0
-        for p, g in zip(self.policy.parameters(), grads):
-            k = g.numel()
-            p.grad = flat[offset:offset + k].view_as(p).clone()
-            offset += k
-
     @torch.no_grad()
-    def _ref_logprobs(self, mb: RolloutBatch) -> torch.Tensor:
-        pid, pm, cid, cm, ps, cs = _trim(mb)
-        out = completion_logprobs(self.ref_policy, pid, pm, cid, cm, temperature=self.cfg.temperature,
-                                  chunk_size=self.cfg.logprob_chunk_size, with_entropy=False)
-        T = mb.completion_ids.shape[1]
-        return torch.cat([out.logprobs, torch.zeros(out.logprobs.shape[0], T - cs.stop)], 1)
+    def _ref_logprobs(self, mb: RolloutBatch, lengths: _Lengths, rows: slice) -> torch.Tensor:
+        lp, _ = self.forward_logprobs(mb, lengths.trim(rows, mb.prompt_ids.shape[1]), policy=self.ref_policy)
+        return lp
 
     # ------------------------------------------------------------------ logging
     def _rollout_metrics(self, data: RolloutBatch) -> dict[str, float]:
         stats = torch.stack([data.rewards.sum(), (data.rewards > 0).float().sum(),
                              data.completion_mask.sum(-1).float().sum(), data.truncated.float().sum(),
-                             torch.tensor(float(data.rewards.numel()))])
-        stats = _all_reduce_sum(stats.clone())
-        s = stats.tolist()
+                             torch.tensor(float(data.rewards.numel()), device=data.rewards.device)])
+        s = all_reduce_sum(stats.clone(), self._strategy()).tolist()
         n = max(s[4], 1.0)
         return {"reward/mean": s[0] / n, "reward/accuracy": s[1] / n, "response/length_mean": s[2] / n,
-                "response/truncated_frac": s[3] / n}
+                "response/truncated_frac": s[3] / n, "_tokens": s[2]}
 
     def log_row(self, step: int, metrics: dict[str, float]) -> None:
         row = {k: float(v) for k, v in metrics.items() if not k.startswith("_")}
         self.history.append({"step": step, **row})
-        if self._trainer is not None and _dist()[1] == 0:
+        if self._trainer is not None and world()[1] == 0:
             for logger in self.loggers:
                 logger.log_metrics(row, step=step)
 
 
-def _attention(mb: RolloutBatch) -> torch.Tensor:
-    return torch.cat([mb.prompt_mask, mb.completion_mask], 1)
+from pgzoo.adapters.checkpoint import (  # noqa: E402  (re-exported: the loop's checkpoints)
+    HFCheckpoint,
+    load_trainer_state,
+    save_checkpoint,
+)
+from pgzoo.run_folder import checkpoint_step, latest_checkpoint  # noqa: E402
 
-
-def _strip(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-    return [row[m].tolist() for row, m in zip(ids, mask.bool())]
-
-
-def _accumulate(sums: dict, weights: dict, metrics: dict, w: float) -> None:
-    """Token-weighted mean over micro-batches (max/min kept as max/min)."""
-    for k, v in metrics.items():
-        v = float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
-        if not math.isfinite(v):
-            continue
-        if k.endswith(("max", "/max")) or "_max" in k:
-            sums[k] = max(sums.get(k, -math.inf), v)
-            weights[k] = 1.0
-        elif k.endswith(("min", "/min")) or "_min" in k:
-            sums[k] = min(sums.get(k, math.inf), v)
-            weights[k] = 1.0
-        else:
-            sums[k] = sums.get(k, 0.0) + v * w
-            weights[k] = weights.get(k, 0.0) + w
-
-
-# ---------------------------------------------------------------------- data, checkpoints, callbacks
-class StepDataset(torch.utils.data.Dataset):
-    """The global step indices ``start .. steps-1``: each item is one training_step (prompts are drawn from the
-    task inside the step with a per-step seed, so resuming at any step reproduces the same prompts)."""
-
-    def __init__(self, start: int, steps: int):
-        self.start, self.steps = start, steps
-
-    def __len__(self) -> int:
-        return max(self.steps - self.start, 0)
-
-    def __getitem__(self, i: int) -> int:
-        return self.start + i
-
-
-def step_loader(start: int, steps: int):
-    return torch.utils.data.DataLoader(StepDataset(start, steps), batch_size=None, shuffle=False,
-                                       collate_fn=lambda x: x)
-
-
-STATE_FILE = "trainer_state.pt"
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        pass
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-
-
-def save_checkpoint(module: RLModule, path: Path, step: int, extra: dict | None = None) -> Path:
-    """Write an HF checkpoint + trainer state to ``path`` atomically (temp folder, then rename)."""
-    path = Path(path)
-    with atomic_folder(path) as tmp:
-        gen = getattr(module.policy, "generation_config", None)
-        if gen is not None and getattr(gen, "top_k", None) == 0 and not gen.do_sample:
-            gen.do_sample = True  # a pure-temperature sampling config (top_k=0) must say it samples to validate
-        module.policy.save_pretrained(tmp, safe_serialization=True)
-        module.tokenizer.save_pretrained(tmp)
-        opt, sched = module._opt_and_sched()
-        opt = getattr(opt, "optimizer", opt)
-        torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": rng_state(), "config": asdict(module.cfg), "history": module.history,
-                    **(extra or {})}, tmp / STATE_FILE)
-    return path
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete step checkpoint in ``run_dir/checkpoints`` (None if there is none)."""
-    ckpts = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file())
-    return ckpts[-1] if ckpts else None
-
-
-def checkpoint_step(ckpt: Path) -> int:
-    """The last completed global step stored in ``ckpt``."""
-    return int(torch.load(Path(ckpt) / STATE_FILE, weights_only=False)["step"])
-
-
-def load_trainer_state(module: RLModule, ckpt: Path) -> int:
-    """Restore optimizer, scheduler, RNG and history from ``ckpt``; returns the next step to run."""
-    state = torch.load(Path(ckpt) / STATE_FILE, weights_only=False)
-    opt, sched = module._opt_and_sched()
-    getattr(opt, "optimizer", opt).load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    module.history = list(state.get("history", []))
-    module.last_step = state["step"]
-    return state["step"] + 1
-
-
-class HFCheckpoint(L.Callback):
-    """Save ``run_dir/checkpoints/step-XXXXXX`` (HF model + tokenizer + trainer state) every ``every`` steps and at
-    the end; keep the newest ``keep``. Writes are atomic, so an interrupted save leaves the last one intact."""
-
-    def __init__(self, run_dir: Path, every: int = 10, keep: int = 2, total_steps: int | None = None,
-                 on_save=None):
-        self.dir = Path(run_dir) / "checkpoints"
-        self.every, self.keep, self.total_steps, self.on_save = every, keep, total_steps, on_save
-        self._pending: dict | None = None
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        step = int(batch)
-        last = self.total_steps is not None and step == self.total_steps - 1
-        if (self.every and (step + 1) % self.every == 0) or last:
-            self.save(module, step)
-
-    def save(self, module: RLModule, step: int) -> Path | None:
-        if _dist()[1] != 0:
-            return None
-        path = save_checkpoint(module, self.dir / f"step-{step + 1:06d}", step)
-        for old in sorted(p for p in self.dir.glob("step-*") if p != path)[:-max(self.keep - 1, 0) or None]:
-            shutil.rmtree(old, ignore_errors=True)
-        if self.on_save is not None:
-            self.on_save(path, step)
-        return path
-
-
-__all__ = ["RLModule", "LoopConfig", "RolloutBatch", "HFCheckpoint", "StepDataset", "step_loader",
-           "save_checkpoint", "latest_checkpoint", "load_trainer_state", "checkpoint_step"]
+__all__ = ["RLModule", "RolloutBatch", "HFCheckpoint", "StepDataset", "step_loader", "save_checkpoint",
+           "latest_checkpoint", "load_trainer_state", "checkpoint_step"]

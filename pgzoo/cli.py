@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     except PgzooError as exc:
         if os.environ.get("PGZOO_TRACEBACK"):
             raise
-        print(f"pgzoo: error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+        print(f"pgzoo: error{'' if rank in ('', '0') else f' (rank {rank})'}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pgzoo: interrupted", file=sys.stderr)

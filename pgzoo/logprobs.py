@@ -164,11 +164,36 @@ def _from_model(model, input_ids, attention_mask, targets, **kwargs) -> TokenLog
         attention_mask = torch.ones_like(input_ids)
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     head = model.get_output_embeddings()
-    out = body(input_ids=input_ids, attention_mask=attention_mask,
-               position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+              use_cache=False)
+    if _is_fsdp(model):
+        out = _body_output_through_root(model, body, kw)
+    else:
+        out = body(**kw)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     hidden = hidden[:, -T - 1:-1]  # position s predicts token s + 1
     return token_logprobs_and_entropy(hidden, targets, lm_head=head, **kwargs)
+
+
+def _is_fsdp(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _body_output_through_root(model, body, kw):
+    """FSDP2-sharded model: run the ROOT forward (its hooks all-gather the embeddings, final norm and LM head, and
+    keep them unsharded for the backward, which reduce-scatters their gradients), computing logits for one position
+    only, and take the decoder's output from a hook; the head then runs chunk by chunk as without FSDP."""
+    captured = {}
+    handle = body.register_forward_hook(lambda module, args, output: captured.setdefault("out", output))
+    try:
+        model(**kw, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured["out"]
 
 
 def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,

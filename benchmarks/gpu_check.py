@@ -1,0 +1,124 @@
+"""The CUDA path, checked in one command on a machine with a GPU (torch, transformers, lightning, peft; no vLLM or TRL
+needed), with one summary table at the end:
+
+    python benchmarks/gpu_check.py               # run everything (about 10 minutes on one GPU)
+    python benchmarks/gpu_check.py --dry-run     # list what it would run (works on CPU)
+
+1. the tests marked ``cuda`` (objectives, correction, logprobs, routing replay and the loop's update on the GPU);
+2. a 10-step tiny recipe with the transformers engine on one GPU, ``train.strategy=ddp`` and ``fsdp``;
+3. routing replay in the loop on the GPU: 3 steps with R2 (fsdp) and with R3 (transformers engine routes);
+4. ``benchmarks/objectives.py --device cuda`` (wall-clock, synchronised).
+
+Every check runs as its own subprocess (a failure in one does not stop the others); the table gives its status,
+seconds and the line that matters (the pytest tally, the last reward, the objectives' median ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def tiny_run(out: Path, ckpt: Path, *extra: str) -> list[str]:
+    return [PY, "-m", "pgzoo", "train", "tiny/minirl", f"model.path={ckpt}", "rollout.engine=transformers",
+            "eval.before=false", "eval.after=false", "output.plots=false", "output.progress_bar=false",
+            f"output.dir={out}", *extra, "--quiet"]
+
+
+def checks(work: Path, ckpt: Path) -> list[tuple[str, list[str], Path | None]]:
+    """(name, command, run folder or None) of every check, in order."""
+    return [
+        ("pytest -m cuda", [PY, "-m", "pytest", "-q", "-m", "cuda", str(ROOT / "tests")], None),
+        ("train ddp 10 steps", tiny_run(work / "ddp", ckpt, "train.steps=10", "train.strategy=ddp"), work / "ddp"),
+        ("train fsdp 10 steps", tiny_run(work / "fsdp", ckpt, "train.steps=10", "train.strategy=fsdp"),
+         work / "fsdp"),
+        ("routing R2 fsdp 3 steps", tiny_run(work / "r2", ckpt, "train.steps=3", "train.strategy=fsdp",
+                                             "train.routing_replay=R2"), work / "r2"),
+        ("routing R3 3 steps", tiny_run(work / "r3", ckpt, "train.steps=3", "train.routing_replay=R3"), work / "r3"),
+        ("objectives benchmark", [PY, str(ROOT / "benchmarks" / "objectives.py"), "--device", "cuda", "--wall",
+                                  "--batch", "64", "--length", "1024", "--repeats", "3"], None),
+    ]
+
+
+def fresh_checkpoint(path: Path) -> Path:
+    """A randomly initialised tiny MoE + tokenizer (no cold start: the check is of the CUDA path, not learning)."""
+    from pgzoo.models import build_tiny_moe, build_tokenizer
+
+    if not (path / "config.json").exists():
+        tok = build_tokenizer()
+        model = build_tiny_moe(vocab_size=len(tok), seed=0)
+        model.generation_config.do_sample = True
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return path
+
+
+def note(name: str, output: str, run_dir: Path | None) -> str:
+    if run_dir is not None and (run_dir / "metrics.csv").exists():
+        with (run_dir / "metrics.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        if rows:
+            last = rows[-1]
+            keys = ("reward/mean", "grad_norm", "routing/layers_hit", "time/step")
+            return f"{len(rows)} steps; " + ", ".join(f"{k}={float(last[k]):.4g}" for k in keys if last.get(k))
+    lines = [x for x in output.strip().splitlines() if x.strip()]
+    if name.startswith("pytest"):
+        return next((x for x in reversed(lines) if " passed" in x or " failed" in x or "skipped" in x), lines[-1]
+                    if lines else "")
+    return lines[-1][:100] if lines else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="list the checks and exit (no GPU needed)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per check")
+    parser.add_argument("--work", default=None, help="folder for the run folders (default: a temporary one)")
+    args = parser.parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="pgzoo-gpu-check-"))
+    ckpt = work / "tiny-random"
+    plan = checks(work, ckpt)
+    if args.dry_run:
+        print(f"gpu_check would run {len(plan)} checks (work folder {work}; a random tiny MoE in {ckpt}):")
+        for i, (name, cmd, _) in enumerate(plan, 1):
+            print(f"{i}. {name}: {' '.join(cmd)}")
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False); use --dry-run on CPU",
+              file=sys.stderr)
+        return 2
+    fresh_checkpoint(ckpt)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    rows = []
+    for name, cmd, run_dir in plan:
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+            status, output = ("ok" if p.returncode == 0 else f"FAIL ({p.returncode})"), p.stdout + p.stderr
+        except subprocess.TimeoutExpired as exc:
+            status, output = "TIMEOUT", (exc.stdout or b"").decode(errors="replace") if isinstance(
+                exc.stdout, bytes) else (exc.stdout or "")
+        seconds = time.perf_counter() - t0
+        (work / f"{name.replace(' ', '_')}.log").write_text(output)
+        rows.append((name, status, seconds, note(name, output, run_dir)))
+        print(f"[{status}] {name} ({seconds:.0f} s)", flush=True)
+    print(f"\ngpu_check on {torch.cuda.get_device_name(0)}, torch {torch.__version__} (logs in {work})")
+    print(f"| {'check':26s} | {'status':10s} | {'s':>6s} | note")
+    print(f"|{'-' * 28}|{'-' * 12}|{'-' * 8}|------")
+    for name, status, seconds, text in rows:
+        print(f"| {name:26s} | {status:10s} | {seconds:6.0f} | {text}")
+    return 0 if all(r[1] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""``python -m pgzoo ...`` = ``pgzoo ...`` (so ``torchrun -m pgzoo train RECIPE`` starts one rank per process)."""
+
+import sys
+
+from pgzoo.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
