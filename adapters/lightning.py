@@ -184,9 +184,17 @@ class RLModule(L.LightningModule):
     def sync_engine(self, step: int) -> None:
         """Step 6: the policy's weights into this rank's rollout engine, in place: streamed parameter by parameter in
         buckets of ``rollout.sync_bucket_mb`` (:func:`pgzoo.rollout.sync.sync_weights`; a sharded policy is gathered
-        one parameter at a time on every rank, never as a whole state dict)."""
+        one parameter at a time on every rank, never as a whole state dict). An engine with only the protocol's
+        ``load_weights(model)`` gets the (unsharded) policy itself."""
         try:
-            sync_weights(self.policy, self.engine, bucket_mb=self.ro.sync_bucket_mb)
+            if hasattr(self.engine, "load_weight_buckets"):
+                sync_weights(self.policy, self.engine, bucket_mb=self.ro.sync_bucket_mb)
+            elif is_sharded(self.policy):
+                raise EngineError(f"rollout engine {type(self.engine).__name__} has only load_weights(model); a sharded "
+                                  "(train.strategy=fsdp) policy syncs through load_weight_buckets(buckets) "
+                                  "(pgzoo.rollout.sync); use a pgzoo engine or add that method")
+            else:
+                self.engine.load_weights(self.policy)
         except PgzooError:
             raise
         except Exception as exc:

@@ -114,6 +114,10 @@ class RolloutEngine(Protocol):
     ``generate`` samples ``n`` completions per prompt (prompts are lists of token ids) and returns
     :class:`Rollouts`; ``load_weights(model)`` copies a Hugging Face torch module's current weights into the engine in
     place (no restart); ``supports_routes`` says whether ``generate(..., return_routes=True)`` works.
+
+    pgzoo's engines also take ``load_weight_buckets(buckets)``, the streamed form :func:`pgzoo.rollout.sync.
+    sync_weights` feeds (needed for a sharded policy); the Lightning loop uses it where an engine has it and
+    ``load_weights`` otherwise.
     """
 
     supports_routes: bool
