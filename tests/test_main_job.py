@@ -2,10 +2,11 @@
 process, with vLLM CPU rollouts, from the embedded tiny MoE's cold start (trained here unless an earlier test of this
 session cached it), writing a complete run folder.
 
-The measured result on a 2-core machine is in docs/training.md (+24.6 points of greedy held-out accuracy in about a
-minute). This test guards against regressions in what the job learns, with a margin under the measured gain because
-float reductions with other thread counts move the trajectory a little; wall time is printed, not asserted
-(speed targets live in benchmarks/).
+The measured results are in docs/training.md: +24.6 points of greedy held-out accuracy on one 2-core machine, +10.8
+on another, from the same code, packages and seed (the cold start itself differs between the two CPUs: 405 vs 506
+SFT steps, float kernels differ and training is chaotic). This test guards against regressions in what the job
+learns with a margin under the smaller gain (+5 points: a broken objective, sync or advantage learns nothing or
+collapses); wall time is printed, not asserted (speed targets live in benchmarks/).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def test_main_job_learns(tmp_path_factory):
     after = summary["eval_after"]["greedy_accuracy"]
     print(f"main job: {seconds:.0f} s wall (cold start included if not cached), greedy {before:.3f} -> {after:.3f}")
     assert summary["steps"] == 100
-    assert after - before >= 0.15, (before, after)
+    assert after - before >= 0.05, (before, after)
     for name in ("metrics.csv", "eval.json", "recipe.yaml", "plots/reward.png", "plots/entropy.png",
                  "plots/train_inference_kl.png"):
         assert (run_dir / name).is_file(), name
