@@ -66,6 +66,19 @@ def test_cli_run_prints_a_summary_table(tmp_path, capsys):
     assert (tmp_path / "run" / "metrics.csv").is_file()
 
 
+def test_resume_with_allow_change_from_the_command_line(tmp_path, capsys):
+    ckpt = fresh_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "run"
+    assert main(["train", str(RECIPE), *overrides(ckpt, out, "train.steps=1"), "--quiet"]) == 0
+    longer = overrides(ckpt, out, "train.steps=2")
+    assert main(["train", str(RECIPE), "--allow-change", "train.steps", *longer]) == 2  # not a resume
+    assert "--allow-change only applies with --resume" in capsys.readouterr().err
+    assert main(["train", str(RECIPE), "--resume", *longer, "--quiet"]) == 2
+    assert "--allow-change train.steps" in capsys.readouterr().err
+    assert main(["train", str(RECIPE), "--resume", "--allow-change", "train.steps", *longer, "--quiet"]) == 0
+    assert (out / "recipe.resume-step-000001.yaml").is_file()
+
+
 def test_objectives_lists_every_objective_with_every_default(capsys):
     import dataclasses
     import json
