@@ -99,3 +99,11 @@ def test_objectives_lists_every_objective_with_every_default(capsys):
     assert rows[0]["defaults"]["is_cap"] == 5.0 and rows[0]["requires"] == ["rollout_logprobs"]
     assert main(["objectives", "minirl-no-clp"]) == 2
     assert "Did you mean 'minirl-no-clip'" in capsys.readouterr().err
+
+
+def test_train_help_does_not_import_lightning():
+    code = ("import sys\nfrom pgzoo.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'lightning' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--allow-change KEY" in proc.stdout

@@ -199,3 +199,15 @@ def test_train_threads_sizes_torch_pool_before_the_engine(ckpt, tmp_path, monkey
     torch.set_num_threads(3)
     train_mod.train(recipe(ckpt, tmp_path / "c", "train.steps=1", "train.threads=null"), quiet=True)
     assert seen[-1] == 3  # null: torch's own setting is left alone
+
+
+def test_trainer_evaluates_each_held_out_problem_once(ckpt):
+    import pgzoo.tasks
+
+    task = pgzoo.tasks.get("arithmetic", max_digits=1, operands=2)
+    size = task.split_size("test")
+    said = []
+    r = load_recipe(RECIPE, [f"eval.num_problems={size + 50}"])
+    problems = train_mod.eval_problems(r, task, said.append)["heldout"]
+    assert len(problems) == size and len({p.prompt for p in problems}) == size
+    assert f"holds {size}; evaluating all {size} once" in said[0]
