@@ -211,3 +211,13 @@ def test_trainer_evaluates_each_held_out_problem_once(ckpt):
     problems = train_mod.eval_problems(r, task, said.append)["heldout"]
     assert len(problems) == size and len({p.prompt for p in problems}) == size
     assert f"holds {size}; evaluating all {size} once" in said[0]
+
+
+def test_every_test_named_in_the_reliability_table_exists():
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    refs = set(re.findall(r"(tests/\w+\.py)::(\w+)", (root / "docs" / "reliability.md").read_text()))
+    assert len(refs) > 30
+    missing = [f"{f}::{t}" for f, t in sorted(refs) if f"def {t}(" not in (root / f).read_text()]
+    assert not missing, missing
