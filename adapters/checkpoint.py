@@ -200,4 +200,5 @@ class HFCheckpoint(L.Callback):
         return path
 
 
-__all__ = ["HFCheckpoint", "CheckpointWriteError", "save_checkpoint", "load_trainer_state", "rng_state", "set_rng_state"]
+__all__ = ["HFCheckpoint", "CheckpointWriteError",
+           "save_checkpoint", "load_trainer_state", "rng_state", "set_rng_state"]

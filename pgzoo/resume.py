@@ -128,4 +128,5 @@ def kept_rows(state: dict | None, run_dir: Path, start: int) -> list[dict]:
     return sorted(rows + evals, key=lambda r: r["step"])  # stable: a step's training row before its evaluation
 
 
-__all__ = ["starting_checkpoint", "intact_checkpoint", "load_state", "check_recipe", "write_recipe", "prepare_run_dir", "kept_rows"]
+__all__ = ["starting_checkpoint", "intact_checkpoint",
+           "load_state", "check_recipe", "write_recipe", "prepare_run_dir", "kept_rows"]

@@ -102,7 +102,8 @@ def test_objectives_lists_every_objective_with_every_default(capsys):
 
 
 def test_train_help_does_not_import_lightning():
-    code = ("import sys\nfrom pgzoo.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom pgzoo.cli import main\ntry:\n    main(['train', '--help'])\n"
+            "except SystemExit:\n    pass\n"
             "assert 'lightning' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
