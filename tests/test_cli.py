@@ -108,3 +108,25 @@ def test_train_help_does_not_import_lightning():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--allow-change KEY" in proc.stdout
+
+
+@pytest.mark.parametrize("kind, status, prefix", [
+    ("SIGINT", 130, "pgzoo: stopped: SIGINT received"),
+    ("SIGTERM", 143, "pgzoo: stopped: SIGTERM received"),
+    ("ranks", 143, "pgzoo: error: stopped by SIGTERM"),
+])
+def test_interrupted_runs_exit_with_128_plus_the_signal(monkeypatch, capsys, kind, status, prefix):
+    import signal
+
+    import pgzoo.train
+    from pgzoo.distributed import Stopped
+    from pgzoo.signals import Interrupted
+
+    def interrupted(*a, **k):
+        if kind == "ranks":
+            raise Stopped("stopped by SIGTERM: another rank failed or the job was cancelled")
+        raise Interrupted(f"{kind} received: stopped after step 3 of 9", getattr(signal, kind))
+
+    monkeypatch.setattr(pgzoo.train, "train", interrupted)
+    assert main(["train", str(RECIPE), "--quiet"]) == status
+    assert capsys.readouterr().err.startswith(prefix)
