@@ -49,14 +49,16 @@ class GracefulStop:
     def name(self) -> str | None:
         return signal.Signals(self.signum).name if self.signum is not None else None
 
-    def error(self, last_step: int, steps: int, final, how: str) -> Interrupted:
-        """The :class:`Interrupted` to raise once the run stopped after ``last_step``; ``final`` is the newest
-        checkpoint, ``how`` the command that started the run."""
-        from pgzoo.run_folder import checkpoint_step
+    def error(self, last_step: int, steps: int, run_dir, command: str | None) -> Interrupted:
+        """The :class:`Interrupted` to raise once the run in ``run_dir`` stopped after ``last_step``; ``command`` is
+        how the run was started (for the resume hint)."""
+        from pgzoo.run_folder import checkpoint_step, latest_checkpoint
 
+        final = latest_checkpoint(run_dir)
         saved = final is not None and checkpoint_step(final) == last_step
         where = (f"checkpoint {final} holds it" if saved else
                  f"the last checkpoint is {final}" if final is not None else "no checkpoint was written")
+        how = command or f"pgzoo train <recipe> output.dir={run_dir}"
         return Interrupted(f"{self.name} received: stopped after step {last_step} of {steps}; {where}; continue "
                            f"with: {how} --resume", self.signum)
 

@@ -121,6 +121,7 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     from pgzoo import resume as resume_mod
     from pgzoo import run_folder as rf
     from pgzoo.distributed import env_rank
+    from pgzoo.signals import GracefulStop
 
     t_start = time.perf_counter()
     _quiet_frameworks()
@@ -170,8 +171,6 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
         warnings.simplefilter("ignore", FutureWarning)  # engine-internal deprecation notices
         engine = build_engine(recipe, policy_path)
     _set_threads(recipe)  # an engine may resize torch's pool while it starts (vLLM CPU does)
-    from pgzoo.signals import GracefulStop
-
     stop = GracefulStop(enabled=recipe.world_size == 1)
     module, trainer = _module_and_trainer(recipe, policy, tokenizer, objective, task, engine, ref_policy, run_dir,
                                           ckpt, loggers if lead else False, lead, quiet, evals, problems, stop)
@@ -200,6 +199,8 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
             elif isinstance(exc, Exception) or sigterm:
                 raise with_resume_hint(exc, recipe.run_dir, recipe.world_size, module.last_step + 1,
                                        command) from exc
+            elif isinstance(exc, SystemExit) and stop.signum is not None:  # a second Ctrl-C: Lightning's exit(1)
+                raise stop.error(module.last_step, recipe.train.steps, run_dir, command) from None
             else:
                 raise
         finally:
@@ -229,8 +230,7 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     if not quiet:
         rf.print_summary(recipe, result)
     if stop.signum is not None:
-        raise stop.error(module.last_step, recipe.train.steps, final, command or f"pgzoo train <recipe> "
-                                                                                 f"output.dir={run_dir}")
+        raise stop.error(module.last_step, recipe.train.steps, run_dir, command)
     return result
 
 
