@@ -88,3 +88,23 @@ def test_signal_stops_after_the_step_with_a_final_checkpoint(ckpt, tmp_path, sig
     assert latest_checkpoint(out).name == f"step-{last + 1:06d}"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] == name and summary["steps"] == last + 1
+
+
+def test_a_second_ctrl_c_stops_at_once_with_status_130(ckpt, tmp_path):
+    out = tmp_path / "run"
+    proc = start(command(ckpt, out, "train.steps=200", "output.checkpoint_every=1", "output.keep_checkpoints=2",
+                         "--quiet"))
+    try:
+        wait_for(proc, lambda: len(train_steps(out)) >= 2)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        text = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, text[-3000:]
+    assert "pgzoo: stopped: SIGINT received: stopped after step" in text and "--resume" in text
+    import transformers
+
+    transformers.AutoModelForCausalLM.from_pretrained(latest_checkpoint(out))  # the newest checkpoint loads
