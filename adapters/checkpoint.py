@@ -12,22 +12,25 @@ FSDP2: the parameters are gathered tensor by tensor to rank 0 on the CPU
 its optimizer shard with ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``). The folder is written under
 a temporary name (chosen by rank 0, broadcast) and renamed by rank 0 after every rank finished, so a crash leaves the
 previous checkpoint intact; ``trainer_state.pt`` is written last, and a folder without it is not a checkpoint.
+Rank 0 writes ``MANIFEST.json`` (sizes and checksums, :mod:`pgzoo.fileio`) and fsyncs every file before the rename;
+``--resume`` verifies it and falls back to the newest intact checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pgzoo.distributed import full_state_dict, is_sharded, world
-from pgzoo.errors import require
+from pgzoo.errors import PgzooError, require
+from pgzoo.fileio import atomic_folder
 from pgzoo.run_folder import STATE_FILE, checkpoint_dir, checkpoint_path
 
 L = require("lightning", "lightning")
@@ -68,43 +71,53 @@ def _barrier() -> None:
 
 
 def save_checkpoint(module, path: Path, step: int, extra: dict | None = None) -> Path:
-    """Write the HF checkpoint + trainer state of ``module`` to ``path`` atomically (every rank calls this)."""
+    """Write the HF checkpoint + trainer state of ``module`` to ``path`` atomically (every rank calls this): rank 0
+    writes through :func:`pgzoo.fileio.atomic_folder` (a temporary sibling, ``MANIFEST.json`` of every file, fsync,
+    rename), the other ranks add their optimizer shards to the same temporary folder before it is renamed. A write
+    that fails (a full disk, a read-only folder) leaves the previous checkpoints as they were and raises
+    :class:`CheckpointWriteError`."""
     path = Path(path)
     n_ranks, rank = world()
     sharded = is_sharded(module.policy)
-    tmp = None
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent)
-    tmp = Path(_broadcast(tmp, rank))
     try:
-        opt, sched = module._opt_and_sched()
-        opt = getattr(opt, "optimizer", opt)
-        weights = full_state_dict(module.policy)  # collective under FSDP; the full tensors land on rank 0
-        state: dict[str, Any] = {"step": step, "scheduler": sched.state_dict(), "rng": rng_state(),
-                                 "history": module.history, "world_size": n_ranks,
-                                 "recipe": module.recipe.model_dump(mode="json"), "sharded": sharded,
-                                 **(extra or {})}
-        if sharded:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        with (atomic_folder(path) if rank == 0 else contextlib.nullcontext()) as tmp:
+            tmp = Path(_broadcast(str(tmp) if rank == 0 else None, rank))
+            opt, sched = module._opt_and_sched()
+            opt = getattr(opt, "optimizer", opt)
+            weights = full_state_dict(module.policy)  # collective under FSDP; the full tensors land on rank 0
+            state: dict[str, Any] = {"step": step, "scheduler": sched.state_dict(), "rng": rng_state(),
+                                     "history": module.history, "world_size": n_ranks,
+                                     "recipe": module.recipe.model_dump(mode="json"), "sharded": sharded,
+                                     **(extra or {})}
+            if sharded:
+                import torch.distributed.checkpoint as dcp
+                from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-            dcp.save({"optimizer": get_optimizer_state_dict(module.policy, opt)},
-                     checkpoint_id=str(tmp / OPTIMIZER_DIR))
-        elif rank == 0:
-            state["optimizer"] = opt.state_dict()
-        if rank == 0:
-            _save_hf(module, tmp, weights if sharded else None)
-            torch.save(state, tmp / STATE_FILE)
-        _barrier()  # every shard is on disk before the rename
-        if rank == 0:
-            _replace(tmp, path)
+                dcp.save({"optimizer": get_optimizer_state_dict(module.policy, opt)},
+                         checkpoint_id=str(tmp / OPTIMIZER_DIR))
+            elif rank == 0:
+                state["optimizer"] = opt.state_dict()
+            if rank == 0:
+                _save_hf(module, tmp, weights if sharded else None)
+                torch.save(state, tmp / STATE_FILE)
+            _barrier()  # every shard is on disk before rank 0 writes the manifest and renames
         _barrier()
-    except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as exc:
+        raise CheckpointWriteError(f"could not write the checkpoint of step {step} to {path}: "
+                                   f"{exc.strerror or exc}{_space_hint(exc)}") from exc
     return path
+
+
+class CheckpointWriteError(PgzooError, OSError):
+    """A checkpoint could not be written (disk full, folder read-only or not a folder); earlier ones are intact."""
+
+
+def _space_hint(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return " (the disk is full: free space or point output.dir at a larger disk)"
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return " (the folder is not writable: fix its permissions or choose another output.dir)"
+    return ""
 
 
 def _save_hf(module, folder: Path, state_dict: dict | None) -> None:
@@ -119,17 +132,6 @@ def _save_hf(module, folder: Path, state_dict: dict | None) -> None:
         cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if module.tokenizer is not None:
         module.tokenizer.save_pretrained(folder)
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    """``tmp`` becomes ``path``; an existing ``path`` moves aside first, so a crash between leaves one complete."""
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-        os.replace(path, old / "previous")
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def load_trainer_state(module, ckpt: Path) -> int:
@@ -171,16 +173,21 @@ class HFCheckpoint(L.Callback):
     rank takes part (FSDP gathers and shards are collective); rank 0 writes the files."""
 
     def __init__(self, run_dir: Path, every: int = 10, keep: int = 2, total_steps: int | None = None,
-                 on_save=None):
+                 on_save=None, stop=None):
         self.run_dir = Path(run_dir)
         self.dir = checkpoint_dir(run_dir)
         self.every, self.keep, self.total_steps, self.on_save = every, keep, total_steps, on_save
+        self.stop = stop  # a pgzoo.signals.GracefulStop: a signal ends the run after this step, checkpointed
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = int(batch)
         last = self.total_steps is not None and step == self.total_steps - 1
-        if (self.every and (step + 1) % self.every == 0) or last:
+        stopping = self.stop is not None and self.stop.signum is not None
+        if (self.every and (step + 1) % self.every == 0) or last or stopping:
             self.save(module, step)
+        if stopping:
+            self.stop.step = step
+            trainer.should_stop = True
 
     def save(self, module, step: int) -> Path | None:
         path = save_checkpoint(module, checkpoint_path(self.run_dir, step), step)
@@ -193,4 +200,5 @@ class HFCheckpoint(L.Callback):
         return path
 
 
-__all__ = ["HFCheckpoint", "save_checkpoint", "load_trainer_state", "rng_state", "set_rng_state"]
+__all__ = ["HFCheckpoint", "CheckpointWriteError",
+           "save_checkpoint", "load_trainer_state", "rng_state", "set_rng_state"]

@@ -11,7 +11,8 @@ Runbook. Each global step (one ``training_step``):
                     (every rank and micro-batch of the mini-batch, summed through the strategy), so DDP/FSDP and
                     accumulation give the single-process gradient
     6. sync         the new weights into the rollout engine (:meth:`RLModule.sync_engine`)
-    7. log          one metrics row per step (Lightning loggers); checkpoints by :class:`HFCheckpoint`
+    7. log          one metrics row per step (Lightning loggers); checkpoints by :class:`HFCheckpoint`; a diverged
+                    step (non-finite loss or gradient norm, entropy collapse) stops the run (pgzoo.guards)
 
     module = RLModule(policy, tokenizer, pgzoo.get("minirl"), pgzoo.tasks.get("arithmetic"), engine, recipe)
     trainer = lightning.Trainer(max_epochs=1, ..., callbacks=[HFCheckpoint(run_dir, every=10)])
@@ -51,6 +52,7 @@ from pgzoo.batch import TokenBatch
 from pgzoo.diagnostics import entropy_metrics
 from pgzoo.distributed import all_reduce_sum, is_sharded, shard_policy, world
 from pgzoo.errors import EngineError, PgzooError, RoutingError, require
+from pgzoo.guards import check_step
 from pgzoo.logprobs import completion_logprobs
 from pgzoo.rollout.sync import sync_weights
 from pgzoo.rollout.sync_check import check_sync
@@ -175,6 +177,7 @@ class RLModule(L.LightningModule):
                         "time/update": metrics.pop("_t_upd", t2 - t1), "time/sync": t3 - t2,
                         "time/step": t3 - t0, "throughput/tokens_per_s": tokens / max(t3 - t0, 1e-9)})
         self.log_row(step, metrics)
+        check_step(self.history[-1], self.tr.stop_on, step, getattr(self.policy.config, "vocab_size", None))
         self.last_step = step
         bar = {"reward": metrics["reward/mean"], "len": metrics["response/length_mean"]}
         if self._trainer is not None:

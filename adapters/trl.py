@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -64,7 +65,8 @@ from trl import GRPOTrainer as _TRLGRPOTrainer  # noqa: E402
 from pgzoo.adapters.trl_config import LOSS_TYPES, apply_trl_settings, objective_from_trl  # noqa: E402
 from pgzoo.adapters.trl_rollout import EngineRollout, align_routes  # noqa: E402
 
-__all__ = ["GRPOTrainer", "EngineRollout", "align_routes", "check_trl_version", "TESTED_TRL"]
+__all__ = ["GRPOTrainer", "EngineRollout", "align_routes", "check_trl_version", "degenerate_rollout_logprobs",
+           "TESTED_TRL"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,27 @@ def check_trl_version(version: str | None = None) -> None:
             f"installed. Fix: pip install 'pgzoo[trl]' (pins the tested range), or set {ALLOW_UNTESTED_ENV}=1 to "
             "try an untested version"
         )
+
+
+def degenerate_rollout_logprobs(mu: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor,
+                                gap: float = 1.0) -> str | None:
+    """Why the sampler's per-token logprobs ``mu`` look degenerate next to the trained policy's ``logprobs`` over the
+    ``mask`` tokens, or None. Two failures that otherwise train silently on wrong importance weights: every log μ is
+    0 (an engine that returned no logprobs, padded with zeros), or the mean |log μ − log π| exceeds ``gap`` nats
+    (the engine samples from another policy: weights not synced, another temperature, tokenizer or chat template;
+    a healthy colocated engine is within ~1e-3, bfloat16 within ~1e-1)."""
+    m = mask.bool()
+    if not bool(m.any()):
+        return None
+    mu_m, lp_m = mu[m].float(), logprobs[m].float()
+    if bool((mu_m == 0).all()):
+        return ("every log μ is 0, as if the engine returned no logprobs; return the sampled tokens' logprobs from "
+                "rollout_func (the 'logprobs' key), or pass rollout_logprobs='old' when the training model sampled")
+    gap_now = float((mu_m - lp_m).abs().mean())
+    if gap_now > gap:
+        return (f"the mean |log μ − log π| is {gap_now:.3g} nats (above {gap:g}): the engine samples from another "
+                f"policy than the one trained; check the weight sync, the sampling temperature and the tokenizer")
+    return None
 
 
 def _objective_for(loss: Any, config: Any) -> Objective:
@@ -158,6 +181,8 @@ class GRPOTrainer(_TRLGRPOTrainer):
         DependencyError: TRL outside the tested range.
     """
 
+    degenerate_gap = 1.0  # nats: mean |log μ − log π| on the first batch above which a warning says μ looks wrong
+
     def __init__(
         self,
         *args: Any,
@@ -187,6 +212,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         self._pgzoo_rewards: torch.Tensor | None = None
         self._pgzoo_pending_rollouts = None
         self._pgzoo_deferred = contextlib.ExitStack()
+        self._pgzoo_mu_checked = False  # the first training batch's μ is checked once (degenerate_rollout_logprobs)
         self.last_layers_hit: int | None = None  # MoE layers forced in the latest loss pass (R2/R3)
         self._check_beta(getattr(config, "beta", 0.0))  # before TRL loads a reference model for β != 0
         super().__init__(*args, **kwargs)
@@ -445,6 +471,12 @@ class GRPOTrainer(_TRLGRPOTrainer):
         mu = inputs.get("sampling_per_token_logps")
         if self.rollout_logprobs == "old":  # the training model sampled: μ_θold = π_θold
             mu = old if old is not None else per_token_logps.detach()
+        if mode == "train" and not self._pgzoo_mu_checked and self.rollout_logprobs == "engine" and mu is not None:
+            self._pgzoo_mu_checked = True  # one host sync, on the first batch only
+            problem = degenerate_rollout_logprobs(mu, per_token_logps.detach(), mask, self.degenerate_gap)
+            if problem is not None:
+                warnings.warn(f"pgzoo: the rollout logprobs (μ) of the first training batch look wrong: {problem}",
+                              RuntimeWarning, stacklevel=2)
         num_sequences = num_tokens = None  # eval (or a call outside TRL's loop): this batch's own counts
         if mode == "train" and self._pgzoo_window is not None:
             cycle = self.args.steps_per_generation * self.num_iterations

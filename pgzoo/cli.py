@@ -9,7 +9,8 @@
 
 Each subcommand lives in the module that owns its feature and exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only dispatches. User mistakes (any :class:`pgzoo.PgzooError`) print one clear
-line and exit with status 2 instead of a traceback; ``PGZOO_TRACEBACK=1`` shows the traceback too.
+line and exit with status 2 instead of a traceback (a run stopped by SIGINT / SIGTERM: 130 / 143);
+``PGZOO_TRACEBACK=1`` shows the traceback too.
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PGZOO_TRACEBACK"):
             raise
         rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
-        print(f"pgzoo: error{'' if rank in ('', '0') else f' (rank {rank})'}: {exc}", file=sys.stderr)
-        return 2
+        what = getattr(exc, "prefix", "error")  # an interrupted run "stopped", with its own exit status
+        print(f"pgzoo: {what}{'' if rank in ('', '0') else f' (rank {rank})'}: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         print("pgzoo: interrupted", file=sys.stderr)
         return 130

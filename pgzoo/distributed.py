@@ -138,7 +138,10 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------- failures of a multi-rank run
 class Stopped(PgzooError):
-    """This rank was told to stop (SIGTERM): torchrun stopping the survivors of a failed rank, or SLURM cancelling."""
+    """This rank was told to stop (SIGTERM): torchrun stopping the survivors of a failed rank, or SLURM cancelling.
+    The CLI exits with 143 (128 + SIGTERM)."""
+
+    exit_code = 128 + signal.SIGTERM
 
 
 @contextlib.contextmanager

@@ -32,6 +32,12 @@ SAFE_TO_CHANGE = frozenset({
     "eval.max_new_tokens",
     "eval.files",
     "rollout.verify_sync",
+    # the divergence guards decide only whether the run stops (pgzoo.guards)
+    "train.stop_on.nonfinite",
+    "train.stop_on.entropy_below",
+    "train.stop_on.entropy_uniform",
+    # torch's intra-op threads: the same arithmetic, at most a different summation order in float reductions
+    "train.threads",
 })
 
 

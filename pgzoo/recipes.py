@@ -108,6 +108,17 @@ class RolloutSection(_Section):
             raise ValueError(str(exc)) from None
 
 
+class StopOnSection(_Section):
+    """When a run stops itself (pgzoo.guards): a diverged step stops with a clear error, the last checkpoint intact."""
+
+    nonfinite: bool = Field(True, description="stop when the loss or the gradient norm is NaN or infinite")
+    entropy_below: float | None = Field(1e-4, ge=0, description="stop when the mean token entropy (nats) falls "
+                                                                "below this (collapsed to deterministic); null = never")
+    entropy_uniform: float | None = Field(0.999, gt=0, le=1, description="stop when the mean token entropy "
+                                                                         "exceeds this fraction of ln(vocabulary) "
+                                                                         "(collapsed to uniform); null = never")
+
+
 class TrainSection(_Section):
     """The optimisation loop."""
 
@@ -135,6 +146,11 @@ class TrainSection(_Section):
                                                               "the backward pass (less memory, ~1/3 more compute)")
     mixed_precision: bool = Field(False, description="fsdp on CUDA: bfloat16 parameters in forward/backward, "
                                                      "float32 gradient reduction and float32 master weights")
+    threads: int | None = Field(1, gt=0, description="torch intra-op threads per process (set before the model "
+                                                      "loads); 1 keeps a step steady beside other busy processes "
+                                                      "(benchmarks/threads.py); null = torch's default (all cores)")
+    stop_on: StopOnSection = Field(default_factory=lambda: StopOnSection(),
+                                   description="stop the run when it diverges (pgzoo.guards)")
 
     @_pydantic.field_validator("betas", mode="before")
     @classmethod

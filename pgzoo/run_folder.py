@@ -188,12 +188,14 @@ def _fmt(v) -> str:
 # ---------------------------------------------------------------------- loggers
 def loggers(recipe, run_dir: Path, kept_rows: list[dict] | None = None) -> list:
     """Lightning loggers of ``output.loggers``. The CSV logger rewrites metrics.csv from scratch, so on resume the
-    rows up to the checkpoint (``kept_rows``) are queued into it again first."""
+    rows up to the checkpoint (``kept_rows``: the checkpoint's own history, :func:`pgzoo.resume.kept_rows`) are
+    written into it again first."""
     L = require("lightning", "lightning")
     out = []
     for name in recipe.output.loggers:
         if name == "csv":
-            csv_logger = L.pytorch.loggers.CSVLogger(str(run_dir), name="", version="")
+            # every row on disk when its step ends (Lightning's default buffers 100): a killed run keeps its rows
+            csv_logger = L.pytorch.loggers.CSVLogger(str(run_dir), name="", version="", flush_logs_every_n_steps=1)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 writer = csv_logger.experiment  # created now: it deletes an existing metrics.csv

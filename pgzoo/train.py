@@ -72,10 +72,14 @@ def load_policy(path: Path, dtype: str):
     return model.eval(), tok
 
 
-def eval_problems(recipe, task) -> dict[str, list]:
-    """Benchmark name -> problems: the task's held-out split, or the user's files (``eval.files``)."""
+def eval_problems(recipe, task, say=None) -> dict[str, list]:
+    """Benchmark name -> problems: distinct problems of the task's held-out split (all of it, once, when it holds
+    fewer than ``eval.num_problems``; ``say`` is told), or the user's files (``eval.files``)."""
     if not recipe.eval.files:
-        return {"heldout": task.sample(recipe.eval.num_problems, split="test", seed=recipe.seed + 12345)}
+        from pgzoo.evaluate import heldout_problems
+
+        return {"heldout": heldout_problems(task, recipe.eval.num_problems, split="test", seed=recipe.seed + 12345,
+                                            say=say)}
     import pgzoo.tasks
 
     out = {}
@@ -100,16 +104,24 @@ def run_eval(recipe, policy, tokenizer, task, problems: dict[str, list]) -> dict
 
 
 # ---------------------------------------------------------------------- the run
-def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | None = None) -> TrainResult | None:
+def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | None = None,
+          allow_change: tuple[str, ...] | list[str] = ()) -> TrainResult | None:
     """Run ``recipe`` end to end (see the module runbook); returns a :class:`TrainResult` on rank 0, None on the
     other ranks. With ``train.devices > 1`` and no launcher around (no torchrun/SLURM), Lightning re-runs the
     command line once per extra rank when training starts: call this from ``pgzoo train`` or a script guarded by
-    ``if __name__ == "__main__":``. ``command`` is how the user started the run (for the ``--resume`` hint)."""
+    ``if __name__ == "__main__":``. ``command`` is how the user started the run (for the ``--resume`` hint);
+    ``allow_change`` the recipe keys a resumed run may change (:mod:`pgzoo.recipe_diff`).
+
+    Ctrl-C or SIGTERM (one process) stop after the current step with a final checkpoint and raise
+    :class:`pgzoo.signals.Interrupted` (exit 130 / 143 from the CLI); a diverged step raises
+    :class:`pgzoo.guards.Diverged` (``train.stop_on``)."""
     torch = require("torch", "hf")
     import pgzoo
     import pgzoo.tasks
+    from pgzoo import resume as resume_mod
     from pgzoo import run_folder as rf
     from pgzoo.distributed import env_rank
+    from pgzoo.signals import GracefulStop
 
     t_start = time.perf_counter()
     _quiet_frameworks()
@@ -119,19 +131,21 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     say = (lambda *a: None) if (quiet or not lead) else (lambda *a: print(*a, flush=True))
     recipe.check_files()
     run_dir = recipe.run_dir
-    ckpt = rf.latest_checkpoint(run_dir) if resume else None
-    if not resume and ckpt is None and rf.latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"run folder {run_dir} already holds checkpoints; continue it with --resume, or start a "
-                          f"new run with output.dir=runs/another-name")
-    if resume and ckpt is None:
-        say(f"pgzoo: no checkpoint in {run_dir}; starting from the beginning")
-    start = rf.checkpoint_step(ckpt) + 1 if ckpt is not None else 0
+    _set_threads(recipe)  # before anything heavy: torch's thread pool is sized once
+    if lead:
+        resume_mod.prepare_run_dir(run_dir)
+    ckpt = resume_mod.starting_checkpoint(run_dir, resume, say, lead=lead)  # intact, or None (a new run)
+    state = resume_mod.load_state(ckpt) if ckpt is not None else None
+    changed = resume_mod.check_recipe(state, recipe, allow_change, ckpt=ckpt) if state is not None else []
+    start = int(state["step"]) + 1 if state is not None else 0
     _one_device_per_rank(recipe)
     loggers: list = []
     if lead:
-        rf.write_recipe(run_dir, recipe)
-        kept = [r for r in rf.read_metrics(run_dir / "metrics.csv") if r.get("step", 0) <= start - 1] if ckpt else []
-        loggers = rf.loggers(recipe, run_dir, kept)  # before anything heavy: a missing logger package fails fast
+        written = resume_mod.write_recipe(run_dir, recipe, resume_step=start if ckpt is not None else None)
+        if changed:
+            say(f"pgzoo: resuming with {', '.join(changed)} changed (--allow-change); this recipe is in {written}")
+        loggers = rf.loggers(recipe, run_dir, resume_mod.kept_rows(state, run_dir, start))  # fails fast on a
+        # missing logger package; metrics.csv holds every step up to the checkpoint again
     # 2. task and policy
     torch.manual_seed(recipe.seed)
     task = pgzoo.tasks.get(recipe.task.name, **recipe.task.options)
@@ -139,7 +153,8 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     policy_path = ckpt or base_path
     policy, tokenizer = load_policy(policy_path, recipe.model.dtype)
     # 3. evaluation before training (skipped on resume: it was recorded in eval.json)
-    problems = eval_problems(recipe, task) if (recipe.eval.before or recipe.eval.after or recipe.eval.every) else {}
+    evaluating = recipe.eval.before or recipe.eval.after or recipe.eval.every
+    problems = eval_problems(recipe, task, say) if evaluating else {}
     evals = rf.read_eval(run_dir) if ckpt is not None else {}
     if lead and recipe.eval.before and "before" not in evals:
         say(f"pgzoo: evaluating the starting policy on {sum(map(len, problems.values()))} held-out problems ...")
@@ -155,19 +170,21 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # engine-internal deprecation notices
         engine = build_engine(recipe, policy_path)
+    _set_threads(recipe)  # an engine may resize torch's pool while it starts (vLLM CPU does)
+    stop = GracefulStop(enabled=recipe.world_size == 1)
     module, trainer = _module_and_trainer(recipe, policy, tokenizer, objective, task, engine, ref_policy, run_dir,
-                                          ckpt, loggers if lead else False, lead, quiet, evals, problems)
+                                          ckpt, loggers if lead else False, lead, quiet, evals, problems, stop)
     if ckpt is not None:
         say(f"pgzoo: resuming from {ckpt} at step {start}")
     if recipe.world_size > 1:
         say(f"pgzoo: {recipe.strategy} over {recipe.world_size} ranks ({recipe.train.devices} per node x "
             f"{recipe.train.num_nodes} node(s)); rank 0 logs")
-    # 5. the global steps
+    # 5. the global steps (one process: a signal stops after the current step, checkpointed)
     from pgzoo.adapters import lightning as pl_adapter
 
     from pgzoo.distributed import stop_on_sigterm, with_resume_hint
 
-    with warnings.catch_warnings(), stop_on_sigterm(recipe.world_size):
+    with warnings.catch_warnings(), stop_on_sigterm(recipe.world_size), stop:
         warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|exists and is not "
                                           "empty|LightningModule.optimizers|`training_step` returned).*")
         warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
@@ -176,10 +193,16 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
             if start < recipe.train.steps:
                 trainer.fit(module, train_dataloaders=pl_adapter.step_loader(start, recipe.train.steps))
         except BaseException as exc:
-            if isinstance(exc, Exception) or type(exc).__name__ == "SIGTERMException":  # Lightning's, on SIGTERM
+            sigterm = type(exc).__name__ == "SIGTERMException"  # Lightning stops the loop after the step on SIGTERM
+            if sigterm and stop.signum is not None:
+                pass  # ours to report below, with the final checkpoint
+            elif isinstance(exc, Exception) or sigterm:
                 raise with_resume_hint(exc, recipe.run_dir, recipe.world_size, module.last_step + 1,
                                        command) from exc
-            raise
+            elif isinstance(exc, SystemExit) and stop.signum is not None:  # a second Ctrl-C: Lightning's exit(1)
+                raise stop.error(module.last_step, recipe.train.steps, run_dir, command) from None
+            else:
+                raise
         finally:
             _close(engine)
     rf.finalize_loggers(trainer)
@@ -187,28 +210,32 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
         return None
     # 6. evaluation after training (a sharded policy: from the consolidated final checkpoint), plots, summary
     final = rf.latest_checkpoint(run_dir)
-    if recipe.eval.after and "after" not in evals:
+    if recipe.eval.after and "after" not in evals and stop.signum is None:
         say("pgzoo: evaluating the trained policy ...")
         from pgzoo.distributed import is_sharded
 
         after = load_policy(final, recipe.model.dtype)[0] if is_sharded(module.policy) else module.policy
         evals["after"] = run_eval(recipe, after, tokenizer, task, problems)
         rf.write_eval(run_dir, evals)
-    history = rf.read_metrics(run_dir / "metrics.csv") or module.history
+    history = module.history or list((state or {}).get("history", []))  # the checkpoint's, when no step ran
     if recipe.output.plots:
         rf.plot_run(run_dir, history)
     result = TrainResult(run_dir, evals.get("before"), evals.get("after"), history,
                          time.perf_counter() - t_start, final)
     summary = rf.summary_dict(recipe, result)
     summary.update(strategy=recipe.strategy, world_size=recipe.world_size)
+    if stop.signum is not None:
+        summary["interrupted"] = stop.name
     rf.write_summary(run_dir, summary)
     if not quiet:
         rf.print_summary(recipe, result)
+    if stop.signum is not None:
+        raise stop.error(module.last_step, recipe.train.steps, run_dir, command)
     return result
 
 
 def _module_and_trainer(recipe, policy, tokenizer, objective, task, engine, ref_policy, run_dir, ckpt, loggers,
-                        lead, quiet, evals, problems):
+                        lead, quiet, evals, problems, stop=None):
     """The RLModule and a Lightning Trainer with the recipe's parallelism, checkpoints, evaluation and progress bar."""
     L = require("lightning", "lightning")
     from pgzoo.adapters import lightning as pl_adapter
@@ -219,7 +246,8 @@ def _module_and_trainer(recipe, policy, tokenizer, objective, task, engine, ref_
     if ckpt is not None:
         callbacks.append(_Restore(ckpt))
     callbacks.append(pl_adapter.HFCheckpoint(run_dir, every=recipe.output.checkpoint_every,
-                                             keep=recipe.output.keep_checkpoints, total_steps=recipe.train.steps))
+                                             keep=recipe.output.keep_checkpoints, total_steps=recipe.train.steps,
+                                             stop=stop))
     if recipe.eval.every:
         callbacks.append(_PeriodicEval(recipe, tokenizer, task, problems, run_dir, evals, lead))
     bar = recipe.output.progress_bar and not quiet and lead
@@ -234,16 +262,22 @@ def _module_and_trainer(recipe, policy, tokenizer, objective, task, engine, ref_
 
 def _one_device_per_rank(recipe) -> None:
     """Before anything touches a device: on CUDA this rank's GPU is ``LOCAL_RANK`` (the engine is built before
-    Lightning sets it); on CPU the ranks of a machine share its cores."""
+    Lightning sets it)."""
     import torch
 
-    if recipe.world_size == 1:
-        return
-    if torch.cuda.is_available():
+    if recipe.world_size > 1 and torch.cuda.is_available():
         local = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0"  # torchrun/Lightning, SLURM
         torch.cuda.set_device(int(local))
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.train.devices))
+
+
+def _set_threads(recipe) -> None:
+    """``train.threads`` torch intra-op threads in this process (null: leave torch's default). One per process is
+    the default because OpenMP threads spin-wait on each other: beside any other busy process on the same cores a
+    step with as many threads as cores becomes many times slower, one thread does not (benchmarks/threads.py)."""
+    import torch
+
+    if recipe.train.threads is not None and torch.get_num_threads() != recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
 
 
 def _Restore(ckpt):
@@ -329,6 +363,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     parser.add_argument("--resume", action="store_true", help="continue the run in output.dir from its newest "
                                                                "checkpoint (exactly: same metrics as uninterrupted)")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help="with --resume: let the recipe differ from the checkpoint's in KEY (repeatable; keys "
+                             "that do not change what a step computes, e.g. train.steps to extend the run)")
     parser.add_argument("--print-recipe", action="store_true", help="also print the resolved YAML")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
 
@@ -344,7 +381,9 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             return 0
     command = " ".join(["pgzoo train", args.recipe, *args.overrides])
-    train(recipe, resume=args.resume, quiet=args.quiet, command=command)
+    if args.allow_change and not args.resume:
+        raise ConfigError("--allow-change only applies with --resume (a new run takes any recipe)")
+    train(recipe, resume=args.resume, quiet=args.quiet, command=command, allow_change=args.allow_change)
     return 0
 
 

@@ -66,6 +66,19 @@ def test_cli_run_prints_a_summary_table(tmp_path, capsys):
     assert (tmp_path / "run" / "metrics.csv").is_file()
 
 
+def test_resume_with_allow_change_from_the_command_line(tmp_path, capsys):
+    ckpt = fresh_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "run"
+    assert main(["train", str(RECIPE), *overrides(ckpt, out, "train.steps=1"), "--quiet"]) == 0
+    longer = overrides(ckpt, out, "train.steps=2")
+    assert main(["train", str(RECIPE), "--allow-change", "train.steps", *longer]) == 2  # not a resume
+    assert "--allow-change only applies with --resume" in capsys.readouterr().err
+    assert main(["train", str(RECIPE), "--resume", *longer, "--quiet"]) == 2
+    assert "--allow-change train.steps" in capsys.readouterr().err
+    assert main(["train", str(RECIPE), "--resume", "--allow-change", "train.steps", *longer, "--quiet"]) == 0
+    assert (out / "recipe.resume-step-000001.yaml").is_file()
+
+
 def test_objectives_lists_every_objective_with_every_default(capsys):
     import dataclasses
     import json
@@ -86,3 +99,34 @@ def test_objectives_lists_every_objective_with_every_default(capsys):
     assert rows[0]["defaults"]["is_cap"] == 5.0 and rows[0]["requires"] == ["rollout_logprobs"]
     assert main(["objectives", "minirl-no-clp"]) == 2
     assert "Did you mean 'minirl-no-clip'" in capsys.readouterr().err
+
+
+def test_train_help_does_not_import_lightning():
+    code = ("import sys\nfrom pgzoo.cli import main\ntry:\n    main(['train', '--help'])\n"
+            "except SystemExit:\n    pass\n"
+            "assert 'lightning' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--allow-change KEY" in proc.stdout
+
+
+@pytest.mark.parametrize("kind, status, prefix", [
+    ("SIGINT", 130, "pgzoo: stopped: SIGINT received"),
+    ("SIGTERM", 143, "pgzoo: stopped: SIGTERM received"),
+    ("ranks", 143, "pgzoo: error: stopped by SIGTERM"),
+])
+def test_interrupted_runs_exit_with_128_plus_the_signal(monkeypatch, capsys, kind, status, prefix):
+    import signal
+
+    import pgzoo.train
+    from pgzoo.distributed import Stopped
+    from pgzoo.signals import Interrupted
+
+    def interrupted(*a, **k):
+        if kind == "ranks":
+            raise Stopped("stopped by SIGTERM: another rank failed or the job was cancelled")
+        raise Interrupted(f"{kind} received: stopped after step 3 of 9", getattr(signal, kind))
+
+    monkeypatch.setattr(pgzoo.train, "train", interrupted)
+    assert main(["train", str(RECIPE), "--quiet"]) == status
+    assert capsys.readouterr().err.startswith(prefix)

@@ -121,7 +121,7 @@ def test_two_nodes_match(ckpt, reference, tmp_path):
 def test_fsdp_resume_is_exact(ckpt, reference, tmp_path):
     out = tmp_path / "run"
     run([*PGZOO, *args(ckpt, out, "train.steps=2")])
-    run([*PGZOO, *args(ckpt, out, "train.steps=3"), "--resume"])
+    run([*PGZOO, *args(ckpt, out, "train.steps=3"), "--resume", "--allow-change", "train.steps"])
     same_metrics(out, reference, skip=("eval/",))  # the 2-step run had no evaluation after step 2 (its last)
     from safetensors.torch import load_file
 

@@ -542,3 +542,28 @@ def test_import_without_trl_names_the_extra():
             "try:\n    import pgzoo.adapters.trl\nexcept Exception as e:\n    print(type(e).__name__, e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.startswith("DependencyError") and "pip install 'pgzoo[trl]'" in out
+
+
+# ---------------------------------------------------------------------------------------------- degenerate μ
+def test_degenerate_rollout_logprobs_are_named():
+    lp = torch.tensor([[-1.0, -2.0, -0.5]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert trl_adapter.degenerate_rollout_logprobs(lp + 0.01, lp, mask) is None
+    assert "every log μ is 0" in trl_adapter.degenerate_rollout_logprobs(torch.zeros_like(lp), lp, mask)
+    assert "1.75 nats (above 1)" in trl_adapter.degenerate_rollout_logprobs(lp - 1.75, lp, mask)
+    assert trl_adapter.degenerate_rollout_logprobs(lp, lp, torch.zeros_like(mask)) is None
+
+
+class ZeroLogprobRollout(FakeRollout):
+    """An engine that returns no real logprobs: every log μ is 0."""
+
+    def __call__(self, prompts, trainer):
+        out = super().__call__(prompts, trainer)
+        out["logprobs"] = [[0.0] * len(lp) for lp in out["logprobs"]]
+        return out
+
+
+def test_trainer_warns_once_on_degenerate_rollout_logprobs(tmp_path, base_moe, tok):
+    with pytest.warns(RuntimeWarning, match="first training batch look wrong: every log μ is 0") as record:
+        run_spy(tmp_path, base_moe, tok, "minirl", rollout_func=ZeroLogprobRollout(), config={"max_steps": 1})
+    assert sum("look wrong" in str(w.message) for w in record) == 1
