@@ -60,11 +60,6 @@ def checkpoint_step(ckpt: Path) -> int:
 
 
 # ---------------------------------------------------------------------- files
-def write_recipe(run_dir: Path, recipe) -> None:
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "recipe.yaml").write_text(recipe.dump())
-
-
 def read_eval(run_dir: Path) -> dict:
     return _read_json(Path(run_dir) / "eval.json")
 
