@@ -26,6 +26,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from pgzoo.errors import ConfigError, require
@@ -38,6 +39,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def resolve_checkpoint(path) -> Path:
+    """``path`` itself, or for a ``pgzoo train`` run folder (one with ``checkpoints/step-*``) its newest checkpoint
+    that matches its manifest (damaged ones are skipped, never moved: evaluation only reads)."""
+    from pgzoo.fileio import verify_folder
+
+    path = Path(path)
+    if (path / "config.json").exists() or not (path / "checkpoints").is_dir():
+        return path
+    for ckpt in sorted((p for p in (path / "checkpoints").glob("step-*") if p.is_dir()), reverse=True):
+        if verify_folder(ckpt) is None:
+            return ckpt
+    raise ConfigError(f"run folder {path} holds no intact checkpoint (checkpoints/step-*); evaluate a checkpoint "
+                      "folder directly, or train until one is written (output.checkpoint_every)")
 
 
 def heldout_problems(task, n: int, *, split: str = "test", seed: int = 0, say=None) -> list:
@@ -145,7 +161,8 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="Hugging Face checkpoint folder (e.g. from `pgzoo cold-start`)")
+    parser.add_argument("checkpoint", help="Hugging Face checkpoint folder (e.g. from `pgzoo cold-start`), or a "
+                                           "`pgzoo train` run folder (its newest intact checkpoint)")
     parser.add_argument("--task", default=None, help="task name (default: the task in the checkpoint's card.json)")
     parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                         help="task option (repeatable); default: the options in card.json when --task matches")
@@ -170,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads {args.threads}: use a positive count, or 0 for torch's default")
     if args.threads:
         require("torch", "hf").set_num_threads(args.threads)
+    args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     model, tokenizer = load_pretrained(args.checkpoint)
     card = read_card(args.checkpoint) or {}
     name = args.task or card.get("task")

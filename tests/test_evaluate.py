@@ -167,3 +167,21 @@ def test_heldout_problems_rejects_a_task_that_returns_too_few():
 
     with pytest.raises(ConfigError, match="returned 2 problems for 3 asked"):
         heldout_problems(Short(), 3)
+
+
+def test_a_run_folder_resolves_to_its_newest_intact_checkpoint(tmp_path):
+    from pgzoo.evaluate import resolve_checkpoint
+    from pgzoo.fileio import atomic_folder
+
+    run = tmp_path / "run"
+    for step in (20, 40):
+        with atomic_folder(run / "checkpoints" / f"step-{step:06d}") as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert resolve_checkpoint(run) == run / "checkpoints" / "step-000040"
+    (run / "checkpoints" / "step-000040" / "config.json").write_text('{"x": 1}')  # damaged: skipped, not moved
+    assert resolve_checkpoint(run) == run / "checkpoints" / "step-000020"
+    assert (run / "checkpoints" / "step-000040").is_dir()
+    assert resolve_checkpoint(run / "checkpoints" / "step-000020") == run / "checkpoints" / "step-000020"
+    (run / "checkpoints" / "step-000020" / "config.json").write_text("")
+    with pytest.raises(ConfigError, match="holds no intact checkpoint"):
+        resolve_checkpoint(run)
