@@ -165,7 +165,7 @@ def test_heldout_problems_rejects_a_task_that_returns_too_few():
         def sample(self, n, split="train", seed=0):
             return [Problem(prompt="1+1=", answer="2")] * (n - 1)
 
-    with pytest.raises(ConfigError, match="returned 2 problems for 3 asked"):
+    with pytest.raises(ConfigError, match=r"sample\(n=3, split='test', seed=0\) returned 2 problems"):
         heldout_problems(Short(), 3)
 
 
