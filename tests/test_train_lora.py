@@ -165,3 +165,17 @@ def test_resume_refuses_a_different_base_or_a_missing_adapter(ckpt, tmp_path):
         train_mod.train(load_recipe(RECIPE, overrides(other, out, *LORA, "train.steps=2")), resume=True, quiet=True)
     with pytest.raises(ConfigError, match="r=4.*r=8|lora_alpha|'r'|r="):
         train_mod.train(lora_recipe(ckpt, out, "train.steps=2", "model.lora.r=8"), resume=True, quiet=True)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_lora_run_with_vllm_rollouts_keeps_parity(ckpt, tmp_path):
+    """The main job's engine: vLLM CPU receives W + (α/r)·B·A after every LoRA update (parity at 1e-5)."""
+    pytest.importorskip("vllm")
+    res = train_mod.train(lora_recipe(ckpt, tmp_path / "v", "rollout.engine=vllm", "train.steps=2",
+                                      "output.checkpoint_every=0", "rollout.verify_sync=1e-5"), quiet=True)
+    assert [r["step"] for r in res.history] == [0, 1]
+    for row in res.history:
+        assert row["sync/logprob_abs_diff_mean"] < 1e-5, row
+        assert abs(row["kl/train_inference_k1"]) < 1e-4
+    assert (res.checkpoint / "adapter" / "adapter_model.safetensors").is_file()
