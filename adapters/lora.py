@@ -51,9 +51,13 @@ def lora_config(section):
 def wrap_policy(policy: torch.nn.Module, section) -> torch.nn.Module:
     """``policy`` wrapped with fresh LoRA adapters (B = 0: the wrapped policy computes exactly what ``policy``
     did); base parameters frozen."""
+    import warnings
+
     peft = require("peft", "hf")
     try:
-        return peft.get_peft_model(policy, lora_config(section))
+        with warnings.catch_warnings():  # PEFT notes its own internal per-parameter patterns for target_parameters
+            warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
+            return peft.get_peft_model(policy, lora_config(section))
     except ValueError as exc:  # PEFT: a target that matches nothing, a module type it cannot adapt, ...
         raise ConfigError(f"model.lora: {exc}. Pick model.lora.target_modules / target_parameters among the "
                           f"policy's module names (e.g. [q_proj, v_proj] or all-linear)") from None
