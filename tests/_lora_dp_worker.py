@@ -75,6 +75,10 @@ def main(strategy: str, out: str) -> None:
         trainer.fit(m, train_dataloaders=step_loader(0, 1))
         assert world() == (W.WORLD, rank)
         snap = snapshot(m.policy)
+        if objective == "minirl":  # a checkpoint written by every rank (FSDP: gathered adapter + merged weights)
+            from pgzoo.adapters.checkpoint import save_checkpoint
+
+            save_checkpoint(m, Path(out) / f"ckpt-{strategy}", 0)
         if rank == 0:
             torch.save({**snap, "metrics": m.metrics}, Path(out) / f"{strategy}-{objective}-{replay}.pt")
 

@@ -51,3 +51,23 @@ def test_a_lora_step_on_two_ranks_is_the_single_process_step(two_rank_states, ob
     assert changed and all(any(t in k for t in ("q_proj", "v_proj", "o_proj", "experts")) for k in changed)
     for key in ("loss", "grad_norm"):
         assert got["metrics"][key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_two_rank_lora_checkpoint_holds_the_adapter_and_the_merged_model(two_rank_states):
+    import transformers
+    from safetensors.torch import load_file
+
+    strategy, out = two_rank_states
+    got = torch.load(out / f"{strategy}-minirl-None.pt", weights_only=False)
+    ckpt = out / f"ckpt-{strategy}"
+    assert (ckpt / "MANIFEST.json").is_file() and (ckpt / "adapter" / "adapter_config.json").is_file()
+    assert (ckpt / "optimizer").is_dir() == (strategy == "fsdp")  # FSDP: the sharded optimizer state
+    merged = transformers.AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
+    assert set(merged) == set(got["effective"])
+    for k, v in got["effective"].items():
+        torch.testing.assert_close(merged[k], v, atol=0, rtol=0)
+    adapter = load_file(ckpt / "adapter" / "adapter_model.safetensors")
+    assert len(adapter) == len(got["adapters"])
+    for k, v in got["adapters"].items():
+        torch.testing.assert_close(adapter[k.replace(".default", "")], v, atol=0, rtol=0)
