@@ -69,7 +69,7 @@ def load_lora_policy(section, base_path: Path, ckpt: Path | None, dtype: str, lo
     policy, tokenizer = load_policy(base_path, dtype)
     if ckpt is None:
         return wrap_policy(policy, section).eval(), tokenizer
-    state = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False, map_location="cpu")
+    state = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False, map_location="cpu", mmap=True)
     adapter = Path(ckpt) / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{ckpt} holds no LoRA adapter ({ADAPTER_DIR}/): it was written by a full fine-tuning "
@@ -80,7 +80,10 @@ def load_lora_policy(section, base_path: Path, ckpt: Path | None, dtype: str, lo
                           f"resume with model.path={recorded}")
     saved = require("peft", "hf").PeftConfig.from_pretrained(str(adapter))
     want = lora_config(section)
-    for key in ("r", "lora_alpha", "target_modules", "target_parameters", "use_rslora"):
+    # PEFT saves the resolved targets ('all-linear' expanded, internal parameter names added): compare what the
+    # recipe fixes exactly — rank, scale, an explicit module list
+    keys = ["r", "lora_alpha", "use_rslora"] + (["target_modules"] if isinstance(section.target_modules, list) else [])
+    for key in keys:
         a, b = getattr(saved, key, None), getattr(want, key, None)
         if (set(a) if isinstance(a, (set, list)) else a) != (set(b) if isinstance(b, (set, list)) else b):
             raise ConfigError(f"{ckpt}: its adapter has {key}={a!r} but the recipe's model.lora gives {b!r}; resume "

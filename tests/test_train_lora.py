@@ -128,7 +128,7 @@ def test_lora_run_syncs_checkpoints_and_loads_with_plain_transformers(ckpt, tmp_
 
 @pytest.mark.slow
 def test_lora_resume_continues_exactly(ckpt, tmp_path):
-    steps = ["train.steps=4", "output.checkpoint_every=2"]
+    steps = ["train.steps=4", "output.checkpoint_every=2", "model.lora.target_modules=all-linear"]
     full = train_mod.train(lora_recipe(ckpt, tmp_path / "full", *steps), quiet=True)
     # the interrupted run: the same folder without its last checkpoint
     import shutil
