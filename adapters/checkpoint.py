@@ -5,13 +5,16 @@
         trainer_state.pt                                   step, scheduler, RNG, history (+ optimizer when not sharded)
         optimizer/                                         FSDP only: the sharded optimizer state,
                                                            torch.distributed.checkpoint (one file per rank)
+        adapter/                                           LoRA only: the adapter in PEFT's format; the
+                                                           folder's weights are then the merged W + (α/r)·B·A
+        MANIFEST.json                                      sizes and checksums (pgzoo.fileio.atomic_folder)
 
 One process or DDP: the optimizer state is the same on every rank, so rank 0 saves it in ``trainer_state.pt``.
 FSDP2: the parameters are gathered tensor by tensor to rank 0 on the CPU
 (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``) for the Hugging Face folder, and every rank writes
 its optimizer shard with ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``). The folder is written under
-a temporary name (chosen by rank 0, broadcast) and renamed by rank 0 after every rank finished, so a crash leaves the
-previous checkpoint intact; ``trainer_state.pt`` is written last, and a folder without it is not a checkpoint.
+a temporary name (rank 0's :func:`pgzoo.fileio.atomic_folder`, the name broadcast) and renamed by rank 0 after every
+rank finished, so a crash leaves the previous checkpoint intact; ``trainer_state.pt`` is written last, and a folder without it is not a checkpoint.
 """
 
 from __future__ import annotations

@@ -626,5 +626,5 @@ def run(args: argparse.Namespace) -> int:
 
 __all__ = ["Recipe", "load_recipe", "recipe_from_dict", "parse_overrides", "add_arguments", "run", "find_recipe",
            "shipped_recipe", "shipped_recipes", "shipped_recipe_dir", "list_recipes", "copy_recipe",
-           "ModelSection", "LoraSection", "TaskSection", "ObjectiveSection", "RolloutSection", "TrainSection", "EvalSection",
-           "OutputSection"]
+           "ModelSection", "LoraSection", "TaskSection", "ObjectiveSection", "RolloutSection", "TrainSection",
+           "EvalSection", "OutputSection"]
