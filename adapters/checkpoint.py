@@ -14,7 +14,8 @@ FSDP2: the parameters are gathered tensor by tensor to rank 0 on the CPU
 (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``) for the Hugging Face folder, and every rank writes
 its optimizer shard with ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``). The folder is written under
 a temporary name (rank 0's :func:`pgzoo.fileio.atomic_folder`, the name broadcast) and renamed by rank 0 after every
-rank finished, so a crash leaves the previous checkpoint intact; ``trainer_state.pt`` is written last, and a folder without it is not a checkpoint.
+rank finished, so a crash leaves the previous checkpoint intact; ``trainer_state.pt`` is written last, and a folder
+without it is not a checkpoint.
 """
 
 from __future__ import annotations
