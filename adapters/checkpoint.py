@@ -5,6 +5,9 @@
         trainer_state.pt                                   step, scheduler, RNG, history (+ optimizer when not sharded)
         optimizer/                                         FSDP only: the sharded optimizer state,
                                                            torch.distributed.checkpoint (one file per rank)
+        adapter/                                           LoRA only: the adapter in PEFT's format; the
+                                                           folder's weights are then the merged W + (α/r)·B·A
+        MANIFEST.json                                      sizes and checksums (pgzoo.fileio.atomic_folder)
 
 One process or DDP: the optimizer state is the same on every rank, so rank 0 saves it in ``trainer_state.pt``.
 FSDP2: the parameters are gathered tensor by tensor to rank 0 on the CPU
@@ -31,6 +34,7 @@ import torch
 from pgzoo.distributed import full_state_dict, is_sharded, world
 from pgzoo.errors import PgzooError, require
 from pgzoo.fileio import atomic_folder
+from pgzoo.models.tiny import CARD_NAME
 from pgzoo.run_folder import STATE_FILE, checkpoint_dir, checkpoint_path
 
 L = require("lightning", "lightning")
@@ -71,24 +75,31 @@ def _barrier() -> None:
 
 
 def save_checkpoint(module, path: Path, step: int, extra: dict | None = None) -> Path:
-    """Write the HF checkpoint + trainer state of ``module`` to ``path`` atomically (every rank calls this): rank 0
-    writes through :func:`pgzoo.fileio.atomic_folder` (a temporary sibling, ``MANIFEST.json`` of every file, fsync,
-    rename), the other ranks add their optimizer shards to the same temporary folder before it is renamed. A write
-    that fails (a full disk, a read-only folder) leaves the previous checkpoints as they were and raises
-    :class:`CheckpointWriteError`."""
+    """Write the HF checkpoint + trainer state of ``module`` to ``path`` atomically (every rank calls this).
+
+    The folder is built under a temporary name by :func:`pgzoo.fileio.atomic_folder` on rank 0 (``MANIFEST.json`` of
+    every file, fsync, rename; the name broadcast, so FSDP ranks write their optimizer shards into it) and renamed
+    into place once every rank has finished. A LoRA policy writes the merged model plus ``adapter/``
+    (:mod:`pgzoo.adapters.lora`). A write that fails (a full disk, a read-only folder) leaves the previous
+    checkpoints as they were and raises :class:`CheckpointWriteError`."""
+    from pgzoo.adapters.lora import effective_state_dict
+    from pgzoo.rollout.lora import is_peft_model
+
     path = Path(path)
     n_ranks, rank = world()
     sharded = is_sharded(module.policy)
+    lora = is_peft_model(module.policy)
     try:
         with (atomic_folder(path) if rank == 0 else contextlib.nullcontext()) as tmp:
             tmp = Path(_broadcast(str(tmp) if rank == 0 else None, rank))
             opt, sched = module._opt_and_sched()
             opt = getattr(opt, "optimizer", opt)
-            weights = full_state_dict(module.policy)  # collective under FSDP; the full tensors land on rank 0
+            weights = full_state_dict(module.policy) if (sharded or not lora) else None  # collective under FSDP
+            merged = effective_state_dict(module.policy) if lora else None  # W + s*B*A (collective under FSDP)
             state: dict[str, Any] = {"step": step, "scheduler": sched.state_dict(), "rng": rng_state(),
                                      "history": module.history, "world_size": n_ranks,
                                      "recipe": module.recipe.model_dump(mode="json"), "sharded": sharded,
-                                     **(extra or {})}
+                                     "lora_base": getattr(module, "lora_base", None) if lora else None, **(extra or {})}
             if sharded:
                 import torch.distributed.checkpoint as dcp
                 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -98,9 +109,14 @@ def save_checkpoint(module, path: Path, step: int, extra: dict | None = None) ->
             elif rank == 0:
                 state["optimizer"] = opt.state_dict()
             if rank == 0:
-                _save_hf(module, tmp, weights if sharded else None)
+                _sampling_config(module.policy)
+                if lora:
+                    from pgzoo.adapters.lora import save_lora
+
+                    save_lora(module.policy, tmp, weights, merged)
+                _save_hf(module, tmp, weights if sharded else None, write_weights=not lora)
                 torch.save(state, tmp / STATE_FILE)
-            _barrier()  # every shard is on disk before rank 0 writes the manifest and renames
+            _barrier()  # every shard is on disk before rank 0 renames the folder into place
         _barrier()
     except OSError as exc:
         raise CheckpointWriteError(f"could not write the checkpoint of step {step} to {path}: "
@@ -120,18 +136,29 @@ def _space_hint(exc: OSError) -> str:
     return ""
 
 
-def _save_hf(module, folder: Path, state_dict: dict | None) -> None:
-    gen = getattr(module.policy, "generation_config", None)
+def _sampling_config(policy) -> None:
+    gen = getattr(policy, "generation_config", None)
     if gen is not None and getattr(gen, "top_k", None) == 0 and not gen.do_sample:
         gen.do_sample = True  # a pure-temperature sampling config (top_k=0) must say it samples to validate
-    module.policy.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
-    if state_dict is not None:  # FSDP2 renamed the class (FSDP<Name>): the checkpoint names the model's own
+
+
+def _save_hf(module, folder: Path, state_dict: dict | None, write_weights: bool = True) -> None:
+    """The Hugging Face folder (weights unless ``write_weights=False``: a LoRA policy's merged weights are already
+    there), with the model's own class in config.json, and the tokenizer."""
+    _sampling_config(module.policy)
+    if write_weights:
+        module.policy.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    if state_dict is not None or not write_weights:  # FSDP2 renamed the class (FSDP<Name>): name the model's own
         cfg_file = folder / "config.json"
         cfg = json.loads(cfg_file.read_text())
         cfg["architectures"] = [module.architecture]
         cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if module.tokenizer is not None:
         module.tokenizer.save_pretrained(folder)
+    # the card names the task, so `pgzoo eval` of a checkpoint (or of the run folder) needs no --task
+    task = module.recipe.task
+    card = {"task": task.name, "task_options": dict(task.options), "recipe": module.recipe.name}
+    (folder / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
 
 
 def load_trainer_state(module, ckpt: Path) -> int:

@@ -84,7 +84,9 @@ class RLModule(L.LightningModule):
         self.advantage_name = recipe.objective.advantage or objective.default_advantage
         self.history: list[dict[str, float]] = []  # one metrics row per step (also sent to the loggers)
         self.last_step = -1
-        self.architecture = type(policy).__name__  # before FSDP2 renames the class (FSDP<Name>)
+        from pgzoo.adapters.lora import base_model
+
+        self.architecture = type(base_model(policy)).__name__  # before FSDP2 renames it (FSDP<Name>); PEFT's base
         from pgzoo.routing import RoutingReplay
 
         self.replay = RoutingReplay(recipe.train.routing_replay)
@@ -114,8 +116,11 @@ class RLModule(L.LightningModule):
             shard_policy(self.ref_policy, mesh, mixed_precision=self.tr.mixed_precision)
 
     def configure_optimizers(self):
+        from pgzoo.adapters.lora import trainable_parameters  # LoRA: the adapters (+ modules_to_save) only
+
         t = self.tr
-        opt = torch.optim.AdamW(self.policy.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        opt = torch.optim.AdamW(trainable_parameters(self.policy), lr=t.lr, weight_decay=t.weight_decay,
+                                betas=tuple(t.betas))
         warm = t.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         return [opt], [sched]

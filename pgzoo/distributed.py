@@ -87,6 +87,10 @@ def trainer_parallelism(recipe) -> dict[str, Any]:
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder blocks of a Hugging Face causal LM (``model.model.layers`` for Llama/Qwen/Mixtral-style models)."""
+    from pgzoo.rollout.lora import is_peft_model
+
+    if is_peft_model(model):  # a LoRA policy: the layers of the transformers model inside
+        model = model.base_model.model
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None) or getattr(getattr(base, "decoder", None), "layers", None)
     if layers is None:

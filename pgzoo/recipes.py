@@ -45,6 +45,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
+class LoraSection(_Section):
+    """LoRA adapters on the policy (Hu et al. 2021; PEFT's ``LoraConfig``): W_eff = W + (alpha/r)·B·A on the targeted
+    modules and parameters; only the adapters (and ``modules_to_save``) are trained (pgzoo.adapters.lora)."""
+
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="scale numerator: the delta is (alpha/r)·B·A "
+                                                 "(alpha/sqrt(r) with use_rslora)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input in training (not in sampling)")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names (suffixes) or regexes as in PEFT, e.g. [q_proj, v_proj]; "
+                                  "'all-linear' = every Linear but the output layer")
+    target_parameters: list[str] = Field(
+        default_factory=list, description="raw parameters to adapt (PEFT target_parameters), e.g. Qwen3-MoE's fused "
+                                          "experts [mlp.experts.gate_up_proj, mlp.experts.down_proj]")
+    modules_to_save: list[str] = Field(default_factory=list, description="modules trained in full alongside the "
+                                                                         "adapters (e.g. [lm_head])")
+    use_rslora: bool = Field(False, description="rank-stabilised scale alpha/sqrt(r)")
+
+    @_pydantic.field_validator("target_modules", "target_parameters", "modules_to_save")
+    @classmethod
+    def _names(cls, value):
+        if isinstance(value, list) and not all(v.strip() for v in value):
+            raise ValueError("names must be non-empty strings, e.g. [q_proj, v_proj]")
+        return value
+
+
 class ModelSection(_Section):
     """The policy to train."""
 
@@ -53,6 +79,8 @@ class ModelSection(_Section):
     cold_start: dict[str, Any] = Field(default_factory=dict, description="options of ensure_cold_start "
                                                                          "(when path is null)")
     dtype: Dtype = Field("float32", description="training dtype")
+    lora: LoraSection | None = Field(None, description="LoRA adapters (r, alpha, dropout, target_modules, ...); "
+                                                       "null = full fine-tuning")
 
 
 class TaskSection(_Section):
@@ -340,7 +368,8 @@ class Recipe(_Section):
                if self.needs_old_logprobs else "no (on-policy: π_θold = π_θ detached)")
         lines = [
             f"recipe        {self.name}: {self.description}".rstrip(": "),
-            f"model         {self.model.path or 'embedded tiny MoE, cached cold start'} (train {self.model.dtype})",
+            f"model         {self.model.path or 'embedded tiny MoE, cached cold start'} (train {self.model.dtype})"
+            f"{'' if self.model.lora is None else f', LoRA r={self.model.lora.r} alpha={self.model.lora.alpha:g}'}",
             f"task          {self.task.name} {self.task.options or ''}".rstrip(),
             f"objective     {self.objective.name} {self.objective.options or ''} advantage="
             f"{self.objective.advantage or 'objective default'}",
@@ -613,5 +642,5 @@ def run(args: argparse.Namespace) -> int:
 
 __all__ = ["Recipe", "load_recipe", "recipe_from_dict", "parse_overrides", "add_arguments", "run", "find_recipe",
            "shipped_recipe", "shipped_recipes", "shipped_recipe_dir", "list_recipes", "copy_recipe",
-           "ModelSection", "TaskSection", "ObjectiveSection", "RolloutSection", "TrainSection", "EvalSection",
-           "OutputSection"]
+           "ModelSection", "LoraSection", "TaskSection", "ObjectiveSection", "RolloutSection", "TrainSection",
+           "EvalSection", "OutputSection"]

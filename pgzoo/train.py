@@ -151,7 +151,14 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     task = pgzoo.tasks.get(recipe.task.name, **recipe.task.options)
     base_path = resolve_model_path(recipe, task)
     policy_path = ckpt or base_path
-    policy, tokenizer = load_policy(policy_path, recipe.model.dtype)
+    if recipe.model.lora is None:
+        if ckpt is not None and (ckpt / "adapter").is_dir():
+            raise ConfigError(f"{ckpt} holds a LoRA adapter: resume it with the run's model.lora section")
+        policy, tokenizer = load_policy(policy_path, recipe.model.dtype)
+    else:  # LoRA: the base weights, fresh adapters or (--resume) the checkpoint's (pgzoo.adapters.lora)
+        from pgzoo.adapters.lora import load_lora_policy
+
+        policy, tokenizer = load_lora_policy(recipe.model.lora, base_path, ckpt, recipe.model.dtype, load_policy)
     # 3. evaluation before training (skipped on resume: it was recorded in eval.json)
     evaluating = recipe.eval.before or recipe.eval.after or recipe.eval.every
     problems = eval_problems(recipe, task, say) if evaluating else {}
@@ -174,6 +181,7 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     stop = GracefulStop(enabled=recipe.world_size == 1)
     module, trainer = _module_and_trainer(recipe, policy, tokenizer, objective, task, engine, ref_policy, run_dir,
                                           ckpt, loggers if lead else False, lead, quiet, evals, problems, stop)
+    module.lora_base = str(base_path)  # recorded in LoRA checkpoints, checked on --resume
     if ckpt is not None:
         say(f"pgzoo: resuming from {ckpt} at step {start}")
     if recipe.world_size > 1:
@@ -297,7 +305,8 @@ def _PeriodicEval(recipe, tokenizer, task, problems, run_dir, evals, lead):
     an unsharded copy on rank 0, built once from the policy's config."""
     L = require("lightning", "lightning")
     from pgzoo import run_folder as rf
-    from pgzoo.distributed import full_state_dict, is_sharded
+    from pgzoo.adapters.lora import effective_state_dict
+    from pgzoo.distributed import is_sharded
 
     class PeriodicEval(L.Callback):
         copy = None
@@ -308,7 +317,7 @@ def _PeriodicEval(recipe, tokenizer, task, problems, run_dir, evals, lead):
                 return
             policy = module.policy
             if is_sharded(policy):
-                state = full_state_dict(policy)  # collective: the full tensors land on rank 0
+                state = effective_state_dict(policy)  # collective: the full (LoRA: merged) tensors on rank 0
                 if lead:
                     policy = self.unsharded_copy(module, state)
             if not lead:
