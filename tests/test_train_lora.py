@@ -161,9 +161,9 @@ def test_resume_refuses_a_different_base_or_a_missing_adapter(ckpt, tmp_path):
     with pytest.raises(ConfigError, match="model.lora"):  # a LoRA checkpoint resumed as full fine-tuning
         train_mod.train(load_recipe(RECIPE, overrides(ckpt, out, "train.steps=2")), resume=True, quiet=True)
     other = fresh_checkpoint(tmp_path / "other")
-    with pytest.raises(ConfigError, match="base model"):
+    with pytest.raises(ConfigError, match=r"recipe differs .*model.path: '.*' -> '.*other'"):
         train_mod.train(load_recipe(RECIPE, overrides(other, out, *LORA, "train.steps=2")), resume=True, quiet=True)
-    with pytest.raises(ConfigError, match="r=4.*r=8|lora_alpha|'r'|r="):
+    with pytest.raises(ConfigError, match=r"model.lora.r: \d+ -> 8"):
         train_mod.train(lora_recipe(ckpt, out, "train.steps=2", "model.lora.r=8"), resume=True, quiet=True)
 
 

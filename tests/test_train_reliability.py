@@ -105,11 +105,11 @@ def test_full_disk_while_checkpointing_names_the_intact_checkpoint(ckpt, tmp_pat
 
     real, calls = ck._save_hf, []
 
-    def full_disk(module, folder, state_dict):
+    def full_disk(module, folder, state_dict, **kw):
         calls.append(folder)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(module, folder, state_dict)
+        real(module, folder, state_dict, **kw)
 
     monkeypatch.setattr(ck, "_save_hf", full_disk)
     out = tmp_path / "run"
