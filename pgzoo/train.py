@@ -72,7 +72,7 @@ def build_engine(recipe, model_path: Path):
         return rollout.VLLMEngine(str(model_path), dtype=r.dtype, gpu_memory_utilization=share,
                                   max_model_len=max_len, seed=recipe.seed,
                                   enable_return_routed_experts=recipe.train.routing_replay == "R3", **kw)
-    return rollout.TransformersEngine(str(model_path), dtype=r.dtype, fp8=r.fp8)
+    return rollout.TransformersEngine(str(model_path), dtype=r.dtype, fp8=r.fp8, router_dtype=r.router_dtype)
 
 
 def _default_max_model_len(recipe) -> int:
