@@ -413,7 +413,7 @@ def shipped_recipes() -> dict[str, Path]:
     folder = shipped_recipe_dir()
     if folder is None:
         return {}
-    found = {f"{p.parent.name}/{p.stem}": p for p in folder.glob("*/*.yaml")}
+    found = {f"{p.parent.name}/{p.stem}": p for p in folder.glob("*/*.yaml") if p.name != "grid.yaml"}  # grids: pgzoo.grid
     return dict(sorted(found.items()))
 
 
