@@ -87,8 +87,13 @@ class Run:
             if metric in res:
                 out[int(step)] = res[metric]
         if metric in self.evals.get("after", {}):
-            out[len(self.rows)] = self.evals["after"][metric]
+            out[self.steps] = self.evals["after"][metric]
         return out
+
+    @property
+    def steps(self) -> int:
+        """Global steps run: the last training row's step + 1 (rows logged by periodic evaluation repeat a step)."""
+        return max((int(r["step"]) + 1 for r in self.rows if "step" in r and "reward/mean" in r), default=0)
 
     @property
     def metric(self) -> str:

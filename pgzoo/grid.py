@@ -91,7 +91,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     """Parse a grid file; recipe entries that are files next to it become absolute paths, others stay names
     (checked with :func:`pgzoo.recipes.find_recipe`)."""
     yaml = require("yaml", "lightning")
-    from pgzoo.recipes import find_recipe
+    from pgzoo.recipes import find_recipe, load_recipe
 
     path = _find_grid(path)
     try:
@@ -110,6 +110,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     for r in recipes:
         local = path.parent / r
         resolved.append(str(local.resolve()) if local.is_file() else str(find_recipe(r)))
+        load_recipe(resolved[-1])  # a broken recipe fails here, not after the runs before it
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                           for s in seeds):

@@ -30,6 +30,7 @@ def fake_run(root: Path, name: str, seed: int, rewards: list[float], before: flo
     (run / "eval.json").write_text(json.dumps(evals))
     lines = ["step,reward/mean,entropy/mean,kl/train_inference_k1,first_order/gap_total,eval/avg@4"]
     lines += [f"{i},{r},{0.5 - 0.01 * i},{kl},{gap * (1 + i)}," for i, r in enumerate(rewards)]
+    lines += [f"{k - 1},,,,,{v}" for k, v in (during or {}).items()]  # periodic evaluation logs its own row
     (run / "metrics.csv").write_text("\n".join(lines) + "\n")
     return run
 

@@ -102,3 +102,29 @@ def test_cold_start_trains_on_the_worked_solution(task):
     assert target == "2+4+0=06\n1+3+0=04\n46"
     _, _, labels_plain = _encode_batch(tok, [p], "cpu")  # without the task: the bare answer, as before
     assert tok.decode([t for t in labels_plain[0].tolist() if t != -100][:-1]) == "46"
+
+
+@pytest.mark.slow
+def test_cold_start_learns_the_format_on_a_small_budget(one_torch_thread):
+    """A short SFT on 2-digit problems (21-token solutions) already writes the worked format — one column line per
+    digit, two-digit sums, the answer on the final line, then EOS — even where the arithmetic is still wrong."""
+    import re
+
+    import torch
+
+    from pgzoo.evaluate import generate_completions
+    from pgzoo.models.cold_start import SFTConfig, cold_start
+
+    task = pgzoo.tasks.get("scratchpad", min_digits=2, max_digits=2)
+    config = SFTConfig(batch_size=32, max_steps=120, eval_every=40, eval_n=64, final_eval_n=32, max_new_tokens=24,
+                       target=1.0, greedy_max=1.0)
+    model, tok, card = cold_start(task, seed=0, config=config)
+    assert card["steps"] == 120
+    problems = task.sample(64, "test", seed=1)
+    texts, _, ended = generate_completions(model, tok, [p.prompt for p in problems], max_new_tokens=24)
+    form = re.compile(r"(\d\+\d\+\d=\d\d\n){2}\d{2,3}")
+    shaped = [bool(form.fullmatch(t)) for t in texts]
+    assert sum(shaped) / len(shaped) >= 0.9 and sum(ended) / len(ended) >= 0.9, texts[:4]
+    # the format is learnt before the arithmetic: the answers are not all right yet (room for RL)
+    assert 0 < sum(task.verify(t, p.answer) for t, p in zip(texts, problems)) < len(problems)
+    assert torch.isfinite(torch.tensor(card["train_sampled_accuracy"]))
