@@ -231,8 +231,8 @@ def plot(groups: list[Group], path: Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if key in ("kl/train_inference_k1", "first_order/gap_total") and any(ln.get_ydata().size for ln in ax.lines):
-            ax.set_yscale("symlog", linthresh=1e-6)
+        if key in ("kl/train_inference_k1", "first_order/gap_total"):
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle("mean over seeds, band: lowest to highest seed", fontsize=9)
     fig.tight_layout()
