@@ -41,7 +41,7 @@ def test_documented_names_resolve_outside_a_checkout(elsewhere, name):
 
 def test_a_bare_name_resolves_when_one_grid_has_it(elsewhere):
     assert find_recipe("cold-start-minirl-r2").parent.name == "paper"
-    with pytest.raises(ConfigError, match="ambiguous: paper/minirl or tiny/minirl"):
+    with pytest.raises(ConfigError, match="ambiguous: lab/minirl or paper/minirl or tiny/minirl"):
         find_recipe("minirl")
 
 
