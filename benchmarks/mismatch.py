@@ -3,8 +3,8 @@
     python benchmarks/mismatch.py                         # the lab's cold start (recipes/lab/minirl.yaml)
     python benchmarks/mismatch.py --recipe tiny/minirl --prompts 64
 
-For every knob (float32; bfloat16; float32 + router in bfloat16; float32 + FP8 weights; bfloat16 + FP8 weights, the
-lab's setting) the engine samples ``--prompts`` × ``--n`` completions of the recipe's task at T = 1 with
+For every knob (float32; bfloat16; float32 + router in bfloat16; float32 + FP8 weights; bfloat16 + FP8 weights;
+FP8 weights + router in bfloat16, the lab's setting) the engine samples ``--prompts`` × ``--n`` completions of the recipe's task at T = 1 with
 ``rollout.max_new_tokens``, and the float32 training policy scores the same tokens. Reported over completion tokens:
 mean |log μ − log π| (the sync check's measure), ``kl/train_inference_k1`` = mean(log μ − log π) as the trainer
 logs it, mean |Σ_t (log μ − log π)| per sequence (what a sequence-level weight sees), and the fraction of tokens
@@ -23,7 +23,8 @@ KNOBS = {
     "bfloat16": dict(dtype="bfloat16"),
     "router bfloat16": dict(router_dtype="bfloat16"),
     "fp8 (float32 act.)": dict(fp8=True),
-    "bfloat16 + fp8 (lab)": dict(dtype="bfloat16", fp8=True),
+    "bfloat16 + fp8": dict(dtype="bfloat16", fp8=True),
+    "fp8 + router bfloat16 (lab)": dict(fp8=True, router_dtype="bfloat16"),
 }
 
 
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--knobs", nargs="+", default=list(KNOBS), choices=list(KNOBS), metavar="KNOB",
+                    help=f"a subset of: {', '.join(KNOBS)}")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import pgzoo.tasks
@@ -75,7 +78,8 @@ def main(argv=None) -> int:
     print("| rollout engine | mean abs(Δ log p) per token | KL k1 (mean Δ) | mean abs(Σ Δ) per sequence | "
           "routing flips (tokens) | tokens/seq | generate s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, knob in KNOBS.items():
+    for name in args.knobs:
+        knob = KNOBS[name]
         m = measure(policy, tok, problems, knob, args.n, recipe.rollout.max_new_tokens)
         print(f"| {name} | {m['mean_abs']:.2e} | {m['k1']:.2e} | {m['seq_abs']:.3f} | {m['flip']:.3f} | "
               f"{m['tokens_per_seq']:.1f} | {m['seconds']:.1f} |", flush=True)

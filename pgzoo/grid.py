@@ -20,7 +20,7 @@ Run ``(recipe, seed)`` lives in ``OUT/<recipe stem>-s<seed>``. It is *finished* 
 ``pgzoo train RECIPE seed=S output.dir=OUT/NAME ... --resume --quiet`` in its own process, one after the other, its
 console in ``OUT/logs/NAME.log``: ``--resume`` continues from the newest checkpoint of an interrupted run (exactly,
 see docs/training.md) and starts from scratch when there is none. Interrupting the grid (Ctrl-C, or killing it)
-stops the running child too (on Linux the child gets SIGTERM when its parent dies), so the next invocation resumes
+stops the running child too (on Linux the child is killed when its parent dies), so the next invocation resumes
 it. The wall time of every process is added to ``OUT/walls.json`` (seconds per run, summed over attempts).
 """
 
@@ -124,12 +124,14 @@ def load_grid(path: str | os.PathLike) -> Grid:
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the child gets SIGTERM when the grid process dies (even by SIGKILL), so no orphan run keeps
-    writing into a folder that the next invocation resumes."""
+    """Linux: the child is killed when the grid process dies (even by SIGKILL), so no orphan run keeps writing into
+    a folder that the next invocation resumes. SIGKILL, not SIGTERM: the training process handles SIGTERM (the
+    trainer's own handler) and would outlive its parent. Checkpoints are written atomically, so nothing is lost but
+    the steps since the last one."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
