@@ -327,7 +327,8 @@ def _loggers(recipe, run_dir: Path, kept_rows: list[dict] | None = None) -> list
     out = []
     for name in recipe.output.loggers:
         if name == "csv":
-            csv_logger = L.pytorch.loggers.CSVLogger(str(run_dir), name="", version="")
+            # flushed every step: a run killed between checkpoints keeps its rows up to the last one for --resume
+            csv_logger = L.pytorch.loggers.CSVLogger(str(run_dir), name="", version="", flush_logs_every_n_steps=1)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 writer = csv_logger.experiment  # created now: it deletes an existing metrics.csv
