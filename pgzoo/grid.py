@@ -21,7 +21,8 @@ Run ``(recipe, seed)`` lives in ``OUT/<recipe stem>-s<seed>``. It is *finished* 
 console in ``OUT/logs/NAME.log``: ``--resume`` continues from the newest checkpoint of an interrupted run (exactly,
 see docs/training.md) and starts from scratch when there is none. Interrupting the grid (Ctrl-C, or killing it)
 stops the running child too (on Linux the child is killed when its parent dies), so the next invocation resumes
-it. The wall time of every process is added to ``OUT/walls.json`` (seconds per run, summed over attempts).
+it. The wall time of every process that returned is added to ``OUT/walls.json`` (seconds per run, summed over
+attempts; an attempt cut short by killing the grid itself is not counted).
 """
 
 from __future__ import annotations
