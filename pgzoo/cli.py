@@ -5,6 +5,7 @@
     pgzoo recipe list | cp NAME FILE       the recipes shipped with pgzoo; copy one to edit
     pgzoo cold-start [options]             supervised cold start of the embedded tiny policy
     pgzoo eval CHECKPOINT --task NAME      greedy accuracy and avg@k / pass@k
+    pgzoo compare --grid GRID --seeds 0 1 2   run a grid (resumable), then a figure and table over seeds
     pgzoo objectives [PATTERN] [--json]    list the registered objectives with every default
 
 Each subcommand lives in the module that owns its feature and exposes ``add_arguments(parser)`` and
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recipe": ("pgzoo.recipes", "list, copy and validate recipes"),
     "cold-start": ("pgzoo.models.cold_start", "supervised cold start of the embedded tiny policy"),
     "eval": ("pgzoo.evaluate", "evaluate a checkpoint on a task (greedy accuracy, avg@k, pass@k)"),
+    "compare": ("pgzoo.compare", "run a grid of recipes x seeds (resumable) and compare runs over seeds"),
     "objectives": ("pgzoo.cli", "list the registered objectives with their defaults"),
 }
 

@@ -105,6 +105,9 @@ class RolloutSection(_Section):
                                             "a package registers (entry-point group pgzoo.engines)")
     dtype: Dtype = Field("float32", description="rollout dtype (vs model.dtype: the training-inference gap)")
     fp8: bool = Field(False, description="FP8 (e4m3) rollout weights")
+    router_dtype: Dtype | None = Field(None, description="transformers engine only: compute the MoE routers' logits "
+                                                         "in this dtype (tokens near a top-k tie go to other experts "
+                                                         "than in training); null = like the rest of the engine")
     prompts_per_step: int = Field(16, gt=0, description="B: prompts per global step")
     group_size: int = Field(8, gt=0, description="G: responses per prompt")
     max_new_tokens: int = Field(32, gt=0)
@@ -295,6 +298,10 @@ class Recipe(_Section):
         if r.fp8 and r.engine == "vllm" and r.dtype == "float32":
             raise ConfigError("rollout.fp8=true with rollout.dtype=float32: FP8 rollouts run in bfloat16 or float16 "
                               "activations; set rollout.dtype=bfloat16")
+        if r.router_dtype is not None and r.engine != "transformers":
+            raise ConfigError(f"rollout.router_dtype={r.router_dtype} needs rollout.engine=transformers: vLLM computes "
+                              "the router inside its fused MoE layer in the model's dtype and has no setting for the "
+                              "router alone; set rollout.engine=transformers or rollout.router_dtype=null")
         if self.eval.files and self.eval.k < 1:
             raise ConfigError("eval.k must be >= 1")
         self._check_objective()
@@ -373,7 +380,8 @@ class Recipe(_Section):
             f"task          {self.task.name} {self.task.options or ''}".rstrip(),
             f"objective     {self.objective.name} {self.objective.options or ''} advantage="
             f"{self.objective.advantage or 'objective default'}",
-            f"rollout       {r.engine} ({r.dtype}{', fp8' if r.fp8 else ''}), B={r.prompts_per_step} prompts x "
+            f"rollout       {r.engine} ({r.dtype}{', fp8' if r.fp8 else ''}"
+            f"{f', router {r.router_dtype}' if r.router_dtype else ''}), B={r.prompts_per_step} prompts x "
             f"G={r.group_size} = {self.responses_per_step} responses/step, <= {r.max_new_tokens} new tokens, "
             f"T={r.temperature}, μ logprobs: {r.logprobs}"
             f"{'' if r.verify_sync is None else f', sync checked (mean |Δ log p| <= {r.verify_sync:g})'}",
@@ -515,7 +523,7 @@ def shipped_recipes() -> dict[str, Path]:
     folder = shipped_recipe_dir()
     if folder is None:
         return {}
-    found = {f"{p.parent.name}/{p.stem}": p for p in folder.glob("*/*.yaml")}
+    found = {f"{p.parent.name}/{p.stem}": p for p in folder.glob("*/*.yaml") if p.name != "grid.yaml"}  # grids: pgzoo.grid
     return dict(sorted(found.items()))
 
 

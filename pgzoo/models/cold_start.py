@@ -9,8 +9,9 @@
 Runbook (what :func:`cold_start` does, top to bottom):
 
 1. build the task, the character tokenizer and a fresh tiny Qwen3-MoE (``pgzoo.models.build_tiny_moe``, seeded);
-2. each step: sample ``batch_size`` train-split problems, train on ``prompt + answer + EOS`` with the
-   cross-entropy on the answer and EOS tokens only (AdamW, linear warm-up, constant learning rate);
+2. each step: sample ``batch_size`` train-split problems, train on ``prompt + target + EOS`` with the
+   cross-entropy on the target and EOS tokens only (the target is ``task.demonstration(problem)``: the answer, or
+   a worked solution such as ``scratchpad``'s column lines) (AdamW, linear warm-up, constant learning rate);
 3. every ``eval_every`` steps (every step once avg@1 passes ``target / 2``, as the rise is steep): the exact
    teacher-forced sampled (T = 1) and greedy accuracies (:func:`teacher_forced_accuracy`, one forward pass, no
    sampling noise) on ``eval_n`` *train-split* problems drawn with a separate seed; stop at the first check where
@@ -67,7 +68,8 @@ class SFTConfig:
     band: tuple[float, float] = (0.30, 0.60)
     max_new_tokens: int = 8
     threads: int = 1              # torch CPU threads during SFT (1: fast on a shared machine, deterministic)
-    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of tiny_moe_config
+    # overrides of tiny_moe_config, or the name of a shape in pgzoo.models.tiny.TINY_MOE_SHAPES ("routed-32x4")
+    model: dict[str, Any] | str = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "max_steps", "eval_every", "eval_n", "final_eval_n", "max_new_tokens",
@@ -85,8 +87,13 @@ class SFTConfig:
         if not 0 < self.target <= 1 or not 0 < self.greedy_max <= 1:
             raise ConfigError(f"cold start: target={self.target!r}, greedy_max={self.greedy_max!r}; use values in "
                               "(0, 1]")
-        if not isinstance(self.model, dict):
-            raise ConfigError(f"cold start: model={self.model!r}; pass a dict of tiny_moe_config overrides")
+        if not isinstance(self.model, (dict, str)):
+            raise ConfigError(f"cold start: model={self.model!r}; pass a dict of tiny_moe_config overrides or a "
+                              "shape name such as 'routed-32x4'")
+        if isinstance(self.model, str):
+            from pgzoo.models.tiny import moe_shape
+
+            moe_shape(self.model)  # an unknown name fails here, naming the valid ones
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> SFTConfig:
@@ -112,7 +119,7 @@ def cache_key(task_name: str, task_options: dict[str, Any], seed: int, config: S
     import transformers
 
     import pgzoo
-    from pgzoo.models.tiny import tiny_moe_config
+    from pgzoo.models.tiny import moe_shape, tiny_moe_config
 
     payload = {
         "version": COLD_START_VERSION,
@@ -123,7 +130,7 @@ def cache_key(task_name: str, task_options: dict[str, Any], seed: int, config: S
         "task_options": task_options,
         "seed": seed,
         "sft": dataclasses.asdict(config),
-        "model": tiny_moe_config(**config.model).to_dict(),
+        "model": tiny_moe_config(**moe_shape(config.model)).to_dict(),
     }
     for k in ("transformers_version", "_name_or_path"):
         payload["model"].pop(k, None)
@@ -147,12 +154,14 @@ def _lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _encode_batch(tokenizer, problems, device):
-    """Right-padded ``prompt + answer + EOS`` ids with labels on the answer and EOS only."""
+def _encode_batch(tokenizer, problems, device, task=None):
+    """Right-padded ``prompt + target + EOS`` ids with labels on the target and EOS only; the target is
+    ``task.demonstration(problem)`` (a worked solution for tasks that have one), else the answer."""
     torch = require("torch", "hf")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = tokenizer([p.prompt for p in problems], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([p.answer for p in problems], add_special_tokens=False)["input_ids"]
+    targets = [task.demonstration(p) if task is not None else p.answer for p in problems]
+    answers = tokenizer(targets, add_special_tokens=False)["input_ids"]
     seqs = [p + a + [eos] for p, a in zip(prompts, answers)]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -203,13 +212,13 @@ def cold_start(task, seed: int = 0, config: SFTConfig | None = None, log=None):
 def _cold_start(task, seed, config, log):
     torch = require("torch", "hf")
     from pgzoo.evaluate import evaluate
-    from pgzoo.models.tiny import build_tiny_moe, build_tokenizer, check_characters
+    from pgzoo.models.tiny import build_tiny_moe, build_tokenizer, check_characters, moe_shape
 
     t_start = time.perf_counter()
     tokenizer = build_tokenizer()
-    model = build_tiny_moe(vocab_size=len(tokenizer), seed=seed, **config.model)
+    model = build_tiny_moe(vocab_size=len(tokenizer), seed=seed, **moe_shape(config.model))
     check_characters(task)  # whole data files; samples of generated tasks
-    val = _encode_batch(tokenizer, task.sample(config.eval_n, "train", seed=10_000_019 + seed), "cpu")
+    val = _encode_batch(tokenizer, task.sample(config.eval_n, "train", seed=10_000_019 + seed), "cpu", task)
     history: list[dict[str, float]] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -221,7 +230,7 @@ def _cold_start(task, seed, config, log):
         while step < config.max_steps:
             # 1. a fresh batch of train-split problems (reproducible: seeded by (seed, step))
             problems = task.sample(config.batch_size, "train", seed=seed * 1_000_003 + step)
-            ids, mask, labels = _encode_batch(tokenizer, problems, "cpu")
+            ids, mask, labels = _encode_batch(tokenizer, problems, "cpu", task)
             # 2. cross-entropy on answer + EOS tokens
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),

@@ -45,6 +45,28 @@ TINY_MOE_DEFAULTS: dict[str, Any] = dict(
     output_router_logits=False,
 )
 
+# Named shapes for ``build_tiny_moe(shape=...)`` and the cold start's ``model`` option (overrides of the defaults).
+# "routed-32x4": 32 experts, top-4, each expert half as wide, so a token's active expert width equals the default's
+# (4 x 32 = 2 x 64) while a route is one of C(32, 4) = 35,960 expert sets instead of C(8, 2) = 28: near-ties in the
+# router, and so routing flips under a lower-precision router, are far more frequent (docs/lab.md).
+TINY_MOE_SHAPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "routed-32x4": dict(num_experts=32, num_experts_per_tok=4, moe_intermediate_size=32),
+}
+
+
+def moe_shape(shape: str | dict[str, Any] | None) -> dict[str, Any]:
+    """The config overrides of a named shape in :data:`TINY_MOE_SHAPES` (a dict is returned as is)."""
+    if shape is None:
+        return {}
+    if isinstance(shape, dict):
+        return dict(shape)
+    if not isinstance(shape, str) or shape not in TINY_MOE_SHAPES:
+        raise ConfigError(f"tiny MoE shape {shape!r}: use one of {', '.join(TINY_MOE_SHAPES)} or a dict of "
+                          "Qwen3MoeConfig overrides")
+    return dict(TINY_MOE_SHAPES[shape])
+
+
 
 def build_tokenizer(model_max_length: int = 256):
     """A character-level ``PreTrainedTokenizerFast``: one token per character, ``</s>`` as EOS and ``<pad>`` as pad.
@@ -136,9 +158,10 @@ def _build(config, seed: int):
     return model.eval()
 
 
-def build_tiny_moe(vocab_size: int | None = None, seed: int = 0, **overrides: Any):
-    """A freshly initialised tiny ``Qwen3MoeForCausalLM`` (deterministic for ``seed``)."""
-    return _build(tiny_moe_config(vocab_size, **overrides), seed)
+def build_tiny_moe(vocab_size: int | None = None, seed: int = 0, shape: str | None = None, **overrides: Any):
+    """A freshly initialised tiny ``Qwen3MoeForCausalLM`` (deterministic for ``seed``); ``shape`` names one of
+    :data:`TINY_MOE_SHAPES` (e.g. ``"routed-32x4"``), ``overrides`` apply on top."""
+    return _build(tiny_moe_config(vocab_size, **{**moe_shape(shape), **overrides}), seed)
 
 
 def build_tiny_dense(vocab_size: int | None = None, seed: int = 0, **overrides: Any):

@@ -58,8 +58,10 @@ def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = Fals
 
 @engines.register("transformers")
 def build_transformers(rollout, model_path, *, seed: int = 0, return_routes: bool = False, world_size: int = 1):
-    """A :class:`~pgzoo.rollout.TransformersEngine` in ``rollout.dtype`` (FP8-rounded weights with ``rollout.fp8``);
+    """A :class:`~pgzoo.rollout.TransformersEngine` in ``rollout.dtype`` (FP8-rounded weights with ``rollout.fp8``,
+    MoE routers in ``rollout.router_dtype``);
     it records routes while generating whenever asked, so ``return_routes`` needs nothing at build time."""
     from pgzoo.rollout.transformers_engine import TransformersEngine
 
-    return TransformersEngine(str(model_path), dtype=rollout.dtype, fp8=rollout.fp8)
+    return TransformersEngine(str(model_path), dtype=rollout.dtype, fp8=rollout.fp8,
+                              router_dtype=rollout.router_dtype)

@@ -2,6 +2,7 @@
 
     engine = TransformersEngine(policy, dtype="bfloat16")          # a copy of the policy, cast to bf16
     engine = TransformersEngine(policy, fp8=True)                  # weights rounded through FP8 e4m3
+    engine = TransformersEngine(policy, router_dtype="bfloat16")   # MoE routers computed in bf16 (other experts)
     ro = engine.generate(prompts, n=8, max_new_tokens=64, temperature=1.0, seed=0, return_routes=True)
     engine.load_weights(policy)                                    # copy (and re-cast / re-quantise) in place
 
@@ -72,6 +73,9 @@ class TransformersEngine:
         dtype: rollout precision, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         fp8: round attention / MLP / expert weights through FP8 e4m3 (see :mod:`pgzoo.rollout.fp8`).
         fp8_granularity: ``"per-channel"`` (default) or ``"per-tensor"`` scales.
+        router_dtype: compute every MoE router's logits in this dtype (``"bfloat16"``, ``"float16"``,
+            ``"float32"``), so tokens near a top-k tie go to other experts than in the trainer
+            (:mod:`pgzoo.rollout.router_precision`); None (default): the router runs like the rest of the engine.
         copy: keep a private copy of the weights (default). ``copy=False`` with float32 and no FP8 samples from
             the given module itself (then :meth:`load_weights` of that module is a no-op).
         device: where the engine's model lives (default: the given model's device, else CPU).
@@ -87,6 +91,7 @@ class TransformersEngine:
         dtype: str = "float32",
         fp8: bool = False,
         fp8_granularity: str = "per-channel",
+        router_dtype: str | None = None,
         copy: bool = True,
         device: str | torch.device | None = None,
         max_batch_size: int = 256,
@@ -102,7 +107,7 @@ class TransformersEngine:
             model = transformers.AutoModelForCausalLM.from_pretrained(str(model_or_path), dtype=torch.float32)
         elif isinstance(model_or_path, torch.nn.Module):
             model = model_or_path
-            if copy or dtype != "float32" or fp8:
+            if copy or dtype != "float32" or fp8 or router_dtype is not None:
                 model = _copy_module(model)
         else:
             raise ConfigError(
@@ -134,6 +139,11 @@ class TransformersEngine:
         pad = getattr(config, "pad_token_id", None)
         self.pad_token_id = int(pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0))
         self.supports_routes = self._detect_routes()
+        self.router_dtype = router_dtype
+        if router_dtype is not None:
+            from pgzoo.rollout.router_precision import lower_router_precision
+
+            self._router_hooks = lower_router_precision(self.model, router_dtype)
         self.last_sync_seconds: float | None = None
 
     def _detect_routes(self) -> bool:
@@ -332,6 +342,7 @@ class TransformersEngine:
 
     def __repr__(self) -> str:
         return (f"TransformersEngine({type(self.model).__name__}, dtype={self.dtype!r}, fp8={self.fp8}, "
+                f"router_dtype={self.router_dtype!r}, "
                 f"supports_routes={self.supports_routes})")
 
 

@@ -5,14 +5,17 @@
     problems = task.sample(64, split="train", seed=0)
     rewards = [task.reward(c, p) for c, p in zip(completions, problems)]
 
-Built in: ``arithmetic`` (embedded, tunable difficulty) and ``math`` (a user's JSONL file). Register your own with
+Built in: ``arithmetic`` (embedded, tunable difficulty), ``scratchpad`` (addition worked column by column: long
+responses) and ``math`` (a user's JSONL file). Register your own with
 ``@pgzoo.tasks.register("name")`` on a :class:`Task` subclass.
 """
 
 from pgzoo.tasks.base import Problem, Task, available, get, register, split_of, unregister
 from pgzoo.tasks import arithmetic as _arithmetic  # noqa: F401  (registers "arithmetic")
 from pgzoo.tasks import math as _math  # noqa: F401  (registers "math")
+from pgzoo.tasks import scratchpad as _scratchpad  # noqa: F401  (registers "scratchpad")
 from pgzoo.tasks.arithmetic import ArithmeticTask
 from pgzoo.tasks.math import MathTask
+from pgzoo.tasks.scratchpad import ScratchpadAdditionTask
 
-__all__ = ["Problem", "Task", "ArithmeticTask", "MathTask", "available", "get", "register", "unregister", "split_of"]
+__all__ = ["Problem", "Task", "ArithmeticTask", "MathTask", "ScratchpadAdditionTask", "available", "get", "register", "unregister", "split_of"]

@@ -107,6 +107,10 @@ class Task:
         """Whether ``completion`` (the model's generated text after the prompt) states ``answer``."""
         raise NotImplementedError
 
+    def demonstration(self, problem: Problem) -> str:
+        """The completion the cold start trains on (default: the bare answer; tasks with a worked format override)."""
+        return problem.answer
+
     def reward(self, completion: str, problem: Problem) -> float:
         """Binary verifiable reward: 1.0 when :meth:`verify` accepts the completion, else 0.0."""
         return 1.0 if self.verify(completion, problem.answer) else 0.0

@@ -1,0 +1,141 @@
+"""`pgzoo compare`: aggregation over seeds and the t-interval against hand-computed values, collapse detection, the
+PNG and table, and the grid runner (finished runs skipped, interrupted runs resumed, wall times summed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pgzoo.cli import main
+from pgzoo.compare import collapse_step, compare, group_name, mean_ci, read_run, t975
+from pgzoo.errors import ConfigError
+from pgzoo.grid import GridRun, load_grid, read_walls, run_missing, train_command
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_run(root: Path, name: str, seed: int, rewards: list[float], before: float, after: float,
+             during: dict[int, float] | None = None, kl: float = 1e-4, gap: float = 0.01) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(f"name: {group_name(name)}\nseed: {seed}\n")
+    (run / "summary.json").write_text(json.dumps({"steps": len(rewards), "seconds": 40.0 + seed}))
+    evals = {"before": {"greedy_accuracy": 0.1, "avg@4": before}, "after": {"greedy_accuracy": 0.2, "avg@4": after}}
+    if during:
+        evals["during"] = {str(k): {"avg@4": v} for k, v in during.items()}
+    (run / "eval.json").write_text(json.dumps(evals))
+    lines = ["step,reward/mean,entropy/mean,kl/train_inference_k1,first_order/gap_total,eval/avg@4"]
+    lines += [f"{i},{r},{0.5 - 0.01 * i},{kl},{gap * (1 + i)}," for i, r in enumerate(rewards)]
+    lines += [f"{k - 1},,,,,{v}" for k, v in (during or {}).items()]  # periodic evaluation logs its own row
+    (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_t_quantiles_and_mean_ci_by_hand():
+    assert t975(1) == pytest.approx(12.7062) and t975(2) == pytest.approx(4.3027) and t975(100) == 1.96
+    mean, half = mean_ci([0.5, 0.6, 0.9])
+    # mean 2/3; s^2 = (0.02778 + 0.00444 + 0.05444) / 2 = 0.043333; half = 4.3027 * sqrt(0.043333 / 3)
+    assert mean == pytest.approx(2 / 3) and half == pytest.approx(4.3027 * math.sqrt(0.043333333 / 3), rel=1e-6)
+    assert half == pytest.approx(0.517121, abs=1e-6)
+    assert mean_ci([0.4]) == (0.4, None)
+    m, h = mean_ci([0.5, 0.7])
+    assert m == pytest.approx(0.6) and h == pytest.approx(12.7062 * 0.1, rel=1e-9)  # s = 0.1414, s/sqrt(2) = 0.1
+    with pytest.raises(ConfigError, match="two seeds"):
+        t975(0)
+
+
+def test_collapse_step():
+    flat = {i: 0.5 for i in range(12)}
+    assert collapse_step(flat) is None
+    drop = dict(enumerate([0.5] * 6 + [0.4, 0.1, 0.1, 0.1, 0.1, 0.1]))
+    assert collapse_step(drop) == 9  # steps 5..9 average 0.24 < 0.5 * 0.5
+    assert collapse_step(dict(enumerate([0.5] * 6))) is None  # too short to tell
+
+
+def test_two_fake_runs_aggregate_table_and_png(tmp_path):
+    runs = tmp_path / "runs"
+    rewards = [0.2 + 0.02 * i for i in range(12)]
+    a0 = fake_run(runs, "minirl-s0", 0, rewards, before=0.3, after=0.5, during={4: 0.35, 8: 0.45})
+    a1 = fake_run(runs, "minirl-s1", 1, [r + 0.1 for r in rewards], before=0.3, after=0.7, during={4: 0.45, 8: 0.55})
+    b0 = fake_run(runs, "noclip-s0", 0, [0.5] * 6 + [0.1] * 6, before=0.3, after=0.2, kl=3e-4, gap=0.1)
+    table, png = compare([a0, a1, b0], tmp_path / "cmp")
+    assert png.is_file() and png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    lines = table.splitlines()
+    assert lines[2].startswith("| minirl | 2 | **0.600** ± 1.271 (avg@4) | 0.300 | +0.300 ± 1.271 |")
+    assert lines[2].endswith("| 1.0e-04 | 0.12 | 0/2 | 40 |")  # mean KL, max gap (0.01 x 12), collapses, wall
+    assert lines[3].startswith("| noclip | 1 | **0.200** (avg@4) | 0.300 | -0.100 |") and "| 1/1 (9) |" in lines[3]
+    summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert summary[0]["wall_mean_s"] == pytest.approx(40.5) and summary[1]["gap_max"] == pytest.approx(1.2)
+    assert (tmp_path / "cmp" / "compare.md").read_text().strip() == table
+    # the held-out curve: before at 0, during at 4 and 8, after at the last step + 1, averaged over the seeds
+    run = read_run(a0)
+    assert run.heldout_series() == {0: 0.3, 4: 0.35, 8: 0.45, 12: 0.5}
+    from pgzoo.compare import group_runs
+
+    g = group_runs([read_run(a0), read_run(a1)])[0]
+    steps, mean, lo, hi = g.curve("heldout")
+    assert steps == [0, 4, 8, 12] and mean == pytest.approx([0.3, 0.4, 0.5, 0.6]) and lo[1] == 0.35 and hi[1] == 0.45
+    steps, mean, _, _ = g.curve("reward/mean")
+    assert mean[0] == pytest.approx(0.25) and len(steps) == 12
+
+
+def test_cli_compares_folders_and_rejects_bad_input(tmp_path, capsys):
+    a = fake_run(tmp_path, "x-s0", 0, [0.1] * 3, 0.2, 0.3)
+    assert main(["compare", str(a), "--out", str(tmp_path / "o")]) == 0
+    assert "| x | 1 | **0.300**" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", str(tmp_path / "empty")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert main(["compare"]) == 2
+
+
+def test_grid_file_and_runs(tmp_path):
+    grid = load_grid(REPO / "recipes" / "lab" / "grid.yaml")
+    assert grid.seeds == [0, 1, 2] and len(grid.recipes) == 10 and all(Path(r).is_file() for r in grid.recipes)
+    assert load_grid("lab/grid").recipes == grid.recipes  # the shipped copy by name
+    runs = grid.runs([0, 1], tmp_path)
+    assert len(runs) == 20 and runs[0].name == "minirl-s0" and runs[10].seed == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipes: [tiny/minirl]\nseed: 3\n")
+    with pytest.raises(ConfigError, match="unknown: seed"):
+        load_grid(bad)
+    bad.write_text("recipes: []\n")
+    with pytest.raises(ConfigError, match="non-empty list"):
+        load_grid(bad)
+
+
+def test_run_missing_skips_finished_resumes_and_sums_walls(tmp_path):
+    done = GridRun("tiny/minirl", 0, tmp_path / "minirl-s0")
+    fake_run(tmp_path, "minirl-s0", 0, [0.1] * 3, 0.2, 0.3)
+    todo = GridRun("tiny/minirl", 1, tmp_path / "minirl-s1")
+    calls = []
+
+    def runner(cmd, **kw):
+        calls.append(cmd)
+        if len(calls) == 1:  # the first attempt is interrupted after a checkpoint
+            (todo.run_dir / "checkpoints").mkdir(parents=True)
+            return -15
+        (todo.run_dir / "summary.json").write_text("{}")
+        return 0
+
+    failed = run_missing([done, todo], runner=runner, log=lambda m: None)
+    assert failed == [todo] and len(calls) == 1
+    assert calls[0][-2:] == ["--resume", "--quiet"] and f"output.dir={todo.run_dir}" in calls[0] and "seed=1" in calls[0]
+    log = []
+    assert run_missing([done, todo], ["train.steps=3"], runner=runner, log=log.append) == []
+    assert "train.steps=3" in calls[1] and any("resume minirl-s1" in m for m in log)
+    assert any("skip minirl-s0" in m for m in log)
+    assert set(read_walls(tmp_path)) == {"minirl-s1"}  # one entry, summed over both attempts
+    assert run_missing([done, todo], runner=runner, log=lambda m: None) == [] and len(calls) == 2
+
+
+def test_train_command_runs_pgzoo_train():
+    cmd = train_command(GridRun("lab/minirl", 2, Path("out/minirl-s2")), ["train.steps=2"])
+    assert cmd[1:4] == ["-m", "pgzoo.cli", "train"] and cmd[4:] == [
+        "lab/minirl", "seed=2", "output.dir=out/minirl-s2", "train.steps=2", "--resume", "--quiet"]
+    out = subprocess.run([cmd[0], "-m", "pgzoo.cli", "train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--resume" in out.stdout
