@@ -52,10 +52,15 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys that name where the run lives, not what it is: a run folder moved or copied elsewhere resumes there.
+NOT_COMPARED = frozenset({"output.dir"})
+
+
 def changed_keys(recorded: dict, given: dict) -> list[str]:
-    """Dotted keys whose values differ between two recipe dicts (as :meth:`Recipe.model_dump` writes them)."""
+    """Dotted keys whose values differ between two recipe dicts (as :meth:`Recipe.model_dump` writes them), except
+    :data:`NOT_COMPARED`."""
     a, b = flatten(recorded), flatten(given)
-    return sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))
+    return sorted(k for k in set(a) | set(b) if k not in NOT_COMPARED and a.get(k, _MISSING) != b.get(k, _MISSING))
 
 
 _MISSING = object()

@@ -31,6 +31,16 @@ def digit_fraction_task():
     pgzoo.tasks.unregister("digit-fraction-test")
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a `pgzoo train` child, without the torch.distributed variables code in the test
+    process may have set (the child would take itself for one rank of a group that never forms), plus ``extra``."""
+    import os
+
+    from conftest import _DIST_ENV
+
+    return {**{k: v for k, v in os.environ.items() if k not in _DIST_ENV}, **extra}
+
+
 def fresh_checkpoint(path: Path) -> Path:
     """A randomly initialised tiny MoE + tokenizer saved with plain save_pretrained."""
     from pgzoo.models import build_tiny_moe, build_tokenizer

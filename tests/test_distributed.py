@@ -4,7 +4,6 @@ logprobs, gradients and routing replay through sharded decoder layers, with acti
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
@@ -59,11 +58,12 @@ def test_env_rank(monkeypatch):
 
 
 @pytest.fixture()
-def one_rank_group():
+def one_rank_group(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     try:
         from torch.distributed.device_mesh import init_device_mesh

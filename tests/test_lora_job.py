@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _train_helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 MARGIN = 0.05  # greedy held-out accuracy; measured +0.124 (docs/training.md#lora), under half of it guarded
@@ -31,7 +32,7 @@ pytestmark = [
 def test_lora_job_learns_and_its_checkpoint_loads_with_plain_transformers(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "pgzoo-cache"  # shared with the other main-job tests' cold start
     run_dir = tmp_path_factory.mktemp("lora-job") / "run"
-    env = {**os.environ, "PGZOO_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env = {**subprocess_env(), "PGZOO_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "pgzoo.cli", "train", str(REPO / "recipes/tiny/minirl-lora.yaml"),

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _train_helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ pytestmark = [
 def test_main_job_learns(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "pgzoo-cache"  # shared with tests/test_cold_start.py's fixture
     run_dir = tmp_path_factory.mktemp("main-job") / "run"
-    env = {**os.environ, "PGZOO_CACHE": str(cache)}
+    env = {**subprocess_env(), "PGZOO_CACHE": str(cache)}
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "pgzoo.cli", "train", str(REPO / "recipes/tiny/minirl.yaml"),

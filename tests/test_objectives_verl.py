@@ -360,7 +360,8 @@ def test_metrics_off_gives_the_same_loss_and_gradient(variant):
 @pytest.mark.parametrize("name", NAMES)
 def test_properties(name):
     props.test_padding_values_and_length_do_not_matter(name=name)
-    props.test_permuting_sequences_permutes_the_gradient(name=name)
+    if pgzoo.get(name).shard_additive:  # clip-cov / kl-cov break covariance ties by position: a permutation of
+        props.test_permuting_sequences_permutes_the_gradient(name=name)  # tied rows selects other tokens
     props.test_finite_inputs_give_finite_outputs(name=name)
 
 

@@ -19,6 +19,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _train_helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -67,7 +68,7 @@ def test_commands_run_in_order(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "pgzoo-cache"  # shared with the cold-start and main-job tests
     work = tmp_path_factory.mktemp("readme")
     shutil.copytree(REPO / "recipes", work / "recipes")  # a checkout's recipes/, as the README's paths assume
-    env = {**os.environ, "PGZOO_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env = {**subprocess_env(), "PGZOO_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # the `pgzoo` of this environment
     if not (bin_dir / "pgzoo").exists():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from _train_helpers import fresh_checkpoint, stable
+from _train_helpers import subprocess_env, fresh_checkpoint, stable
 from pgzoo.run_folder import latest_checkpoint, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ def args(ckpt, out, *extra) -> list[str]:
 
 
 def run(cmd: list[str], timeout: float = 400) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return p.stdout + p.stderr
@@ -103,7 +103,7 @@ def test_torchrun_matches(ckpt, reference, tmp_path):
 
 def test_two_nodes_match(ckpt, reference, tmp_path):
     out, port = tmp_path / "run", free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     nodes = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(k),
                                "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "pgzoo",
                                *args(ckpt, out, "train.steps=3", "train.devices=1", "train.num_nodes=2")],
@@ -132,7 +132,7 @@ def test_fsdp_resume_is_exact(ckpt, reference, tmp_path):
 
 def test_a_killed_rank_stops_the_run_with_a_resume_hint(ckpt, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     cmd = [*TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            "-m", "pgzoo", *args(ckpt, out, "train.steps=50")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

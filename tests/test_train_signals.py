@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from _train_helpers import fresh_checkpoint
+from _train_helpers import subprocess_env, fresh_checkpoint
 from pgzoo.run_folder import latest_checkpoint, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def command(ckpt, out, *extra) -> list[str]:
 
 
 def start(cmd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -58,7 +58,7 @@ def test_sigkill_after_a_checkpoint_then_resume_keeps_every_row(ckpt, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    done = subprocess.run([*cmd, "--resume"], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+    done = subprocess.run([*cmd, "--resume"], env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert train_steps(out) == list(range(8))
