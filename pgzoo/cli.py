@@ -26,7 +26,7 @@ from pgzoo.errors import PgzooError
 # subcommand -> (module, help). The module provides add_arguments(parser) and run(args).
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pgzoo.train", "run a recipe: rollouts, rewards, advantages, objective updates"),
-    "recipe": ("pgzoo.recipes", "list, copy and validate recipes"),
+    "recipe": ("pgzoo.recipe_cli", "list, copy and validate recipes"),
     "cold-start": ("pgzoo.models.cold_start", "supervised cold start of the embedded tiny policy"),
     "eval": ("pgzoo.evaluate", "evaluate a checkpoint on a task (greedy accuracy, avg@k, pass@k)"),
     "compare": ("pgzoo.compare", "run a grid of recipes x seeds (resumable) and compare runs over seeds"),

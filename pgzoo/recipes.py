@@ -3,7 +3,7 @@
     recipe = load_recipe("recipes/tiny/minirl.yaml", ["train.lr=3e-4", "rollout.group_size=8"])
     recipe.train.num_minibatches, recipe.rollout.engine, recipe.dump()
 
-A recipe file is exactly :class:`Recipe` written as YAML: every section below is a key, every field a sub-key.
+A recipe file is exactly :class:`Recipe` written as YAML: every section is a key, every field a sub-key.
 Unknown keys are rejected with the nearest valid key; wrong types name the dotted key; combinations that cannot run
 (R3 with an engine that cannot return routes, N not dividing the batch, MiniRL without the inference engine's
 logprobs, ...) are rejected by :meth:`Recipe.check` with the fix. Command-line overrides are ``dotted.key=value``
@@ -13,211 +13,26 @@ Sizes (the paper's notation): B = ``rollout.prompts_per_step`` prompts per globa
 responses each, so B·G responses per step, split into N = ``train.num_minibatches`` mini-batches of B·G/N responses,
 one optimizer step each (N = 1 is on-policy; N > 1 is off-policy: mini-batch n is n updates stale).
 
-The recipes in ``recipes/`` ship inside the package (``pgzoo.recipe_files``): a recipe argument that is not a file
-names one (``tiny/minirl``, ``recipes/tiny/minirl.yaml``; :func:`find_recipe`), ``pgzoo recipe list`` lists them and
-``pgzoo recipe cp NAME FILE`` copies one to edit.
-
-``pgzoo recipe validate RECIPE...`` checks files without loading any model (paths need not exist: file checks run
-when training starts, or here with ``--check-files``); ``pgzoo train RECIPE --dry-run`` prints the same plan.
+The sections (one typed class per key) are in :mod:`pgzoo.recipe_sections`; the recipes shipped with pgzoo, which a
+recipe argument that is not a file names (``tiny/minirl``), in :mod:`pgzoo.recipe_catalog`; ``pgzoo recipe validate |
+list | cp`` in :mod:`pgzoo.recipe_cli`. Everything public there is importable from here too.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pgzoo.errors import ConfigError, require, suggest
+from pgzoo.recipe_catalog import (copy_recipe, find_recipe, list_recipes, shipped_recipe,  # noqa: F401  (re-exported)
+                                  shipped_recipe_dir, shipped_recipes)
+from pgzoo.recipe_sections import (EvalSection, LoraSection, ModelSection,  # noqa: F401  (re-exported)
+                                   ObjectiveSection, OutputSection, RolloutSection, StopOnSection, TaskSection,
+                                   TrainSection, _pydantic, _Section)
 from pgzoo.recipe_yaml import load_yaml
 
-_pydantic = require("pydantic", "lightning")
-BaseModel, ConfigDict, Field, ValidationError = (_pydantic.BaseModel, _pydantic.ConfigDict, _pydantic.Field,
-                                                   _pydantic.ValidationError)
-
-Dtype = Literal["float32", "bfloat16", "float16"]
-
-
-class _Section(BaseModel):
-    # Strict: a boolean is true/false (not "false", not 1), an integer is not 3.0 or true, a number is not a string;
-    # finite numbers only. Numbers such as 3e-4 arrive as floats because recipes are read with YAML 1.2 floats
-    # (pgzoo.recipe_yaml).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
-
-
-class LoraSection(_Section):
-    """LoRA adapters on the policy (Hu et al. 2021; PEFT's ``LoraConfig``): W_eff = W + (alpha/r)·B·A on the targeted
-    modules and parameters; only the adapters (and ``modules_to_save``) are trained (pgzoo.adapters.lora)."""
-
-    r: int = Field(8, gt=0, description="adapter rank")
-    alpha: float = Field(16.0, gt=0, description="scale numerator: the delta is (alpha/r)·B·A "
-                                                 "(alpha/sqrt(r) with use_rslora)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input in training (not in sampling)")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="module names (suffixes) or regexes as in PEFT, e.g. [q_proj, v_proj]; "
-                                  "'all-linear' = every Linear but the output layer")
-    target_parameters: list[str] = Field(
-        default_factory=list, description="raw parameters to adapt (PEFT target_parameters), e.g. Qwen3-MoE's fused "
-                                          "experts [mlp.experts.gate_up_proj, mlp.experts.down_proj]")
-    modules_to_save: list[str] = Field(default_factory=list, description="modules trained in full alongside the "
-                                                                         "adapters (e.g. [lm_head])")
-    use_rslora: bool = Field(False, description="rank-stabilised scale alpha/sqrt(r)")
-
-    @_pydantic.field_validator("target_modules", "target_parameters", "modules_to_save")
-    @classmethod
-    def _names(cls, value):
-        if isinstance(value, list) and not all(v.strip() for v in value):
-            raise ValueError("names must be non-empty strings, e.g. [q_proj, v_proj]")
-        return value
-
-
-class ModelSection(_Section):
-    """The policy to train."""
-
-    path: str | None = Field(None, description="Hugging Face checkpoint folder; null = the embedded tiny MoE's "
-                                                "cached cold start for `task` (pgzoo.models.cold_start)")
-    cold_start: dict[str, Any] = Field(default_factory=dict, description="options of ensure_cold_start "
-                                                                         "(when path is null)")
-    dtype: Dtype = Field("float32", description="training dtype")
-    lora: LoraSection | None = Field(None, description="LoRA adapters (r, alpha, dropout, target_modules, ...); "
-                                                       "null = full fine-tuning")
-
-
-class TaskSection(_Section):
-    """The verifiable-reward task (pgzoo.tasks)."""
-
-    name: str = "arithmetic"
-    options: dict[str, Any] = Field(default_factory=dict, description="task options, e.g. a data file path")
-
-
-class ObjectiveSection(_Section):
-    """The policy-gradient objective (pgzoo.get(name, **options))."""
-
-    name: str = "minirl"
-    options: dict[str, Any] = Field(default_factory=dict, description="overrides: eps_low, eps_high, is_cap, ...")
-    advantage: str | None = Field(None, description="estimator in pgzoo.advantages; null = the objective's default")
-
-
-class RolloutSection(_Section):
-    """The inference engine and sampling."""
-
-    engine: str = Field("vllm", description="a rollout engine of pgzoo.registry.engines: vllm, transformers, or one "
-                                            "a package registers (entry-point group pgzoo.engines)")
-    dtype: Dtype = Field("float32", description="rollout dtype (vs model.dtype: the training-inference gap)")
-    fp8: bool = Field(False, description="FP8 (e4m3) rollout weights")
-    router_dtype: Dtype | None = Field(None, description="transformers engine only: compute the MoE routers' logits "
-                                                         "in this dtype (tokens near a top-k tie go to other experts "
-                                                         "than in training); null = like the rest of the engine")
-    prompts_per_step: int = Field(16, gt=0, description="B: prompts per global step")
-    group_size: int = Field(8, gt=0, description="G: responses per prompt")
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    logprobs: Literal["engine", "none"] = Field(
-        "engine", description="'engine': pass the inference engine's μ logprobs to the objective as rollout_logprobs; "
-                              "'none': do not (objectives without training-inference correction only)")
-    gpu_memory_utilization: float = Field(0.1, gt=0, le=1, description="vLLM only")
-    max_model_len: int | None = Field(None, gt=0, description="vLLM only; default prompt + max_new_tokens headroom")
-    verify_sync: float | None = Field(
-        None, gt=0, description="after each weight sync, sample a probe (4 prompts x 8 tokens) and stop the run if the "
-                                "engine's mean |log mu - log pi| on it exceeds this (e.g. 1e-4 for float32 engines); "
-                                "null = off")
-    sync_bucket_mb: float = Field(
-        256.0, gt=0, description="weight sync streams the policy into the engine parameter by parameter in buckets of "
-                                 "at most this many MB (a larger parameter travels alone); bounds the sync's extra "
-                                 "memory per rank (pgzoo.rollout.sync)")
-
-    @_pydantic.field_validator("engine")
-    @classmethod
-    def _registered_engine(cls, value: str) -> str:
-        from pgzoo.errors import UnknownNameError
-        from pgzoo.registry import engines
-
-        try:
-            return engines.entry(value)[0]  # the canonical name
-        except (UnknownNameError, ConfigError) as exc:
-            raise ValueError(str(exc)) from None
-
-
-class StopOnSection(_Section):
-    """When a run stops itself (pgzoo.guards): a diverged step stops with a clear error, the last checkpoint intact."""
-
-    nonfinite: bool = Field(True, description="stop when the loss or the gradient norm is NaN or infinite")
-    entropy_below: float | None = Field(1e-4, ge=0, description="stop when the mean token entropy (nats) falls "
-                                                                "below this (collapsed to deterministic); null = never")
-    entropy_uniform: float | None = Field(0.999, gt=0, le=1, description="stop when the mean token entropy "
-                                                                         "exceeds this fraction of ln(vocabulary) "
-                                                                         "(collapsed to uniform); null = never")
-
-
-class TrainSection(_Section):
-    """The optimisation loop."""
-
-    steps: int = Field(40, gt=0, description="global steps (rollout + N updates each)")
-    num_minibatches: int = Field(1, gt=0, description="N: optimizer steps per global step")
-    micro_batch_size: int | None = Field(None, gt=0, description="responses per forward/backward "
-                                                                 "(gradient accumulation); null = whole mini-batch")
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas, each in [0, 1)")
-    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null = no clipping")
-    warmup_steps: int = Field(0, ge=0, description="linear LR warmup, in optimizer steps")
-    routing_replay: Literal["R2", "R3"] | None = Field(None, description="R2: replay the training engine's "
-                                                                         "θold routes; R3: the rollout engine's")
-    logprob_chunk_size: int | None = Field(None, gt=0, description="tokens per chunk of the memory-bounded logprob "
-                                                                   "pass; null = about 2**26 logits per chunk")
-    strategy: Literal["auto", "ddp", "fsdp"] = Field(
-        "auto", description="data parallelism through Lightning: 'ddp' (a full replica per rank, gradients averaged "
-                            "by DistributedDataParallel), 'fsdp' (FSDP2 fully_shard per decoder layer and on the root: "
-                            "parameters, gradients and optimizer state sharded over ranks); 'auto' = ddp when "
-                            "devices x num_nodes > 1")
-    devices: int = Field(1, gt=0, description="processes per machine: GPUs on CUDA, CPU processes (gloo) otherwise")
-    num_nodes: int = Field(1, gt=0, description="machines (torchrun --nnodes, SLURM --nodes)")
-    activation_checkpointing: bool = Field(False, description="fsdp: recompute each decoder layer's activations in "
-                                                              "the backward pass (less memory, ~1/3 more compute)")
-    mixed_precision: bool = Field(False, description="fsdp on CUDA: bfloat16 parameters in forward/backward, "
-                                                     "float32 gradient reduction and float32 master weights")
-    threads: int | None = Field(1, gt=0, description="torch intra-op threads per process (set before the model "
-                                                      "loads); 1 keeps a step steady beside other busy processes "
-                                                      "(benchmarks/threads.py); null = torch's default (all cores)")
-    stop_on: StopOnSection = Field(default_factory=lambda: StopOnSection(),
-                                   description="stop the run when it diverges (pgzoo.guards)")
-
-    @_pydantic.field_validator("betas", mode="before")
-    @classmethod
-    def _betas(cls, value):
-        if isinstance(value, list):  # YAML has no tuples; the pair is written as a list
-            value = tuple(value)
-        if isinstance(value, tuple) and any(
-                isinstance(b, (int, float)) and not isinstance(b, bool) and not 0 <= b < 1 for b in value):
-            raise ValueError("each Adam beta must be in [0, 1), e.g. [0.9, 0.999]")
-        return value
-
-
-class EvalSection(_Section):
-    """Held-out evaluation before and after training (pgzoo.evaluate)."""
-
-    before: bool = True
-    after: bool = True
-    every: int = Field(0, ge=0, description="also evaluate every this many steps; 0 = only before/after")
-    num_problems: int = Field(200, gt=0, description="held-out problems from the task's test split")
-    k: int = Field(1, gt=0, description="samples per problem for avg@k / pass@k")
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int | None = Field(None, gt=0, description="null = rollout.max_new_tokens")
-    files: dict[str, str] = Field(default_factory=dict, description="benchmark name -> problem file "
-                                                                    "(user-supplied); empty = the task's test split")
-
-
-class OutputSection(_Section):
-    """The run folder."""
-
-    dir: str = Field("runs/{name}", description="run folder; {name} is the recipe name")
-    checkpoint_every: int = Field(10, ge=0, description="save a Hugging Face checkpoint every this many steps "
-                                                        "(and at the end); 0 = only at the end")
-    keep_checkpoints: int = Field(2, gt=0, description="newest step checkpoints kept")
-    loggers: list[Literal["csv", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["csv"])
-    plots: bool = True
-    progress_bar: bool = True
+Field, ValidationError = _pydantic.Field, _pydantic.ValidationError
 
 
 class Recipe(_Section):
@@ -505,64 +320,6 @@ def recipe_from_dict(data: dict, overrides: list[str] | dict | None = None, *, s
     return recipe.check() if check else recipe
 
 
-# ---------------------------------------------------------------------- recipes shipped with pgzoo
-def shipped_recipe_dir() -> Path | None:
-    """The folder of the recipes pgzoo ships: the repository's ``recipes/``, installed as ``pgzoo.recipe_files``
-    (so ``pgzoo train tiny/minirl`` works from any folder, with a wheel install too)."""
-    from importlib import resources
-
-    try:
-        folder = Path(str(resources.files("pgzoo.recipe_files")))
-    except (ModuleNotFoundError, TypeError):  # an install made before the recipes were packaged
-        folder = Path(__file__).resolve().parent.parent / "recipes"
-    return folder if (folder / "tiny").is_dir() else None
-
-
-def shipped_recipes() -> dict[str, Path]:
-    """Shipped recipes by name (``tiny/minirl``, ``paper/offpolicy-n4-minirl-r2``, ...), sorted."""
-    folder = shipped_recipe_dir()
-    if folder is None:
-        return {}
-    found = {f"{p.parent.name}/{p.stem}": p for p in folder.glob("*/*.yaml") if p.name != "grid.yaml"}  # grids: pgzoo.grid
-    return dict(sorted(found.items()))
-
-
-def find_recipe(name: str | os.PathLike) -> Path:
-    """Resolve a recipe argument: an existing YAML file, else a shipped recipe (:func:`shipped_recipe`).
-
-    A local file of the same path always wins, so ``recipes/tiny/minirl.yaml`` is the checkout's file inside a
-    checkout and the installed copy anywhere else.
-    """
-    path = Path(name)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        raise ConfigError(f"recipe {str(name)!r} is a folder; give one YAML file in it, e.g. "
-                          f"{next(iter(sorted(path.glob('*.yaml'))), path / 'minirl.yaml')}")
-    return shipped_recipe(name, missing="not found: no such file, and no shipped recipe of that name")
-
-
-def shipped_recipe(name: str | os.PathLike, *, missing: str = "no shipped recipe of that name") -> Path:
-    """The shipped recipe ``name``: ``tiny/minirl``, ``tiny/minirl.yaml`` or ``recipes/tiny/minirl.yaml`` (the paths
-    the docs and the recipe headers use), or a bare file name that only one grid has (``cold-start-minirl-r2``)."""
-    shipped = shipped_recipes()
-    key = Path(name).as_posix()
-    for prefix in ("./", "recipes/"):
-        key = key[len(prefix):] if key.startswith(prefix) else key
-    for ext in (".yaml", ".yml"):
-        key = key[: -len(ext)] if key.endswith(ext) else key
-    if key in shipped:
-        return shipped[key]
-    matches = [k for k in shipped if k.split("/", 1)[1] == key] if "/" not in key else []
-    if len(matches) == 1:
-        return shipped[matches[0]]
-    if matches:
-        raise ConfigError(f"recipe {str(name)!r} is ambiguous: {' or '.join(matches)}? Name the grid "
-                          "(`pgzoo recipe list` shows every shipped recipe)")
-    raise ConfigError(f"recipe {str(name)!r}: {missing}.{suggest(key, shipped)} `pgzoo recipe list` shows the "
-                      "shipped recipes; `pgzoo recipe cp NAME FILE` copies one to edit")
-
-
 def load_recipe(path: str | os.PathLike, overrides: list[str] | dict | None = None, *, check: bool = True) -> Recipe:
     """Load a recipe YAML (a file, or a shipped recipe's name: see :func:`find_recipe`), apply ``key=value``
     overrides, validate types and combinations."""
@@ -576,79 +333,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | dict | None = No
     return recipe_from_dict(data, overrides, source=str(path), check=check)
 
 
-# ---------------------------------------------------------------------- `pgzoo recipe validate | list | cp`
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
-    v = sub.add_parser("validate", help="check recipe files and print the resolved plan")
-    v.add_argument("recipes", nargs="+", help="recipe YAML files or shipped recipe names (key=value overrides "
-                                              "may follow)")
-    v.add_argument("--check-files", action="store_true", help="also require model/eval/task paths to exist")
-    v.add_argument("--print", dest="print_yaml", action="store_true", help="print the fully resolved YAML")
-    ls = sub.add_parser("list", help="list the recipes shipped with pgzoo")
-    ls.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'tiny/offpolicy-*'")
-    cp = sub.add_parser("cp", help="copy a shipped recipe to a file, to edit")
-    cp.add_argument("name", help="shipped recipe, e.g. tiny/minirl")
-    cp.add_argument("dest", help="destination file (or folder)")
-    cp.add_argument("--force", action="store_true", help="overwrite an existing file")
-
-
-def list_recipes(pattern: str = "*") -> list[tuple[str, str]]:
-    """(name, description) of the shipped recipes matching the wildcard ``pattern``."""
-    import fnmatch
-
-    out = []
-    for name, path in shipped_recipes().items():
-        if fnmatch.fnmatch(name, pattern):
-            data = load_yaml(path.read_text(), str(path)) or {}
-            out.append((name, str(data.get("description", "")) if isinstance(data, dict) else ""))
-    return out
-
-
-def copy_recipe(name: str, dest: str | os.PathLike, *, force: bool = False) -> Path:
-    """Copy the shipped recipe ``name`` to ``dest`` (a file, or an existing folder); never overwrites unless
-    ``force``. Returns the written path."""
-    import shutil
-
-    src = shipped_recipe(name)
-    target = Path(dest)
-    if target.is_dir():
-        target = target / src.name
-    if target.exists() and not force:
-        raise ConfigError(f"{target} exists; pass --force to overwrite it, or choose another file")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, target)
-    return target
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.recipe_command == "list":
-        rows = list_recipes(args.pattern)
-        if not rows:
-            raise ConfigError(f"no shipped recipe matches {args.pattern!r}; `pgzoo recipe list` shows them all")
-        width = max(len(n) for n, _ in rows)
-        for name, description in rows:
-            print(f"{name:{width}s}  {description}")
-        return 0
-    if args.recipe_command == "cp":
-        target = copy_recipe(args.name, args.dest, force=args.force)
-        print(f"copied {args.name} to {target}; run it with: pgzoo train {target}")
-        return 0
-    files = [a for a in args.recipes if "=" not in a]
-    overrides = [a for a in args.recipes if "=" in a]
-    if not files:
-        raise ConfigError("pgzoo recipe validate: give at least one recipe file")
-    for f in files:
-        recipe = load_recipe(f, overrides)
-        if args.check_files:
-            recipe.check_files()
-        print(f"ok  {f}")
-        print("    " + recipe.plan().replace("\n", "\n    "))
-        if args.print_yaml:
-            print(recipe.dump())
-    return 0
-
-
-__all__ = ["Recipe", "load_recipe", "recipe_from_dict", "parse_overrides", "add_arguments", "run", "find_recipe",
-           "shipped_recipe", "shipped_recipes", "shipped_recipe_dir", "list_recipes", "copy_recipe",
-           "ModelSection", "LoraSection", "TaskSection", "ObjectiveSection", "RolloutSection", "TrainSection",
-           "EvalSection", "OutputSection"]
+__all__ = ["Recipe", "load_recipe", "recipe_from_dict", "parse_overrides", "find_recipe", "shipped_recipe",
+           "shipped_recipes", "shipped_recipe_dir", "list_recipes", "copy_recipe", "ModelSection", "LoraSection",
+           "TaskSection", "ObjectiveSection", "RolloutSection", "StopOnSection", "TrainSection", "EvalSection",
+           "OutputSection"]

@@ -93,6 +93,7 @@ def test_train_dry_run_by_name_from_any_folder(elsewhere, capsys):
     assert "N=4" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # ~20 s: builds a wheel
 def test_the_wheel_ships_the_recipes_and_an_installed_copy_finds_them(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -101,8 +102,13 @@ def test_the_wheel_ships_the_recipes_and_an_installed_copy_finds_them(tmp_path):
         copy(REPO / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
                                           if (REPO / name).is_dir() else {}))
     out = tmp_path / "wheel"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(src)], check=True, cwd=tmp_path)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w",
+                            str(out), str(src)], cwd=tmp_path, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    # setuptools warns when a folder with package data is not a listed package (its files are then shipped only
+    # by a deprecated fallback), and when project.license is a table instead of an SPDX expression
+    log = build.stdout + build.stderr
+    assert "absent from the `packages` configuration" not in log and "license` as a TOML table" not in log
     (wheel,) = out.glob("pgzoo-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(n.removeprefix("pgzoo/recipe_files/").removesuffix(".yaml") for n in names
@@ -110,6 +116,10 @@ def test_the_wheel_ships_the_recipes_and_an_installed_copy_finds_them(tmp_path):
     assert [n for n in shipped if n != "lab/grid"] == ON_DISK and "lab/grid" in shipped  # the lab grid ships too
     # recipes/ and adapters/ install inside pgzoo, never as generic top-level packages
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"pgzoo"}
+    # every Python file of the checkout ships (a new subpackage missing from pyproject's list would not)
+    on_disk = {f"pgzoo/{p.relative_to(REPO / 'pgzoo').as_posix()}" for p in (REPO / "pgzoo").rglob("*.py")}
+    on_disk |= {f"pgzoo/adapters/{p.name}" for p in (REPO / "adapters").glob("*.py")}
+    assert on_disk <= set(names), sorted(on_disk - set(names))
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True)
@@ -121,3 +131,11 @@ def test_the_wheel_ships_the_recipes_and_an_installed_copy_finds_them(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, check=True)
     module_file, folder, name = res.stdout.split()
     assert module_file.startswith(str(site)) and folder.startswith(str(site)) and name == "minirl"
+    # the installed command lists the shipped recipes and plans a run by name, outside any checkout
+    cli = [sys.executable, "-m", "pgzoo.cli"]
+    listed = subprocess.run([*cli, "recipe", "list"], cwd=work, env=env, capture_output=True, text=True, check=True)
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ON_DISK
+    plan = subprocess.run([*cli, "train", "tiny/minirl", "--dry-run"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    assert "recipe        minirl" in plan.stdout
