@@ -36,114 +36,41 @@ Replay raises when a forward misses an MoE layer; ``pgzoo/routing/layers_hit`` l
 ``pgzoo/routing/drift_update`` / ``drift_rollout`` the share of (token, layer) slots whose natural expert set differs
 from the replayed one (see :class:`pgzoo.routing.RoutingReplay`).
 
-Importance-sampling corrections are the objective's business: the adapter never multiplies TRL's vLLM ratio in.
-TRL's loss-shaping settings become objective options (``pgzoo.adapters.trl_config``); ``loss=None`` takes TRL's
-``loss_type`` itself as a pgzoo objective. Entropies reach the objective when one of its options needs them.
-Metrics: every objective metric is logged as ``pgzoo/<name>`` next to TRL's own keys. Full guide: docs/trl.md.
+Importance-sampling corrections are the objective's business: the adapter never multiplies TRL's vLLM ratio in. What
+the adapter refuses (untested TRL, settings it cannot honour exactly, degenerate μ) is in
+``pgzoo.adapters.trl_checks``. TRL's loss-shaping settings become objective options (``pgzoo.adapters.trl_config``);
+``loss=None`` takes TRL's ``loss_type`` itself as a pgzoo objective. Entropies reach the objective when one of its
+options needs them. Metrics: every objective metric is logged as ``pgzoo/<name>`` next to TRL's own keys. Full guide:
+docs/trl.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import warnings
 from typing import Any
 
 import torch
 
-import pgzoo
 from pgzoo import advantages as pg_advantages
 from pgzoo.batch import TokenBatch
-from pgzoo.errors import ConfigError, DependencyError, RoutingError, require
-from pgzoo.objectives.base import Objective
+from pgzoo.errors import ConfigError, RoutingError, require
 from pgzoo.routing.trainer import RoutingReplay
 
-_trl = require("trl", "trl")
+require("trl", "trl")
 from trl import GRPOTrainer as _TRLGRPOTrainer  # noqa: E402
 
-from pgzoo.adapters.trl_config import LOSS_TYPES, apply_trl_settings, objective_from_trl  # noqa: E402
+from pgzoo.adapters.trl_checks import (TESTED_TRL, check_beta, check_trainer_settings,  # noqa: E402
+                                      check_trl_version, degenerate_rollout_logprobs)
+from pgzoo.adapters.trl_config import objective_for  # noqa: E402
 from pgzoo.adapters.trl_rollout import EngineRollout, align_routes  # noqa: E402
 
 __all__ = ["GRPOTrainer", "EngineRollout", "align_routes", "check_trl_version", "degenerate_rollout_logprobs",
            "TESTED_TRL"]
 
-logger = logging.getLogger(__name__)
-
-TESTED_TRL = ((1, 16), (1, 17))  # [lower, upper): the TRL versions this adapter was tested against
-ALLOW_UNTESTED_ENV = "PGZOO_ALLOW_UNTESTED_TRL"
 ROUTES_KEY = "pgzoo_routes"
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-
-
-def check_trl_version(version: str | None = None) -> None:
-    """Raise :class:`~pgzoo.errors.DependencyError` unless ``version`` (default: installed TRL) is in the tested range.
-
-    The adapter overrides private methods of TRL's trainer, so an untested TRL fails loudly instead of training
-    with a silently different loss. ``PGZOO_ALLOW_UNTESTED_TRL=1`` skips the check (at your own risk).
-    """
-    version = version or getattr(_trl, "__version__", "unknown")
-    parts = []
-    for piece in version.split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else -1)
-    lo, hi = TESTED_TRL
-    ok = len(parts) == 2 and lo <= tuple(parts) < hi
-    if not ok and os.environ.get(ALLOW_UNTESTED_ENV) != "1":
-        raise DependencyError(
-            f"pgzoo.adapters.trl is tested with TRL >={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]} but TRL {version} is "
-            f"installed. Fix: pip install 'pgzoo[trl]' (pins the tested range), or set {ALLOW_UNTESTED_ENV}=1 to "
-            "try an untested version"
-        )
-
-
-def degenerate_rollout_logprobs(mu: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor,
-                                gap: float = 1.0) -> str | None:
-    """Why the sampler's per-token logprobs ``mu`` look degenerate next to the trained policy's ``logprobs`` over the
-    ``mask`` tokens, or None. Two failures that otherwise train silently on wrong importance weights: every log μ is
-    0 (an engine that returned no logprobs, padded with zeros), or the mean |log μ − log π| exceeds ``gap`` nats
-    (the engine samples from another policy: weights not synced, another temperature, tokenizer or chat template;
-    a healthy colocated engine is within ~1e-3, bfloat16 within ~1e-1)."""
-    m = mask.bool()
-    if not bool(m.any()):
-        return None
-    mu_m, lp_m = mu[m].float(), logprobs[m].float()
-    if bool((mu_m == 0).all()):
-        return ("every log μ is 0, as if the engine returned no logprobs; return the sampled tokens' logprobs from "
-                "rollout_func (the 'logprobs' key), or pass rollout_logprobs='old' when the training model sampled")
-    gap_now = float((mu_m - lp_m).abs().mean())
-    if gap_now > gap:
-        return (f"the mean |log μ − log π| is {gap_now:.3g} nats (above {gap:g}): the engine samples from another "
-                f"policy than the one trained; check the weight sync, the sampling temperature and the tokenizer")
-    return None
-
-
-def _objective_for(loss: Any, config: Any) -> Objective:
-    """The objective for ``GRPOTrainer(loss=..., args=config)``: ``loss`` (an objective or its name) with the
-    config's loss-shaping settings mapped onto it, or, for ``loss=None``, TRL's own ``loss_type`` as an objective."""
-    if loss is None:
-        if config is None:
-            raise ConfigError("GRPOTrainer needs loss=pgzoo.get(...) or args=GRPOConfig(loss_type=...) to take "
-                              "TRL's loss as a pgzoo objective")
-        return objective_from_trl(config)
-    if isinstance(loss, str):
-        loss = pgzoo.get(loss)
-    if not isinstance(loss, Objective):
-        raise ConfigError(
-            f"GRPOTrainer(loss=...) takes a pgzoo objective or its name, got {type(loss).__name__}; "
-            f"e.g. loss=pgzoo.get('minirl') or loss='grpo' (available: {', '.join(pgzoo.available())})"
-        )
-    if config is None:
-        return loss
-    loss_type = getattr(config, "loss_type", "dapo")
-    if loss_type != "dapo" and LOSS_TYPES.get(loss_type) != loss.name:  # "dapo" is TRL's default: not a choice
-        raise ConfigError(
-            f"GRPOConfig.loss_type={loss_type!r} but loss={loss.name!r}: the loss is the objective. Pass "
-            f"loss=pgzoo.get({LOSS_TYPES.get(loss_type, loss_type)!r}) or leave loss=None to take TRL's loss_type "
-            "as a pgzoo objective"
-        )
-    return apply_trl_settings(loss, config)
 
 
 def _reduce_kind(name: str) -> str:
@@ -194,7 +121,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
     ):
         check_trl_version()
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
-        self.objective = _objective_for(loss, config)
+        self.objective = objective_for(loss, config)
         self._rr = RoutingReplay(routing_replay)  # validates the mode
         self.routing_replay = self._rr.mode
         self.advantage = advantage if advantage is not None else self.objective.default_advantage
@@ -214,92 +141,9 @@ class GRPOTrainer(_TRLGRPOTrainer):
         self._pgzoo_deferred = contextlib.ExitStack()
         self._pgzoo_mu_checked = False  # the first training batch's μ is checked once (degenerate_rollout_logprobs)
         self.last_layers_hit: int | None = None  # MoE layers forced in the latest loss pass (R2/R3)
-        self._check_beta(getattr(config, "beta", 0.0))  # before TRL loads a reference model for β != 0
+        check_beta(self.objective, getattr(config, "beta", 0.0))  # before TRL loads a reference model for β != 0
         super().__init__(*args, **kwargs)
-        self._check_settings()
-
-    # ------------------------------------------------------------------------------------------ configuration
-    def _check_beta(self, beta: float) -> None:
-        obj_beta = float(getattr(self.objective.config, "beta", 0.0) or 0.0)
-        if float(beta) != obj_beta:
-            raise ConfigError(
-                f"GRPOConfig.beta={beta} but objective {self.objective.name!r} has beta={obj_beta}: the KL term is "
-                "the objective's (e.g. pgzoo.get('grpo', beta=0.04)) and TRL computes reference logprobs only when "
-                f"GRPOConfig.beta != 0. Set GRPOConfig(beta={obj_beta})"
-            )
-
-    def _check_settings(self) -> None:
-        a, obj = self.args, self.objective
-        ga, spg = a.gradient_accumulation_steps, a.steps_per_generation
-        if (spg * self.num_iterations) % ga:
-            raise ConfigError(
-                f"steps_per_generation·num_iterations = {spg}·{self.num_iterations} is not a multiple of "
-                f"gradient_accumulation_steps = {ga}: an optimizer step would span rollouts not generated yet, so its "
-                "global token/sequence counts are unknown. Set steps_per_generation to a multiple of "
-                "gradient_accumulation_steps (TRL's default, steps_per_generation = gradient_accumulation_steps, works)"
-            )
-        self._check_beta(a.beta)
-        if self.advantage != "trl" and self.multi_objective_aggregation != "sum_then_normalize":
-            raise ConfigError(
-                f"GRPOConfig.multi_objective_aggregation={self.multi_objective_aggregation!r} normalises each "
-                f"reward before summing; the adapter computes {self.advantage!r} advantages of the weighted reward "
-                "sum. Use multi_objective_aggregation='sum_then_normalize', or advantage='trl' to keep TRL's"
-            )
-
-        engine_logprobs = self.rollout_func is not None or self.use_vllm
-        needs_mu = "rollout_logprobs" in obj.requires
-        if self.rollout_logprobs == "old" and engine_logprobs:
-            raise ConfigError(
-                "rollout_logprobs='old' substitutes π_θold for the sampler's logprobs, but this trainer samples "
-                "with a separate engine (rollout_func or use_vllm) that returns them; drop rollout_logprobs='old'"
-            )
-        if self.rollout_logprobs is None:
-            # TRL's transformers generation samples with the training model itself: μ_θold = π_θold exactly.
-            use_old = needs_mu and not engine_logprobs
-            self.rollout_logprobs = "old" if use_old else "engine"
-            if use_old:
-                logger.info(
-                    "objective %r needs the sampler's logprobs μ_θold; TRL's transformers generation samples with "
-                    "the training model, so μ_θold = π_θold and the old logprobs are used (pass "
-                    "rollout_logprobs='engine' to require an inference engine's logprobs instead)", obj.name)
-        if needs_mu and not engine_logprobs and self.rollout_logprobs != "old":
-            raise ConfigError(
-                f"objective {obj.name!r} needs rollout logprobs (μ_θold from the inference engine that sampled the "
-                "completions) but TRL's transformers generation returns none and rollout_logprobs='engine' was asked "
-                "for. Fix one of: sample with a pgzoo engine "
-                "(rollout_func=pgzoo.adapters.trl.EngineRollout(pgzoo.rollout.VLLMEngine(path))); set "
-                "GRPOConfig(use_vllm=True); or drop rollout_logprobs='engine' (the default uses π_θold as μ, exact "
-                "when the training model itself samples)"
-            )
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            if needs_mu:
-                logger.warning(
-                    "GRPOConfig.vllm_importance_sampling_correction is ignored: objective %r applies its own "
-                    "training-inference weight (it is never applied twice)", obj.name
-                )
-            else:
-                raise ConfigError(
-                    f"GRPOConfig.vllm_importance_sampling_correction=True, but objective {obj.name!r} owns the "
-                    "loss and the adapter never applies TRL's ratio. Set vllm_importance_sampling_correction=False, "
-                    f"and for a correction pass it to the objective: pgzoo.get({obj.name!r}, "
-                    "correction={'level': 'token', 'mode': 'truncate', 'cap': 2.0})"
-                )
-        if isinstance(self.rollout_func, EngineRollout):
-            self.rollout_func.check_trainer(self)
-        if self.routing_replay is not None:
-            from pgzoo.routing import find_moe_layers
-
-            find_moe_layers(self.accelerator.unwrap_model(self.model))  # raises naming an unsupported class
-            if self.tools:
-                raise ConfigError("routing_replay with tool calling is not supported (tool tokens carry no routes)")
-        if self.routing_replay == "R3":
-            rf = self.rollout_func
-            if not isinstance(rf, EngineRollout) or not rf.supports_routes:
-                raise ConfigError(
-                    "routing_replay='R3' replays the rollout engine's routes: pass "
-                    "rollout_func=pgzoo.adapters.trl.EngineRollout(engine) with an engine whose supports_routes is "
-                    "True (TransformersEngine; VLLMEngine(..., enable_return_routed_experts=True) on GPU), or use 'R2'"
-                )
+        check_trainer_settings(self)  # also resolves rollout_logprobs=None
 
     # ------------------------------------------------------------------------------------------ generation side
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

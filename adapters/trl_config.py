@@ -1,9 +1,10 @@
 """TRL ``GRPOConfig`` loss settings ↔ pgzoo objective options (no TRL import: any object with TRL's attributes).
 
-    from pgzoo.adapters.trl_config import objective_from_trl, apply_trl_settings
+    from pgzoo.adapters.trl_config import objective_from_trl, apply_trl_settings, objective_for
 
     objective_from_trl(GRPOConfig(loss_type="sapo", top_entropy_quantile=0.2))   # TRL's loss as a pgzoo objective
     apply_trl_settings(pgzoo.get("grpo"), GRPOConfig(delta=4.0))              # TRL's shaping on a given objective
+    objective_for("minirl", GRPOConfig(delta=4.0))     # GRPOTrainer(loss="minirl", args=...)'s objective: both above
 
 =============================  ====================================================================================
 TRL (``GRPOConfig``)           pgzoo
@@ -164,3 +165,30 @@ def apply_trl_settings(objective: Objective, args: Any) -> Objective:
         return objective
     logger.info("objective %r takes TRL's settings %s", objective.name, changes)
     return with_options(objective, **changes)
+
+
+def objective_for(loss: Any, config: Any) -> Objective:
+    """The objective for ``GRPOTrainer(loss=..., args=config)``: ``loss`` (an objective or its name) with the
+    config's loss-shaping settings mapped onto it, or, for ``loss=None``, TRL's own ``loss_type`` as an objective."""
+    if loss is None:
+        if config is None:
+            raise ConfigError("GRPOTrainer needs loss=pgzoo.get(...) or args=GRPOConfig(loss_type=...) to take "
+                              "TRL's loss as a pgzoo objective")
+        return objective_from_trl(config)
+    if isinstance(loss, str):
+        loss = pgzoo.get(loss)
+    if not isinstance(loss, Objective):
+        raise ConfigError(
+            f"GRPOTrainer(loss=...) takes a pgzoo objective or its name, got {type(loss).__name__}; "
+            f"e.g. loss=pgzoo.get('minirl') or loss='grpo' (available: {', '.join(pgzoo.available())})"
+        )
+    if config is None:
+        return loss
+    loss_type = getattr(config, "loss_type", "dapo")
+    if loss_type != "dapo" and LOSS_TYPES.get(loss_type) != loss.name:  # "dapo" is TRL's default: not a choice
+        raise ConfigError(
+            f"GRPOConfig.loss_type={loss_type!r} but loss={loss.name!r}: the loss is the objective. Pass "
+            f"loss=pgzoo.get({LOSS_TYPES.get(loss_type, loss_type)!r}) or leave loss=None to take TRL's loss_type "
+            "as a pgzoo objective"
+        )
+    return apply_trl_settings(loss, config)
