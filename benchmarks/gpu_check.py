@@ -49,19 +49,6 @@ def checks(work: Path, ckpt: Path) -> list[tuple[str, list[str], Path | None]]:
     ]
 
 
-def fresh_checkpoint(path: Path) -> Path:
-    """A randomly initialised tiny MoE + tokenizer (no cold start: the check is of the CUDA path, not learning)."""
-    from pgzoo.models import build_tiny_moe, build_tokenizer
-
-    if not (path / "config.json").exists():
-        tok = build_tokenizer()
-        model = build_tiny_moe(vocab_size=len(tok), seed=0)
-        model.generation_config.do_sample = True
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-    return path
-
-
 def note(name: str, output: str, run_dir: Path | None) -> str:
     if run_dir is not None and (run_dir / "metrics.csv").exists():
         with (run_dir / "metrics.csv").open() as fh:
@@ -97,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False); use --dry-run on CPU",
               file=sys.stderr)
         return 2
-    fresh_checkpoint(ckpt)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _train_helpers import fresh_checkpoint  # tests/_train_helpers.py
+
+    fresh_checkpoint(ckpt)  # randomly initialised, no cold start: the check is of the CUDA path, not learning
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     rows = []
     for name, cmd, run_dir in plan:

@@ -16,43 +16,13 @@ import argparse
 import json
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
 
+from _peak_rss import PeakRSS  # tests/_peak_rss.py, beside this script
+
 PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50, 51, 52]]
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Highest resident set size seen by a sampling thread (every 2 ms) while the block runs."""
-
-    def __enter__(self):
-        self.base = self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def extra(self) -> int:
-        return self.peak - self.base
 
 
 def build(kind: str, vocab: int):

@@ -14,23 +14,20 @@ NAMES = [
 ]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_objective_compiles_to_one_graph(name):
+def assert_one_graph(obj, ref, fields=("old_logprobs", "rollout_logprobs", "ref_logprobs")) -> None:
+    """``obj`` on the batch ``ref`` (its ``fields`` passed as tensors) traces into one torch.compile graph and gives the
+    eager loss, gradient and metrics."""
     torch._dynamo.reset()
-    kwargs = {} if name.startswith("minirl") else {
-        "correction": {"level": "sequence" if name == "gspo" else "token", "mode": "mask"}}
-    obj = pgzoo.get(name, **kwargs)
-    ref = random_batch(4, 6, seed=0, scale=0.3, pad_value=float("nan"))
 
-    def step(lp, mask, adv, old, mu, refl):
-        batch = pgzoo.TokenBatch(logprobs=lp, mask=mask, advantages=adv, old_logprobs=old, rollout_logprobs=mu,
-                                 ref_logprobs=refl, check_values=False)
+    def step(lp, mask, adv, *tensors):
+        batch = pgzoo.TokenBatch(logprobs=lp, mask=mask, advantages=adv, check_values=False,
+                                 **dict(zip(fields, tensors)))
         out = obj(batch)
         return out.loss, out.metrics
 
     # backend="eager": trace only (fast); fullgraph=True turns any graph break into an error
     compiled = torch.compile(step, backend="eager", fullgraph=True)
-    args = (ref.mask, ref.advantages, ref.old_logprobs, ref.rollout_logprobs, ref.ref_logprobs)
+    args = (ref.mask, ref.advantages, *(getattr(ref, f) for f in fields))
     lp_c = ref.logprobs.detach().clone().requires_grad_(True)
     lp_e = ref.logprobs.detach().clone().requires_grad_(True)
     loss_c, metrics_c = compiled(lp_c, *args)
@@ -42,3 +39,10 @@ def test_objective_compiles_to_one_graph(name):
     assert metrics_c.keys() == metrics_e.keys()
     for key in metrics_e:
         torch.testing.assert_close(metrics_c[key], metrics_e[key], msg=key)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_objective_compiles_to_one_graph(name):
+    kwargs = {} if name.startswith("minirl") else {
+        "correction": {"level": "sequence" if name == "gspo" else "token", "mode": "mask"}}
+    assert_one_graph(pgzoo.get(name, **kwargs), random_batch(4, 6, seed=0, scale=0.3, pad_value=float("nan")))

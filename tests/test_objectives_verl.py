@@ -13,6 +13,7 @@ import pytest
 import torch
 import test_objectives as generic
 import test_properties as props
+from test_objectives_compile import assert_one_graph
 
 import pgzoo
 from pgzoo.testing import random_batch
@@ -422,26 +423,7 @@ def test_selection_rule_against_a_sort(seed):
 @pytest.mark.parametrize("name", NAMES)
 def test_compiles_to_one_graph(name):
     """As tests/test_objectives_compile.py for the others: one torch.compile graph, same loss, gradient, metrics."""
-    torch._dynamo.reset()
     level = "geometric" if name == "gmpo" else "token"
     obj = pgzoo.get(name, **ACTIVE.get(name, {}), correction={"level": level, "mode": "mask"})
     ref = random_batch(4, 6, seed=0, scale=0.3, pad_value=float("nan"))
-
-    def step(lp, mask, adv, old, mu):
-        out = obj(pgzoo.TokenBatch(logprobs=lp, mask=mask, advantages=adv, old_logprobs=old, rollout_logprobs=mu,
-                                   check_values=False))
-        return out.loss, out.metrics
-
-    compiled = torch.compile(step, backend="eager", fullgraph=True)
-    args = (ref.mask, ref.advantages, ref.old_logprobs, ref.rollout_logprobs)
-    lp_c = ref.logprobs.detach().clone().requires_grad_(True)
-    lp_e = ref.logprobs.detach().clone().requires_grad_(True)
-    loss_c, metrics_c = compiled(lp_c, *args)
-    loss_e, metrics_e = step(lp_e, *args)
-    loss_c.backward()
-    loss_e.backward()
-    torch.testing.assert_close(loss_c, loss_e)
-    torch.testing.assert_close(lp_c.grad, lp_e.grad)
-    assert metrics_c.keys() == metrics_e.keys()
-    for key in metrics_e:
-        torch.testing.assert_close(metrics_c[key], metrics_e[key], msg=key)
+    assert_one_graph(obj, ref, fields=("old_logprobs", "rollout_logprobs"))

@@ -10,18 +10,12 @@ from pgzoo.errors import ConfigError, RoutingError
 from pgzoo.routing import RoutingReplay
 from pgzoo.routing.tiny import build_tiny_family
 
+from test_routing import perturb_routers
+
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 N, S, L, K = 6, 9, 3, 2
-
-
-def perturb_routers(model, scale=3.0, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in routing.find_moe_layers(model):
-            w = layer.router.weight
-            w.add_(torch.randn(w.shape, generator=gen) * scale * w.std())
 
 
 class ExpertSpy:
