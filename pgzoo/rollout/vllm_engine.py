@@ -37,12 +37,13 @@ import logging
 import os
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from pgzoo.errors import ConfigError, DependencyError, EngineError
-from pgzoo.rollout.base import Rollouts, assemble, check_generate_args
+from pgzoo.rollout.base import Rollouts, assemble, check_generate_args, prompt_seeds
 from pgzoo.rollout.vllm_cpu_moe import EXPERT_NAME, CPUExperts, cpu_moe_targets
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -298,13 +299,14 @@ class VLLMEngine:
         max_new_tokens: int = 64,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         return_routes: bool = False,
     ) -> Rollouts:
         """Sample ``n`` completions per prompt; see :class:`~pgzoo.rollout.Rollouts` for the layout.
 
-        ``seed`` seeds prompt ``i`` with ``seed + i`` (same call, same seed: same tokens); None draws from the
-        engine's generator. EOS stops a completion and is kept as its last counted token.
+        ``seed``: prompt ``i`` is one vLLM request seeded with ``seeds[i]`` (``seed=s`` means ``seeds[i] = s + i``;
+        vLLM seeds its completion ``j`` with ``seeds[i] + j``; "Seeds" in :mod:`pgzoo.rollout.base`); None draws from
+        the engine's generator. EOS stops a completion and is kept as its last counted token.
         """
         self._check_open()
         prompts = check_generate_args(prompts, n, max_new_tokens, temperature, top_p, self.max_model_len,
@@ -314,7 +316,7 @@ class VLLMEngine:
                 "return_routes=True needs VLLMEngine(..., enable_return_routed_experts=True) on a GPU build of vLLM "
                 "(Model Runner V2); on CPU use pgzoo.rollout.TransformersEngine for routes"
             )
-        seeds = [None if seed is None else int(seed) + i for i in range(len(prompts))]
+        seeds = prompt_seeds(seed, len(prompts))
         if self._tp_group is not None:
             return self._generate_tensor_parallel(prompts, seeds, n, max_new_tokens, temperature, top_p,
                                                   return_routes)
