@@ -1,7 +1,8 @@
 """`pgzoo train` on two gloo ranks (CPU, transformers rollouts), started three ways — Lightning's launcher
 (`train.devices=2`), `torchrun --nproc-per-node 2 -m pgzoo`, and two torchrun "nodes" on this machine — writes one
 run folder whose metrics are the same in all three and in a one-process run; `--resume` under FSDP continues exactly;
-a rank killed with SIGKILL stops the others within bounded time with one error that says how to resume, the last checkpoint intact.
+a rank killed with SIGKILL stops the others within bounded time with one error that says how to resume, the last
+checkpoint intact.
 
 Tolerance: the three launches run the same ranks with the same seeds, rows and gloo reductions, so every stable
 metric (all but time/throughput) agrees to float32 rounding of the reductions (rel 1e-5); resume agrees the same way
