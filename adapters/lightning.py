@@ -31,7 +31,6 @@ metrics row at the end of the step.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 
@@ -55,6 +54,7 @@ from pgzoo.distributed import all_reduce_sum, is_sharded, shard_policy, world
 from pgzoo.errors import EngineError, PgzooError, RoutingError, require
 from pgzoo.guards import check_step
 from pgzoo.logprobs import completion_logprobs
+from pgzoo.rollout.base import mix_seed
 from pgzoo.rollout.sync import sync_weights
 from pgzoo.rollout.sync_check import check_sync
 
@@ -232,8 +232,7 @@ class RLModule(L.LightningModule):
     def prompt_seed(self, step: int, index: int) -> int:
         """The seed of prompt ``index`` of the step's B (completion j: + j): the same on whichever rank samples it, so
         W ranks draw the rows one process would. Hashed: seeds of other prompts and steps lie far apart."""
-        digest = hashlib.blake2b(f"{self.step_seed(step)}:{index}".encode(), digest_size=4).digest()
-        return int.from_bytes(digest, "little") >> 1  # < 2**31: every engine's generator takes it
+        return mix_seed(self.step_seed(step), index)
 
     def rollout(self, problems, step: int, seeds: list[int]):
         enc = self.tokenizer([p.prompt for p in problems], add_special_tokens=False)

@@ -30,6 +30,7 @@ step). ``seed=s`` is ``[s, s + 1, ...]``; ``seed=None`` draws from the engine's 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
@@ -205,6 +206,13 @@ def prompt_seeds(seed, num_prompts: int) -> list[int | None]:
     if bad:
         raise EngineError(f"seed: {bad[0]!r} is not a non-negative integer; every per-prompt seed must be one")
     return seeds
+
+
+def mix_seed(*parts: int) -> int:
+    """A seed in [0, 2**31) hashed from integers (e.g. run seed, step, prompt index): seeds of neighbouring inputs
+    lie far apart, so ``seed + j`` of one prompt never meets another prompt's seed (as ``base + index`` would)."""
+    digest = hashlib.blake2b(":".join(str(int(p)) for p in parts).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def assemble(
