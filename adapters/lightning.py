@@ -54,6 +54,7 @@ from pgzoo.distributed import all_reduce_sum, is_sharded, shard_policy, world
 from pgzoo.errors import EngineError, PgzooError, RoutingError, require
 from pgzoo.guards import check_step
 from pgzoo.logprobs import completion_logprobs
+from pgzoo.rollout.base import mix_seed
 from pgzoo.rollout.sync import sync_weights
 from pgzoo.rollout.sync_check import check_sync
 
@@ -151,8 +152,8 @@ class RLModule(L.LightningModule):
         t0 = time.perf_counter()
         # 1. rollout: this rank's share of the B prompts, G completions each (host sync: the engine returns CPU ids)
         problems = self.task.sample(self.ro.prompts_per_step, split="train", seed=self.step_seed(step))
-        problems = problems[rank::n_ranks]
-        ro = self.rollout(problems, step)
+        problems, indices = problems[rank::n_ranks], range(rank, len(problems), n_ranks)
+        ro = self.rollout(problems, step, seeds=[self.prompt_seed(step, i) for i in indices])
         t1 = time.perf_counter()
         # 2. rewards: the task's verifiable reward of each decoded completion
         texts = self.tokenizer.batch_decode(_strip(ro.completion_ids, ro.completion_mask), skip_special_tokens=True)
@@ -228,13 +229,18 @@ class RLModule(L.LightningModule):
         resumed run draws exactly what the uninterrupted run drew."""
         return (self.recipe.seed * 1_000_003 + step * 7_919) % (2**31 - 1)
 
-    def rollout(self, problems, step: int):
+    def prompt_seed(self, step: int, index: int) -> int:
+        """The seed of prompt ``index`` of the step's B (completion j: + j): the same on whichever rank samples it, so
+        W ranks draw the rows one process would. Hashed: seeds of other prompts and steps lie far apart."""
+        return mix_seed(self.step_seed(step), index)
+
+    def rollout(self, problems, step: int, seeds: list[int]):
         enc = self.tokenizer([p.prompt for p in problems], add_special_tokens=False)
         prompts = [list(ids) for ids in enc["input_ids"]]
         try:
             return self.engine.generate(prompts, n=self.ro.group_size, max_new_tokens=self.ro.max_new_tokens,
                                         temperature=self.ro.temperature, top_p=self.ro.top_p,
-                                        seed=self.step_seed(step) + world()[1],
+                                        seed=seeds,
                                         return_routes=self.tr.routing_replay == "R3")
         except PgzooError:
             raise

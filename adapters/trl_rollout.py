@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from pgzoo.errors import ConfigError, EngineError
+from pgzoo.rollout.base import mix_seed
 
 UNROUTED = -1  # pgzoo.routing.UNROUTED: replay lets the router choose at such a position
 
@@ -113,8 +114,10 @@ class EngineRollout:
             self._synced_step = trainer.state.global_step
             self.syncs += 1
 
-        seed = (trainer.args.seed if self.seed is None else self.seed) + 7919 * self.calls
-        seed += trainer.accelerator.process_index
+        # one seed per prompt, distinct across calls and processes (a process's prompt i must not share the stream of
+        # another's prompt i + 1, as one int seed + process index would make it)
+        base = (trainer.args.seed if self.seed is None else self.seed) + 7919 * self.calls
+        seed = [mix_seed(base, trainer.accelerator.process_index, i) for i in range(len(unique))]
         self.calls += 1
         rollouts = self.engine.generate(
             unique,

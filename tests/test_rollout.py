@@ -221,6 +221,37 @@ def test_n_group_seed_and_truncation(engine):
     assert (a.logprobs[~a.completion_mask] == 0).all() and (a.logprobs[a.completion_mask] < 0).all()
 
 
+def test_per_prompt_seeds_make_rows_independent_of_the_batch(moe):
+    """A prompt's completions depend on its seed only: not on the other prompts, their order or the batching — what
+    lets ranks that each sample a share of a step's prompts draw what one process would."""
+    seeds = [11, 5, 907]
+    whole = TransformersEngine(moe).generate(PROMPTS, n=4, max_new_tokens=12, seed=seeds)
+    small = TransformersEngine(moe, max_batch_size=3)  # chunks cut through groups
+    for i in range(3):
+        alone = small.generate([PROMPTS[i]], n=4, max_new_tokens=12, seed=[seeds[i]])
+        assert alone.completions() == whole.completions()[4 * i: 4 * i + 4]
+        rows = whole.select(slice(4 * i, 4 * i + 4))
+        assert torch.allclose(alone.logprobs[:, :rows.logprobs.shape[1]], rows.logprobs[:, :alone.logprobs.shape[1]],
+                              atol=1e-5)
+    rev = TransformersEngine(moe).generate(PROMPTS[::-1], n=4, max_new_tokens=12, seed=seeds[::-1])
+    assert rev.completions() == sum([whole.completions()[4 * i: 4 * i + 4] for i in (2, 1, 0)], [])
+    # seed=s means [s, s + 1, ...]; completion j of a prompt draws with its seed + j (vLLM's rule for n > 1)
+    assert TransformersEngine(moe).generate(PROMPTS, n=4, max_new_tokens=12, seed=11).completions()[:4] == \
+        whole.completions()[:4]
+    one = TransformersEngine(moe).generate([PROMPTS[0]], n=1, max_new_tokens=12, seed=[12])
+    assert one.completions()[0] == whole.completions()[1]
+    # the four completions of a prompt differ (each its own stream)
+    assert len({tuple(c) for c in whole.completions()[:4]}) > 1
+
+
+@pytest.mark.parametrize("seed, match", [([1, 2], "2 seeds for 3 prompts"), ([1, 2, -3], "-3 is not a non-negative"),
+                                         ([1, 2, 3.0], "3.0 is not"), (True, "a seed is an integer"),
+                                         ("7", "a seed is an integer")])
+def test_bad_seeds_are_named(engine, seed, match):
+    with pytest.raises(EngineError, match=match):
+        engine.generate(PROMPTS, n=2, max_new_tokens=2, seed=seed)
+
+
 def test_eos_stops_and_is_counted(vocab):
     model = build_tiny_moe(vocab, seed=0)
     eng = TransformersEngine(model)

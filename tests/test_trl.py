@@ -515,7 +515,11 @@ def test_engine_rollout_samples_once_per_group_and_syncs_per_step(tmp_path, base
     out = rollout(grouped, trainer)
     call = engine.generate_calls[-1]
     assert call["n"] == 4 and len(call["prompts"]) == 2 and call["max_new_tokens"] == MAX_LEN
-    assert call["temperature"] == TEMPERATURE and call["seed"] == 11
+    # one seed per prompt, hashed from (seed, process, prompt): far apart, so seed + j never meets another prompt's
+    from pgzoo.rollout.base import mix_seed
+
+    assert call["temperature"] == TEMPERATURE and call["seed"] == [mix_seed(11, 0, 0), mix_seed(11, 0, 1)]
+    assert abs(call["seed"][0] - call["seed"][1]) > 4
     assert out["prompt_ids"][0] == tok("1+2=")["input_ids"] and out["completion_ids"][0] == [5]
     assert out["logprobs"][0] == [-0.5] and len(out["prompt_ids"]) == 8
     rollout(["1+2=", "3+4=", "5+6=", "1+2="], trainer)  # not in blocks of num_generations: one sample per prompt
@@ -523,7 +527,7 @@ def test_engine_rollout_samples_once_per_group_and_syncs_per_step(tmp_path, base
     assert engine.loads == 1  # global_step did not move: one sync
     trainer.state.global_step += 1
     rollout(grouped, trainer)
-    assert engine.loads == 2 and engine.generate_calls[-1]["seed"] != 11
+    assert engine.loads == 2 and engine.generate_calls[-1]["seed"] != call["seed"]
 
 
 def test_engine_rollout_rejects_sampling_settings_it_cannot_honour(tmp_path, base_moe, tok):

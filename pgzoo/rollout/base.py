@@ -2,6 +2,7 @@
 
     engine: RolloutEngine = pgzoo.rollout.VLLMEngine(path)       # or TransformersEngine(model, dtype="bfloat16")
     ro = engine.generate(prompts, n=8, max_new_tokens=64, temperature=1.0, seed=0)
+    ro = engine.generate(prompts, n=8, seed=[s0, s1, ...])      # one seed per prompt (see "Seeds" below)
     ro.completion_ids, ro.completion_mask, ro.logprobs           # [N, T]; N = len(prompts) * n, prompt-major
     engine.load_weights(policy)                                  # in place, after every optimizer phase
 
@@ -18,11 +19,18 @@ Layout (N rows = prompts × n, rows of one prompt contiguous; P = longest prompt
 * ``routes [N, P+T, L_moe, k]`` long or None: expert ids the engine routed each token to, aligned to
   ``input_ids = cat([prompt_ids, completion_ids], 1)``; positions the engine never ran (padding, the last sampled
   token) hold :data:`pgzoo.routing.UNROUTED` (-1), which replay leaves to the router.
+
+Seeds (every engine alike): ``seed=[s_0, ..., s_{P-1}]`` seeds prompt ``i`` with ``s_i`` and completion ``j`` of it
+with ``s_i + j`` (vLLM's own rule for ``n > 1``), so what a prompt draws depends on its seed only — not on the other
+prompts of the call, their order, or how the engine batches rows. That is what lets ranks that each sample a share of
+a step's prompts draw what one process sampling them all would (the trainer seeds each prompt by its index in the
+step). ``seed=s`` is ``[s, s + 1, ...]``; ``seed=None`` draws from the engine's own generator.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
@@ -129,7 +137,7 @@ class RolloutEngine(Protocol):
         max_new_tokens: int = 64,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         return_routes: bool = False,
     ) -> Rollouts: ...
 
@@ -179,6 +187,32 @@ def check_generate_args(
             )
         out.append(p)
     return out
+
+
+def prompt_seeds(seed, num_prompts: int) -> list[int | None]:
+    """One seed per prompt from ``generate``'s ``seed`` argument (see "Seeds" in the module docstring)."""
+    if seed is None:
+        return [None] * num_prompts
+    if isinstance(seed, bool):
+        raise EngineError(f"seed={seed!r}: a seed is an integer, a list of one integer per prompt, or None")
+    if isinstance(seed, int) or (isinstance(seed, torch.Tensor) and seed.ndim == 0 and not seed.is_floating_point()):
+        return [int(seed) + i for i in range(num_prompts)]
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, (Sequence, torch.Tensor)):
+        raise EngineError(f"seed={seed!r}: a seed is an integer, a list of one integer per prompt, or None")
+    seeds = list(seed.tolist() if isinstance(seed, torch.Tensor) else seed)
+    if len(seeds) != num_prompts:
+        raise EngineError(f"seed: {len(seeds)} seeds for {num_prompts} prompts; pass one seed per prompt (or one int)")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise EngineError(f"seed: {bad[0]!r} is not a non-negative integer; every per-prompt seed must be one")
+    return seeds
+
+
+def mix_seed(*parts: int) -> int:
+    """A seed in [0, 2**31) hashed from integers (e.g. run seed, step, prompt index): seeds of neighbouring inputs
+    lie far apart, so ``seed + j`` of one prompt never meets another prompt's seed (as ``base + index`` would)."""
+    digest = hashlib.blake2b(":".join(str(int(p)) for p in parts).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def assemble(

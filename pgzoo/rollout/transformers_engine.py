@@ -26,12 +26,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from pgzoo.errors import ConfigError, EngineError, require
-from pgzoo.rollout.base import Rollouts, assemble, check_generate_args, unwrap
+from pgzoo.rollout.base import Rollouts, assemble, check_generate_args, prompt_seeds, unwrap
 from pgzoo.rollout.fp8 import GRANULARITIES, fp8_parameter_names, quantize_fp8_tensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,16 +53,25 @@ def top_p_mask(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor, temperature: float, top_p: float,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sampling step: ``(tokens [B], logprobs [B])`` with μ of the sampled token after temperature / top-p."""
+    """One sampling step: ``(tokens [B], logprobs [B])`` with μ of the sampled token after temperature / top-p.
+
+    ``generator``: one for the whole batch, one per row (row ``b`` draws from ``generator[b]`` alone, so its token
+    does not depend on the other rows), or None (the global generator).
+    """
     logits = logits.float()
     if temperature == 0:
         lp = torch.log_softmax(logits, -1)
         tok = lp.argmax(-1)
     else:
         lp = torch.log_softmax(top_p_mask(logits / temperature, top_p), -1)
-        tok = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)
+        probs = lp.exp()
+        if isinstance(generator, Sequence):
+            tok = torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generator)])
+        else:
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tok, lp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -258,12 +268,14 @@ class TransformersEngine:
         max_new_tokens: int = 64,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         return_routes: bool = False,
     ) -> Rollouts:
         """Sample ``n`` completions per prompt; see :class:`~pgzoo.rollout.Rollouts` for the layout.
 
-        ``seed`` makes the call reproducible (one ``torch.Generator`` for the call); None uses the global RNG.
+        ``seed``: completion ``j`` of prompt ``i`` samples from its own ``torch.Generator`` seeded with
+        ``seeds[i] + j`` (``seed=s`` means ``seeds[i] = s + i``; "Seeds" in :mod:`pgzoo.rollout.base`), so a row's
+        tokens do not depend on the other rows or on ``max_batch_size``; None uses the global RNG.
         """
         prompts = check_generate_args(prompts, n, max_new_tokens, temperature, top_p, self.max_model_len,
                                       self.vocab_size)
@@ -272,21 +284,22 @@ class TransformersEngine:
                 f"return_routes=True: {type(self.model).__name__} has no MoE layers pgzoo.routing can record "
                 f"(supported: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE)"
             )
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(seed))
         rows = [p for p in prompts for _ in range(n)]
+        seeds = [None if s is None else s + j for s in prompt_seeds(seed, len(prompts)) for j in range(n)]
         completions, logprobs, truncated, routes = [], [], [], []
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start: start + self.max_batch_size]
-            c, lp, tr, rt = self._generate_chunk(chunk, max_new_tokens, temperature, top_p, generator, return_routes)
+            generators = None if seed is None else [self._generator(s) for s in seeds[start: start + len(chunk)]]
+            c, lp, tr, rt = self._generate_chunk(chunk, max_new_tokens, temperature, top_p, generators, return_routes)
             completions += c
             logprobs += lp
             truncated += tr
             routes += rt
         return assemble(prompts, n, completions, logprobs, truncated, self.pad_token_id,
                         routes if return_routes else None)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _generate_chunk(self, rows, max_new_tokens, temperature, top_p, generator, return_routes):
         device = self.device

