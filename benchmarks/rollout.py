@@ -148,7 +148,8 @@ def header(args, n_prompts: int) -> dict:
 
 
 def print_row(r: dict) -> None:
-    print(f"  {r['engine']:22s} {r['tokens_per_s']:>9.0f} {r['tokens_per_cpu_s']:>9.0f} {r['vs_fp32_wall']:>6.2f}x "
+    print(f"  {r['engine']:22s} {r['tokens']:>6d} {r['tokens_per_s']:>9.0f} {r['tokens_per_cpu_s']:>9.0f} "
+          f"{r['vs_fp32_wall']:>6.2f}x "
           f"{r['vs_fp32_cpu']:>6.2f}x {r['sync_ms']:>8.1f} {r['mean_abs_dlogp']:>9.1e} {r['max_abs_dlogp']:>9.1e} "
           f"{r['k1']:>9.1e} {r['load_avg_1min']:>5.1f}", flush=True)
 
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
     rows = []
     for rnd in range(args.rounds):
         order = names[rnd % len(names):] + names[:rnd % len(names)]  # rotate: no engine always first or last
-        print(f"\nround {rnd + 1}/{args.rounds}\n  {'engine':22s} {'tokens/s':>9s} {'tok/cpu-s':>9s} "
+        print(f"\nround {rnd + 1}/{args.rounds}\n  {'engine':22s} {'tokens':>6s} {'tokens/s':>9s} {'tok/cpu-s':>9s} "
               f"{'x fp32':>7s} {'x cpu':>7s} {'sync ms':>8s} {'mean|Δ|':>9s} {'max|Δ|':>9s} {'k1':>9s} {'load':>5s}")
         this = []
         for name in order:
