@@ -158,9 +158,45 @@ SHORTEN = {
 }
 
 
+def _check_routing(scope: dict, work: Path) -> None:
+    n = scope["rp"].layers_hit
+    assert n == 4 and scope["logged"][0]["routing/layers_hit"] == n  # every MoE layer replayed, in both examples
+
+
+def _check_recipes(scope: dict, work: Path) -> None:
+    assert scope["recipe"].train.steps == 10 and (work / "my-run.yaml").is_file()
+    for run in ("minirl", "lr2e-4", "offpolicy-n4-minirl-r2"):
+        assert (work / "runs" / run / "summary.json").is_file(), run
+
+
+def _check_training(scope: dict, work: Path) -> None:
+    assert (work / "runs" / "x" / "checkpoints" / "step-000002" / "config.json").is_file()  # named by steps done
+    assert (work / "runs" / "short" / "summary.json").is_file()
+
+
+def _check_trl(scope: dict, work: Path) -> None:
+    assert 'GRPOTrainer(\n    loss=pgzoo.get("minirl"),' in blocks("trl.md")[0].code  # the one changed line
+    trainer = scope["trainer"]
+    assert trainer.state.global_step == 2 and trainer.last_layers_hit == 4  # R3 forced every MoE layer
+
+
+def _check_embedded(scope: dict, work: Path) -> None:
+    assert 0.0 <= scope["metrics"]["greedy_accuracy"] <= 1.0
+    shown = next(b.code for b in blocks("embedded.md") if b.code.startswith("4738+2956="))  # a worked example
+    lines = [line.split("  ")[0] for line in shown.splitlines()]
+    task = scope["pgzoo"].tasks.get("scratchpad")
+    problem = task.problem([4738, 2956])
+    assert lines == [problem.prompt, *task.solution(problem).splitlines()]
+
+
+# key parts of what a page's examples produce
+CHECKS = {"embedded.md": _check_embedded, "routing.md": _check_routing, "recipes.md": _check_recipes, "training.md": _check_training,
+          "trl.md": _check_trl}
+
+
 def _commands(block: str) -> list[tuple[str, int]]:
     """The commands of a bash block, each with the exit status its comment promises (`exits N`; else 0)."""
-    text = re.sub(r"\\\n\s*", " ", block)
+    text = re.sub(r"\s*\\\n\s*", " ", block)
     out = []
     for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
@@ -231,9 +267,9 @@ def page_env(tmp_path_factory, monkeypatch):
     return work, env
 
 
-def run_page(page: str, work: Path, env: dict) -> dict:
-    """Every block of ``page`` in order; returns the python namespace."""
-    scope: dict = {"__name__": f"docs_{page[:-3]}"}
+def run_page(page: str, work: Path, env: dict, scope: dict) -> None:
+    """Every block of ``page`` in order, the python blocks in ``scope``."""
+    scope["__name__"] = f"docs_{page[:-3]}"
     if page in PRELUDE:
         exec(compile(textwrap.dedent(PRELUDE[page]), f"prelude of docs/{page}", "exec"), scope)
     edits = list(SHORTEN.get(page, []))
@@ -262,7 +298,6 @@ def run_page(page: str, work: Path, env: dict) -> dict:
         elif block.lang == "toml":
             tomllib.loads(block.code)
     assert not edits, f"docs/{page}: SHORTEN edits that no longer match the page: {edits}"
-    return scope
 
 
 def test_every_block_says_what_it_is():
@@ -272,13 +307,65 @@ def test_every_block_says_what_it_is():
             assert not block.signature or block.lang == "python", f"{block.where}: a signature is python"
 
 
+def test_markers_and_signatures_are_checked(tmp_path, monkeypatch):
+    from pgzoo.rollout import TransformersEngine, RolloutEngine
+
+    monkeypatch.setattr(sys.modules[__name__], "DOCS", tmp_path)
+    (tmp_path / "a.md").write_text("<!-- skip -->\n```bash\nfalse\n```\n")
+    with pytest.raises(AssertionError, match="needs its reason"):
+        blocks("a.md")
+    (tmp_path / "a.md").write_text("<!-- skipp: typo -->\n```bash\nfalse\n```\n")
+    with pytest.raises(AssertionError, match="unknown marker"):
+        blocks("a.md")
+    scope = {"TransformersEngine": TransformersEngine, "RolloutEngine": RolloutEngine}
+    check_signature(Block("a.md", 1, "python", 'TransformersEngine(model_or_path, dtype="float32", fp8=False, '
+                          'fp8_granularity="per-channel", router_dtype=None, copy=True, device=None, '
+                          'max_batch_size=256)'), scope)
+    with pytest.raises(AssertionError, match="TransformersEngine's signature"):
+        check_signature(Block("a.md", 1, "python", 'TransformersEngine(model_or_path, dtype="bfloat16")'), scope)
+    with pytest.raises(AssertionError, match="RolloutEngine.generate"):
+        check_signature(Block("a.md", 1, "python", "class RolloutEngine:\n    def generate(self, prompts, n=2): ..."),
+                        scope)
+    assert _commands("pgzoo a \\\n  --b   # exits 2 here\n# note\npgzoo c  # fine") == [("pgzoo a --b", 2),
+                                                                                       ("pgzoo c", 0)]
+
+
 def test_skipped_blocks_say_why():
     skipped = {b.where: b.skip for page in PAGES for b in blocks(page) if b.skip}
     assert all(skipped.values()), skipped
     assert set(SLOW) | set(PRELUDE) | set(SHORTEN) <= set(PAGES)
 
 
+@pytest.fixture
+def registries():
+    """Names a page registers (an example engine, objective or task) are removed after it."""
+    from pgzoo import registry
+
+    regs = [registry.objectives, registry.advantages, registry.tasks, registry.engines]
+    before = [set(r.available()) and set(r.entries) for r in regs]  # builtins and plugins loaded first
+    yield
+    for reg, names in zip(regs, before):
+        for name in set(reg.entries) - names:
+            reg.unregister(name)
+
+
 @pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW else p for p in PAGES])
-def test_page_runs_as_written(page, page_env):
+def test_page_runs_as_written(page, page_env, registries):
     work, env = page_env
-    run_page(page, work, env)
+    scope: dict = {}
+    try:
+        run_page(page, work, env, scope)
+        if page in CHECKS:
+            CHECKS[page](scope, work)
+    finally:
+        close_engines(scope)
+
+
+def close_engines(scope: dict) -> None:
+    """Close the rollout engines a page left open (a vLLM engine holds its memory until closed)."""
+    from pgzoo.rollout import RolloutEngine
+
+    for value in list(scope.values()):
+        engine = getattr(value, "engine", value)  # a TRL EngineRollout holds its engine
+        if isinstance(engine, RolloutEngine) and not isinstance(engine, type):
+            engine.close()
