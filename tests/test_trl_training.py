@@ -154,21 +154,6 @@ def test_minirl_with_vllm_on_cpu(tmp_path, base_moe, tok):
     assert engine.num_syncs == rollout.syncs == 3
 
 
-def test_docs_example_runs_as_written(tmp_path, monkeypatch):
-    """The first code block of docs/trl.md, executed verbatim (in a scratch directory)."""
-    import pathlib
-    import re
-
-    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "trl.md").read_text()
-    block = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
-    assert 'GRPOTrainer(\n    loss=pgzoo.get("minirl"),' in block
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(compile(block, "docs/trl.md", "exec"), scope)
-    trainer = scope["trainer"]
-    assert trainer.state.global_step == 2 and trainer.last_layers_hit == 4
-
-
 class _StaleSync:
     """A TransformersEngine whose weight sync silently stops working after the first one."""
 
