@@ -7,8 +7,7 @@ import os
 import signal
 import socket
 
-
-from pgzoo.signals import GracefulStop, Interrupted
+from pgzoo.signals import GracefulStop
 
 
 def test_one_process_agrees_with_itself():
