@@ -174,3 +174,33 @@ def test_ctrl_c_to_the_process_group_exits_130_on_every_rank(ckpt, tmp_path, sub
     text, status0, status1 = interrupted_run(ckpt, out, lambda rank0, rank1: os.killpg(rank0, signal.SIGINT))
     assert (status0, status1) == (130, 130), text[-3000:]
     check_stopped(out, text, "SIGINT")  # resuming is the SIGTERM tests' (the checkpoint is the same kind)
+
+
+def test_sigterm_to_torchrun_reaches_its_workers_and_they_stop_together(ckpt, tmp_path):
+    """torchrun starts each worker in its own session and, on SIGTERM, sends it to every worker (then kills them
+    after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s): the workers stop after an agreed step with its checkpoint."""
+    import socket
+
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "pgzoo", *command(ckpt, out)[3:]]
+    proc = subprocess.Popen(cmd, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.csv").exists() or len(train_steps(out)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        text = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0  # torchrun itself was terminated
+    assert not [line for line in text.splitlines() if line.startswith("pgzoo: error")], text[-3000:]
+    check_stopped(out, text, "SIGTERM")
+    assert "continue with: the same torchrun command" in text
