@@ -10,8 +10,9 @@ strategy) the signal number each rank holds, 0 for none, in ``HFCheckpoint.on_tr
 optimizer update. So a signal reaching any rank stops all of them after the same step, whichever ranks it reached:
 SLURM signals every process of the job, Ctrl-C the whole foreground process group, ``kill PID`` perhaps rank 0 alone,
 torchrun forwards SIGTERM/SIGINT to its workers (and kills them ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds later,
-default 30: the stop must fit in that). If the signals differ, SIGTERM (15) wins over SIGINT (2). The checkpoint of the agreed step is written by every rank (FSDP
-gathers the weights and each rank writes its optimizer shard), then ``trainer.should_stop`` ends ``fit``.
+default 30: the stop must fit in that). If the signals differ, SIGTERM (15) wins over SIGINT (2). The checkpoint of
+the agreed step is written by every rank (FSDP gathers the weights and each rank writes its optimizer shard), then
+``trainer.should_stop`` ends ``fit``.
 The cost of the collective: ``benchmarks/stop_flag.py`` (docs/reliability.md).
 
 What Lightning 2.6 does, and what pgzoo keeps of it (``lightning/pytorch/trainer/connectors/signal_connector.py``,

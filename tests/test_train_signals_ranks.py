@@ -35,12 +35,12 @@ def ckpt(tmp_path_factory):
     return fresh_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
 
 
-def command(ckpt, out, *extra) -> list[str]:
+def command(ckpt, out, *extra, strategy: str = "ddp") -> list[str]:
     return [sys.executable, "-m", "pgzoo", "train", "tiny/minirl", f"model.path={ckpt}", "rollout.engine=transformers",
             "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=4", "train.lr=3e-3",
-            "train.strategy=ddp", "train.devices=2", f"train.steps={STEPS}", "eval.before=false", "eval.after=false",
-            "output.progress_bar=false", "output.plots=false", "output.checkpoint_every=0", f"output.dir={out}",
-            *extra, "--quiet"]
+            f"train.strategy={strategy}", "train.devices=2", f"train.steps={STEPS}", "eval.before=false",
+            "eval.after=false", "output.progress_bar=false", "output.plots=false", "output.checkpoint_every=0",
+            f"output.dir={out}", *extra, "--quiet"]
 
 
 def train_steps(out: Path) -> list[int]:
@@ -50,9 +50,12 @@ def train_steps(out: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def reference(ckpt, tmp_path_factory):
     """The uninterrupted run."""
-    out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    p = subprocess.run(command(ckpt, out), env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                       timeout=300)
+    return uninterrupted(ckpt, tmp_path_factory.mktemp("uninterrupted") / "run")
+
+
+def uninterrupted(ckpt, out, strategy: str = "ddp") -> Path:
+    p = subprocess.run(command(ckpt, out, strategy=strategy), env=subprocess_env(OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     return out
 
@@ -82,11 +85,11 @@ def child_rank(parent: int, timeout: float = 120) -> int:
     raise AssertionError(f"rank 0 ({parent}) started no rank 1")
 
 
-def interrupted_run(ckpt, out, send) -> tuple[str, int, int]:
+def interrupted_run(ckpt, out, send, strategy: str = "ddp") -> tuple[str, int, int]:
     """Start a run, call ``send(rank0_pid, rank1_pid)`` once step 1 is logged; (output, rank 0's and rank 1's exit
     status)."""
-    proc = subprocess.Popen(command(ckpt, out), env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(command(ckpt, out, strategy=strategy), env=subprocess_env(OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     rank1 = None
     try:
         rank1 = child_rank(proc.pid)
@@ -120,10 +123,10 @@ def check_stopped(out, text, name) -> None:
     assert "--resume" in stopped[0]
 
 
-def check_stopped_then_resume(ckpt, out, reference, text, name) -> None:
+def check_stopped_then_resume(ckpt, out, reference, text, name, strategy: str = "ddp") -> None:
     check_stopped(out, text, name)
     # continue to the end: the uninterrupted run's metrics and weights
-    p = subprocess.run([*command(ckpt, out), "--resume"], env=subprocess_env(OMP_NUM_THREADS="1"),
+    p = subprocess.run([*command(ckpt, out, strategy=strategy), "--resume"], env=subprocess_env(OMP_NUM_THREADS="1"),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert train_steps(out) == list(range(STEPS))
@@ -151,6 +154,19 @@ def test_sigterm_to_every_rank_stops_after_an_agreed_step_with_a_final_checkpoin
     text, status0, status1 = interrupted_run(ckpt, out, every_rank)
     assert (status0, status1) == (143, 143), text[-3000:]
     check_stopped_then_resume(ckpt, out, reference, text, "SIGTERM")
+
+
+def test_sigterm_under_fsdp_writes_every_optimizer_shard(ckpt, tmp_path, subreaper):
+    out = tmp_path / "run"
+
+    def every_rank(rank0, rank1):
+        os.kill(rank0, signal.SIGTERM)
+        os.kill(rank1, signal.SIGTERM)
+
+    text, status0, status1 = interrupted_run(ckpt, out, every_rank, strategy="fsdp")
+    assert (status0, status1) == (143, 143), text[-3000:]
+    assert len(list((latest_checkpoint(out) / "optimizer").glob("*.distcp"))) == 2  # one shard per rank
+    check_stopped(out, text, "SIGTERM")  # resuming a FSDP checkpoint: test_train_multiprocess.py (the same writer)
 
 
 def test_sigterm_to_rank_0_only_stops_every_rank(ckpt, reference, tmp_path, subreaper):
