@@ -85,10 +85,10 @@ def child_rank(parent: int, timeout: float = 120) -> int:
     raise AssertionError(f"rank 0 ({parent}) started no rank 1")
 
 
-def interrupted_run(ckpt, out, send, strategy: str = "ddp") -> tuple[str, int, int]:
+def interrupted_run(ckpt, out, send, strategy: str = "ddp", *extra: str) -> tuple[str, int, int]:
     """Start a run, call ``send(rank0_pid, rank1_pid)`` once step 1 is logged; (output, rank 0's and rank 1's exit
     status)."""
-    proc = subprocess.Popen(command(ckpt, out, strategy=strategy), env=subprocess_env(OMP_NUM_THREADS="1"),
+    proc = subprocess.Popen(command(ckpt, out, *extra, strategy=strategy), env=subprocess_env(OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     rank1 = None
     try:
@@ -190,6 +190,24 @@ def test_ctrl_c_to_the_process_group_exits_130_on_every_rank(ckpt, tmp_path, sub
     text, status0, status1 = interrupted_run(ckpt, out, lambda rank0, rank1: os.killpg(rank0, signal.SIGINT))
     assert (status0, status1) == (130, 130), text[-3000:]
     check_stopped(out, text, "SIGINT")  # resuming is the SIGTERM tests' (the checkpoint is the same kind)
+
+
+def test_a_second_ctrl_c_stops_every_rank_at_once(ckpt, tmp_path, subreaper):
+    out = tmp_path / "run"
+
+    def twice(rank0, rank1):
+        os.killpg(rank0, signal.SIGINT)
+        time.sleep(0.05)
+        os.killpg(rank0, signal.SIGINT)
+
+    t0 = time.monotonic()
+    text, status0, status1 = interrupted_run(ckpt, out, twice, "ddp", "output.checkpoint_every=1",
+                                             "output.keep_checkpoints=2")
+    assert time.monotonic() - t0 < 180
+    assert status0 == 130, text[-3000:]
+    assert status1 in (130, -signal.SIGKILL)  # its own Ctrl-C, or Lightning's launcher killing its child ranks
+    assert "pgzoo: stopped: SIGINT received: stopped after step" in text and "--resume" in text
+    assert verify_folder(latest_checkpoint(out)) is None  # the newest checkpoint is intact
 
 
 def test_sigterm_to_torchrun_reaches_its_workers_and_they_stop_together(ckpt, tmp_path):
