@@ -22,14 +22,15 @@ child ranks it started, (2) calls ``torch.distributed.broadcast`` from inside th
 ``trainer.received_sigterm``; the loop broadcasts rank 0's flag at the start of every batch and raises
 ``SIGTERMException`` (a ``SystemExit`` with status 0) there, or at the end of the step on a rank that received the
 signal itself. No checkpoint is written, the status is 0, a rank other than 0 that alone got the signal leaves the
-others waiting in their next collective (Lightning-AI/pytorch-lightning#20806, still open), and (2) adds a
-collective at an arbitrary point of each signalled rank's program: unless every rank is signalled at the same point of
-its sequence of collectives, the ranks' collectives no longer pair up. So once ``fit`` has installed its handler (``on_train_start``) pgzoo puts its own SIGTERM handler back for
-the training loop (Lightning restores the previous handlers in its teardown): (1) is not needed, since the flag reaches
-every rank through the per-step agreement; (3) stays false, so Lightning's per-batch broadcast carries 0 and its loop
-ends through ``should_stop`` after pgzoo's checkpoint. SIGINT is never Lightning's: our handler only records it
-(a second Ctrl-C raises KeyboardInterrupt, which Lightning turns into ``sys.exit(1)`` after killing its child ranks;
-:func:`fit_until_stopped` reports that as status 130).
+others waiting in their next collective (Lightning-AI/pytorch-lightning#20806, still open), and (2) adds a collective
+at an arbitrary point of each signalled rank's program: unless every rank is signalled at the same point of its
+sequence of collectives, the ranks' collectives no longer pair up. So once ``fit`` has installed its handler
+(``on_train_start``) pgzoo puts its own SIGTERM handler back for the training loop (Lightning restores the previous
+handlers in its teardown): (1) is not needed, since the flag reaches every rank through the per-step agreement; (3)
+stays false, so Lightning's per-batch broadcast carries 0 and its loop ends through ``should_stop`` after pgzoo's
+checkpoint. SIGINT is never Lightning's: our handler only records it (a second Ctrl-C raises KeyboardInterrupt, which
+Lightning turns into ``sys.exit(1)`` after killing its child ranks; :func:`fit_until_stopped` reports that as status
+130).
 
 Lightning's launcher also watches its child ranks from rank 0 (its child-process observer, every 5 s) and kills all of
 them with SIGKILL when one exits with a non-zero status. A child rank that stops on a signal therefore waits (up to
