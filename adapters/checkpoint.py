@@ -206,10 +206,14 @@ class HFCheckpoint(L.Callback):
         self.every, self.keep, self.total_steps, self.on_save = every, keep, total_steps, on_save
         self.stop = stop  # a pgzoo.signals.GracefulStop: a signal ends the run after this step, checkpointed
 
+    def on_train_start(self, trainer, module) -> None:
+        if self.stop is not None:  # Lightning has installed its SIGTERM handler by now: pgzoo's goes back
+            self.stop.reclaim(trainer.strategy)
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = int(batch)
         last = self.total_steps is not None and step == self.total_steps - 1
-        stopping = self.stop is not None and self.stop.signum is not None
+        stopping = self.stop is not None and self.stop.agree(trainer.strategy)  # every rank: one all-reduce MAX
         if (self.every and (step + 1) % self.every == 0) or last or stopping:
             self.save(module, step)
         if stopping:

@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
         what = getattr(exc, "prefix", "error")  # an interrupted run "stopped", with its own exit status
-        print(f"pgzoo: {what}{'' if rank in ('', '0') else f' (rank {rank})'}: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):  # a stopped rank other than 0: rank 0 said it
+            print(f"pgzoo: {what}{'' if rank in ('', '0') else f' (rank {rank})'}: {exc}", file=sys.stderr)
         return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         print("pgzoo: interrupted", file=sys.stderr)

@@ -18,7 +18,6 @@ data parallel (``data_parallel_size = world, tensor_parallel_size = 1``): pure Z
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 from typing import Any
@@ -142,32 +141,10 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------- failures of a multi-rank run
 class Stopped(PgzooError):
-    """This rank was told to stop (SIGTERM): torchrun stopping the survivors of a failed rank, or SLURM cancelling.
-    The CLI exits with 143 (128 + SIGTERM)."""
+    """Lightning stopped this rank on SIGTERM (its ``SIGTERMException``, possible only before pgzoo's own handler
+    takes over at ``on_train_start``; :mod:`pgzoo.signals`). The CLI exits with 143 (128 + SIGTERM)."""
 
     exit_code = 128 + signal.SIGTERM
-
-
-@contextlib.contextmanager
-def stop_on_sigterm(world_size: int):
-    """With several ranks, SIGTERM raises :class:`Stopped` (Lightning's own SIGTERM handler runs first and keeps
-    running: it is chained), so the rank stops with the resume hint instead of dying silently."""
-    if world_size == 1:
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Stopped("stopped by SIGTERM: another rank failed or the job was cancelled")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def with_resume_hint(exc: BaseException, run_dir, world_size: int, step: int, command: str | None) -> BaseException:
@@ -197,5 +174,5 @@ def with_resume_hint(exc: BaseException, run_dir, world_size: int, step: int, co
     return exc
 
 
-__all__ = ["Stopped", "stop_on_sigterm", "with_resume_hint", "env_rank", "world", "all_reduce_sum",
+__all__ = ["Stopped", "with_resume_hint", "env_rank", "world", "all_reduce_sum",
            "trainer_parallelism", "shard_policy", "full_state_dict", "is_sharded", "decoder_layers"]

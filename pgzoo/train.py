@@ -112,7 +112,7 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     ``if __name__ == "__main__":``. ``command`` is how the user started the run (for the ``--resume`` hint);
     ``allow_change`` the recipe keys a resumed run may change (:mod:`pgzoo.recipe_diff`).
 
-    Ctrl-C or SIGTERM (one process) stop after the current step with a final checkpoint and raise
+    Ctrl-C or SIGTERM reaching any rank stop every rank after the same step with a final checkpoint and raise
     :class:`pgzoo.signals.Interrupted` (exit 130 / 143 from the CLI); a diverged step raises
     :class:`pgzoo.guards.Diverged` (``train.stop_on``)."""
     torch = require("torch", "hf")
@@ -121,7 +121,7 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     from pgzoo import resume as resume_mod
     from pgzoo import run_folder as rf
     from pgzoo.distributed import env_rank
-    from pgzoo.signals import GracefulStop
+    from pgzoo.signals import GracefulStop, fit_until_stopped
 
     t_start = time.perf_counter()
     _quiet_frameworks()
@@ -178,7 +178,7 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
         warnings.simplefilter("ignore", FutureWarning)  # engine-internal deprecation notices
         engine = build_engine(recipe, policy_path)
     _set_threads(recipe)  # an engine may resize torch's pool while it starts (vLLM CPU does)
-    stop = GracefulStop(enabled=recipe.world_size == 1)
+    stop = GracefulStop(lead=lead)
     module, trainer = _module_and_trainer(recipe, policy, tokenizer, objective, task, engine, ref_policy, run_dir,
                                           ckpt, loggers if lead else False, lead, quiet, evals, problems, stop)
     module.lora_base = str(base_path)  # recorded in LoRA checkpoints, checked on --resume
@@ -187,34 +187,25 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     if recipe.world_size > 1:
         say(f"pgzoo: {recipe.strategy} over {recipe.world_size} ranks ({recipe.train.devices} per node x "
             f"{recipe.train.num_nodes} node(s)); rank 0 logs")
-    # 5. the global steps (one process: a signal stops after the current step, checkpointed)
+    # 5. the global steps (a signal on any rank: all stop after the same step, checkpointed; pgzoo.signals)
     from pgzoo.adapters import lightning as pl_adapter
 
-    from pgzoo.distributed import stop_on_sigterm, with_resume_hint
-
-    with warnings.catch_warnings(), stop_on_sigterm(recipe.world_size), stop:
+    with warnings.catch_warnings(), stop:
         warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|exists and is not "
                                           "empty|LightningModule.optimizers|`training_step` returned).*")
         warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
         warnings.filterwarnings("ignore", message=".*treespec.*")
         try:
             if start < recipe.train.steps:
-                trainer.fit(module, train_dataloaders=pl_adapter.step_loader(start, recipe.train.steps))
-        except BaseException as exc:
-            sigterm = type(exc).__name__ == "SIGTERMException"  # Lightning stops the loop after the step on SIGTERM
-            if sigterm and stop.signum is not None:
-                pass  # ours to report below, with the final checkpoint
-            elif isinstance(exc, Exception) or sigterm:
-                raise with_resume_hint(exc, recipe.run_dir, recipe.world_size, module.last_step + 1,
-                                       command) from exc
-            elif isinstance(exc, SystemExit) and stop.signum is not None:  # a second Ctrl-C: Lightning's exit(1)
-                raise stop.error(module.last_step, recipe.train.steps, run_dir, command) from None
-            else:
-                raise
+                fit_until_stopped(trainer, module, pl_adapter.step_loader(start, recipe.train.steps), stop, run_dir,
+                                  recipe.world_size, recipe.train.steps, command)
         finally:
             _close(engine)
     rf.finalize_loggers(trainer)
     if not lead:
+        if stop.signum is not None:  # the same status as rank 0, after it (Lightning's launcher watches us)
+            stop.finish_rank()
+            raise stop.error(module.last_step, recipe.train.steps, run_dir, command)
         return None
     # 6. evaluation after training (a sharded policy: from the consolidated final checkpoint), plots, summary
     final = rf.latest_checkpoint(run_dir)
