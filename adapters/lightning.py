@@ -391,11 +391,8 @@ class RLModule(L.LightningModule):
                 logger.log_metrics(row, step=step)
 
 
-from pgzoo.adapters.checkpoint import (  # noqa: E402  (re-exported: the loop's checkpoints)
-    HFCheckpoint,
-    load_trainer_state,
-    save_checkpoint,
-)
+# re-exported: the loop's checkpoints
+from pgzoo.adapters.checkpoint import HFCheckpoint, load_trainer_state, save_checkpoint  # noqa: E402
 from pgzoo.run_folder import checkpoint_step, latest_checkpoint  # noqa: E402
 
 __all__ = ["RLModule", "RolloutBatch", "HFCheckpoint", "StepDataset", "step_loader", "save_checkpoint",

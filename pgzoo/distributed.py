@@ -164,7 +164,7 @@ def with_resume_hint(exc: BaseException, run_dir, world_size: int, step: int, co
         exc = PgzooError(f"rank {env_rank()} lost contact with another rank during step {step} "
                          f"({type(exc).__name__}: {first}); the other rank died (killed, out of memory) or its "
                          "machine is unreachable")
-    last = latest_checkpoint(run_dir)
+    last = latest_checkpoint(run_dir, intact=True)
     how = command or f"pgzoo train <recipe> output.dir={run_dir}"
     if world_size > 1 and os.environ.get("TORCHELASTIC_RUN_ID"):
         how = f"the same torchrun command ({how} ...)"

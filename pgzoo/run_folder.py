@@ -46,9 +46,14 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step-{step + 1:06d}"
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete step checkpoint in ``run_dir/checkpoints`` (None if there is none)."""
+def latest_checkpoint(run_dir: Path, intact: bool = False) -> Path | None:
+    """The newest complete step checkpoint in ``run_dir/checkpoints`` (None if there is none); with ``intact``, the
+    newest whose files also match its ``MANIFEST.json`` (what an error's resume hint may call intact)."""
+    from pgzoo.fileio import verify_folder
+
     ckpts = sorted(p for p in checkpoint_dir(run_dir).glob("step-*") if (p / STATE_FILE).is_file())
+    while ckpts and intact and verify_folder(ckpts[-1]) is not None:
+        ckpts.pop()
     return ckpts[-1] if ckpts else None
 
 

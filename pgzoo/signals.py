@@ -86,7 +86,7 @@ class GracefulStop:
         how the run was started (for the resume hint). Quiet on ranks other than 0."""
         from pgzoo.run_folder import checkpoint_step, latest_checkpoint
 
-        final = latest_checkpoint(run_dir)
+        final = latest_checkpoint(run_dir, intact=True)
         saved = final is not None and checkpoint_step(final) == last_step
         where = (f"checkpoint {final} holds it" if saved else
                  f"the last checkpoint is {final}" if final is not None else "no checkpoint was written")

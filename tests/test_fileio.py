@@ -144,3 +144,21 @@ def test_clean_stale_restores_folder_moved_aside(tmp_path):
     clean_stale(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     assert verify_folder(path) is None
+
+
+def test_resume_hints_name_the_newest_intact_checkpoint(tmp_path):
+    """An error's resume hint calls a checkpoint intact only after checking it against its manifest."""
+    from pgzoo.distributed import with_resume_hint
+    from pgzoo.errors import PgzooError
+    from pgzoo.run_folder import STATE_FILE, latest_checkpoint
+
+    for step in (1, 2):
+        with atomic_folder(tmp_path / "checkpoints" / f"step-{step:06d}") as tmp:
+            torch.save({"step": step - 1}, tmp / STATE_FILE)
+            _write_weights(tmp)
+    newest = tmp_path / "checkpoints" / "step-000002" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-10])  # the write of the newest was cut short
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+    assert latest_checkpoint(tmp_path, intact=True).name == "step-000001"
+    exc = with_resume_hint(PgzooError("boom"), tmp_path, 1, 2, "pgzoo train r.yaml")
+    assert "step-000001) is intact" in str(exc) and "step-000002" not in str(exc)
