@@ -18,6 +18,10 @@ Runbook:
    95% confidence interval, mean ± t(0.975, n−1) · s / √n with s the sample standard deviation over seeds (none with
    one seed), the change from the starting policy, the mean KL and largest gap, collapsed seeds, and wall time.
 
+5. with comparisons (a grid's ``comparisons``, or ``--pair A B``), a second table: for each pair of groups the
+   paired difference of final held-out accuracy, A − B, seed by seed (both runs of a seed start from the same cold
+   start, so the seed's level cancels), its mean ± 95% t-interval, and whether the interval excludes 0.
+
 Collapse: a seed collapses at the first step where the mean training reward of the last ``window`` (5) steps falls
 below ``collapse_fraction`` (0.5) of the mean of its first ``window`` steps — the reward drop the paper reports when
 training becomes unstable.
@@ -211,6 +215,48 @@ def markdown(groups: list[Group]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """``a`` against ``b`` (group names), a finding's label, and the paper's expectation in words."""
+
+    a: str
+    b: str
+    label: str = ""
+    expect: str = ""
+
+
+def paired(groups: list[Group], comparison: Comparison) -> dict:
+    """The paired difference of final held-out accuracy, ``a − b``, over the seeds both groups finished."""
+    by = {g.name: g for g in groups}
+    missing = [n for n in (comparison.a, comparison.b) if n not in by]
+    if missing:
+        return {"seeds": 0, "missing": missing, "diffs": [], "mean": math.nan, "ci95": None}
+    finals = [{r.seed: r.evals["after"][r.metric] for r in by[n].runs if r.metric in r.evals.get("after", {})}
+              for n in (comparison.a, comparison.b)]
+    seeds = sorted(set(finals[0]) & set(finals[1]), key=lambda x: (x is None, x))
+    diffs = [finals[0][s] - finals[1][s] for s in seeds]
+    mean, half = mean_ci(diffs)
+    return {"seeds": len(seeds), "missing": [], "diffs": diffs, "mean": mean, "ci95": half}
+
+
+def paired_markdown(groups: list[Group], comparisons: list[Comparison]) -> str:
+    """The paired table (see the module docstring)."""
+    lines = ["| comparison | A − B | seeds | per-seed differences | mean ± 95% CI | interval excludes 0 | expected |",
+             "|---|---|---:|---|---|---|---|"]
+    for c in comparisons:
+        p = paired(groups, c)
+        if p["missing"]:
+            verdict, mean = f"not run: {', '.join(p['missing'])}", "–"
+        else:
+            ci = "" if p["ci95"] is None else f" ± {p['ci95']:.3f}"
+            mean = f"{p['mean']:+.3f}{ci}"
+            verdict = ("– (one seed)" if p["ci95"] is None else
+                       "yes" if abs(p["mean"]) > p["ci95"] else "no")
+        diffs = ", ".join(f"{d:+.3f}" for d in p["diffs"]) or "–"
+        lines.append(f"| {c.label} | {c.a} − {c.b} | {p['seeds']} | {diffs} | {mean} | {verdict} | {c.expect} |")
+    return "\n".join(lines)
+
+
 def plot(groups: list[Group], path: Path) -> Path:
     """The paper's panels (see the module docstring) into one PNG."""
     matplotlib = require("matplotlib", "lightning")
@@ -242,7 +288,8 @@ def plot(groups: list[Group], path: Path) -> Path:
     return path
 
 
-def compare(run_dirs: list[str | Path], out: str | Path, walls: dict[str, float] | None = None) -> tuple[str, Path]:
+def compare(run_dirs: list[str | Path], out: str | Path, walls: dict[str, float] | None = None,
+            comparisons: list[Comparison] | None = None) -> tuple[str, Path]:
     """Aggregate ``run_dirs`` (see the module docstring); writes ``OUT/compare.png`` and ``OUT/compare.md``."""
     runs = [read_run(p, walls) for p in run_dirs]
     if not runs:
@@ -252,8 +299,13 @@ def compare(run_dirs: list[str | Path], out: str | Path, walls: dict[str, float]
     out.mkdir(parents=True, exist_ok=True)
     png = plot(groups, out / "compare.png")
     table = markdown(groups)
+    if comparisons:
+        table += "\n\nPaired by seed (final held-out accuracy, A − B):\n\n" + paired_markdown(groups, comparisons)
     (out / "compare.md").write_text(table + "\n")
-    (out / "compare.json").write_text(json.dumps([g.summary() for g in groups], indent=1, default=str))
+    summary = [g.summary() for g in groups]
+    if comparisons:
+        summary.append({"paired": [{"a": c.a, "b": c.b, "label": c.label, **paired(groups, c)} for c in comparisons]})
+    (out / "compare.json").write_text(json.dumps(summary, indent=1, default=str))
     return table, png
 
 
@@ -267,6 +319,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for every run of the grid (repeatable), e.g. train.steps=3")
     parser.add_argument("--no-run", action="store_true", help="with --grid: compare the finished runs only")
+    parser.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="also compare group A with group B paired by seed (repeatable; a grid's "
+                             "`comparisons` are added)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -277,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.grid:
         if not args.run_dirs:
             raise ConfigError("pgzoo compare: give run folders, or --grid GRID.yaml to run and compare a grid")
-        table, png = compare(args.run_dirs, args.out or "compare")
+        table, png = compare(args.run_dirs, args.out or "compare", comparisons=[Comparison(a, b) for a, b in args.pair])
         print(table)
         print(f"\nfigure: {png}")
         return 0
@@ -289,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
     done = [r.run_dir for r in runs if r.finished]
     if not done:
         raise ConfigError(f"no finished run in {out}; run without --no-run (see {out}/logs/ for failures)")
-    table, png = compare(done, out, grid_mod.read_walls(out))
+    pairs = [*grid.comparisons, *(Comparison(a, b) for a, b in args.pair)]
+    table, png = compare(done, out, grid_mod.read_walls(out), pairs)
     print(table)
     walls = grid_mod.read_walls(out)
     print(f"\nfigure: {png}\ntable: {out / 'compare.md'}\nwall time of the runs: {sum(walls.values()) / 60:.1f} min "

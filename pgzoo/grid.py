@@ -66,6 +66,7 @@ class Grid:
     out: str = "runs/{name}"
     overrides: list[str] = field(default_factory=list)
     description: str = ""
+    comparisons: list = field(default_factory=list)  # pgzoo.compare.Comparison: pairs compared seed by seed
 
     def runs(self, seeds: list[int] | None = None, out: str | os.PathLike | None = None) -> list[GridRun]:
         """Every ``(recipe, seed)``, seed-major (all recipes of seed 0 first: a partial grid is a comparison)."""
@@ -99,7 +100,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    allowed = {"name", "description", "out", "seeds", "overrides", "recipes"}
+    allowed = {"name", "description", "out", "seeds", "overrides", "recipes", "comparisons"}
     if not isinstance(data, dict) or set(data) - allowed:
         extra = sorted(set(data) - allowed) if isinstance(data, dict) else []
         raise ConfigError(f"{path}: a grid is a mapping with keys {', '.join(sorted(allowed))}"
@@ -121,7 +122,28 @@ def load_grid(path: str | os.PathLike) -> Grid:
         raise ConfigError(f"{path}: overrides must be a list of key=value strings")
     return Grid(name=str(data.get("name", path.stem)), recipes=resolved, seeds=seeds,
                 out=str(data.get("out", "runs/{name}")), overrides=list(overrides),
-                description=str(data.get("description", "")))
+                description=str(data.get("description", "")),
+                comparisons=_comparisons(path, data.get("comparisons") or [], [Path(r).stem for r in resolved]))
+
+
+def _comparisons(path: Path, entries, groups: list[str]) -> list:
+    """``comparisons: [{a: minirl-no-is, b: minirl, label: "(a)", expect: "A < B"}, ...]``; a and b are recipe
+    names of this grid (their run folders' group names)."""
+    from pgzoo.compare import Comparison
+
+    out = []
+    for i, e in enumerate(entries if isinstance(entries, list) else [None]):
+        keys = {"a", "b", "label", "expect"}
+        if not isinstance(e, dict) or not {"a", "b"} <= set(e) <= keys or \
+                not all(isinstance(v, str) for v in e.values()):
+            raise ConfigError(f"{path}: comparisons[{i}] must be a mapping with string keys a, b (recipe names of "
+                              f"the grid) and optional label, expect")
+        for k in ("a", "b"):
+            if e[k] not in groups:
+                raise ConfigError(f"{path}: comparisons[{i}].{k}={e[k]!r} is not a recipe of the grid "
+                                  f"({', '.join(groups)})")
+        out.append(Comparison(e["a"], e["b"], e.get("label", ""), e.get("expect", "")))
+    return out
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec

@@ -83,6 +83,43 @@ def test_two_fake_runs_aggregate_table_and_png(tmp_path):
     assert mean[0] == pytest.approx(0.25) and len(steps) == 12
 
 
+def test_paired_differences_by_hand(tmp_path, capsys):
+    """A − B seed by seed: seeds whose cold starts differ (0.3 vs 0.6 final level) cancel in the difference."""
+    from pgzoo.compare import Comparison, group_runs, paired, paired_markdown
+
+    runs = tmp_path / "runs"
+    a = [fake_run(runs, f"a-s{s}", s, [0.2] * 3, 0.2, lvl - d) for s, lvl, d in ((0, 0.3, 0.05), (1, 0.6, 0.07),
+                                                                                (2, 0.45, 0.03))]
+    b = [fake_run(runs, f"b-s{s}", s, [0.2] * 3, 0.2, lvl) for s, lvl in ((0, 0.3), (1, 0.6), (2, 0.45), (3, 0.5))]
+    groups = group_runs([read_run(p) for p in a + b])
+    p = paired(groups, Comparison("a", "b"))
+    # differences -0.05, -0.07, -0.03: mean -0.05, s = 0.02, half = 4.3027 * 0.02 / sqrt(3) (seed 3 has no pair)
+    assert p["seeds"] == 3 and p["diffs"] == pytest.approx([-0.05, -0.07, -0.03])
+    assert p["mean"] == pytest.approx(-0.05) and p["ci95"] == pytest.approx(4.3027 * 0.02 / math.sqrt(3), rel=1e-6)
+    # the unpaired intervals of the finals overlap widely; the paired one excludes 0
+    table = paired_markdown(groups, [Comparison("a", "b", "(x)", "A < B"), Comparison("a", "zzz")])
+    assert "| (x) | a − b | 3 | -0.050, -0.070, -0.030 | -0.050 ± 0.050 | yes | A < B |" in table
+    assert "not run: zzz" in table
+    assert main(["compare", *map(str, a + b), "--pair", "a", "b", "--out", str(tmp_path / "o")]) == 0
+    assert "-0.050 ± 0.050 | yes" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "compare.json").read_text())[-1]["paired"][0]["seeds"] == 3
+
+
+def test_grid_comparisons_are_checked(tmp_path):
+    grid = load_grid(REPO / "recipes" / "lab" / "grid.yaml")
+    assert [(c.label, c.a, c.b) for c in grid.comparisons][:2] == [("(a)", "minirl-no-is", "minirl"),
+                                                                 ("(b)", "minirl-length-norm", "minirl")]
+    import shutil
+
+    lab = shutil.copytree(REPO / "recipes" / "lab", tmp_path / "lab")
+    text = (lab / "grid.yaml").read_text()
+    for bad, match in (("{a: minirl, b: nope}", "comparisons\\[0\\].b='nope' is not a recipe"),
+                       ("{a: minirl}", "comparisons\\[0\\] must be a mapping"), ("[1, 2]", "must be a mapping")):
+        (lab / "grid.yaml").write_text(text.split("comparisons:")[0] + f"comparisons:\n  - {bad}\n")
+        with pytest.raises(ConfigError, match=match):
+            load_grid(lab / "grid.yaml")
+
+
 def test_cli_compares_folders_and_rejects_bad_input(tmp_path, capsys):
     a = fake_run(tmp_path, "x-s0", 0, [0.1] * 3, 0.2, 0.3)
     assert main(["compare", str(a), "--out", str(tmp_path / "o")]) == 0
