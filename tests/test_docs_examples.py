@@ -54,6 +54,7 @@ SKIPPED = {
     ("training.md", "torchrun --nnodes 2 --nproc-per-node 8"): "two machines",
     ("training.md", "#!/bin/bash"): "SLURM",
     ("trl.md", 'trainer = GRPOTrainer(loss=pgzoo.get("minirl"), model=model'): "a fragment",
+    ("rollout.md", "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rollout.py --rounds 6"): "a benchmark of 6 rounds",
 }
 SHORT_TRAIN = "train.steps=2 rollout.engine=transformers eval.num_problems=20"
 
