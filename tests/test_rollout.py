@@ -100,18 +100,18 @@ def test_vllm_routed_experts_conversion():
 
     import numpy as np
 
-    from pgzoo.rollout.vllm_engine import VLLMEngine
+    from pgzoo.rollout.vllm_support import routes_of
 
     prompt, comp = [5, 6, 7], [8, 9]
     routed = np.arange(4 * 2 * 2).reshape(4, 2, 2)  # 3 prompt + 1 completion position
-    rows = VLLMEngine._routes_of(types.SimpleNamespace(routed_experts=routed), None, len(prompt) + len(comp))
+    rows = routes_of(types.SimpleNamespace(routed_experts=routed), None, len(prompt) + len(comp))
     ro = assemble([prompt, [1]], 1, [comp, [4]], [[0.0, 0.0], [0.0]], [False, False], 0,
                   [rows, torch.zeros(1, 2, 2, dtype=torch.long)])
     assert ro.routes.shape == (2, 5, 2, 2)
     assert torch.equal(ro.routes[0, :4], torch.as_tensor(routed)) and (ro.routes[0, 4] == -1).all()
     assert (ro.routes[1, :2] == -1).all() and (ro.routes[1, 2] == 0).all() and (ro.routes[1, 3:] == -1).all()
     with pytest.raises(EngineError, match="routed_experts"):
-        VLLMEngine._routes_of(types.SimpleNamespace(routed_experts=None), types.SimpleNamespace(), 3)
+        routes_of(types.SimpleNamespace(routed_experts=None), types.SimpleNamespace(), 3)
 
 
 def test_rollouts_rejects_inconsistent_shapes():
