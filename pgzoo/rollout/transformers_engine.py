@@ -285,11 +285,12 @@ class TransformersEngine:
                 f"(supported: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE)"
             )
         rows = [p for p in prompts for _ in range(n)]
-        seeds = [None if s is None else s + j for s in prompt_seeds(seed, len(prompts)) for j in range(n)]
+        # one seed per row, None: the global generator (row j of prompt i: seeds[i] + j)
+        seeds = None if seed is None else [s + j for s in prompt_seeds(seed, len(prompts)) for j in range(n)]
         completions, logprobs, truncated, routes = [], [], [], []
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start: start + self.max_batch_size]
-            generators = None if seed is None else [self._generator(s) for s in seeds[start: start + len(chunk)]]
+            generators = None if seeds is None else [self._generator(s) for s in seeds[start: start + len(chunk)]]
             c, lp, tr, rt = self._generate_chunk(chunk, max_new_tokens, temperature, top_p, generators, return_routes)
             completions += c
             logprobs += lp
