@@ -1,2 +1,3 @@
-"""Trainer adapters, installed as ``pgzoo.adapters``: ``pgzoo.adapters.trl`` (TRL's GRPOTrainer with a pgzoo
-objective) and ``pgzoo.adapters.lightning`` (a GRPO-style LightningModule). Each imports its framework lazily."""
+"""Trainer adapters, installed as ``pgzoo.adapters``: one sub-package per trainer, siblings that never import each
+other. ``pgzoo.adapters.trl`` (TRL's GRPOTrainer with a pgzoo objective) and ``pgzoo.adapters.lightning`` (pgzoo's
+own Lightning trainer and its runs). Each imports its framework lazily."""

@@ -29,7 +29,7 @@ KNOBS = {
 
 
 def measure(policy, tokenizer, problems, knob: dict, n: int, max_new_tokens: int, seed: int = 0) -> dict:
-    from pgzoo.logprobs import completion_logprobs
+    from pgzoo.models.logprobs import completion_logprobs
     from pgzoo.rollout import TransformersEngine
     from pgzoo.routing import record
 
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     import pgzoo.tasks
     from pgzoo.recipes import load_recipe
-    from pgzoo.train import load_policy, resolve_model_path
+    from pgzoo.adapters.lightning.run import load_policy, resolve_model_path
 
     recipe = load_recipe(args.recipe)
     task = pgzoo.tasks.get(recipe.task.name, **recipe.task.options)

@@ -51,8 +51,9 @@ def worker(strategy: str, builder: str, overrides: dict, steps: int, out: str) -
     import lightning as L
 
     import pgzoo
-    from pgzoo.adapters.lightning import RLModule, RolloutBatch, step_loader
-    from pgzoo.distributed import trainer_parallelism
+    from pgzoo.adapters.lightning.loop_data import RolloutBatch, step_loader
+    from pgzoo.adapters.lightning.module import RLModule
+    from pgzoo.adapters.lightning.distributed import trainer_parallelism
     from pgzoo.recipes import recipe_from_dict
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORLD))

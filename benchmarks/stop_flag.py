@@ -1,4 +1,4 @@
-"""Benchmark: what the per-step stop agreement of several ranks costs (pgzoo.signals.GracefulStop.agree).
+"""Benchmark: what the per-step stop agreement of several ranks costs (pgzoo.adapters.lightning.signals.GracefulStop.agree).
 
     OMP_NUM_THREADS=1 python benchmarks/stop_flag.py [--ranks 2] [--calls 2000] [--run RUN_DIR]
 
@@ -23,7 +23,7 @@ def _worker(rank: int, world: int, port: int, calls: int, queue) -> None:
     import torch
     import torch.distributed as dist
 
-    from pgzoo.signals import GracefulStop
+    from pgzoo.adapters.lightning.signals import GracefulStop
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     med, p99 = statistics.median(times) * 1e6, times[int(0.99 * len(times))] * 1e6
     print(f"stop agreement, {args.ranks} gloo ranks, {args.calls} calls: median {med:.0f} us, p99 {p99:.0f} us")
     if args.run:
-        from pgzoo.run_folder import read_metrics
+        from pgzoo.adapters.lightning.run_folder import read_metrics
 
         steps = [r["time/step"] for r in read_metrics(os.path.join(args.run, "metrics.csv")) if "time/step" in r]
         step = statistics.median(steps)

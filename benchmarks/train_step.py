@@ -9,7 +9,7 @@ for a few steps without evaluation and prints the mean seconds of each phase ove
 (warm-up). ``memory`` measures, in a fresh subprocess per case, the peak resident memory added by one
 forward + backward of per-token logprobs and entropy from hidden states ``[T, H]`` and an LM head ``[V, H]``:
 ``naive`` materialises float32 logits ``[T, V]`` and their log-softmax; ``chunked`` is
-:func:`pgzoo.logprobs.token_logprobs_and_entropy`. Naive cases whose float32 logits alone would exceed
+:func:`pgzoo.models.logprobs.token_logprobs_and_entropy`. Naive cases whose float32 logits alone would exceed
 ``--naive-limit-gb`` are not run (their size is reported analytically: 2 float32 ``[T, V]`` tensors at least).
 On a shared machine timings are inflated by other load; memory is not.
 """
@@ -45,10 +45,10 @@ def _memory_case(method: str, T: int, V: int, H: int, chunk: int) -> dict:
         lp = logp.gather(-1, targets[..., None]).squeeze(-1)
         ent = -(logp.exp() * logp).sum(-1).detach()
     else:
-        from pgzoo.logprobs import token_logprobs_and_entropy
+        from pgzoo.models.logprobs import token_logprobs_and_entropy
 
         out = token_logprobs_and_entropy(hidden, targets, lm_head=head, chunk_size=chunk or None)
-        from pgzoo.logprobs import auto_chunk_size
+        from pgzoo.models.logprobs import auto_chunk_size
 
         chunk = chunk or auto_chunk_size(V)
         lp, ent = out.logprobs, out.entropy
@@ -88,7 +88,7 @@ def steps(args) -> list[dict]:
     import tempfile
 
     from pgzoo.recipes import load_recipe
-    from pgzoo.train import train
+    from pgzoo.adapters.lightning.run import train
 
     results = []
     variants = {"on-policy N=1": [], "off-policy N=2 + R2": ["train.num_minibatches=2", "train.routing_replay=R2"]}

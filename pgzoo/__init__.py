@@ -18,21 +18,20 @@ from pgzoo.errors import (
     UnknownNameError,
 )
 from pgzoo.objectives.base import Objective, ObjectiveOutput, aggregate
-from pgzoo.registry import available, get, register, unregister
-from pgzoo import advantages, correction, diagnostics, testing  # noqa: E402  (torch-only submodules)
-from pgzoo.correction import Correction
+from pgzoo.objectives.correction import Correction
+from pgzoo.objectives.registry import available, get, register, unregister
+from pgzoo.version import __version__
+from pgzoo import advantages, testing  # noqa: E402  (torch-only submodules, used as pgzoo.advantages.compute, ...)
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "__version__",
     "TokenBatch",
     "Objective",
     "ObjectiveOutput",
     "aggregate",
     "Correction",
     "advantages",
-    "correction",
-    "diagnostics",
     "testing",
     "get",
     "register",

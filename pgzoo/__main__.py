@@ -2,7 +2,7 @@
 
 import sys
 
-from pgzoo.cli import main
+from pgzoo.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

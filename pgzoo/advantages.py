@@ -27,7 +27,7 @@ is a baseline-free sample to verl's group estimators, a zero here).
 
 Groups are given either as ``group_size`` (rows of one prompt contiguous, prompt-major) or as ``group_ids``
 (any integer labels, e.g. ``Rollouts.group``); the batch-level ``reinforce++`` needs neither. Estimators are entries
-of the generic registry :data:`pgzoo.registry.advantages` (entry-point group ``pgzoo.advantages``); custom ones
+of the generic registry :data:`pgzoo.advantages.registry` (entry-point group ``pgzoo.advantages``); custom ones
 register with :func:`register`.
 """
 
@@ -39,11 +39,13 @@ from collections.abc import Callable
 import torch
 
 from pgzoo.errors import ConfigError
-from pgzoo.registry import advantages as _registry
+from pgzoo.registry import Registry
 from pgzoo.validate import check_int, check_number
 
 Estimator = Callable[..., torch.Tensor]
-_ESTIMATORS = _registry.entries  # name -> estimator (the registry's own dict)
+registry = Registry("advantage estimator", "pgzoo.advantages",
+                    describe="a function fn(rewards, index, num_groups, **options) -> advantages")
+_ESTIMATORS = registry.entries  # name -> estimator (the registry's own dict)
 
 
 def register(name: str, *, override: bool = False):
@@ -53,17 +55,17 @@ def register(name: str, *, override: bool = False):
     estimator that takes a ``lengths`` argument receives the completions' ``[N]`` lengths when the caller gives
     them; one with ``uses_groups = False`` set on it may be called without groups.
     """
-    return _registry.register(name, override=override)
+    return registry.register(name, override=override)
 
 
 def unregister(name: str) -> None:
     """Remove a registered estimator (mainly for tests)."""
-    _registry.unregister(name)
+    registry.unregister(name)
 
 
 def available(pattern: str = "*") -> list[str]:
     """Sorted names of the registered estimators (shell-style wildcard filter)."""
-    return _registry.available(pattern)
+    return registry.available(pattern)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -317,7 +319,7 @@ def compute(
             (``opo`` needs them; ``reinforce++`` and ``reinforce++-baseline`` weight by them), ignored by the rest.
         options: estimator options (``eps``, ``k``, ``f_norm``, ...); an option the estimator does not take raises.
     """
-    key, fn, defaults = _registry.entry(name)
+    key, fn, defaults = registry.entry(name)
     rewards = torch.as_tensor(rewards)
     if rewards.dim() != 1 or rewards.numel() == 0:
         raise ConfigError(f"rewards must be a non-empty [N] tensor, got shape {tuple(rewards.shape)}")

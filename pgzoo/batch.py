@@ -54,7 +54,7 @@ class TokenBatch:
             Normalisers are Python or numpy numbers, or one-element tensors (e.g. an all-reduced count);
             they must be positive and finite.
         entropies: ``[B, T]`` per-token entropies of π_θ (may carry grad), for the loss-shaping options that use
-            them (``top_entropy_quantile``, ``entropy_coef``); ``None`` otherwise. ``pgzoo.logprobs`` computes them.
+            them (``top_entropy_quantile``, ``entropy_coef``); ``None`` otherwise. ``pgzoo.models.logprobs`` computes them.
         check_values: also check values: unmasked values finite, a non-bool mask only 0/1, tensor normalisers
             positive and finite. This costs one host sync; trainers that validate upstream may pass ``False``
             (those are then the caller's guarantee: eager masking zeroes any non-finite product). Shape, dtype,

@@ -1,4 +1,4 @@
-"""One small generic registry (timm-style), and its four instances: objectives, advantages, tasks, engines.
+"""One small generic registry (timm-style); each kind of pluggable thing has an instance in the package that owns it.
 
     @pgzoo.register("my-loss")
     class MyLoss(pgzoo.Objective): ...
@@ -20,16 +20,17 @@ Every kind of pluggable thing is a :class:`Registry` with the same rules:
   (importing it runs its ``register`` lines), an object the registry accepts (registered under the entry point's
   name), or a function that registers when called (for registries of functions: one taking no arguments).
 
-The four instances (entry-point group, what is registered, who looks it up):
+The instances (where it lives, entry-point group, what is registered):
 
-- ``objectives``  ``pgzoo.objectives``: an :class:`~pgzoo.Objective` subclass (``pgzoo.get``);
-- ``advantages``  ``pgzoo.advantages``: ``fn(rewards, index, num_groups, **options)`` (``pgzoo.advantages``);
-- ``tasks``       ``pgzoo.tasks``: a :class:`~pgzoo.tasks.Task` subclass (``pgzoo.tasks.get``);
-- ``engines``     ``pgzoo.engines``: ``build(rollout, model_path, *, seed, return_routes, world_size) -> engine``
-  (a recipe's ``rollout.engine``; see :mod:`pgzoo.rollout.builders`).
+- ``pgzoo.objectives.registry.objectives``  ``pgzoo.objectives``: an :class:`~pgzoo.Objective` subclass
+  (``pgzoo.get`` / ``pgzoo.register`` / ``pgzoo.available``);
+- ``pgzoo.advantages.registry``  ``pgzoo.advantages``: ``fn(rewards, index, num_groups, **options)``;
+- ``pgzoo.tasks.base.registry``  ``pgzoo.tasks``: a :class:`~pgzoo.tasks.Task` subclass (``pgzoo.tasks.get``);
+- ``pgzoo.rollout.builders.engines``  ``pgzoo.engines``: ``build(rollout, model_path, *, seed, return_routes,
+  world_size) -> engine`` (a recipe's ``rollout.engine``).
 
-The module-level ``register / get / available / unregister / get_class / defaults`` are the objective registry's
-(``pgzoo.register`` is this ``register``).
+This module imports nothing of pgzoo but its errors: every package that owns a registry imports it, never the
+other way round.
 """
 
 from __future__ import annotations
@@ -192,68 +193,3 @@ def _takes_no_arguments(obj: Any) -> bool:
         return False
     return not any(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                    for p in params)
-
-
-# -------------------------------------------------------------------------------------------------- the instances
-def _is_objective(obj: Any) -> bool:
-    from pgzoo.objectives.base import Objective
-
-    return isinstance(obj, type) and issubclass(obj, Objective)
-
-
-def _check_objective_defaults(cls: type, defaults: dict) -> None:
-    cls.validate_overrides(defaults)
-
-
-def _is_task(obj: Any) -> bool:
-    from pgzoo.tasks.base import Task
-
-    return isinstance(obj, type) and issubclass(obj, Task)
-
-
-objectives = Registry("objective", "pgzoo.objectives", builtins="pgzoo.objectives", accepts=_is_objective,
-                      describe="a pgzoo.Objective subclass", check_defaults=_check_objective_defaults)
-advantages = Registry("advantage estimator", "pgzoo.advantages", builtins="pgzoo.advantages",
-                      describe="a function fn(rewards, index, num_groups, **options) -> advantages")
-tasks = Registry("task", "pgzoo.tasks", builtins="pgzoo.tasks", accepts=_is_task,
-                 describe="a pgzoo.tasks.Task subclass")
-engines = Registry("rollout engine", "pgzoo.engines", builtins="pgzoo.rollout.builders",
-                   describe="a function build(rollout, model_path, *, seed, return_routes, world_size) -> engine")
-
-ENTRY_POINT_GROUP = objectives.group
-
-
-# ---------------------------------------------------------------------------- the objective API (pgzoo.get, ...)
-def register(name: Any = None, factory: Any = None, *, override: bool = False, **defaults):
-    """Register an objective class under ``name``, optionally with default config overrides.
-
-    Use as a decorator (``@register("name")`` or bare ``@register``, which takes the class's ``name`` attribute)
-    or as a call (``register("name", Class, **defaults)``). A duplicate name raises unless ``override=True``.
-    """
-    return objectives.register(name, factory, override=override, **defaults)
-
-
-def unregister(name: str) -> None:
-    """Remove a registered objective (mainly for tests)."""
-    objectives.unregister(name)
-
-
-def get(name: str, **overrides):
-    """Build the objective registered as ``name``; ``overrides`` replace its config defaults (validated)."""
-    key, cls, params = objectives.entry(name)
-    return cls(name=key, **{**params, **overrides})
-
-
-def get_class(name: str) -> type:
-    """The class registered as ``name`` (without building it)."""
-    return objectives.get(name)
-
-
-def defaults(name: str) -> dict[str, Any]:
-    """The registered default overrides of ``name`` (on top of its class's Config defaults)."""
-    return objectives.entry(name)[2]
-
-
-def available(pattern: str = "*") -> list[str]:
-    """Sorted registered objective names matching a shell-style wildcard, e.g. ``available("minirl*")``."""
-    return objectives.available(pattern)

@@ -25,7 +25,7 @@ ObjectiveLike = str | Callable
 
 def _resolve(objective: ObjectiveLike) -> Callable:
     if isinstance(objective, str):
-        from pgzoo.registry import get
+        from pgzoo.objectives.registry import get
 
         return get(objective)
     if not callable(objective):

@@ -15,7 +15,7 @@ WORLD = 2
 
 def batch(seed: int = 0):
     """8 rows (2 mini-batches x 2 ranks x 2 rows) of synthetic rollouts with ragged prompts and completions."""
-    from pgzoo.adapters.lightning import RolloutBatch
+    from pgzoo.adapters.lightning.loop_data import RolloutBatch
 
     g = torch.Generator().manual_seed(seed)
     n, P, T = 8, 5, 6
@@ -52,7 +52,7 @@ def module(objective: str, replay: str | None, strategy: str = "auto", devices: 
     """An RLModule with plain SGD (Adam's first step is ~lr·sign(g): it would turn rounding noise in near-zero
     gradients into lr-sized differences; SGD shows the gradient itself). ``data``: what training_step updates on."""
     import pgzoo
-    from pgzoo.adapters.lightning import RLModule
+    from pgzoo.adapters.lightning.module import RLModule
     from pgzoo.models import build_tiny_moe
 
     class SGDModule(RLModule):
@@ -75,8 +75,8 @@ def main(strategy: str, out: str) -> None:
 
     import lightning as L
 
-    from pgzoo.adapters.lightning import RolloutBatch, step_loader
-    from pgzoo.distributed import full_state_dict, trainer_parallelism, world
+    from pgzoo.adapters.lightning.loop_data import RolloutBatch, step_loader
+    from pgzoo.adapters.lightning.distributed import full_state_dict, trainer_parallelism, world
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])

@@ -17,7 +17,7 @@ CASES = [("minirl", None), ("dapo", "R2")]
 
 
 def lora_section():
-    from pgzoo.recipes import LoraSection
+    from pgzoo.recipes.sections import LoraSection
 
     return LoraSection(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "o_proj"],
                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
@@ -25,7 +25,7 @@ def lora_section():
 
 def module(objective: str, replay: str | None, strategy: str = "auto", devices: int = 1, data=None):
     """W.module's SGD RLModule on a LoRA policy whose B matrices start random (seeded), so both A and B move."""
-    from pgzoo.adapters.lora import trainable_parameters, wrap_policy
+    from pgzoo.adapters.lightning.lora import trainable_parameters, wrap_policy
 
     m = W.module(objective, replay, strategy, devices, data)
     m.policy = wrap_policy(m.policy, lora_section())
@@ -45,8 +45,8 @@ def _sgd(params, lr):
 
 def snapshot(policy) -> dict:
     """Effective weights (collective under FSDP) and, on rank 0, the adapter tensors."""
-    from pgzoo.adapters.lora import effective_state_dict
-    from pgzoo.distributed import full_state_dict
+    from pgzoo.adapters.lightning.lora import effective_state_dict
+    from pgzoo.adapters.lightning.distributed import full_state_dict
 
     eff = effective_state_dict(policy)
     full = full_state_dict(policy)
@@ -59,8 +59,8 @@ def main(strategy: str, out: str) -> None:
 
     import lightning as L
 
-    from pgzoo.adapters.lightning import RolloutBatch, step_loader
-    from pgzoo.distributed import trainer_parallelism, world
+    from pgzoo.adapters.lightning.loop_data import RolloutBatch, step_loader
+    from pgzoo.adapters.lightning.distributed import trainer_parallelism, world
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
@@ -76,7 +76,7 @@ def main(strategy: str, out: str) -> None:
         assert world() == (W.WORLD, rank)
         snap = snapshot(m.policy)
         if objective == "minirl":  # a checkpoint written by every rank (FSDP: gathered adapter + merged weights)
-            from pgzoo.adapters.checkpoint import save_checkpoint
+            from pgzoo.adapters.lightning.checkpoint import save_checkpoint
 
             save_checkpoint(m, Path(out) / f"ckpt-{strategy}", 0)
         if rank == 0:

@@ -36,9 +36,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     process may have set (the child would take itself for one rank of a group that never forms), plus ``extra``."""
     import os
 
-    from conftest import _DIST_ENV
+    from conftest import DIST_ENV
 
-    return {**{k: v for k, v in os.environ.items() if k not in _DIST_ENV}, **extra}
+    return {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, **extra}
 
 
 def fresh_checkpoint(path: Path) -> Path:

@@ -16,7 +16,7 @@ def _restore_torch_threads():
 # What torch.distributed, Lightning, accelerate and vLLM read to find their process group. Code run in the test
 # process (an in-process process group, Lightning's connection set-up, an engine) may set them; a `pgzoo train`
 # subprocess started later would inherit them and think it is one rank of a group that never forms.
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
              "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
@@ -24,7 +24,7 @@ _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK
 def _restore_distributed_env():
     import os
 
-    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
     yield
     for key, value in saved.items():
         if value is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pgzoo.cli import main
+from pgzoo.cli.main import main
 
 from _train_helpers import RECIPE, digit_fraction_task, fresh_checkpoint, overrides  # noqa: F401
 
@@ -38,15 +38,15 @@ def test_user_mistakes_are_one_line_without_traceback(capsys, args, match):
 
 
 def test_r3_with_vllm_on_cpu_is_rejected(capsys, monkeypatch):
-    import pgzoo.recipes
+    import pgzoo.recipes.schema
 
-    monkeypatch.setattr(pgzoo.recipes, "_vllm_can_return_routes", lambda: False)
+    monkeypatch.setattr(pgzoo.recipes.schema, "_vllm_can_return_routes", lambda: False)
     assert main(["train", str(RECIPE), "train.routing_replay=R3", "--dry-run"]) == 2
     assert "rollout.engine=transformers" in capsys.readouterr().err
 
 
 def test_console_script_dry_run_in_a_fresh_process():
-    proc = subprocess.run([sys.executable, "-m", "pgzoo.cli", "train", "recipes/tiny/minirl.yaml", "--dry-run"],
+    proc = subprocess.run([sys.executable, "-m", "pgzoo", "train", "recipes/tiny/minirl.yaml", "--dry-run"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "recipe        minirl" in proc.stdout
@@ -102,7 +102,7 @@ def test_objectives_lists_every_objective_with_every_default(capsys):
 
 
 def test_train_help_does_not_import_lightning():
-    code = ("import sys\nfrom pgzoo.cli import main\ntry:\n    main(['train', '--help'])\n"
+    code = ("import sys\nfrom pgzoo.cli.main import main\ntry:\n    main(['train', '--help'])\n"
             "except SystemExit:\n    pass\n"
             "assert 'lightning' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -118,15 +118,15 @@ def test_train_help_does_not_import_lightning():
 def test_interrupted_runs_exit_with_128_plus_the_signal(monkeypatch, capsys, kind, status, prefix):
     import signal
 
-    import pgzoo.train
-    from pgzoo.distributed import Stopped
-    from pgzoo.signals import Interrupted
+    import pgzoo.adapters.lightning.run
+    from pgzoo.adapters.lightning.distributed import Stopped
+    from pgzoo.adapters.lightning.signals import Interrupted
 
     def interrupted(*a, **k):
         if kind == "ranks":
             raise Stopped("stopped by SIGTERM: another rank failed or the job was cancelled")
         raise Interrupted(f"{kind} received: stopped after step 3 of 9", getattr(signal, kind))
 
-    monkeypatch.setattr(pgzoo.train, "train", interrupted)
+    monkeypatch.setattr(pgzoo.adapters.lightning.run, "train", interrupted)
     assert main(["train", str(RECIPE), "--quiet"]) == status
     assert capsys.readouterr().err.startswith(prefix)

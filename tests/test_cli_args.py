@@ -2,7 +2,7 @@
 
 import pytest
 
-from pgzoo.cli import main, parse
+from pgzoo.cli.main import main, parse
 
 
 @pytest.mark.parametrize("argv", [

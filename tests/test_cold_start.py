@@ -45,7 +45,7 @@ def test_default_cold_start_lands_in_band_within_budget(cold_start_dir):
 
 @pytest.mark.slow
 def test_cold_start_checkpoint_loads_and_matches_card(cold_start_dir):
-    from pgzoo.evaluate import evaluate
+    from pgzoo.models.evaluate import evaluate
 
     path, _ = cold_start_dir
     model, tok = load_pretrained(path)
@@ -56,9 +56,9 @@ def test_cold_start_checkpoint_loads_and_matches_card(cold_start_dir):
     assert m["greedy_accuracy"] == pytest.approx(card["test_greedy_accuracy"], abs=1e-9)  # reproduces the card
     assert m["greedy_eos_fraction"] > 0.95  # the format (answer, then EOS) is learnt
     # teacher-forced greedy accuracy (the stopping rule's measure) is exact for the canonical answer
-    from pgzoo.models.cold_start import _encode_batch
+    from pgzoo.models.cold_start import encode_batch
 
-    tf_sampled, tf_greedy = teacher_forced_accuracy(model, *_encode_batch(tok, problems, "cpu"))
+    tf_sampled, tf_greedy = teacher_forced_accuracy(model, *encode_batch(tok, problems, "cpu"))
     assert tf_greedy == pytest.approx(m["greedy_accuracy"], abs=0.02)
     assert tf_sampled == pytest.approx(card["test_sampled_accuracy"], abs=0.06)  # sampling noise on 500 problems
 
@@ -146,7 +146,7 @@ def test_bad_settings_raise_before_training(tmp_path, kwargs, error, match):
 
 
 def test_cli_cold_start_errors(capsys):
-    from pgzoo.cli import main
+    from pgzoo.cli.main import main
 
     assert main(["cold-start", "--task", "arithmetic", "--task-option", "operators=%", "--quiet"]) == 2
     assert "unknown operator" in capsys.readouterr().err

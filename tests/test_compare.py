@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pgzoo.cli import main
-from pgzoo.compare import collapse_step, compare, group_name, mean_ci, read_run, t975
+from pgzoo.cli.main import main
+from pgzoo.lab.compare import collapse_step, compare, group_name, mean_ci, read_run, t975
 from pgzoo.errors import ConfigError
-from pgzoo.grid import GridRun, load_grid, read_walls, run_missing, train_command
+from pgzoo.lab.grid import GridRun, load_grid, read_walls, run_missing, train_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_two_fake_runs_aggregate_table_and_png(tmp_path):
     # the held-out curve: before at 0, during at 4 and 8, after at the last step + 1, averaged over the seeds
     run = read_run(a0)
     assert run.heldout_series() == {0: 0.3, 4: 0.35, 8: 0.45, 12: 0.5}
-    from pgzoo.compare import group_runs
+    from pgzoo.lab.compare import group_runs
 
     g = group_runs([read_run(a0), read_run(a1)])[0]
     steps, mean, lo, hi = g.curve("heldout")
@@ -85,7 +85,7 @@ def test_two_fake_runs_aggregate_table_and_png(tmp_path):
 
 def test_paired_differences_by_hand(tmp_path, capsys):
     """A − B seed by seed: seeds whose cold starts differ (0.3 vs 0.6 final level) cancel in the difference."""
-    from pgzoo.compare import Comparison, group_runs, paired, paired_markdown
+    from pgzoo.lab.compare import Comparison, group_runs, paired, paired_markdown
 
     runs = tmp_path / "runs"
     a = [fake_run(runs, f"a-s{s}", s, [0.2] * 3, 0.2, lvl - d) for s, lvl, d in ((0, 0.3, 0.05), (1, 0.6, 0.07),
@@ -172,7 +172,7 @@ def test_run_missing_skips_finished_resumes_and_sums_walls(tmp_path):
 
 def test_train_command_runs_pgzoo_train():
     cmd = train_command(GridRun("lab/minirl", 2, Path("out/minirl-s2")), ["train.steps=2"])
-    assert cmd[1:4] == ["-m", "pgzoo.cli", "train"] and cmd[4:] == [
+    assert cmd[1:4] == ["-m", "pgzoo", "train"] and cmd[4:] == [
         "lab/minirl", "seed=2", "output.dir=out/minirl-s2", "train.steps=2", "--resume", "--quiet"]
-    out = subprocess.run([cmd[0], "-m", "pgzoo.cli", "train", "--help"], capture_output=True, text=True)
+    out = subprocess.run([cmd[0], "-m", "pgzoo", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--resume" in out.stdout

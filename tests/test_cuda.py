@@ -53,7 +53,7 @@ def test_correction_on_cuda():
 
 
 def test_logprobs_and_routing_replay_on_cuda():
-    from pgzoo.logprobs import completion_logprobs
+    from pgzoo.models.logprobs import completion_logprobs
     from pgzoo.models import build_tiny_moe
     from pgzoo.routing import record, replay
 

@@ -89,7 +89,7 @@ def test_rank_local_normalisers_would_differ():
     """The check above can fail: normalising each rank's half of a mini-batch by its own token count (gradients
     averaged over the two halves, as DDP would without the global sums) gives another step for dapo."""
     import pgzoo
-    from pgzoo.adapters.lightning import RolloutBatch
+    from pgzoo.adapters.lightning.loop_data import RolloutBatch
 
     data = W.batch()
     single, _ = single_process("dapo", None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pgzoo
-from pgzoo.diagnostics import entropy_metrics, first_order_gap, masked_max, masked_mean, masked_min
+from pgzoo.objectives.diagnostics import entropy_metrics, first_order_gap, masked_max, masked_mean, masked_min
 from pgzoo.testing import random_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -1,4 +1,4 @@
-"""pgzoo.distributed and the recipe keys of data parallelism: the strategy handed to Lightning, the combinations that
+"""pgzoo.adapters.lightning.distributed and the recipe keys of data parallelism: the strategy handed to Lightning, the combinations that
 cannot run, the rank before any process group, and FSDP2 sharding of the tiny MoE (one gloo rank in this process:
 logprobs, gradients and routing replay through sharded decoder layers, with activation checkpointing)."""
 
@@ -22,7 +22,7 @@ def _recipe(**train):
 def test_strategy_resolution_and_trainer_keywords():
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-    from pgzoo.distributed import trainer_parallelism
+    from pgzoo.adapters.lightning.distributed import trainer_parallelism
 
     assert _recipe().strategy == "single" and _recipe(devices=2).strategy == "ddp"
     assert _recipe(devices=2, num_nodes=2).world_size == 4
@@ -46,7 +46,7 @@ def test_combinations_that_cannot_run_name_the_fix(train, match):
 
 
 def test_env_rank(monkeypatch):
-    from pgzoo.distributed import env_rank
+    from pgzoo.adapters.lightning.distributed import env_rank
 
     for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
@@ -75,9 +75,9 @@ def one_rank_group(monkeypatch):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_sharded_policy_gives_the_same_logprobs_gradients_and_replay(one_rank_group, checkpointing):
-    from pgzoo.distributed import full_state_dict, is_sharded, shard_policy
+    from pgzoo.adapters.lightning.distributed import full_state_dict, is_sharded, shard_policy
     from pgzoo.rollout.sync import iter_sync_tensors
-    from pgzoo.logprobs import completion_logprobs
+    from pgzoo.models.logprobs import completion_logprobs
     from pgzoo.models import build_tiny_moe
     from pgzoo.routing import RoutingReplay
 
@@ -122,5 +122,5 @@ def test_importing_the_trainer_module_does_not_import_lightning():
     import subprocess
     import sys
 
-    code = "import sys, pgzoo.train, pgzoo.cli; assert not any(m.startswith('lightning') for m in sys.modules)"
+    code = "import sys, pgzoo.adapters.lightning.run, pgzoo.cli.main, pgzoo.cli.train; assert not any(m.startswith('lightning') for m in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

@@ -149,7 +149,7 @@ PRELUDE = {
         import torch, lightning, pgzoo, pgzoo.tasks
         from pgzoo.models import build_tiny_moe, build_tokenizer
         from pgzoo.rollout import TransformersEngine
-        from pgzoo.adapters.loop_data import RolloutBatch
+        from pgzoo.adapters.lightning.loop_data import RolloutBatch
         tokenizer = build_tokenizer()
         policy = build_tiny_moe(vocab_size=len(tokenizer), seed=0)
         engine = TransformersEngine(policy)
@@ -358,9 +358,12 @@ def test_skipped_blocks_say_why():
 @pytest.fixture
 def registries():
     """Names a page registers (an example engine, objective or task) are removed after it."""
-    from pgzoo import registry
+    from pgzoo.advantages import registry as ADVANTAGES
+    from pgzoo.objectives.registry import objectives as OBJECTIVES
+    from pgzoo.rollout.builders import engines as ENGINES
+    from pgzoo.tasks.base import registry as TASKS
 
-    regs = [registry.objectives, registry.advantages, registry.tasks, registry.engines]
+    regs = [OBJECTIVES, ADVANTAGES, TASKS, ENGINES]
     before = [set(r.available()) and set(r.entries) for r in regs]  # builtins and plugins loaded first
     yield
     for reg, names in zip(regs, before):

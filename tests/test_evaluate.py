@@ -11,7 +11,7 @@ import torch
 
 import pgzoo.tasks
 from pgzoo.errors import ConfigError
-from pgzoo.evaluate import evaluate, pass_at_k
+from pgzoo.models.evaluate import evaluate, pass_at_k
 from pgzoo.models import build_tiny_moe, build_tokenizer, save_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -122,7 +122,7 @@ def test_real_model_generation_runs_and_is_seeded(tok):
 
 
 def test_cli_eval(tok, tmp_path, capsys):
-    from pgzoo.cli import main
+    from pgzoo.cli.main import main
 
     model = build_tiny_moe(vocab_size=len(tok), seed=0)
     card = {"task": "arithmetic", "task_options": {"max_digits": 1}}
@@ -143,7 +143,7 @@ def test_cli_eval(tok, tmp_path, capsys):
 
 def test_heldout_problems_never_repeat_and_say_when_the_split_is_small():
     import pgzoo.tasks
-    from pgzoo.evaluate import heldout_problems
+    from pgzoo.models.evaluate import heldout_problems
 
     task = pgzoo.tasks.get("arithmetic", max_digits=1, operands=2)
     size = task.split_size("test")
@@ -156,7 +156,7 @@ def test_heldout_problems_never_repeat_and_say_when_the_split_is_small():
 
 
 def test_heldout_problems_rejects_a_task_that_returns_too_few():
-    from pgzoo.evaluate import heldout_problems
+    from pgzoo.models.evaluate import heldout_problems
     from pgzoo.tasks.base import Problem, Task
 
     class Short(Task):
@@ -170,7 +170,7 @@ def test_heldout_problems_rejects_a_task_that_returns_too_few():
 
 
 def test_a_run_folder_resolves_to_its_newest_intact_checkpoint(tmp_path):
-    from pgzoo.evaluate import resolve_checkpoint
+    from pgzoo.models.evaluate import resolve_checkpoint
     from pgzoo.fileio import atomic_folder
 
     run = tmp_path / "run"

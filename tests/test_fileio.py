@@ -148,9 +148,9 @@ def test_clean_stale_restores_folder_moved_aside(tmp_path):
 
 def test_resume_hints_name_the_newest_intact_checkpoint(tmp_path):
     """An error's resume hint calls a checkpoint intact only after checking it against its manifest."""
-    from pgzoo.distributed import with_resume_hint
+    from pgzoo.adapters.lightning.distributed import with_resume_hint
     from pgzoo.errors import PgzooError
-    from pgzoo.run_folder import STATE_FILE, latest_checkpoint
+    from pgzoo.adapters.lightning.run_folder import STATE_FILE, latest_checkpoint
 
     for step in (1, 2):
         with atomic_folder(tmp_path / "checkpoints" / f"step-{step:06d}") as tmp:

@@ -1,10 +1,10 @@
-"""pgzoo.logprobs: chunked per-token logprobs/entropy equal the naive full-softmax reference (values and grads)."""
+"""pgzoo.models.logprobs: chunked per-token logprobs/entropy equal the naive full-softmax reference (values and grads)."""
 
 import pytest
 import torch
 
 from pgzoo.errors import ConfigError
-from pgzoo.logprobs import (
+from pgzoo.models.logprobs import (
     completion_logprobs,
     naive_logprobs_and_entropy,
     position_ids_from_mask,

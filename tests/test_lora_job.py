@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ def test_lora_job_learns_and_its_checkpoint_loads_with_plain_transformers(tmp_pa
     env = {**subprocess_env(), "PGZOO_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "pgzoo.cli", "train", str(REPO / "recipes/tiny/minirl-lora.yaml"),
+        [sys.executable, "-m", "pgzoo", "train", str(REPO / "recipes/tiny/minirl-lora.yaml"),
          f"output.dir={run_dir}", "--quiet"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
     )

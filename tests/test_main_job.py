@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ def test_main_job_learns(tmp_path_factory):
     env = {**subprocess_env(), "PGZOO_CACHE": str(cache)}
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "pgzoo.cli", "train", str(REPO / "recipes/tiny/minirl.yaml"),
+        [sys.executable, "-m", "pgzoo", "train", str(REPO / "recipes/tiny/minirl.yaml"),
          f"output.dir={run_dir}", "--quiet"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
     )

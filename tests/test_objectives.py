@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pgzoo
-from pgzoo.correction import Correction
+from pgzoo.objectives.correction import Correction
 from pgzoo.testing import random_batch
 
 NAMES = [

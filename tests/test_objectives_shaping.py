@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pgzoo
-from pgzoo.correction import Correction
+from pgzoo.objectives.correction import Correction
 from pgzoo.testing import assert_same_gradient, random_batch
 
 NEW = ["bnpo", "luspo", "sapo", "vespo"]

@@ -3,7 +3,7 @@
 import pytest
 
 from pgzoo.errors import ConfigError
-from pgzoo.recipe_diff import SAFE_TO_CHANGE, changed_keys, check_resume
+from pgzoo.recipes.diff import SAFE_TO_CHANGE, changed_keys, check_resume
 from pgzoo.recipes import load_recipe
 
 

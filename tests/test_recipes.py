@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from pgzoo.errors import ConfigError
-from pgzoo.recipes import Recipe, load_recipe, parse_overrides, recipe_from_dict
+from pgzoo.recipes import Recipe, load_recipe, recipe_from_dict
+from pgzoo.recipes.load import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1] / "recipes"
 TINY = sorted((ROOT / "tiny").glob("*.yaml"))
@@ -90,7 +91,7 @@ def test_bad_recipes_name_the_key_and_the_fix(override, match):
 
 
 def test_impossible_combination_r3_with_an_engine_without_routes(monkeypatch):
-    import pgzoo.recipes as rec
+    import pgzoo.recipes.schema as rec
 
     monkeypatch.setattr(rec, "_vllm_can_return_routes", lambda: False)
     r = load_recipe(ROOT / "tiny" / "minirl.yaml", ["train.routing_replay=R3"])  # the file itself is fine
@@ -120,7 +121,7 @@ def test_defaults_make_a_valid_recipe():
 
 
 def test_cli_validate_accepts_every_paper_recipe(capsys):
-    from pgzoo.cli import main
+    from pgzoo.cli.main import main
 
     assert main(["recipe", "validate", *map(str, PAPER)]) == 0
     out = capsys.readouterr().out

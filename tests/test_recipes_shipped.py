@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pgzoo.cli import main
+from pgzoo.cli.main import main
 from pgzoo.errors import ConfigError
-from pgzoo.recipes import copy_recipe, find_recipe, list_recipes, load_recipe, shipped_recipes
+from pgzoo.recipes import load_recipe
+from pgzoo.recipes.catalog import copy_recipe, find_recipe, list_recipes, shipped_recipes
 
 REPO = Path(__file__).resolve().parents[1]
 ON_DISK = sorted(f"{p.parent.name}/{p.stem}" for p in (REPO / "recipes").glob("*/*.yaml") if p.name != "grid.yaml")
@@ -132,7 +133,7 @@ def test_the_wheel_ships_the_recipes_and_an_installed_copy_finds_them(tmp_path):
     module_file, folder, name = res.stdout.split()
     assert module_file.startswith(str(site)) and folder.startswith(str(site)) and name == "minirl"
     # the installed command lists the shipped recipes and plans a run by name, outside any checkout
-    cli = [sys.executable, "-m", "pgzoo.cli"]
+    cli = [sys.executable, "-m", "pgzoo"]
     listed = subprocess.run([*cli, "recipe", "list"], cwd=work, env=env, capture_output=True, text=True, check=True)
     assert [line.split()[0] for line in listed.stdout.splitlines()] == ON_DISK
     plan = subprocess.run([*cli, "train", "tiny/minirl", "--dry-run"], cwd=work, env=env, capture_output=True,

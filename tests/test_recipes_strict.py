@@ -4,7 +4,7 @@ an empty file, a YAML list or a key given twice is an error."""
 import pytest
 
 from pgzoo.errors import ConfigError
-from pgzoo.recipe_yaml import load_yaml
+from pgzoo.recipes.strict_yaml import load_yaml
 from pgzoo.recipes import load_recipe, recipe_from_dict
 
 TINY = "recipes/tiny/minirl.yaml"

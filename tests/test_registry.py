@@ -12,7 +12,12 @@ import pytest
 import torch
 
 import pgzoo
-from pgzoo import registry
+from pgzoo.advantages import registry as ADVANTAGES
+from pgzoo.objectives import registry as objective_registry
+from pgzoo.objectives.registry import objectives as OBJECTIVES
+from pgzoo.registry import Registry
+from pgzoo.rollout.builders import engines as ENGINES
+from pgzoo.tasks.base import registry as TASKS
 from pgzoo.testing import random_batch
 
 TEN = ["cispo", "dapo", "dr-grpo", "grpo", "gspo", "gspo-token",
@@ -64,9 +69,9 @@ def test_unknown_override_lists_valid_keys():
 def test_overrides_keep_other_defaults():
     obj = pgzoo.get("dapo", eps_low=0.1)
     assert (obj.config.eps_low, obj.config.eps_high, obj.config.aggregation) == (0.1, 0.28, "token-mean")
-    dapo = {k: v for k, v in registry.defaults("dapo").items() if k != "paper"}
+    dapo = {k: v for k, v in objective_registry.defaults("dapo").items() if k != "paper"}
     assert dapo == {"eps_high": 0.28, "aggregation": "token-mean"}
-    assert registry.get_class("minirl-no-clip") is registry.get_class("minirl")
+    assert objective_registry.get_class("minirl-no-clip") is objective_registry.get_class("minirl")
 
 
 def test_register_decorator_duplicate_and_override():
@@ -104,7 +109,7 @@ def test_entry_point_plugin_is_found(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    monkeypatch.setattr(registry.objectives, "_plugins_loaded", False)
+    monkeypatch.setattr(OBJECTIVES, "_plugins_loaded", False)
     try:
         obj = pgzoo.get("example_reinforce", scale=2.0)
         assert type(obj).__name__ == "ExampleReinforce" and obj.config.scale == 2.0
@@ -128,25 +133,25 @@ def test_broken_plugin_names_the_entry_point(tmp_path, monkeypatch):
     (dist / "entry_points.txt").write_text("[pgzoo.objectives]\nbroken = no_such_module_xyz:Thing\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    monkeypatch.setattr(registry.objectives, "_plugins_loaded", False)
+    monkeypatch.setattr(OBJECTIVES, "_plugins_loaded", False)
     with pytest.raises(pgzoo.ConfigError, match="'broken'"):
         pgzoo.get("not-registered-anywhere")
 
 
 # -- the generic Registry and its four instances ------------------------------------------------------------------
 def test_four_registries_are_instances_of_one_class():
-    regs = [registry.objectives, registry.advantages, registry.tasks, registry.engines]
-    assert all(type(r) is registry.Registry for r in regs)
+    regs = [OBJECTIVES, ADVANTAGES, TASKS, ENGINES]
+    assert all(type(r) is Registry for r in regs)
     assert [r.group for r in regs] == ["pgzoo.objectives", "pgzoo.advantages", "pgzoo.tasks", "pgzoo.engines"]
-    assert registry.engines.available() == ["transformers", "vllm"]
-    assert registry.tasks.available("ar*") == ["arithmetic"]
-    assert "rloo" in registry.advantages.available("r*")
-    assert pgzoo.advantages.available() == registry.advantages.available()
-    assert pgzoo.tasks.available() == registry.tasks.available()
+    assert ENGINES.available() == ["transformers", "vllm"]
+    assert TASKS.available("ar*") == ["arithmetic"]
+    assert "rloo" in ADVANTAGES.available("r*")
+    assert pgzoo.advantages.available() == ADVANTAGES.available()
+    assert pgzoo.tasks.available() == TASKS.available()
 
 
 def test_generic_registry_rules():
-    reg = registry.Registry("widget", "pgzoo.test-widgets")
+    reg = Registry("widget", "pgzoo.test-widgets")
 
     @reg.register("Big_Widget", size=3)
     def big(size=1):
@@ -197,7 +202,7 @@ def _dist(tmp_path, name, groups: dict[str, list[str]], source: str | None = Non
 PLUGIN_SOURCE = '''
 import torch
 import pgzoo
-from pgzoo.registry import engines
+from pgzoo.rollout.builders import engines
 from pgzoo.tasks import Problem, Task
 
 
@@ -248,7 +253,7 @@ def test_entry_point_plugins_for_tasks_advantages_and_engines(tmp_path, monkeypa
     }, PLUGIN_SOURCE)
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    regs = (registry.tasks, registry.advantages, registry.engines)
+    regs = (TASKS, ADVANTAGES, ENGINES)
     for reg in regs:
         monkeypatch.setattr(reg, "_plugins_loaded", False)
     try:
@@ -260,7 +265,7 @@ def test_entry_point_plugins_for_tasks_advantages_and_engines(tmp_path, monkeypa
         assert "plugin-more" not in pgzoo.advantages.available()  # a registrar is called, not registered
 
         from pgzoo.recipes import Recipe
-        from pgzoo.train import build_engine
+        from pgzoo.adapters.lightning.run import build_engine
 
         for name in ("plugin-engine", "plugin-module-engine"):
             recipe = Recipe.model_validate({"seed": 7, "rollout": {"engine": name, "temperature": 0.5}})
@@ -269,11 +274,11 @@ def test_entry_point_plugins_for_tasks_advantages_and_engines(tmp_path, monkeypa
             assert (engine.path, engine.temperature, engine.seed) == (tmp_path, 0.5, 7)
     finally:
         for name in ("echo-plugin",):
-            registry.tasks.unregister(name)
+            TASKS.unregister(name)
         for name in ("plugin-doubled", "plugin-tripled"):
-            registry.advantages.unregister(name)
+            ADVANTAGES.unregister(name)
         for name in ("plugin-engine", "plugin-module-engine"):
-            registry.engines.unregister(name)
+            ENGINES.unregister(name)
         sys.modules.pop("pgzoo_multi_plugin", None)
 
 
@@ -285,17 +290,17 @@ def test_recipe_rollout_engine_is_checked_against_the_engine_registry():
         load_recipe(root, ["rollout.engine=vlm"])
     assert load_recipe(root, ["rollout.engine=Transformers"]).rollout.engine == "transformers"
 
-    @registry.engines.register("test-engine")
+    @ENGINES.register("test-engine")
     def build(rollout, model_path, *, seed, return_routes, world_size=1):
         return (rollout.engine, model_path, seed, return_routes)
 
     try:
         recipe = load_recipe(root, ["rollout.engine=test_engine", "seed=3"])
-        from pgzoo.train import build_engine
+        from pgzoo.adapters.lightning.run import build_engine
 
         assert build_engine(recipe, Path("m")) == ("test-engine", Path("m"), 3, False)
     finally:
-        registry.engines.unregister("test-engine")
+        ENGINES.unregister("test-engine")
 
 
 def test_default_advantage_is_looked_up_in_the_estimator_registry():

@@ -100,7 +100,7 @@ def test_vllm_routed_experts_conversion():
 
     import numpy as np
 
-    from pgzoo.rollout.vllm_support import routes_of
+    from pgzoo.rollout.vllm_engine import routes_of
 
     prompt, comp = [5, 6, 7], [8, 9]
     routed = np.arange(4 * 2 * 2).reshape(4, 2, 2)  # 3 prompt + 1 completion position

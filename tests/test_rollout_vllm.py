@@ -268,7 +268,7 @@ def test_check_sync_passes_after_a_sync_and_catches_vllms_naive_moe_reload(engin
     """pgzoo.rollout.check_sync (the `rollout.verify_sync` probe): parity after a pgzoo sync; on CPU, vLLM's own
     in-place reload of every tensor, fused experts included, leaves the expert blocks unpacked -- the probe sees it."""
     from pgzoo.rollout import check_sync
-    from pgzoo.rollout.vllm_engine import checkpoint_state_dict
+    from pgzoo.rollout.vllm_support import checkpoint_state_dict
 
     other = build_tiny_moe(vocab, seed=13)
     engine.load_weights(other)

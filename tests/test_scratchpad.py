@@ -93,14 +93,14 @@ def test_bad_options(opts, match):
 
 
 def test_cold_start_trains_on_the_worked_solution(task):
-    from pgzoo.models.cold_start import _encode_batch
+    from pgzoo.models.cold_start import encode_batch
 
     tok = build_tokenizer()
     p = task.problem([12, 34])
-    ids, mask, labels = _encode_batch(tok, [p], "cpu", task)
+    ids, mask, labels = encode_batch(tok, [p], "cpu", task)
     target = tok.decode([t for t in labels[0].tolist() if t != -100][:-1])
     assert target == "2+4+0=06\n1+3+0=04\n46"
-    _, _, labels_plain = _encode_batch(tok, [p], "cpu")  # without the task: the bare answer, as before
+    _, _, labels_plain = encode_batch(tok, [p], "cpu")  # without the task: the bare answer, as before
     assert tok.decode([t for t in labels_plain[0].tolist() if t != -100][:-1]) == "46"
 
 
@@ -112,7 +112,7 @@ def test_cold_start_learns_the_format_on_a_small_budget(one_torch_thread):
 
     import torch
 
-    from pgzoo.evaluate import generate_completions
+    from pgzoo.models.evaluate import generate_completions
     from pgzoo.models.cold_start import SFTConfig, cold_start
 
     task = pgzoo.tasks.get("scratchpad", min_digits=2, max_digits=2)

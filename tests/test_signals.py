@@ -1,4 +1,4 @@
-"""pgzoo.signals without a training run: the per-step agreement of ranks on a signal (two gloo processes), and the
+"""pgzoo.adapters.lightning.signals without a training run: the per-step agreement of ranks on a signal (two gloo processes), and the
 quiet exit of a rank other than 0."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 
-from pgzoo.signals import GracefulStop
+from pgzoo.adapters.lightning.signals import GracefulStop
 
 
 def test_one_process_agrees_with_itself():
@@ -28,13 +28,13 @@ def test_a_rank_other_than_0_says_nothing_and_exits_quietly(tmp_path, monkeypatc
     err = stop.error(3, 9, tmp_path, "pgzoo train r.yaml")
     assert err.quiet and err.exit_code == 130
 
-    import pgzoo.train
-    from pgzoo.cli import main
+    import pgzoo.cli.train
+    from pgzoo.cli.main import main
 
     def interrupted(args):
         raise err
 
-    monkeypatch.setattr(pgzoo.train, "run", interrupted)
+    monkeypatch.setattr(pgzoo.cli.train, "run", interrupted)
     assert main(["train", "tiny/minirl"]) == 130
     assert capsys.readouterr().err == ""
 
@@ -64,14 +64,14 @@ def _agree_worker(rank: int, port: int, queue) -> None:
 
 def test_two_ranks_agree_on_a_signal_any_rank_received():
     import torch.multiprocessing as mp
-    from conftest import _DIST_ENV
+    from conftest import DIST_ENV
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    env = {k: os.environ.pop(k) for k in _DIST_ENV if k in os.environ}  # the spawned ranks join no other group
+    env = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}  # the spawned ranks join no other group
     try:
         procs = [ctx.Process(target=_agree_worker, args=(r, port, queue)) for r in range(2)]
         for p in procs:

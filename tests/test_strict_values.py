@@ -11,7 +11,7 @@ import pytest
 
 import pgzoo
 from pgzoo.errors import ConfigError
-from pgzoo.objectives.base import _field_types
+from pgzoo.objectives.base import field_types
 from pgzoo.validate import check_bool, check_choice, check_int, check_number
 
 
@@ -19,8 +19,8 @@ def _fields_of(kind):
     """(objective, field) pairs whose annotation is ``kind`` (or ``kind | None``), over the whole registry."""
     out = []
     for name in pgzoo.available():
-        cls = pgzoo.registry.get_class(name)
-        for f, hint in _field_types(cls.Config).items():
+        cls = pgzoo.objectives.registry.get_class(name)
+        for f, hint in field_types(cls.Config).items():
             args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
             if args == [kind]:
                 out.append((name, f))
@@ -33,8 +33,8 @@ FLOAT_FIELDS = _fields_of(float)
 
 def test_every_objective_has_resolvable_annotations():
     for name in pgzoo.available():
-        cls = pgzoo.registry.get_class(name)
-        assert set(_field_types(cls.Config)) == {f.name for f in dataclasses.fields(cls.Config)}, name
+        cls = pgzoo.objectives.registry.get_class(name)
+        assert set(field_types(cls.Config)) == {f.name for f in dataclasses.fields(cls.Config)}, name
     assert ("minirl", "clip") in BOOL_FIELDS and ("grpo", "beta") in FLOAT_FIELDS
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import pgzoo.train as train_mod
+import pgzoo.adapters.lightning.run as train_mod
 from pgzoo.errors import EngineError, PgzooError
 from pgzoo.recipes import load_recipe
 

@@ -11,7 +11,7 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-import pgzoo.train as train_mod  # noqa: E402
+import pgzoo.adapters.lightning.run as train_mod  # noqa: E402
 from pgzoo.errors import ConfigError, EngineError  # noqa: E402
 from pgzoo.recipes import load_recipe  # noqa: E402
 
@@ -55,7 +55,7 @@ def test_a_target_that_matches_nothing_names_the_key(ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------- training, sync, checkpoints, resume
-class _SkipAdapterEngine:
+class SkipAdapterEngine:
     """The control: an engine whose sync leaves the adapter out (the base weights only)."""
 
     def __init__(self, inner):
@@ -76,7 +76,7 @@ class _SkipAdapterEngine:
 def test_lora_run_syncs_checkpoints_and_loads_with_plain_transformers(ckpt, tmp_path, monkeypatch):
     import transformers
 
-    from pgzoo.adapters.lightning import RLModule
+    from pgzoo.adapters.lightning.module import RLModule
     seen = {}
     real_sync = RLModule.sync_engine
 
@@ -120,7 +120,7 @@ def test_lora_run_syncs_checkpoints_and_loads_with_plain_transformers(ckpt, tmp_
     real_build = train_mod.build_engine
     monkeypatch.setattr(RLModule, "sync_engine", real_sync)
 
-    monkeypatch.setattr(train_mod, "build_engine", lambda r, p: _SkipAdapterEngine(real_build(r, p)))
+    monkeypatch.setattr(train_mod, "build_engine", lambda r, p: SkipAdapterEngine(real_build(r, p)))
     with pytest.raises(EngineError, match="weight sync check failed"):
         train_mod.train(lora_recipe(ckpt, tmp_path / "control", "train.steps=2", "rollout.verify_sync=1e-5"),
                         quiet=True)
@@ -133,7 +133,7 @@ def test_lora_resume_continues_exactly(ckpt, tmp_path):
     # the interrupted run: the same folder without its last checkpoint
     import shutil
 
-    from pgzoo import run_folder as rf
+    from pgzoo.adapters.lightning import run_folder as rf
 
     shutil.copytree(tmp_path / "full", tmp_path / "cut")
     last = rf.latest_checkpoint(tmp_path / "cut")

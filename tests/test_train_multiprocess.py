@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from _train_helpers import subprocess_env, fresh_checkpoint, stable
-from pgzoo.run_folder import latest_checkpoint, read_metrics
+from pgzoo.adapters.lightning.run_folder import latest_checkpoint, read_metrics
 
 pytestmark = pytest.mark.slow
 PGZOO = [sys.executable, "-m", "pgzoo"]

@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import pgzoo.train as train_mod
+import pgzoo.adapters.lightning.run as train_mod
 from pgzoo.errors import ConfigError, PgzooError
-from pgzoo.guards import Diverged, check_step
+from pgzoo.adapters.lightning.guards import Diverged, check_step
 from pgzoo.recipes import load_recipe
-from pgzoo.run_folder import read_metrics
+from pgzoo.adapters.lightning.run_folder import read_metrics
 
 from _train_helpers import RECIPE, digit_fraction_task, fresh_checkpoint, overrides  # noqa: F401
 
@@ -101,7 +101,7 @@ def test_resume_with_a_changed_recipe_is_refused_unless_allowed(ckpt, tmp_path):
 
 
 def test_full_disk_while_checkpointing_names_the_intact_checkpoint(ckpt, tmp_path, monkeypatch):
-    from pgzoo.adapters import checkpoint as ck
+    from pgzoo.adapters.lightning import checkpoint as ck
 
     real, calls = ck._save_hf, []
 
@@ -162,7 +162,7 @@ def test_guard_relaxed_and_healthy_rows_pass():
 
 
 def test_diverged_run_stops_with_the_checkpoint_before_it_intact(ckpt, tmp_path, monkeypatch):
-    from pgzoo.adapters.lightning import RLModule
+    from pgzoo.adapters.lightning.module import RLModule
 
     real = RLModule.update
 

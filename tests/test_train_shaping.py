@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import pgzoo.train as train_mod
+import pgzoo.adapters.lightning.run as train_mod
 from pgzoo.errors import BatchError
 from pgzoo.recipes import load_recipe
 

@@ -5,7 +5,6 @@ checkpoint, summary.json and exit status 130 / 143."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import time
 import pytest
 
 from _train_helpers import subprocess_env, fresh_checkpoint
-from pgzoo.run_folder import latest_checkpoint, read_metrics
+from pgzoo.adapters.lightning.run_folder import latest_checkpoint, read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ import pytest
 
 from _train_helpers import fresh_checkpoint, stable, subprocess_env
 from pgzoo.fileio import verify_folder
-from pgzoo.run_folder import latest_checkpoint, read_metrics
+from pgzoo.adapters.lightning.run_folder import latest_checkpoint, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl, /proc")]
 STEPS = 6

@@ -28,6 +28,9 @@ from pgzoo.models import build_tiny_dense  # noqa: E402
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 trl_adapter = pytest.importorskip("pgzoo.adapters.trl")
+from pgzoo.adapters.trl.rollout import align_routes  # noqa: E402
+from pgzoo.adapters.trl.checks import check_trl_version  # noqa: E402
+from pgzoo.adapters.trl.checks import degenerate_rollout_logprobs  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 TEMPERATURE = 0.9
@@ -400,13 +403,13 @@ def test_peft_lora_with_r2(tmp_path, base_moe, tok):
 
 def test_untested_trl_version_raises(monkeypatch):
     with pytest.raises(DependencyError, match=r"tested with TRL >=1.16,<1.17 but TRL 1.17.0"):
-        trl_adapter.check_trl_version("1.17.0")
+        check_trl_version("1.17.0")
     with pytest.raises(DependencyError, match="pip install 'pgzoo\\[trl\\]'"):
-        trl_adapter.check_trl_version("0.19.1")
-    trl_adapter.check_trl_version("1.16.0")
-    trl_adapter.check_trl_version("1.16.3.dev0")
+        check_trl_version("0.19.1")
+    check_trl_version("1.16.0")
+    check_trl_version("1.16.3.dev0")
     monkeypatch.setenv("PGZOO_ALLOW_UNTESTED_TRL", "1")
-    trl_adapter.check_trl_version("2.0.0")
+    check_trl_version("2.0.0")
 
 
 @pytest.mark.parametrize(
@@ -469,7 +472,7 @@ def test_align_routes_repads_to_trls_layout():
                   completion_ids=torch.ones(2, 3, dtype=torch.long), completion_mask=completion_mask,
                   logprobs=torch.zeros(2, 3), truncated=torch.zeros(2, dtype=torch.bool),
                   group=torch.zeros(2, dtype=torch.long), routes=routes)
-    out = trl_adapter.align_routes(ro, 4, 5)  # TRL padded to multiples: P' = 4, T' = 5
+    out = align_routes(ro, 4, 5)  # TRL padded to multiples: P' = 4, T' = 5
     assert out.shape == (2, 9, L, k)
     real_out = torch.zeros(2, 9, dtype=torch.bool)
     real_out[0, 2:4] = real_out[0, 4:7] = True
@@ -479,7 +482,7 @@ def test_align_routes_repads_to_trls_layout():
         assert torch.equal(out[i][real_out[i]], routes[i][real_in[i]])
         assert (out[i][~real_out[i]] == -1).all()
     with pytest.raises(pgzoo.EngineError, match="trainer's batch holds 1 \\+ 5"):
-        trl_adapter.align_routes(ro, 1, 5)
+        align_routes(ro, 1, 5)
 
 
 class RecordingEngine:
@@ -552,10 +555,10 @@ def test_import_without_trl_names_the_extra():
 def test_degenerate_rollout_logprobs_are_named():
     lp = torch.tensor([[-1.0, -2.0, -0.5]])
     mask = torch.tensor([[1, 1, 0]])
-    assert trl_adapter.degenerate_rollout_logprobs(lp + 0.01, lp, mask) is None
-    assert "every log μ is 0" in trl_adapter.degenerate_rollout_logprobs(torch.zeros_like(lp), lp, mask)
-    assert "1.75 nats (above 1)" in trl_adapter.degenerate_rollout_logprobs(lp - 1.75, lp, mask)
-    assert trl_adapter.degenerate_rollout_logprobs(lp, lp, torch.zeros_like(mask)) is None
+    assert degenerate_rollout_logprobs(lp + 0.01, lp, mask) is None
+    assert "every log μ is 0" in degenerate_rollout_logprobs(torch.zeros_like(lp), lp, mask)
+    assert "1.75 nats (above 1)" in degenerate_rollout_logprobs(lp - 1.75, lp, mask)
+    assert degenerate_rollout_logprobs(lp, lp, torch.zeros_like(mask)) is None
 
 
 class ZeroLogprobRollout(FakeRollout):

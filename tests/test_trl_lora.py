@@ -21,7 +21,7 @@ from pgzoo.errors import EngineError  # noqa: E402
 from pgzoo.rollout import TransformersEngine  # noqa: E402
 
 from _trl_fixtures import PROMPTS, base_moe, tok  # noqa: E402,F401  (fixtures)
-from test_train_lora import _SkipAdapterEngine  # noqa: E402
+from test_train_lora import SkipAdapterEngine  # noqa: E402
 from test_trl_training import config, reward_digits  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -65,7 +65,7 @@ def test_lora_grpo_with_a_transformers_engine(tmp_path, base_moe, tok):
 
 
 def test_a_sync_without_the_adapter_is_caught(tmp_path, base_moe, tok):
-    rollout = EngineRollout(_SkipAdapterEngine(TransformersEngine(copy.deepcopy(base_moe))), verify_sync=1e-5)
+    rollout = EngineRollout(SkipAdapterEngine(TransformersEngine(copy.deepcopy(base_moe))), verify_sync=1e-5)
     with pytest.raises(EngineError, match="weight sync check failed"):
         train_lora(tmp_path, base_moe, tok, rollout, max_steps=3)
 

@@ -2,7 +2,7 @@
 
 TRL's own ``GRPOTrainer._compute_loss`` runs on a minimal stand-in trainer (no model: the per-token logprobs and
 entropies are leaves handed back by a stubbed ``_get_per_token_logps_and_entropies``); pgzoo's objective comes from
-the same ``GRPOConfig`` through :func:`pgzoo.adapters.trl_config.objective_from_trl`, so the mapping the TRL adapter
+the same ``GRPOConfig`` through :func:`pgzoo.adapters.trl.config.objective_from_trl`, so the mapping the TRL adapter
 uses is what is checked. Single process, no gradient accumulation: TRL's per-micro-batch denominators are then this
 batch's own counts, which are pgzoo's defaults (``max_tokens`` = TRL's ``max_completion_length``).
 """
@@ -21,7 +21,7 @@ pytest.importorskip("trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import pgzoo  # noqa: E402
-from pgzoo.adapters.trl_config import apply_trl_settings, objective_from_trl, trl_options  # noqa: E402
+from pgzoo.adapters.trl.config import apply_trl_settings, objective_from_trl, trl_options  # noqa: E402
 from pgzoo.errors import ConfigError  # noqa: E402
 
 B, T, MAX_LEN = 6, 9, 12

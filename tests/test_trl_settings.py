@@ -12,7 +12,6 @@ import pytest
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("trl")
 
-import pgzoo  # noqa: E402
 
 datasets = pytest.importorskip("datasets")
 trl_adapter = pytest.importorskip("pgzoo.adapters.trl")

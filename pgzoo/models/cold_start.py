@@ -35,7 +35,6 @@ deterministic for a fixed thread count; a different thread count may change floa
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pgzoo.errors import ConfigError, require
+from pgzoo.version import __version__
 
 COLD_START_VERSION = 1
 
@@ -118,12 +118,11 @@ def cache_key(task_name: str, task_options: dict[str, Any], seed: int, config: S
     import torch
     import transformers
 
-    import pgzoo
     from pgzoo.models.tiny import moe_shape, tiny_moe_config
 
     payload = {
         "version": COLD_START_VERSION,
-        "pgzoo": pgzoo.__version__,
+        "pgzoo": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "task": task_name,
@@ -154,7 +153,7 @@ def _lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _encode_batch(tokenizer, problems, device, task=None):
+def encode_batch(tokenizer, problems, device, task=None):
     """Right-padded ``prompt + target + EOS`` ids with labels on the target and EOS only; the target is
     ``task.demonstration(problem)`` (a worked solution for tasks that have one), else the answer."""
     torch = require("torch", "hf")
@@ -211,14 +210,14 @@ def cold_start(task, seed: int = 0, config: SFTConfig | None = None, log=None):
 
 def _cold_start(task, seed, config, log):
     torch = require("torch", "hf")
-    from pgzoo.evaluate import evaluate
+    from pgzoo.models.evaluate import evaluate
     from pgzoo.models.tiny import build_tiny_moe, build_tokenizer, check_characters, moe_shape
 
     t_start = time.perf_counter()
     tokenizer = build_tokenizer()
     model = build_tiny_moe(vocab_size=len(tokenizer), seed=seed, **moe_shape(config.model))
     check_characters(task)  # whole data files; samples of generated tasks
-    val = _encode_batch(tokenizer, task.sample(config.eval_n, "train", seed=10_000_019 + seed), "cpu", task)
+    val = encode_batch(tokenizer, task.sample(config.eval_n, "train", seed=10_000_019 + seed), "cpu", task)
     history: list[dict[str, float]] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -230,7 +229,7 @@ def _cold_start(task, seed, config, log):
         while step < config.max_steps:
             # 1. a fresh batch of train-split problems (reproducible: seeded by (seed, step))
             problems = task.sample(config.batch_size, "train", seed=seed * 1_000_003 + step)
-            ids, mask, labels = _encode_batch(tokenizer, problems, "cpu", task)
+            ids, mask, labels = encode_batch(tokenizer, problems, "cpu", task)
             # 2. cross-entropy on answer + EOS tokens
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
@@ -323,39 +322,3 @@ def ensure_cold_start(task_name: str = "arithmetic", task_options: dict[str, Any
         card["cache_key"] = key
         save_pretrained(model, tokenizer, path, card=card)
     return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# pgzoo cold-start
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="arithmetic")
-    parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="task option, repeatable (e.g. --task-option max_digits=2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default=None, help="default: $PGZOO_CACHE or ~/.cache/pgzoo")
-    parser.add_argument("--sft-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="SFT option, repeatable (e.g. --sft-option lr=0.002); see SFTConfig")
-    parser.add_argument("--force", action="store_true", help="retrain even when the cache holds the checkpoint")
-    parser.add_argument("--quiet", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    from pgzoo.evaluate import _parse_option
-    from pgzoo.models.tiny import read_card
-
-    task_options = dict(_parse_option(o) for o in args.task_option)
-    sft_options = dict(_parse_option(o) for o in args.sft_option)
-    log = None if args.quiet else (lambda msg: print(msg, flush=True))
-    path = ensure_cold_start(args.task, task_options, seed=args.seed, cache_dir=args.cache_dir, force=args.force,
-                             log=log, **sft_options)
-    card = read_card(path) or {}
-    print(path)
-    if not args.quiet:
-        print(f"  steps {card.get('steps')}  seconds {card.get('seconds')}  held-out sampled (T=1) accuracy "
-              f"{card.get('test_sampled_accuracy')}  greedy {card.get('test_greedy_accuracy')}  "
-              f"in band {card.get('in_band')}")
-    return 0
-
-

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from pgzoo.errors import require
-from pgzoo.models.tiny import CHARACTERS, SPECIAL_TOKENS, _build
+from pgzoo.models.tiny import CHARACTERS, SPECIAL_TOKENS, build_from_config
 
 # Qwen3-30B-A3B's config.json, for the record of what is scaled (only the ratios are used below).
 QWEN3_30B_A3B: dict[str, Any] = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
@@ -64,4 +64,4 @@ def paper_moe_config(vocab_size: int | None = None, **overrides: Any):
 def build_paper_moe(vocab_size: int | None = None, seed: int = 0, **overrides: Any):
     """A freshly initialised paper-shaped ``Qwen3MoeForCausalLM`` (deterministic for ``seed``; the global RNG is left
     alone)."""
-    return _build(paper_moe_config(vocab_size, **overrides), seed)
+    return build_from_config(paper_moe_config(vocab_size, **overrides), seed)

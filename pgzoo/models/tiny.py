@@ -149,7 +149,7 @@ def tiny_dense_config(vocab_size: int | None = None, **overrides: Any):
     return transformers.Qwen3Config(**params)
 
 
-def _build(config, seed: int):
+def build_from_config(config, seed: int):
     torch = require("torch", "hf")
     transformers = require("transformers", "hf")
     with torch.random.fork_rng(devices=[]):
@@ -161,12 +161,12 @@ def _build(config, seed: int):
 def build_tiny_moe(vocab_size: int | None = None, seed: int = 0, shape: str | None = None, **overrides: Any):
     """A freshly initialised tiny ``Qwen3MoeForCausalLM`` (deterministic for ``seed``); ``shape`` names one of
     :data:`TINY_MOE_SHAPES` (e.g. ``"routed-32x4"``), ``overrides`` apply on top."""
-    return _build(tiny_moe_config(vocab_size, **{**moe_shape(shape), **overrides}), seed)
+    return build_from_config(tiny_moe_config(vocab_size, **{**moe_shape(shape), **overrides}), seed)
 
 
 def build_tiny_dense(vocab_size: int | None = None, seed: int = 0, **overrides: Any):
     """A freshly initialised tiny dense ``Qwen3ForCausalLM`` (deterministic for ``seed``)."""
-    return _build(tiny_dense_config(vocab_size, **overrides), seed)
+    return build_from_config(tiny_dense_config(vocab_size, **overrides), seed)
 
 
 def save_pretrained(model, tokenizer, path, card: dict | None = None) -> Path:

@@ -21,7 +21,7 @@ import torch
 
 from pgzoo.batch import TokenBatch
 from pgzoo.errors import BatchError, ConfigError
-from pgzoo.validate import check_bool, check_choice, check_int, check_number  # noqa: F401  (re-exported helpers)
+from pgzoo.validate import check_bool, check_choice, check_int, check_number
 
 AGGREGATIONS = ("seq-mean-token-sum", "seq-mean-token-mean", "token-mean", "constant", "token-sum", "seq-mean")
 
@@ -155,7 +155,7 @@ class Objective:
                               f"or False (loss only)")
         self.report_metrics = metrics
         if "correction" in overrides:
-            from pgzoo.correction import as_correction
+            from pgzoo.objectives.correction import as_correction
 
             overrides["correction"] = as_correction(overrides["correction"])
         self.config = self.Config(**overrides)
@@ -163,7 +163,7 @@ class Objective:
             self.name = name
         self._check_types()
         if default_advantage is not None:
-            from pgzoo.registry import advantages
+            from pgzoo.advantages import registry as advantages
 
             self.default_advantage = advantages.entry(default_advantage)[0]  # canonical; unknown: nearest names
         if paper is not None:
@@ -197,7 +197,7 @@ class Objective:
         only its values; ``X | None`` also None, and so does any field whose default is None. Other annotations (a Correction, a union of classes) are left to
         the objective. Ranges are the objective's: :meth:`_check_config` with :func:`check_number` and friends.
         """
-        hints = _field_types(type(self.config))
+        hints = field_types(type(self.config))
         for f in dataclasses.fields(self.config):
             value = getattr(self.config, f.name)
             if value is None and f.default is None:  # a field whose default is None takes None, however annotated
@@ -207,7 +207,7 @@ class Objective:
     def _check_config(self) -> None:
         """Validate hyperparameter values and ranges; subclasses raise ConfigError with the field and the fix,
         usually through the shared helpers ``check_number(f"{self.name}: key", value, low=..., high=...)``,
-        ``check_int``, ``check_bool`` and ``check_choice`` (pgzoo.validate, re-exported here)."""
+        ``check_int``, ``check_bool`` and ``check_choice`` (:mod:`pgzoo.validate`)."""
 
     def check_requires(self, batch: TokenBatch) -> None:
         for name in sorted(self.requires):
@@ -245,7 +245,7 @@ class Objective:
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
-def _field_types(config_cls: type) -> dict[str, Any]:
+def field_types(config_cls: type) -> dict[str, Any]:
     """The resolved annotations of a Config dataclass (cached; {} when a name cannot be resolved)."""
     if config_cls not in _HINTS:
         try:

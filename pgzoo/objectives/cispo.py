@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pgzoo.batch import TokenBatch
-from pgzoo.correction import Correction
-from pgzoo.diagnostics import clip_metrics, policy_metrics, weight_metrics
+from pgzoo.objectives.correction import Correction
+from pgzoo.objectives.diagnostics import clip_metrics, policy_metrics, weight_metrics
 from pgzoo.objectives.base import Objective, ObjectiveOutput, aggregate, check_aggregation, check_eps, log_bounds
 from pgzoo.objectives.grpo import ratio
 from pgzoo.objectives.shaping import (
@@ -35,7 +35,7 @@ from pgzoo.objectives.shaping import (
     importance_log_ratio,
     shaping_requires,
 )
-from pgzoo.registry import register
+from pgzoo.objectives.registry import register
 
 
 class CISPO(Objective):

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from pgzoo.batch import TokenBatch
-from pgzoo.correction import Correction
-from pgzoo.diagnostics import clip_metrics, masked_max, masked_mean, policy_metrics, weight_metrics
+from pgzoo.objectives.correction import Correction
+from pgzoo.objectives.diagnostics import clip_metrics, masked_max, masked_mean, policy_metrics, weight_metrics
 from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import (
     MAX_LOG_RATIO,
@@ -46,7 +46,7 @@ from pgzoo.objectives.base import (
     aggregate,
     check_aggregation,
 )
-from pgzoo.registry import register
+from pgzoo.objectives.registry import register
 
 _BKL_GUARD = 1e-8  # verl's guard inside the binary KL's log((1 − p_old)/(1 − p))
 

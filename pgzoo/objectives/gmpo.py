@@ -29,11 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pgzoo.batch import TokenBatch
-from pgzoo.correction import Correction
-from pgzoo.diagnostics import clip_metrics, masked_mean, policy_metrics
+from pgzoo.objectives.correction import Correction
+from pgzoo.objectives.diagnostics import clip_metrics, masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import MAX_LOG_RATIO, Objective, ObjectiveOutput, aggregate, ppo_clip_flags
-from pgzoo.registry import register
+from pgzoo.objectives.registry import register
 
 
 class GMPO(Objective):

@@ -24,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pgzoo.batch import TokenBatch
-from pgzoo.correction import Correction
-from pgzoo.diagnostics import policy_metrics
+from pgzoo.objectives.correction import Correction
+from pgzoo.objectives.diagnostics import policy_metrics
 from pgzoo.objectives.base import Objective, ObjectiveOutput, advantage_factor, aggregate, check_aggregation
-from pgzoo.registry import register
+from pgzoo.objectives.registry import register
 
 
 class GPG(Objective):

@@ -16,7 +16,7 @@ when β > 0; grpo, dr-grpo and dapo keep their papers' plain KL term.
 
 ∇_lp term = r·A where the surrogate is unclipped (not (A > 0 and r > 1+ε_high), not (A < 0 and r < 1−ε_low)), 0
 where it is clipped, minus β·(1 − exp(ref − lp)) for the KL term. An optional training–inference ``correction``
-(:mod:`pgzoo.correction`) multiplies the policy term by its stop-gradient weight (the KL term too only with
+(:mod:`pgzoo.objectives.correction`) multiplies the policy term by its stop-gradient weight (the KL term too only with
 ``correct_kl=True``). ``delta`` adds INTELLECT-2's two-sided clip (r capped at δ); the KL estimator, the entropy and
 off-policy masks and the entropy bonus are the options of :mod:`pgzoo.objectives.shaping`.
 
@@ -50,8 +50,8 @@ from dataclasses import dataclass
 import torch
 
 from pgzoo.batch import TokenBatch
-from pgzoo.correction import Correction
-from pgzoo.diagnostics import clip_metrics, masked_fraction, policy_metrics
+from pgzoo.objectives.correction import Correction
+from pgzoo.objectives.diagnostics import clip_metrics, masked_fraction, policy_metrics
 from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import (
     MAX_LOG_RATIO,
@@ -62,7 +62,6 @@ from pgzoo.objectives.base import (
     aggregate_row_sums,
     check_aggregation,
     check_eps,
-    check_number,
     log_bounds,
     ppo_clip_flags,
 )
@@ -74,7 +73,8 @@ from pgzoo.objectives.shaping import (
     importance_log_ratio,
     shaping_requires,
 )
-from pgzoo.registry import register
+from pgzoo.objectives.registry import register
+from pgzoo.validate import check_number
 
 
 def ratio(log_r: torch.Tensor) -> torch.Tensor:

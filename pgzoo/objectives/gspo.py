@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from pgzoo.batch import TokenBatch
-from pgzoo.correction import Correction
-from pgzoo.diagnostics import clip_metrics, masked_mean, policy_metrics
+from pgzoo.objectives.correction import Correction
+from pgzoo.objectives.diagnostics import clip_metrics, masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import (
     MAX_LOG_RATIO,
@@ -40,7 +40,7 @@ from pgzoo.objectives.base import (
     ppo_clip_flags,
 )
 from pgzoo.objectives.grpo import clipped_surrogate, ratio
-from pgzoo.registry import register
+from pgzoo.objectives.registry import register
 
 
 class GSPO(Objective):

@@ -30,18 +30,18 @@ from dataclasses import dataclass
 import torch
 
 from pgzoo.batch import TokenBatch
-from pgzoo.diagnostics import clip_metrics, policy_metrics, weight_metrics
+from pgzoo.objectives.diagnostics import clip_metrics, policy_metrics, weight_metrics
 from pgzoo.objectives.base import (
     Objective,
     ObjectiveOutput,
     aggregate,
     check_aggregation,
     check_eps,
-    check_number,
     log_bounds,
     ppo_clip_flags,
 )
-from pgzoo.registry import register
+from pgzoo.objectives.registry import register
+from pgzoo.validate import check_number
 
 
 _MAX_EXP = 40.0  # log-weights are clamped here before the exponential (the weight is capped at C anyway)

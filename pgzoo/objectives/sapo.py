@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from pgzoo.batch import TokenBatch
-from pgzoo.correction import Correction
-from pgzoo.diagnostics import masked_mean, policy_metrics
+from pgzoo.objectives.correction import Correction
+from pgzoo.objectives.diagnostics import masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import (
     ROW_SUM_MODES,
@@ -47,7 +47,7 @@ from pgzoo.objectives.shaping import (
     importance_log_ratio,
     shaping_requires,
 )
-from pgzoo.registry import register
+from pgzoo.objectives.registry import register
 
 
 class SAPO(Objective):

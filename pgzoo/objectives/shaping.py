@@ -3,7 +3,7 @@ SAPO, CISPO, VESPO): a KL penalty with a choice of estimator, the high-entropy t
 mask and an entropy bonus — the switches TRL's ``GRPOConfig`` and verl's actor config put around the policy loss.
 
 With p_it the objective's policy term (e.g. the clipped surrogate), c_it an optional training–inference correction
-weight (:mod:`pgzoo.correction`), and r_it the objective's importance ratio (token or sequence level)::
+weight (:mod:`pgzoo.objectives.correction`), and r_it the objective's importance ratio (token or sequence level)::
 
     term_it = E_it · O_it · c_it · p_it  −  β · KL_it · (r_it if bias_correction_kl) · (c_it if correct_kl)
     loss    = −aggregate(term)  −  entropy_coef · Σ_it m'·H_it / N'
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from pgzoo.batch import TokenBatch
-from pgzoo.diagnostics import masked_fraction, masked_mean
+from pgzoo.objectives.diagnostics import masked_fraction, masked_mean
 from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import MAX_LOG_RATIO
 from pgzoo.validate import check_number
@@ -202,7 +202,7 @@ class Shaper:
 
             raise BatchError("entropies", f"carry no gradient, so entropy_coef={c.entropy_coef} would change the "
                              "loss but not the update", "compute the entropies with gradient (TRL's forward does; "
-                             "pgzoo.logprobs returns them detached), or set entropy_coef=0")
+                             "pgzoo.models.logprobs returns them detached), or set entropy_coef=0")
         ent = batch.masked(batch.entropies)
         count = batch.token_count()
         count = count if isinstance(count, torch.Tensor) else torch.tensor(float(count), dtype=ent.dtype)

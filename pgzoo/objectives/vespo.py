@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from pgzoo.batch import TokenBatch
-from pgzoo.correction import Correction
-from pgzoo.diagnostics import masked_max, masked_mean, policy_metrics
+from pgzoo.objectives.correction import Correction
+from pgzoo.objectives.diagnostics import masked_max, masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import (
     MAX_LOG_RATIO,
@@ -44,7 +44,7 @@ from pgzoo.objectives.base import (
 )
 from pgzoo.objectives.grpo import ratio
 from pgzoo.objectives.shaping import Shaper, check_shaping, shaped, shaping_requires
-from pgzoo.registry import register
+from pgzoo.objectives.registry import register
 
 LOG_W_MIN = math.log(1e-8)  # TRL's lower clamp of log w
 

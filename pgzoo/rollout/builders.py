@@ -1,13 +1,13 @@
 """The rollout-engine registry's built-in entries: how a recipe's ``rollout`` section becomes an engine.
 
 A builder is ``build(rollout, model_path, *, seed, return_routes, world_size) -> engine``: ``rollout`` is the
-recipe's :class:`~pgzoo.recipes.RolloutSection` (engine, dtype, fp8, gpu_memory_utilization, max_model_len, ...),
+recipe's :class:`~pgzoo.recipes.sections.RolloutSection` (engine, dtype, fp8, gpu_memory_utilization, max_model_len, ...),
 ``model_path`` the Hugging Face checkpoint folder to load, ``seed`` the run's seed, ``return_routes`` whether the
 run replays the engine's routes (R3) and ``world_size`` the number of training ranks, each of which builds its own
 engine (the engines may be built before the process group exists). A new engine is one module with its class and one
 line::
 
-    @pgzoo.registry.engines.register("my-engine")
+    @pgzoo.rollout.builders.engines.register("my-engine")
     def build(rollout, model_path, *, seed, return_routes, world_size=1):
         return MyEngine(str(model_path), dtype=rollout.dtype)
 
@@ -21,7 +21,10 @@ import json
 import os
 from pathlib import Path
 
-from pgzoo.registry import engines
+from pgzoo.registry import Registry
+
+engines = Registry("rollout engine", "pgzoo.engines",
+                   describe="a function build(rollout, model_path, *, seed, return_routes, world_size) -> engine")
 
 # Room a vLLM engine keeps for the prompt when rollout.max_model_len is not given.
 PROMPT_HEADROOM = 128

@@ -35,9 +35,9 @@ def _is_fsdp(module: torch.nn.Module) -> bool:
 
 def _root_forward_logprobs(module, ro) -> torch.Tensor:
     """Completion logprobs through the model's own forward. Under FSDP2 the root's forward hook gathers the root's
-    parameters (embeddings, final norm, head); pgzoo.logprobs calls the decoder and head directly, which would see
+    parameters (embeddings, final norm, head); pgzoo.models.logprobs calls the decoder and head directly, which would see
     shards. One full-vocabulary forward of a short probe (collective: every rank runs the check)."""
-    from pgzoo.logprobs import naive_logprobs_and_entropy, position_ids_from_mask
+    from pgzoo.models.logprobs import naive_logprobs_and_entropy, position_ids_from_mask
 
     am = ro.attention_mask
     try:
@@ -66,7 +66,7 @@ def check_sync(engine, model: torch.nn.Module, prompts: list[list[int]], *, max_
     Raises:
         EngineError: when ``tolerance`` is given and the mean |Δ log p| exceeds it (or is not finite).
     """
-    from pgzoo.logprobs import completion_logprobs
+    from pgzoo.models.logprobs import completion_logprobs
 
     if not prompts:
         raise EngineError("check_sync needs at least one probe prompt")

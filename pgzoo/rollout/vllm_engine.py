@@ -41,10 +41,8 @@ import torch
 from pgzoo.errors import ConfigError, EngineError
 from pgzoo.rollout.base import Rollouts, assemble, check_generate_args, prompt_seeds
 from pgzoo.rollout.vllm_cpu_moe import EXPERT_NAME, CPUExperts, cpu_moe_targets
-# import_vllm, checkpoint_state_dict: re-exported (older import path)
-from pgzoo.rollout.vllm_support import (checkpoint_shapes, checkpoint_state_dict, cpu_kv_bytes,  # noqa: F401
-                                        import_vllm, keep_default_process_group, quiet_reload_warnings, routes_of,
-                                        tensor_parallel_group)
+from pgzoo.rollout.vllm_support import (checkpoint_shapes, cpu_kv_bytes, import_vllm,
+                                        keep_default_process_group, quiet_reload_warnings, tensor_parallel_group)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -395,3 +393,16 @@ class VLLMEngine:
     def __repr__(self) -> str:
         return (f"VLLMEngine({str(self.model_path)!r}, dtype={self.dtype!r}, max_model_len={self.max_model_len}, "
                 f"supports_routes={self.supports_routes})")
+
+
+def routes_of(comp, out, length: int) -> torch.Tensor:
+    """The ``routed_experts`` [seq_len, layers, top_k] vLLM returned for one completion, cut to ``length``."""
+    routed = getattr(comp, "routed_experts", None)
+    if routed is None:
+        routed = getattr(out, "routed_experts", None)
+    if routed is None:
+        raise EngineError("vLLM returned no routed_experts although enable_return_routed_experts=True")
+    routed = torch.as_tensor(routed).long()  # [seq_len, layers, top_k]; seq_len <= prompt + completion
+    if routed.dim() != 3:
+        raise EngineError(f"vLLM routed_experts has shape {tuple(routed.shape)}, expected [seq_len, layers, top_k]")
+    return routed[:length]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pgzoo.errors import ConfigError, DependencyError, EngineError
+from pgzoo.errors import ConfigError, DependencyError
 
 # Sequences a CPU engine sizes its KV cache for when kv_cache_memory_bytes is not given (x max_model_len tokens).
 CPU_KV_SEQUENCES = 256
@@ -131,16 +131,3 @@ def cpu_kv_bytes(config: dict, dtype: str, max_model_len: int, share: float) -> 
     except (ValueError, OSError, AttributeError):
         pass
     return max(want, per_token * max_model_len * 4, 16 << 20)
-
-
-def routes_of(comp, out, length: int) -> torch.Tensor:
-    """The ``routed_experts`` [seq_len, layers, top_k] vLLM returned for one completion, cut to ``length``."""
-    routed = getattr(comp, "routed_experts", None)
-    if routed is None:
-        routed = getattr(out, "routed_experts", None)
-    if routed is None:
-        raise EngineError("vLLM returned no routed_experts although enable_return_routed_experts=True")
-    routed = torch.as_tensor(routed).long()  # [seq_len, layers, top_k]; seq_len <= prompt + completion
-    if routed.dim() != 3:
-        raise EngineError(f"vLLM routed_experts has shape {tuple(routed.shape)}, expected [seq_len, layers, top_k]")
-    return routed[:length]

@@ -11,10 +11,7 @@ responses) and ``math`` (a user's JSONL file). Register your own with
 """
 
 from pgzoo.tasks.base import Problem, Task, available, get, register, split_of, unregister
-from pgzoo.tasks import arithmetic as _arithmetic  # noqa: F401  (registers "arithmetic")
-from pgzoo.tasks import math as _math  # noqa: F401  (registers "math")
-from pgzoo.tasks import scratchpad as _scratchpad  # noqa: F401  (registers "scratchpad")
-from pgzoo.tasks.arithmetic import ArithmeticTask
+from pgzoo.tasks.arithmetic import ArithmeticTask  # importing a task's module registers it
 from pgzoo.tasks.math import MathTask
 from pgzoo.tasks.scratchpad import ScratchpadAdditionTask
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pgzoo.errors import ConfigError
+from pgzoo.registry import Registry
 
 SPLITS = ("train", "test")
 
@@ -134,32 +135,36 @@ class Task:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# registry: the generic pgzoo.registry.Registry instance for tasks (entry-point group ``pgzoo.tasks``)
+# the task registry (entry-point group ``pgzoo.tasks``)
 
-from pgzoo.registry import tasks as _registry  # noqa: E402  (Task must exist before the registry's type check)
+def _is_task(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, Task)
 
-_TASKS = _registry.entries  # name -> Task subclass (the registry's own dict)
+
+registry = Registry("task", "pgzoo.tasks", builtins="pgzoo.tasks", accepts=_is_task,
+                    describe="a pgzoo.tasks.Task subclass")
+_TASKS = registry.entries  # name -> Task subclass (the registry's own dict)
 
 
 def canonical(name: str) -> str:
-    return _registry.canonical(name)
+    return registry.canonical(name)
 
 
 def register(name: str | type | None = None, *, override: bool = False):
     """Register a :class:`Task` subclass under ``name`` (decorator). A duplicate name raises unless ``override``."""
     if isinstance(name, type):
-        return _registry.register(None, name, override=override)
-    return _registry.register(name, override=override)
+        return registry.register(None, name, override=override)
+    return registry.register(name, override=override)
 
 
 def unregister(name: str) -> None:
     """Remove a registered task (mainly for tests)."""
-    _registry.unregister(name)
+    registry.unregister(name)
 
 
 def get(name: str, **options: Any) -> Task:
     """Build the task registered as ``name`` with ``options`` (validated by the task; unknown keys raise)."""
-    key, cls, defaults = _registry.entry(name)
+    key, cls, defaults = registry.entry(name)
     import inspect
 
     params = inspect.signature(cls.__init__).parameters
@@ -174,4 +179,4 @@ def get(name: str, **options: Any) -> Task:
 
 def available(pattern: str = "*") -> list[str]:
     """Sorted registered task names matching a shell-style wildcard."""
-    return _registry.available(pattern)
+    return registry.available(pattern)

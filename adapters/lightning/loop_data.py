@@ -1,0 +1,151 @@
+"""The loop's data: one step's rollout rows on a rank, host copies of their lengths, the metrics accumulator, and the
+dataset of global step indices (see :mod:`pgzoo.adapters.lightning.module`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from pgzoo.adapters.lightning.distributed import all_reduce_sum, world
+
+
+@dataclass
+class RolloutBatch:
+    """One step's data on this rank, rows prompt-major (the G rows of a prompt contiguous)."""
+
+    prompt_ids: torch.Tensor        # [n, P] left-padded
+    prompt_mask: torch.Tensor       # [n, P]
+    completion_ids: torch.Tensor    # [n, T] right-padded
+    completion_mask: torch.Tensor   # [n, T] bool
+    rollout_logprobs: torch.Tensor  # [n, T] μ (0 at padding)
+    advantages: torch.Tensor        # [n]
+    rewards: torch.Tensor           # [n]
+    truncated: torch.Tensor         # [n] bool
+    routes: torch.Tensor | None = None      # [n, P+T, L, k] routes to replay (R3: rollout's; R2: θold's)
+    old_logprobs: torch.Tensor | None = None  # [n, T] π_θold (training engine)
+
+    def rows(self, idx: slice) -> "RolloutBatch":
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return RolloutBatch(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device) -> "RolloutBatch":
+        """All tensors on ``device`` (one transfer each, non-blocking from pinned memory when possible)."""
+        move = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
+        return RolloutBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+
+@dataclass
+class Lengths:
+    """Host copies (one transfer per step) of what slicing needs: first real prompt column and completion length."""
+
+    first: list[int]
+    length: list[int]
+
+    def trim(self, rows: slice, P: int) -> tuple[slice, slice]:
+        first = min(self.first[rows], default=P)
+        last = max(max(self.length[rows], default=1), 1)
+        return slice(first if first < P else 0, P), slice(0, last)
+
+    def tokens(self, rows: slice) -> int:
+        return sum(self.length[rows])
+
+
+def lengths_of(data: RolloutBatch) -> Lengths:
+    P = data.prompt_mask.shape[1]
+    first = torch.where(data.prompt_mask.any(-1), data.prompt_mask.float().argmax(-1), torch.full_like(
+        data.prompt_mask[:, 0], P, dtype=torch.long))
+    both = torch.stack([first.long(), data.completion_mask.long().sum(-1)]).cpu()  # host sync: one per step
+    return Lengths(both[0].tolist(), both[1].tolist())
+
+
+def _all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+    return x
+
+
+def unsharded(x: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a possibly-DTensor value (FSDP2 gradient norms are DTensors)."""
+    full = getattr(x, "full_tensor", None)
+    return full() if full is not None else x
+
+
+class Accumulator:
+    """Token-weighted means over micro-batches, kept on the device (max/min kept as max/min; non-finite values
+    skipped); one host transfer in :meth:`result`."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+        self.kind: dict[str, str] = {}
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def add(self, metrics: dict, w: float) -> None:
+        for k, v in metrics.items():
+            v = torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, device=self.device).float().mean()
+            ok = torch.isfinite(v)
+            self.seen[k] = self.seen.get(k, 0.0) + ok.float()
+            kind = self.kind.setdefault(k, "max" if (k.endswith("max") or "_max" in k) else
+                                        "min" if (k.endswith("min") or "_min" in k) else "mean")
+            if kind == "mean":
+                self.sums[k] = self.sums.get(k, 0.0) + torch.where(ok, v * w, 0.0)
+                self.weights[k] = self.weights.get(k, 0.0) + torch.where(ok, w, 0.0)
+            else:
+                fill = -math.inf if kind == "max" else math.inf
+                pick = torch.maximum if kind == "max" else torch.minimum
+                self.sums[k] = pick(self.sums.get(k, torch.tensor(fill, device=self.device)),
+                                    torch.where(ok, v, fill))
+                self.weights[k] = self.weights.get(k, 0.0) + ok.float()  # unused for max/min
+
+    def result(self, strategy=None) -> dict[str, float]:
+        """The metrics over every micro-batch of every rank (sums and weights summed over ranks, max/min
+        reduced as max/min), so a row is the one a single process would log."""
+        keys = list(self.sums)
+        if not keys:
+            return {}
+        col = lambda d: torch.stack([torch.as_tensor(d[k], device=self.device).float() for k in keys])  # noqa: E731
+        both = torch.stack([col(self.sums), col(self.weights), col(self.seen)])
+        if world()[0] > 1:
+            sign = torch.tensor([1.0 if self.kind[k] == "max" else -1.0 if self.kind[k] == "min" else 0.0
+                                 for k in keys], device=self.device)
+            extreme = torch.where(sign != 0, both[0] * sign, -math.inf)  # min = -max(-x)
+            both = all_reduce_sum(both.clone(), strategy)
+            extreme = _all_reduce_max(extreme)
+            both[0] = torch.where(sign != 0, extreme * sign, both[0])
+        both = both.cpu().tolist()
+        out = {}
+        for k, s, w, seen in zip(keys, *both):
+            if seen <= 0:
+                continue  # never finite: left out
+            out[k] = s / max(w, 1e-12) if self.kind[k] == "mean" else s
+        return out
+
+
+def attention_of(mb: RolloutBatch) -> torch.Tensor:
+    return torch.cat([mb.prompt_mask, mb.completion_mask], 1)
+
+
+def strip_padding(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    return [row[m].tolist() for row, m in zip(ids, mask.bool())]
+
+
+# ---------------------------------------------------------------------- data
+class StepDataset(torch.utils.data.Dataset):
+    """The global step indices ``start .. steps-1``: each item is one training_step (prompts are drawn from the
+    task inside the step with a per-step seed, so resuming at any step reproduces the same prompts)."""
+
+    def __init__(self, start: int, steps: int):
+        self.start, self.steps = start, steps
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start, 0)
+
+    def __getitem__(self, i: int) -> int:
+        return self.start + i
+
+
+def step_loader(start: int, steps: int):
+    return torch.utils.data.DataLoader(StepDataset(start, steps), batch_size=None, shuffle=False,
+                                       collate_fn=lambda x: x)

@@ -1,0 +1,392 @@
+"""A GRPO-style RL loop as a LightningModule (manual optimisation): the paper's synchronous loop, one screen long.
+
+Runbook. Each global step (one ``training_step``):
+
+    1. rollout      this rank's share of B prompts x G completions from the rollout engine, with μ logprobs;
+                    moved once onto the module's device
+    2. rewards      the task's verifiable reward per completion
+    3. advantages   the objective's default estimator (or the recipe's), group-relative over the G completions
+    4. old logprobs π_θold in the training engine, only off-policy (N > 1) or for R2 (routes recorded there)
+    5. updates      N mini-batches, one optimizer step each, R2/R3 routes replayed; normalisers are GLOBAL
+                    (every rank and micro-batch of the mini-batch, summed through the strategy), so DDP/FSDP and
+                    accumulation give the single-process gradient
+    6. sync         the new weights into the rollout engine (:meth:`RLModule.sync_engine`)
+    7. log          one metrics row per step (Lightning loggers); checkpoints by :class:`HFCheckpoint`; a diverged
+                    step (non-finite loss or gradient norm, entropy collapse) stops the run (pgzoo.adapters.lightning.guards)
+
+    module = RLModule(policy, tokenizer, pgzoo.get("minirl"), pgzoo.tasks.get("arithmetic"), engine, recipe)
+    trainer = lightning.Trainer(max_epochs=1, ..., callbacks=[HFCheckpoint(run_dir, every=10)])
+    trainer.fit(module, train_dataloaders=step_loader(start=0, steps=40))
+
+The loop reads the recipe's typed sections (``recipe.rollout``, ``recipe.train``, ``recipe.objective``,
+``recipe.seed``; :mod:`pgzoo.recipes`). ``pgzoo train RECIPE`` (:mod:`pgzoo.adapters.lightning.run`) builds all of this; data
+parallelism is Lightning's (``train.strategy``, :mod:`pgzoo.adapters.lightning.distributed`). Without a Trainer attached the same
+:meth:`RLModule.update` runs stand-alone in one process.
+
+Host syncs of a step (documented; none per micro-batch beyond these): the engine's CPU output and the decoded texts
+(rollout, rewards), one transfer of the rows' lengths (trimming and token weights), one of the global normalisers of
+all N mini-batches, the objective's finite-value check of each micro-batch (``TokenBatch.check_values``), and the
+metrics row at the end of the step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from pgzoo import advantages as advantage_estimators
+from pgzoo.adapters.lightning.distributed import all_reduce_sum, is_sharded, shard_policy, world
+from pgzoo.adapters.lightning.guards import check_step
+from pgzoo.adapters.lightning.loop_data import (
+    Accumulator,
+    Lengths,
+    RolloutBatch,
+    attention_of,
+    lengths_of,
+    strip_padding,
+    unsharded,
+)
+from pgzoo.batch import TokenBatch
+from pgzoo.errors import EngineError, PgzooError, RoutingError, require
+from pgzoo.objectives.diagnostics import entropy_metrics
+from pgzoo.models.logprobs import completion_logprobs
+from pgzoo.rollout.base import mix_seed
+from pgzoo.rollout.sync import sync_weights
+from pgzoo.rollout.sync_check import check_sync
+
+L = require("lightning", "lightning")
+
+
+class RLModule(L.LightningModule):
+    """Policy-gradient RL on a Hugging Face causal LM with a pgzoo objective (see the module docstring).
+
+    ``recipe`` is a :class:`pgzoo.recipes.Recipe` (None: the defaults); the loop reads its ``rollout``, ``train`` and
+    ``objective`` sections and ``seed``.
+    """
+
+    def __init__(self, policy, tokenizer, objective, task, engine, recipe=None, ref_policy=None):
+        super().__init__()
+        if recipe is None:
+            from pgzoo.recipes import Recipe
+
+            recipe = Recipe()
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.objective = objective
+        self.task = task
+        self.engine = engine
+        self.recipe = recipe
+        self.ref_policy = ref_policy
+        self.automatic_optimization = False
+        self.advantage_name = recipe.objective.advantage or objective.default_advantage
+        self.history: list[dict[str, float]] = []  # one metrics row per step (also sent to the loggers)
+        self.last_step = -1
+        from pgzoo.adapters.lightning.lora import base_model
+
+        self.architecture = type(base_model(policy)).__name__  # before FSDP2 renames it (FSDP<Name>); PEFT's base
+        from pgzoo.routing import RoutingReplay
+
+        self.replay = RoutingReplay(recipe.train.routing_replay)
+
+    @property
+    def ro(self):
+        return self.recipe.rollout
+
+    @property
+    def tr(self):
+        return self.recipe.train
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        return self.recipe.needs_old_logprobs
+
+    # ------------------------------------------------------------------ parallelism and optimisation setup
+    def configure_model(self) -> None:
+        """FSDP2 (train.strategy=fsdp): shard the policy (and the frozen reference) per decoder layer and at the root
+        over the strategy's data-parallel mesh. Called by Lightning's ModelParallelStrategy before the optimizer."""
+        if self.recipe.strategy != "fsdp" or is_sharded(self.policy):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        kw = dict(activation_checkpointing=self.tr.activation_checkpointing, mixed_precision=self.tr.mixed_precision)
+        shard_policy(self.policy, mesh, **kw)
+        if self.ref_policy is not None:
+            shard_policy(self.ref_policy, mesh, mixed_precision=self.tr.mixed_precision)
+
+    def configure_optimizers(self):
+        from pgzoo.adapters.lightning.lora import trainable_parameters  # LoRA: the adapters (+ modules_to_save) only
+
+        t = self.tr
+        opt = torch.optim.AdamW(trainable_parameters(self.policy), lr=t.lr, weight_decay=t.weight_decay,
+                                betas=tuple(t.betas))
+        warm = t.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        return [opt], [sched]
+
+    def _opt_and_sched(self):
+        if self._trainer is not None:
+            return self.optimizers(), self.lr_schedulers()
+        if not hasattr(self, "_standalone"):
+            (opt,), (sched,) = self.configure_optimizers()
+            self._standalone = (opt, sched)
+        return self._standalone
+
+    def _strategy(self):
+        return self._trainer.strategy if self._trainer is not None else None
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self._trainer is None:
+            loss.backward()
+            return
+        # DDP and FSDP average gradients over the W ranks; the loss already carries the GLOBAL normalisers, so the
+        # single-process gradient is the SUM over ranks: scale by W (exact in floating point for W a power of 2)
+        self.manual_backward(loss * world()[0] if world()[0] > 1 else loss)
+
+    # ------------------------------------------------------------------ the loop
+    def training_step(self, batch, batch_idx):
+        step = int(batch)
+        n_ranks, rank = world()
+        t0 = time.perf_counter()
+        # 1. rollout: this rank's share of the B prompts, G completions each (host sync: the engine returns CPU ids)
+        problems = self.task.sample(self.ro.prompts_per_step, split="train", seed=self.step_seed(step))
+        problems, indices = problems[rank::n_ranks], range(rank, len(problems), n_ranks)
+        ro = self.rollout(problems, step, seeds=[self.prompt_seed(step, i) for i in indices])
+        t1 = time.perf_counter()
+        # 2. rewards: the task's verifiable reward of each decoded completion
+        texts = self.tokenizer.batch_decode(strip_padding(ro.completion_ids, ro.completion_mask), skip_special_tokens=True)
+        rewards = torch.tensor([self._reward(t, problems[i // self.ro.group_size], step)
+                                for i, t in enumerate(texts)], dtype=torch.float32)
+        # 3. advantages: group-relative (groups never straddle ranks: prompts are sharded whole)
+        adv = advantage_estimators.compute(self.advantage_name, rewards, group_size=self.ro.group_size,
+                                  lengths=ro.completion_mask.sum(-1))  # OPO's baseline, REINFORCE++'s token weights
+        data = RolloutBatch(ro.prompt_ids, ro.prompt_mask.bool(), ro.completion_ids, ro.completion_mask.bool(),
+                            ro.logprobs.float(), adv, rewards, ro.truncated.bool(),
+                            routes=ro.routes if self.tr.routing_replay == "R3" else None).to(self.device)
+        if self.tr.routing_replay == "R3" and data.routes is None:
+            raise RoutingError("routing_replay=R3 but the rollout engine returned no routes; use an engine with "
+                               "supports_routes (rollout.engine=transformers on CPU) or R2")
+        # 4-5. old logprobs (when needed; R2 records routes there) and the N mini-batch updates (R2/R3 replay)
+        metrics = self.update(data)
+        t2 = time.perf_counter()
+        # 6. sync: the updated weights into the rollout engine
+        self.sync_engine(step)
+        if self.ro.verify_sync is not None:
+            metrics.update(self._verify_sync(data, step))
+        t3 = time.perf_counter()
+        # 7. log: one row per global step
+        metrics.update(self._rollout_metrics(data))
+        tokens = metrics.pop("_tokens")
+        metrics.update({"time/rollout": t1 - t0, "time/old_logprobs": metrics.pop("_t_old", 0.0),
+                        "time/update": metrics.pop("_t_upd", t2 - t1), "time/sync": t3 - t2,
+                        "time/step": t3 - t0, "throughput/tokens_per_s": tokens / max(t3 - t0, 1e-9)})
+        self.log_row(step, metrics)
+        check_step(self.history[-1], self.tr.stop_on, step, getattr(self.policy.config, "vocab_size", None))
+        self.last_step = step
+        bar = {"reward": metrics["reward/mean"], "len": metrics["response/length_mean"]}
+        if self._trainer is not None:
+            self.log_dict(bar, prog_bar=True, on_step=True, logger=False, batch_size=1, rank_zero_only=True)
+        return None
+
+    def sync_engine(self, step: int) -> None:
+        """Step 6: the policy's weights into this rank's rollout engine, in place: streamed parameter by parameter in
+        buckets of ``rollout.sync_bucket_mb`` (:func:`pgzoo.rollout.sync.sync_weights`; a sharded policy is gathered
+        one parameter at a time on every rank, never as a whole state dict). An engine with only the protocol's
+        ``load_weights(model)`` gets the (unsharded) policy itself."""
+        try:
+            if hasattr(self.engine, "load_weight_buckets"):
+                sync_weights(self.policy, self.engine, bucket_mb=self.ro.sync_bucket_mb)
+            elif is_sharded(self.policy):
+                raise EngineError(f"rollout engine {type(self.engine).__name__} has only load_weights(model); a sharded "
+                                  "(train.strategy=fsdp) policy syncs through load_weight_buckets(buckets) "
+                                  "(pgzoo.rollout.sync); use a pgzoo engine or add that method")
+            else:
+                self.engine.load_weights(self.policy)
+        except PgzooError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"rollout engine {type(self.engine).__name__} failed to load the weights of step "
+                              f"{step}: {type(exc).__name__}: {exc}") from exc
+
+    def _verify_sync(self, data: RolloutBatch, step: int) -> dict[str, float]:
+        """Parity of the freshly synced engine with the policy on a probe: the step's first prompts (up to 4), 8
+        tokens each at temperature 1. Raises EngineError above ``verify_sync`` (see pgzoo.rollout.sync_check)."""
+        G = self.ro.group_size
+        probe = [data.prompt_ids[i][data.prompt_mask[i]].tolist() for i in range(0, min(len(data.prompt_ids), 4 * G),
+                                                                                   G)]
+        try:
+            with torch.no_grad():
+                result = check_sync(self.engine, self.policy, probe, max_new_tokens=min(8, self.ro.max_new_tokens),
+                                    seed=self.step_seed(step) + 1, tolerance=self.ro.verify_sync)
+        except EngineError as exc:
+            raise EngineError(f"step {step}: {exc}") from exc
+        return {"sync/logprob_abs_diff_mean": result.mean_abs_diff, "sync/logprob_abs_diff_max": result.max_abs_diff}
+
+    def step_seed(self, step: int) -> int:
+        """The seed of step ``step`` (prompts and sampling): a function of the recipe seed and the step only, so a
+        resumed run draws exactly what the uninterrupted run drew."""
+        return (self.recipe.seed * 1_000_003 + step * 7_919) % (2**31 - 1)
+
+    def prompt_seed(self, step: int, index: int) -> int:
+        """The seed of prompt ``index`` of the step's B (completion j: + j): the same on whichever rank samples it, so
+        W ranks draw the rows one process would. Hashed: seeds of other prompts and steps lie far apart."""
+        return mix_seed(self.step_seed(step), index)
+
+    def rollout(self, problems, step: int, seeds: list[int]):
+        enc = self.tokenizer([p.prompt for p in problems], add_special_tokens=False)
+        prompts = [list(ids) for ids in enc["input_ids"]]
+        try:
+            return self.engine.generate(prompts, n=self.ro.group_size, max_new_tokens=self.ro.max_new_tokens,
+                                        temperature=self.ro.temperature, top_p=self.ro.top_p,
+                                        seed=seeds,
+                                        return_routes=self.tr.routing_replay == "R3")
+        except PgzooError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"rollout engine {type(self.engine).__name__} failed at step {step}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+    def _reward(self, text: str, problem, step: int) -> float:
+        try:
+            value = float(self.task.reward(text, problem))
+        except Exception as exc:
+            raise PgzooError(f"the reward function of task {getattr(self.task, 'name', self.task)!r} raised "
+                             f"{type(exc).__name__}: {exc} at step {step} on the sample prompt={problem.prompt!r} "
+                             f"completion={text!r} answer={problem.answer!r}") from exc
+        if not math.isfinite(value):
+            raise PgzooError(f"the reward function of task {getattr(self.task, 'name', self.task)!r} returned "
+                             f"{value} at step {step} on prompt={problem.prompt!r} completion={text!r}")
+        return value
+
+    # ------------------------------------------------------------------ updates
+    def forward_logprobs(self, mb: RolloutBatch, trim: tuple[slice, slice] | None = None, policy=None):
+        """Per-token logprobs/entropy ``[n, T]`` of a micro-batch's completions under ``policy`` (default: the
+        policy). ``trim`` = (prompt columns, completion columns) to keep: all-padding columns dropped first (not
+        under routing replay: stored routes cover the full padded positions); padding comes back as zeros."""
+        model = self.policy if policy is None else policy
+        n, T = mb.completion_ids.shape
+        kw = dict(temperature=self.ro.temperature, chunk_size=self.tr.logprob_chunk_size,
+                  with_entropy=policy is None)
+        if trim is None:
+            out = completion_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
+                                      **kw)
+            return out.logprobs, out.entropy
+        ps, cs = trim
+        out = completion_logprobs(model, mb.prompt_ids[:, ps], mb.prompt_mask[:, ps], mb.completion_ids[:, cs],
+                                  mb.completion_mask[:, cs], **kw)
+        if cs.stop == T:
+            return out.logprobs, out.entropy
+        pad = out.logprobs.new_zeros(n, T - cs.stop)  # on the logprobs' device and dtype
+        ent = None if out.entropy is None else torch.cat([out.entropy, pad], 1)
+        return torch.cat([out.logprobs, pad], 1), ent
+
+    def _micro_slices(self, n: int) -> list[slice]:
+        size = self.tr.micro_batch_size or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def _trim(self, lengths: Lengths, rows: slice, P: int) -> tuple[slice, slice] | None:
+        return lengths.trim(rows, P) if self.replay.mode is None else None
+
+    @torch.no_grad()
+    def compute_old_logprobs(self, data: RolloutBatch, lengths: Lengths | None = None) -> None:
+        """π_θold of every row in the training engine (R2: routes recorded here; R3: rollout routes replayed)."""
+        lengths = lengths or lengths_of(data)
+        olds = []
+        for sl in self._micro_slices(data.prompt_ids.shape[0]):
+            mb = data.rows(sl)
+            with self.replay.old_pass(self.policy, rows=sl, mask=attention_of(mb)):
+                lp, _ = self.forward_logprobs(mb, self._trim(lengths, sl, data.prompt_ids.shape[1]))
+            olds.append(lp)
+        data.old_logprobs = torch.cat(olds)
+
+    def update(self, data: RolloutBatch) -> dict[str, float]:
+        """Steps 4-5: old logprobs when needed, then N optimizer steps over N contiguous mini-batches.
+
+        Normalisers of each mini-batch (sequences with >= 1 token, unmasked tokens) are summed over all ranks
+        (through the strategy) before the first micro-batch, so Σ_ranks Σ_micro ∇loss_micro = ∇(loss of the whole
+        mini-batch); DDP/FSDP average over ranks, hence the factor W in :meth:`_backward`.
+        """
+        t = self.tr
+        opt, sched = self._opt_and_sched()
+        t0 = time.perf_counter()
+        self.policy.train()
+        self.replay.start_batch(data.routes)
+        lengths = lengths_of(data)
+        if self.needs_old_logprobs:
+            self.compute_old_logprobs(data, lengths)
+        t1 = time.perf_counter()
+        n_rows, P = data.prompt_ids.shape
+        if n_rows % t.num_minibatches:
+            raise PgzooError(f"num_minibatches={t.num_minibatches} does not divide the {n_rows} rows on this rank")
+        mb_rows = n_rows // t.num_minibatches
+        # the global normalisers of all N mini-batches in one reduction (host sync: one per step)
+        per_mb = data.completion_mask.reshape(t.num_minibatches, mb_rows, -1)
+        counts = torch.stack([per_mb.any(-1).sum(-1), per_mb.sum((-1, -2))], -1).float()
+        counts = all_reduce_sum(counts, self._strategy()).clamp_min(1.0).tolist()
+        acc = Accumulator(data.completion_mask.device)
+        for n in range(t.num_minibatches):
+            lo = n * mb_rows
+            mini = data.rows(slice(lo, lo + mb_rows))
+            num_seq, num_tok = counts[n]
+            opt.zero_grad(set_to_none=True)
+            for sl in self._micro_slices(mb_rows):
+                mb = mini.rows(sl)
+                rows = slice(lo + sl.start, lo + sl.stop)
+                w = lengths.tokens(rows)
+                with self.replay.update_pass(self.policy, rows=rows, mask=attention_of(mb)):
+                    lp, ent = self.forward_logprobs(mb, self._trim(lengths, rows, P))
+                    batch = TokenBatch(
+                        logprobs=lp, mask=mb.completion_mask, advantages=mb.advantages,
+                        old_logprobs=mb.old_logprobs,
+                        rollout_logprobs=mb.rollout_logprobs if self.ro.logprobs == "engine" else None,
+                        ref_logprobs=self._ref_logprobs(mb, lengths, rows) if self.ref_policy is not None else None,
+                        num_sequences=num_seq, num_tokens=num_tok, max_tokens=self.ro.max_new_tokens,
+                        check_values=w > 0,
+                        entropies=ent if "entropies" in self.objective.requires else None)
+                    out = self.objective(batch)
+                    self._backward(out.loss)  # inside the replay context: any recomputation replays too
+                acc.add(out.metrics, w)
+                acc.add({**entropy_metrics(ent, mb.completion_mask),
+                         "loss": out.loss.detach() * num_tok / max(w, 1.0)}, w)
+            params = [p for p in self.policy.parameters() if p.grad is not None]
+            if t.grad_clip is not None:
+                gn = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            else:
+                gn = torch.nn.utils.get_total_norm([p.grad for p in params])
+            acc.add({"grad_norm": unsharded(gn)}, 1.0)
+            opt.step()
+            sched.step()
+        t2 = time.perf_counter()
+        self.policy.eval()
+        metrics = acc.result(self._strategy())  # host sync: the step's metrics, over all ranks
+        metrics["lr"] = float(sched.get_last_lr()[0])
+        metrics.update({k: float(v) for k, v in self.replay.metrics().items()})
+        if t.routing_replay is not None and metrics.get("routing/layers_hit", 0.0) <= 0:
+            raise RoutingError(f"routing replay {t.routing_replay} was asked for but forced no MoE layer this step")
+        metrics["_t_old"], metrics["_t_upd"] = t1 - t0, t2 - t1
+        return metrics
+
+    @torch.no_grad()
+    def _ref_logprobs(self, mb: RolloutBatch, lengths: Lengths, rows: slice) -> torch.Tensor:
+        lp, _ = self.forward_logprobs(mb, lengths.trim(rows, mb.prompt_ids.shape[1]), policy=self.ref_policy)
+        return lp
+
+    # ------------------------------------------------------------------ logging
+    def _rollout_metrics(self, data: RolloutBatch) -> dict[str, float]:
+        stats = torch.stack([data.rewards.sum(), (data.rewards > 0).float().sum(),
+                             data.completion_mask.sum(-1).float().sum(), data.truncated.float().sum(),
+                             torch.tensor(float(data.rewards.numel()), device=data.rewards.device)])
+        s = all_reduce_sum(stats.clone(), self._strategy()).tolist()
+        n = max(s[4], 1.0)
+        return {"reward/mean": s[0] / n, "reward/accuracy": s[1] / n, "response/length_mean": s[2] / n,
+                "response/truncated_frac": s[3] / n, "_tokens": s[2]}
+
+    def log_row(self, step: int, metrics: dict[str, float]) -> None:
+        row = {k: float(v) for k, v in metrics.items() if not k.startswith("_")}
+        self.history.append({"step": step, **row})
+        if self._trainer is not None and world()[1] == 0:
+            for logger in self.loggers:
+                logger.log_metrics(row, step=step)
+
+
+__all__ = ["RLModule"]

@@ -1,0 +1,58 @@
+"""``pgzoo compare``: run a grid of recipes × seeds (resumable), then compare the runs over seeds
+(:mod:`pgzoo.lab.compare` holds the runbook and the statistics, :mod:`pgzoo.lab.grid` the grid runner).
+
+    pgzoo compare --grid recipes/lab/grid.yaml --seeds 0 1 2 --out runs/lab
+    pgzoo compare runs/a-s0 runs/a-s1 runs/b-s0 runs/b-s1 --out cmp
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pgzoo.errors import ConfigError
+from pgzoo.lab import grid as grid_mod
+from pgzoo.lab.compare import Comparison, compare
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="*", help="finished run folders (written by `pgzoo train`)")
+    parser.add_argument("--grid", help="grid YAML (e.g. recipes/lab/grid.yaml or lab/grid): run what is missing")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the grid (default: the grid's)")
+    parser.add_argument("--out", default=None, help="folder of the grid's runs and of compare.png / compare.md "
+                                                    "(default: the grid's `out`, or ./compare)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override for every run of the grid (repeatable), e.g. train.steps=3")
+    parser.add_argument("--no-run", action="store_true", help="with --grid: compare the finished runs only")
+    parser.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="also compare group A with group B paired by seed (repeatable; a grid's "
+                             "`comparisons` are added)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.grid and args.run_dirs:
+        raise ConfigError("pgzoo compare: give run folders or --grid, not both")
+    if not args.grid:
+        if not args.run_dirs:
+            raise ConfigError("pgzoo compare: give run folders, or --grid GRID.yaml to run and compare a grid")
+        table, png = compare(args.run_dirs, args.out or "compare", comparisons=[Comparison(a, b) for a, b in args.pair])
+        print(table)
+        print(f"\nfigure: {png}")
+        return 0
+    grid = grid_mod.load_grid(args.grid)
+    runs = grid.runs(args.seeds, args.out)
+    out = runs[0].run_dir.parent
+    failed = [] if args.no_run else grid_mod.run_missing(runs, [*grid.overrides, *args.overrides],
+                                                         log=lambda m: print(m, flush=True))
+    done = [r.run_dir for r in runs if r.finished]
+    if not done:
+        raise ConfigError(f"no finished run in {out}; run without --no-run (see {out}/logs/ for failures)")
+    pairs = [*grid.comparisons, *(Comparison(a, b) for a, b in args.pair)]
+    table, png = compare(done, out, grid_mod.read_walls(out), pairs)
+    print(table)
+    walls = grid_mod.read_walls(out)
+    print(f"\nfigure: {png}\ntable: {out / 'compare.md'}\nwall time of the runs: {sum(walls.values()) / 60:.1f} min "
+          f"({len(done)}/{len(runs)} runs finished)")
+    if failed:
+        print(f"failed (see {out}/logs/): {', '.join(r.name for r in failed)}")
+        return 1
+    return 0

@@ -1,0 +1,68 @@
+"""``pgzoo objectives [PATTERN] [--json]``: the registered objectives with every default, and the advantage
+estimators with their options."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'minirl*'")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per objective")
+
+
+def describe_objective(name: str) -> dict:
+    """What ``pgzoo objectives`` prints for ``name``: class, paper, required fields, advantage, every default."""
+    import dataclasses
+
+    import pgzoo
+
+    obj = pgzoo.get(name)
+    return {
+        "name": name,
+        "class": type(obj).__name__,
+        "paper": obj.paper,
+        "requires": sorted(obj.requires),
+        "advantage": obj.default_advantage,
+        "defaults": {f.name: getattr(obj.config, f.name) for f in dataclasses.fields(obj.config)},
+    }
+
+
+def describe_estimators() -> dict[str, dict]:
+    """Each advantage estimator's options with their defaults."""
+    import inspect
+
+    from pgzoo.advantages import registry as advantages
+
+    out = {}
+    for name in advantages.available():
+        params = list(inspect.signature(advantages.get(name)).parameters.values())[3:]
+        out[name] = {p.name: p.default for p in params
+                     if p.default is not inspect.Parameter.empty and p.name != "lengths"}
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    import pgzoo
+
+    names = pgzoo.available(args.pattern)
+    if not names:
+        from pgzoo.errors import ConfigError, suggest
+
+        raise ConfigError(f"no objective matches {args.pattern!r}.{suggest(args.pattern, pgzoo.available())} "
+                          f"Available: {', '.join(pgzoo.available())}")
+    for name in names:
+        d = describe_objective(name)
+        if args.json:
+            print(json.dumps(d, default=repr))
+            continue
+        print(f"{name}  ({d['class']}; {d['paper'] or 'no paper given'})")
+        print(f"    advantage: {d['advantage']}    also requires: {', '.join(d['requires']) or '-'}")
+        print("    " + " ".join(f"{k}={v!r}" for k, v in d["defaults"].items()))
+    if not args.json and args.pattern == "*":
+        print("\nadvantage estimators (objective.advantage; pgzoo.advantages.compute):")
+        for name, options in describe_estimators().items():
+            print(f"    {name}" + (f"  ({', '.join(f'{k}={v!r}' for k, v in options.items())})" if options else ""))
+    return 0

@@ -1,0 +1,308 @@
+"""``pgzoo compare``: run a grid of recipes × seeds (resumable) and compare them over seeds, as the paper's figures do.
+
+    pgzoo compare --grid recipes/lab/grid.yaml --seeds 0 1 2 --out runs/lab    # run what is missing, then compare
+    pgzoo compare runs/a-s0 runs/a-s1 runs/b-s0 runs/b-s1 --out cmp            # compare finished run folders
+    pgzoo compare --grid lab/grid --seeds 0 --set train.steps=3 --out /tmp/smoke
+
+Runbook:
+
+1. with ``--grid``: every ``(recipe, seed)`` whose folder lacks ``summary.json`` runs as its own ``pgzoo train``
+   process, resumed from its newest checkpoint (:mod:`pgzoo.lab.grid`); ``--no-run`` only compares what is there;
+2. runs are grouped by their folder name without the trailing ``-s<seed>`` (``minirl-s0``, ``minirl-s1`` ->
+   ``minirl``), read through :func:`pgzoo.adapters.lightning.run_folder.read_metrics` (``metrics.csv``) and ``eval.json``;
+3. ``OUT/compare.png``: one panel per paper quantity — training reward (``reward/mean``), held-out accuracy
+   (``eval.json``: before, every ``eval.every`` steps, after), entropy (``entropy/mean``), training–inference KL
+   (``kl/train_inference_k1``) and first-order gap (``first_order/gap_total``) — each the mean over seeds per step
+   with a band from the lowest to the highest seed, one colour per group;
+4. ``OUT/compare.md`` (also printed): per group the seeds, the final held-out accuracy mean ± the half-width of its
+   95% confidence interval, mean ± t(0.975, n−1) · s / √n with s the sample standard deviation over seeds (none with
+   one seed), the change from the starting policy, the mean KL and largest gap, collapsed seeds, and wall time.
+
+5. with comparisons (a grid's ``comparisons``, or ``--pair A B``), a second table: for each pair of groups the
+   paired difference of final held-out accuracy, A − B, seed by seed (both runs of a seed start from the same cold
+   start, so the seed's level cancels), its mean ± 95% t-interval, and whether the interval excludes 0.
+
+Collapse: a seed collapses at the first step where the mean training reward of the last ``window`` (5) steps falls
+below ``collapse_fraction`` (0.5) of the mean of its first ``window`` steps — the reward drop the paper reports when
+training becomes unstable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pgzoo.errors import ConfigError, require
+
+# two-sided 95% quantiles of Student's t, t(0.975, df), df = 1..30
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+        2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+        2.0518, 2.0484, 2.0452, 2.0423)
+PANELS = (("reward/mean", "training reward"), ("heldout", "held-out accuracy"), ("entropy/mean", "entropy"),
+          ("kl/train_inference_k1", "train–inference KL (k1)"), ("first_order/gap_total", "first-order gap"))
+
+
+def t975(df: int) -> float:
+    """t(0.975, df); beyond the table (df > 30) the normal 1.96 (within 2% of t there)."""
+    if df < 1:
+        raise ConfigError(f"a confidence interval needs at least two seeds (df={df})")
+    return T975[df - 1] if df <= len(T975) else 1.96
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """(mean, half-width of the 95% t interval); the half-width is None for a single value."""
+    n = len(values)
+    if n == 0:
+        return math.nan, None
+    mean = sum(values) / n
+    if n == 1:
+        return mean, None
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, t975(n - 1) * s / math.sqrt(n)
+
+
+@dataclass
+class Run:
+    """One finished (or partial) run folder, read back."""
+
+    path: Path
+    group: str
+    seed: int | None
+    rows: list[dict[str, float]]
+    evals: dict
+    wall: float | None = None
+
+    def series(self, key: str) -> dict[int, float]:
+        if key == "heldout":
+            return self.heldout_series()
+        return {int(r["step"]): r[key] for r in self.rows if key in r and "step" in r}
+
+    def heldout_series(self, metric: str | None = None) -> dict[int, float]:
+        """Held-out accuracy by step: before (0), every ``eval.every`` steps (``during``), after (last step + 1)."""
+        metric = metric or self.metric
+        out = {}
+        if metric in self.evals.get("before", {}):
+            out[0] = self.evals["before"][metric]
+        for step, res in self.evals.get("during", {}).items():
+            if metric in res:
+                out[int(step)] = res[metric]
+        if metric in self.evals.get("after", {}):
+            out[self.steps] = self.evals["after"][metric]
+        return out
+
+    @property
+    def steps(self) -> int:
+        """Global steps run: the last training row's step + 1 (rows logged by periodic evaluation repeat a step)."""
+        return max((int(r["step"]) + 1 for r in self.rows if "step" in r and "reward/mean" in r), default=0)
+
+    @property
+    def metric(self) -> str:
+        """The held-out metric compared: avg@k (sampled, as the paper) when evaluated, else greedy accuracy."""
+        keys = self.evals.get("after") or self.evals.get("before") or {}
+        return next((k for k in sorted(keys) if k.startswith("avg@")), "greedy_accuracy")
+
+
+def group_name(folder: str) -> str:
+    """``minirl-s0`` -> ``minirl``: a run folder's name without the trailing seed suffix."""
+    return re.sub(r"-s\d+$", "", folder)
+
+
+def read_run(path: str | Path, walls: dict[str, float] | None = None) -> Run:
+    from pgzoo.adapters.lightning.run_folder import read_metrics
+
+    path = Path(path)
+    if not (path / "metrics.csv").is_file():
+        raise ConfigError(f"{path} is not a run folder (no metrics.csv); pass folders written by `pgzoo train`")
+    evals = _json(path / "eval.json")
+    recipe_seed = None
+    rec = path / "recipe.yaml"
+    if rec.is_file():
+        yaml = require("yaml", "lightning")
+        recipe_seed = (yaml.safe_load(rec.read_text()) or {}).get("seed")
+    wall = (walls or {}).get(path.name)
+    if wall is None:
+        wall = _json(path / "summary.json").get("seconds")
+    return Run(path, group_name(path.name), recipe_seed, read_metrics(path / "metrics.csv"), evals, wall)
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def collapse_step(rewards: dict[int, float], window: int = 5, fraction: float = 0.5) -> int | None:
+    """First step whose trailing ``window``-step mean reward is below ``fraction`` × the first ``window`` steps' mean."""
+    steps = sorted(rewards)
+    if len(steps) < 2 * window:
+        return None
+    vals = [rewards[s] for s in steps]
+    base = sum(vals[:window]) / window
+    for i in range(2 * window - 1, len(vals)):
+        if sum(vals[i - window + 1: i + 1]) / window < fraction * base:
+            return steps[i]
+    return None
+
+
+@dataclass
+class Group:
+    """The runs of one recipe over seeds and their aggregates."""
+
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    def curve(self, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+        """(steps, mean, min, max) over the seeds, at the steps every seed has."""
+        per = [r.series(key) for r in self.runs]
+        steps = sorted(set.intersection(*(set(p) for p in per))) if per else []
+        vals = [[p[s] for p in per] for s in steps]
+        return steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+    def final(self) -> list[float]:
+        return [r.evals["after"][r.metric] for r in self.runs if r.metric in r.evals.get("after", {})]
+
+    def start(self) -> list[float]:
+        return [r.evals["before"][r.metric] for r in self.runs if r.metric in r.evals.get("before", {})]
+
+    def summary(self, window: int = 5, fraction: float = 0.5) -> dict:
+        final, start = self.final(), self.start()
+        mean, half = mean_ci(final)
+        gains = [r.evals["after"][r.metric] - r.evals["before"][r.metric] for r in self.runs
+                 if r.metric in r.evals.get("after", {}) and r.metric in r.evals.get("before", {})]
+        kl = [v for r in self.runs for v in r.series("kl/train_inference_k1").values()]
+        gaps = [v for r in self.runs for v in r.series("first_order/gap_total").values()]
+        walls = [r.wall for r in self.runs if r.wall is not None]
+        return {
+            "group": self.name, "seeds": len(self.runs), "metric": self.runs[0].metric if self.runs else None,
+            "final_mean": mean, "final_ci95": half, "finals": final,
+            "start_mean": mean_ci(start)[0], "gain_mean": mean_ci(gains)[0], "gain_ci95": mean_ci(gains)[1],
+            "kl_mean": sum(kl) / len(kl) if kl else math.nan, "gap_max": max(gaps) if gaps else math.nan,
+            "collapse_steps": [collapse_step(r.series("reward/mean"), window, fraction) for r in self.runs],
+            "wall_mean_s": sum(walls) / len(walls) if walls else math.nan,
+        }
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    groups: dict[str, Group] = {}
+    for r in runs:
+        groups.setdefault(r.group, Group(r.group)).runs.append(r)
+    return list(groups.values())
+
+
+def _f(x, spec: str) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def markdown(groups: list[Group]) -> str:
+    """The comparison table (see the module docstring)."""
+    lines = ["| recipe | seeds | final held-out (mean ± 95% CI) | start | change (mean ± 95% CI) | mean KL k1 | "
+             "max gap | collapsed (step) | wall s / run |", "|---|---:|---|---:|---|---:|---:|---|---:|"]
+    for g in groups:
+        s = g.summary()
+        ci = "" if s["final_ci95"] is None else f" ± {s['final_ci95']:.3f}"
+        gci = "" if s["gain_ci95"] is None else f" ± {s['gain_ci95']:.3f}"
+        col = [c for c in s["collapse_steps"] if c is not None]
+        collapsed = f"{len(col)}/{s['seeds']} ({', '.join(map(str, col))})" if col else f"0/{s['seeds']}"
+        lines.append(f"| {g.name} | {s['seeds']} | **{_f(s['final_mean'], '.3f')}**{ci} ({s['metric']}) | "
+                     f"{_f(s['start_mean'], '.3f')} | {_f(s['gain_mean'], '+.3f')}{gci} | {_f(s['kl_mean'], '.1e')} | "
+                     f"{_f(s['gap_max'], '.2g')} | {collapsed} | {_f(s['wall_mean_s'], '.0f')} |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``a`` against ``b`` (group names), a finding's label, and the paper's expectation in words."""
+
+    a: str
+    b: str
+    label: str = ""
+    expect: str = ""
+
+
+def paired(groups: list[Group], comparison: Comparison) -> dict:
+    """The paired difference of final held-out accuracy, ``a − b``, over the seeds both groups finished."""
+    by = {g.name: g for g in groups}
+    missing = [n for n in (comparison.a, comparison.b) if n not in by]
+    if missing:
+        return {"seeds": 0, "missing": missing, "diffs": [], "mean": math.nan, "ci95": None}
+    finals = [{r.seed: r.evals["after"][r.metric] for r in by[n].runs if r.metric in r.evals.get("after", {})}
+              for n in (comparison.a, comparison.b)]
+    seeds = sorted(set(finals[0]) & set(finals[1]), key=lambda x: (x is None, x))
+    diffs = [finals[0][s] - finals[1][s] for s in seeds]
+    mean, half = mean_ci(diffs)
+    return {"seeds": len(seeds), "missing": [], "diffs": diffs, "mean": mean, "ci95": half}
+
+
+def paired_markdown(groups: list[Group], comparisons: list[Comparison]) -> str:
+    """The paired table (see the module docstring)."""
+    lines = ["| comparison | A − B | seeds | per-seed differences | mean ± 95% CI | interval excludes 0 | expected |",
+             "|---|---|---:|---|---|---|---|"]
+    for c in comparisons:
+        p = paired(groups, c)
+        if p["missing"]:
+            verdict, mean = f"not run: {', '.join(p['missing'])}", "–"
+        else:
+            ci = "" if p["ci95"] is None else f" ± {p['ci95']:.3f}"
+            mean = f"{p['mean']:+.3f}{ci}"
+            verdict = ("– (one seed)" if p["ci95"] is None else
+                       "yes" if abs(p["mean"]) > p["ci95"] else "no")
+        diffs = ", ".join(f"{d:+.3f}" for d in p["diffs"]) or "–"
+        lines.append(f"| {c.label} | {c.a} − {c.b} | {p['seeds']} | {diffs} | {mean} | {verdict} | {c.expect} |")
+    return "\n".join(lines)
+
+
+def plot(groups: list[Group], path: Path) -> Path:
+    """The paper's panels (see the module docstring) into one PNG."""
+    matplotlib = require("matplotlib", "lightning")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.0 * len(PANELS), 3.4))
+    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    for i, g in enumerate(groups):
+        for ax, (key, title) in zip(axes, PANELS):
+            steps, mean, lo, hi = g.curve(key)
+            if not steps:
+                continue
+            ax.plot(steps, mean, color=colours(i % colours.N), lw=1.4, marker="." if key == "heldout" else None,
+                    label=f"{g.name} (n={len(g.runs)})")
+            ax.fill_between(steps, lo, hi, color=colours(i % colours.N), alpha=0.18, lw=0)
+    for ax, (key, title) in zip(axes, PANELS):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if key in ("kl/train_inference_k1", "first_order/gap_total"):
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("mean over seeds, band: lowest to highest seed", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(run_dirs: list[str | Path], out: str | Path, walls: dict[str, float] | None = None,
+            comparisons: list[Comparison] | None = None) -> tuple[str, Path]:
+    """Aggregate ``run_dirs`` (see the module docstring); writes ``OUT/compare.png`` and ``OUT/compare.md``."""
+    runs = [read_run(p, walls) for p in run_dirs]
+    if not runs:
+        raise ConfigError("pgzoo compare: no run folders to compare; pass run folders or --grid")
+    groups = group_runs(runs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot(groups, out / "compare.png")
+    table = markdown(groups)
+    if comparisons:
+        table += "\n\nPaired by seed (final held-out accuracy, A − B):\n\n" + paired_markdown(groups, comparisons)
+    (out / "compare.md").write_text(table + "\n")
+    summary = [g.summary() for g in groups]
+    if comparisons:
+        summary.append({"paired": [{"a": c.a, "b": c.b, "label": c.label, **paired(groups, c)} for c in comparisons]})
+    (out / "compare.json").write_text(json.dumps(summary, indent=1, default=str))
+    return table, png

@@ -1,0 +1,238 @@
+"""Recipes: a typed schema that maps one-to-one onto the YAML files in ``recipes/`` (torchtune-style).
+
+    recipe = load_recipe("recipes/tiny/minirl.yaml", ["train.lr=3e-4", "rollout.group_size=8"])
+    recipe.train.num_minibatches, recipe.rollout.engine, recipe.dump()
+
+A recipe file is exactly :class:`Recipe` written as YAML: every section is a key, every field a sub-key.
+Unknown keys are rejected with the nearest valid key; wrong types name the dotted key; combinations that cannot run
+(R3 with an engine that cannot return routes, N not dividing the batch, MiniRL without the inference engine's
+logprobs, ...) are rejected by :meth:`Recipe.check` with the fix. Command-line overrides are ``dotted.key=value``
+(the value is parsed as YAML: ``3e-4``, ``true``, ``null``, ``[a, b]``).
+
+Sizes (the paper's notation): B = ``rollout.prompts_per_step`` prompts per global step, G = ``rollout.group_size``
+responses each, so B·G responses per step, split into N = ``train.num_minibatches`` mini-batches of B·G/N responses,
+one optimizer step each (N = 1 is on-policy; N > 1 is off-policy: mini-batch n is n updates stale).
+
+The sections (one typed class per key) are in :mod:`pgzoo.recipes.sections`; loading files and overrides in
+:mod:`pgzoo.recipes.load`; the recipes shipped with pgzoo, which a recipe argument that is not a file names
+(``tiny/minirl``), in :mod:`pgzoo.recipes.catalog`; ``pgzoo recipe validate | list | cp`` in :mod:`pgzoo.cli.recipe`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pgzoo.errors import ConfigError, require, suggest
+from pgzoo.recipes.sections import (EvalSection, ModelSection, ObjectiveSection, OutputSection, RolloutSection,
+                                    Section, TaskSection, TrainSection)
+
+pydantic = require("pydantic", "lightning")
+Field = pydantic.Field
+
+
+class Recipe(Section):
+    """A whole run. Each section is a YAML key; see the section classes for the fields."""
+
+    name: str = Field("run", description="run name (used in output.dir)")
+    description: str = ""
+    seed: int = 0
+    model: ModelSection = Field(default_factory=ModelSection)
+    task: TaskSection = Field(default_factory=TaskSection)
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def responses_per_step(self) -> int:
+        return self.rollout.prompts_per_step * self.rollout.group_size
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.responses_per_step // self.train.num_minibatches
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        """π_θold from the training engine is needed off-policy (N > 1) and for R2 (its routes are recorded there)."""
+        return self.train.num_minibatches > 1 or self.train.routing_replay == "R2"
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of a run: ``train.devices x train.num_nodes``."""
+        return self.train.devices * self.train.num_nodes
+
+    @property
+    def strategy(self) -> str:
+        """The resolved ``train.strategy``: 'single' (one process), 'ddp' or 'fsdp'."""
+        s = self.train.strategy
+        if s == "auto":
+            return "ddp" if self.world_size > 1 else "single"
+        return s
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir.replace("{name}", self.name))
+
+    # ------------------------------------------------------------------ cross-field checks
+    def check(self) -> "Recipe":
+        """Reject combinations that cannot run; every message names the keys and the fix. Returns self."""
+        r, t = self.rollout, self.train
+        if self.responses_per_step % t.num_minibatches:
+            raise ConfigError(
+                f"train.num_minibatches={t.num_minibatches} does not divide the {self.responses_per_step} responses "
+                f"per step (rollout.prompts_per_step={r.prompts_per_step} x rollout.group_size={r.group_size}); "
+                f"pick N among {_divisors(self.responses_per_step)}")
+        mb, world = self.minibatch_size, self.world_size
+        ranks = f"train.devices={t.devices}" + (f" x train.num_nodes={t.num_nodes}" if t.num_nodes > 1 else "")
+        if r.prompts_per_step % world:
+            raise ConfigError(f"{ranks} ranks do not divide rollout.prompts_per_step={r.prompts_per_step} (prompts "
+                              f"are sharded whole over ranks); pick prompts_per_step as a multiple of {world}")
+        if t.micro_batch_size is not None and mb % (t.micro_batch_size * world):
+            raise ConfigError(
+                f"train.micro_batch_size={t.micro_batch_size} x {ranks} ranks does not divide the "
+                f"mini-batch of {mb} responses; pick micro_batch_size among "
+                f"{[d for d in _divisors(mb) if mb % (d * world) == 0]}")
+        if mb % world:
+            raise ConfigError(f"{ranks} ranks do not divide the mini-batch of {mb} responses")
+        if t.mixed_precision and self.strategy != "fsdp":
+            raise ConfigError("train.mixed_precision=true is an FSDP option (bfloat16 compute, float32 reduction); "
+                              "set train.strategy=fsdp, or model.dtype=bfloat16 for plain bfloat16 training")
+        if t.activation_checkpointing and self.strategy != "fsdp":
+            raise ConfigError("train.activation_checkpointing=true is applied per decoder layer by the fsdp strategy; "
+                              "set train.strategy=fsdp")
+        if r.group_size < 2:
+            raise ConfigError("rollout.group_size must be >= 2: group-relative advantages of a group of one are 0, "
+                              "so nothing would be learned")
+        if r.fp8 and r.engine == "vllm" and r.dtype == "float32":
+            raise ConfigError("rollout.fp8=true with rollout.dtype=float32: FP8 rollouts run in bfloat16 or float16 "
+                              "activations; set rollout.dtype=bfloat16")
+        if r.router_dtype is not None and r.engine != "transformers":
+            raise ConfigError(f"rollout.router_dtype={r.router_dtype} needs rollout.engine=transformers: vLLM computes "
+                              "the router inside its fused MoE layer in the model's dtype and has no setting for the "
+                              "router alone; set rollout.engine=transformers or rollout.router_dtype=null")
+        if self.eval.files and self.eval.k < 1:
+            raise ConfigError("eval.k must be >= 1")
+        self._check_objective()
+        return self
+
+    def _check_objective(self) -> None:
+        from pgzoo.errors import PgzooError
+        from pgzoo.objectives import registry as objectives
+
+        try:
+            obj = objectives.get(self.objective.name, **self.objective.options)
+        except PgzooError as exc:
+            key = "objective.name" if "unknown objective" in str(exc) else "objective.options"
+            raise ConfigError(f"{key}: {exc}") from None
+        if "rollout_logprobs" in obj.requires and self.rollout.logprobs != "engine":
+            raise ConfigError(
+                f"objective {obj.name!r} requires the inference engine's logprobs (μ, its train-inference IS weight) "
+                "but rollout.logprobs=none; set rollout.logprobs=engine or pick an objective without that factor "
+                "(e.g. minirl-no-is)")
+        if self.objective.advantage is not None:
+            from pgzoo import advantages
+
+            known = getattr(advantages, "ESTIMATORS", None) or getattr(advantages, "available", lambda: None)()
+            if known is not None and self.objective.advantage not in known:
+                raise ConfigError(f"objective.advantage={self.objective.advantage!r} is not an estimator in "
+                                  f"pgzoo.advantages.{suggest(self.objective.advantage, known)} "
+                                  f"Available: {', '.join(sorted(known))}")
+
+    def check_environment(self) -> "Recipe":
+        """Reject what this machine cannot run (called by `pgzoo train`, including --dry-run; `pgzoo recipe validate`
+        checks the file only, so paper recipes validate anywhere)."""
+        r, t = self.rollout, self.train
+        if t.routing_replay == "R3" and r.engine == "vllm" and not _vllm_can_return_routes():
+            raise ConfigError(
+                "train.routing_replay=R3 needs the rollout engine's routes, but vLLM returns routed experts only with "
+                "its Model Runner V2 on a GPU (enable_return_routed_experts), not on this machine; use "
+                "rollout.engine=transformers (records routes while generating) or train.routing_replay=R2")
+        if t.devices > 1 and not _has_cuda() and t.devices > (os.cpu_count() or 1):
+            raise ConfigError(f"train.devices={t.devices} CPU processes on a machine with {os.cpu_count()} cores; "
+                              "use train.devices=1 (or 2 for a gloo DDP check)")
+        if t.mixed_precision and not _has_cuda():
+            raise ConfigError("train.mixed_precision=true needs CUDA (bfloat16 FSDP compute); on CPU leave it false")
+        return self
+
+    def check_files(self) -> "Recipe":
+        """Check that user-supplied paths exist (run by `pgzoo train` before anything heavy)."""
+        if self.model.path is not None:
+            from pgzoo.fileio import check_model_folder
+
+            check_model_folder(self.model.path, "model.path")
+        for name, path in self.eval.files.items():
+            if not Path(os.path.expanduser(path)).exists():
+                raise ConfigError(f"eval.files.{name}={path!r} does not exist; pass it with eval.files.{name}=/path")
+        for key, value in self.task.options.items():
+            if key.endswith(("path", "file")) and isinstance(value, str) and not Path(value).exists():
+                raise ConfigError(f"task.options.{key}={value!r} does not exist; pass it with "
+                                  f"task.options.{key}=/path")
+        return self
+
+    def dump(self) -> str:
+        """The resolved recipe as YAML (loads back to an equal Recipe)."""
+        yaml = require("yaml", "lightning")
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def plan(self) -> str:
+        """A human-readable summary of what one run does."""
+        r, t = self.rollout, self.train
+        old = ("yes (" + ", ".join(x for x in (("off-policy N>1" if t.num_minibatches > 1 else ""),
+                                                ("records R2 routes" if t.routing_replay == "R2" else "")) if x) + ")"
+               if self.needs_old_logprobs else "no (on-policy: π_θold = π_θ detached)")
+        lines = [
+            f"recipe        {self.name}: {self.description}".rstrip(": "),
+            f"model         {self.model.path or 'embedded tiny MoE, cached cold start'} (train {self.model.dtype})"
+            f"{'' if self.model.lora is None else f', LoRA r={self.model.lora.r} alpha={self.model.lora.alpha:g}'}",
+            f"task          {self.task.name} {self.task.options or ''}".rstrip(),
+            f"objective     {self.objective.name} {self.objective.options or ''} advantage="
+            f"{self.objective.advantage or 'objective default'}",
+            f"rollout       {r.engine} ({r.dtype}{', fp8' if r.fp8 else ''}"
+            f"{f', router {r.router_dtype}' if r.router_dtype else ''}), B={r.prompts_per_step} prompts x "
+            f"G={r.group_size} = {self.responses_per_step} responses/step, <= {r.max_new_tokens} new tokens, "
+            f"T={r.temperature}, μ logprobs: {r.logprobs}"
+            f"{'' if r.verify_sync is None else f', sync checked (mean |Δ log p| <= {r.verify_sync:g})'}",
+            f"updates       N={t.num_minibatches} optimizer step(s)/step of {self.minibatch_size} responses"
+            f"{'' if t.micro_batch_size is None else f' in micro-batches of {t.micro_batch_size}'}"
+            f", lr={t.lr:g}, grad_clip={t.grad_clip}",
+            f"parallelism   {self.strategy}, {t.devices} device(s) x {t.num_nodes} node(s) = {self.world_size} "
+            f"rank(s){', activation checkpointing' if t.activation_checkpointing else ''}"
+            f"{', bf16 mixed precision' if t.mixed_precision else ''}",
+            f"old logprobs  {old}",
+            f"routing       {t.routing_replay or 'no replay'}",
+            f"steps         {t.steps} global steps = {t.steps * t.num_minibatches} optimizer steps, "
+            f"{t.steps * self.responses_per_step} responses",
+            f"eval          {'before ' if self.eval.before else ''}{'after ' if self.eval.after else ''}"
+            f"{f'every {self.eval.every} ' if self.eval.every else ''}on "
+            f"{', '.join(self.eval.files) if self.eval.files else f'{self.eval.num_problems} held-out problems'}, "
+            f"k={self.eval.k}",
+            f"output        {self.run_dir} (checkpoint every {self.output.checkpoint_every or 'end'}, "
+            f"loggers {', '.join(self.output.loggers)})",
+        ]
+        return "\n".join(lines)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _vllm_can_return_routes() -> bool:
+    """vLLM's enable_return_routed_experts needs Model Runner V2, which runs on CUDA GPUs only."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
