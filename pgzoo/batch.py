@@ -1,4 +1,4 @@
-"""TokenBatch: the one token-tensor interface every pgzoo objective takes (DESIGN §3).
+"""TokenBatch: the one token-tensor interface every pgzoo objective takes (docs/design.md §3).
 
 Shapes: B sequences (rows) by T completion positions. ``mask`` marks the completion tokens that count; values at
 masked positions (padding, prompt, tool output) never influence loss, gradient or metrics, NaN included.

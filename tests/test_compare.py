@@ -19,10 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_run(root: Path, name: str, seed: int, rewards: list[float], before: float, after: float,
-             during: dict[int, float] | None = None, kl: float = 1e-4, gap: float = 0.01) -> Path:
+             during: dict[int, float] | None = None, kl: float = 1e-4, gap: float = 0.01,
+             recipe: str | None = None) -> Path:
+    """A finished run folder with made-up metrics; ``recipe.yaml`` a stub naming group and seed unless ``recipe``
+    (the text `pgzoo train` would record) is given."""
     run = root / name
     run.mkdir(parents=True)
-    (run / "recipe.yaml").write_text(f"name: {group_name(name)}\nseed: {seed}\n")
+    (run / "recipe.yaml").write_text(recipe or f"name: {group_name(name)}\nseed: {seed}\n")
     (run / "summary.json").write_text(json.dumps({"steps": len(rewards), "seconds": 40.0 + seed}))
     evals = {"before": {"greedy_accuracy": 0.1, "avg@4": before}, "after": {"greedy_accuracy": 0.2, "avg@4": after}}
     if during:
@@ -146,8 +149,12 @@ def test_grid_file_and_runs(tmp_path):
 
 
 def test_run_missing_skips_finished_resumes_and_sums_walls(tmp_path):
+    from pgzoo.recipes import load_recipe
+
+    sets = ["train.steps=3"]
     done = GridRun("tiny/minirl", 0, tmp_path / "minirl-s0")
-    fake_run(tmp_path, "minirl-s0", 0, [0.1] * 3, 0.2, 0.3)
+    recorded = load_recipe("tiny/minirl", ["seed=0", f"output.dir={done.run_dir}", *sets]).dump()
+    fake_run(tmp_path, "minirl-s0", 0, [0.1] * 3, 0.2, 0.3, recipe=recorded)
     todo = GridRun("tiny/minirl", 1, tmp_path / "minirl-s1")
     calls = []
 
@@ -159,15 +166,15 @@ def test_run_missing_skips_finished_resumes_and_sums_walls(tmp_path):
         (todo.run_dir / "summary.json").write_text("{}")
         return 0
 
-    failed = run_missing([done, todo], runner=runner, log=lambda m: None)
+    failed = run_missing([done, todo], sets, runner=runner, log=lambda m: None)
     assert failed == [todo] and len(calls) == 1
     assert calls[0][-2:] == ["--resume", "--quiet"] and f"output.dir={todo.run_dir}" in calls[0] and "seed=1" in calls[0]
     log = []
-    assert run_missing([done, todo], ["train.steps=3"], runner=runner, log=log.append) == []
+    assert run_missing([done, todo], sets, runner=runner, log=log.append) == []
     assert "train.steps=3" in calls[1] and any("resume minirl-s1" in m for m in log)
     assert any("skip minirl-s0" in m for m in log)
     assert set(read_walls(tmp_path)) == {"minirl-s1"}  # one entry, summed over both attempts
-    assert run_missing([done, todo], runner=runner, log=lambda m: None) == [] and len(calls) == 2
+    assert run_missing([done, todo], sets, runner=runner, log=lambda m: None) == [] and len(calls) == 2
 
 
 def test_train_command_runs_pgzoo_train():

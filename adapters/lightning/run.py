@@ -109,13 +109,9 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     Ctrl-C or SIGTERM reaching any rank stop every rank after the same step with a final checkpoint and raise
     :class:`pgzoo.adapters.lightning.signals.Interrupted` (exit 130 / 143 from the CLI); a diverged step raises
     :class:`pgzoo.adapters.lightning.guards.Diverged` (``train.stop_on``)."""
-    torch = require("torch", "hf")
-    import pgzoo
-    import pgzoo.tasks
     from pgzoo.adapters.lightning import resume as resume_mod
     from pgzoo.adapters.lightning import run_folder as rf
     from pgzoo.adapters.lightning.distributed import env_rank
-    from pgzoo.adapters.lightning.signals import GracefulStop, fit_until_stopped
 
     t_start = time.perf_counter()
     _quiet_frameworks()
@@ -128,6 +124,20 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     _set_threads(recipe)  # before anything heavy: torch's thread pool is sized once
     if lead:
         resume_mod.prepare_run_dir(run_dir)
+    with rf.recorded_status(run_dir, enabled=lead):  # status.json: running, then finished / stopped / failed
+        return _run(recipe, run_dir, lead, say, resume, quiet, command, allow_change, t_start)
+
+
+def _run(recipe, run_dir: Path, lead: bool, say, resume: bool, quiet: bool, command: str | None, allow_change,
+         t_start: float) -> TrainResult | None:
+    """Steps 2–6 of the runbook, in a run folder that exists (rank 0 made it)."""
+    torch = require("torch", "hf")
+    import pgzoo
+    import pgzoo.tasks
+    from pgzoo.adapters.lightning import resume as resume_mod
+    from pgzoo.adapters.lightning import run_folder as rf
+    from pgzoo.adapters.lightning.signals import GracefulStop, fit_until_stopped
+
     ckpt = resume_mod.starting_checkpoint(run_dir, resume, say, lead=lead)  # intact, or None (a new run)
     state = resume_mod.load_state(ckpt) if ckpt is not None else None
     changed = resume_mod.check_recipe(state, recipe, allow_change, ckpt=ckpt) if state is not None else []

@@ -6,20 +6,23 @@
     plots/*.png                     reward, entropy, training-inference KL per step
     checkpoints/step-XXXXXX/        Hugging Face model + tokenizer + trainer_state.pt (+ optimizer/ under FSDP)
     summary.json                    steps, seconds, evaluations, first/last reward, final checkpoint
+    status.json                     the run's state: running, finished, stopped (a signal) or failed
 
 Only rank 0 writes here (checkpoints: every rank contributes its optimizer shard under FSDP, rank 0 renames).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgzoo.errors import DependencyError, require
+from pgzoo.errors import ConfigError, DependencyError, require
 
 STATE_FILE = "trainer_state.pt"
 
@@ -77,6 +80,53 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     _write_json(Path(run_dir) / "summary.json", summary)
 
 
+# ---------------------------------------------------------------------- the run's state
+STATUS_FILE = "status.json"
+STATES = ("running", "finished", "stopped", "failed")
+
+
+def write_status(run_dir: Path, state: str, **detail) -> None:
+    """Record the run's state in ``status.json`` (atomically). Never raises: a run folder that cannot take the file
+    (full disk, read-only) already fails with a clearer error of its own."""
+    if state not in STATES:
+        raise ValueError(f"run state {state!r} is not one of {STATES}")
+    with contextlib.suppress(OSError):
+        _write_json(Path(run_dir) / STATUS_FILE, {"state": state, "time": round(time.time(), 3), **detail})
+
+
+def run_state(run_dir: Path) -> str | None:
+    """``running``, ``finished``, ``stopped`` or ``failed`` from ``status.json``; for a folder written before that
+    file existed, ``finished`` when its ``summary.json`` has no ``interrupted`` key and ``stopped`` when it has;
+    None when the folder holds no run. A ``running`` folder whose process died reads ``running``: whoever resumes
+    it finds the newest intact checkpoint."""
+    run_dir = Path(run_dir)
+    state = _read_json(run_dir / STATUS_FILE).get("state")
+    if state in STATES:
+        return state
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        return "stopped" if "interrupted" in _read_json(summary) else "finished"
+    return None
+
+
+@contextlib.contextmanager
+def recorded_status(run_dir: Path, *, enabled: bool = True):
+    """``running`` while the block runs, then ``finished``, ``stopped`` (a signal: an exception with a 128 + signal
+    ``exit_code``, or Ctrl-C) or ``failed`` (any other exception, its message kept)."""
+    if enabled:
+        write_status(run_dir, "running", pid=os.getpid())
+    try:
+        yield
+    except BaseException as exc:
+        if enabled:
+            signalled = isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", 0) > 128
+            write_status(run_dir, "stopped" if signalled else "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+    else:
+        if enabled:
+            write_status(run_dir, "finished")
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -96,9 +146,16 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     if not path.exists():
         return []
     rows = []
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+    try:
+        with path.open(newline="") as fh:
+            for line, row in enumerate(csv.DictReader(fh), start=2):
+                if None in row:  # more cells than the header names
+                    raise ValueError(f"line {line} has {len(row) - 1 + len(row[None])} cells, the header names "
+                                     f"{len(row) - 1}")
+                rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+    except (ValueError, csv.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not a readable metrics file ({exc}); it was damaged after the run wrote it. "
+                          "A run resumed with --resume rewrites it from its checkpoint") from None
     return rows
 
 

@@ -8,10 +8,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pgzoo.errors import ConfigError
 from pgzoo.lab import grid as grid_mod
-from pgzoo.lab.compare import Comparison, compare
+from pgzoo.lab.compare import Comparison, check_pairs, compare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nfigure: {png}")
         return 0
     grid = grid_mod.load_grid(args.grid)
+    check_pairs(args.pair, [Path(r).stem for r in grid.recipes], "--pair")  # before hours of runs, not after
     runs = grid.runs(args.seeds, args.out)
     out = runs[0].run_dir.parent
     failed = [] if args.no_run else grid_mod.run_missing(runs, [*grid.overrides, *args.overrides],

@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgzoo.errors import ConfigError, require
+from pgzoo.errors import ConfigError, require, suggest
 
 # two-sided 95% quantiles of Student's t, t(0.975, df), df = 1..30
 T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
@@ -121,7 +121,14 @@ def read_run(path: str | Path, walls: dict[str, float] | None = None) -> Run:
     rec = path / "recipe.yaml"
     if rec.is_file():
         yaml = require("yaml", "lightning")
-        recipe_seed = (yaml.safe_load(rec.read_text()) or {}).get("seed")
+        try:
+            recorded = yaml.safe_load(rec.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{rec}: not valid YAML ({str(exc).splitlines()[0]}); the run folder is damaged: "
+                              "leave it out of the comparison, or run it again") from None
+        if not isinstance(recorded, dict):
+            raise ConfigError(f"{rec}: not a recipe (a YAML mapping); leave the run folder out, or run it again")
+        recipe_seed = recorded.get("seed")
     wall = (walls or {}).get(path.name)
     if wall is None:
         wall = _json(path / "summary.json").get("seconds")
@@ -287,14 +294,33 @@ def plot(groups: list[Group], path: Path) -> Path:
     return path
 
 
+def check_pairs(pairs: list, groups: list[str], source: str) -> None:
+    """Both sides of every compared pair name a group (a recipe of the grid, or run folders given)."""
+    for a, b in pairs:
+        for side in (a, b):
+            if side not in groups:
+                raise ConfigError(f"{source}: {side!r} is not a group of this comparison.{suggest(side, groups)} "
+                                  f"Groups: {', '.join(groups)}")
+
+
 def compare(run_dirs: list[str | Path], out: str | Path, walls: dict[str, float] | None = None,
             comparisons: list[Comparison] | None = None) -> tuple[str, Path]:
     """Aggregate ``run_dirs`` (see the module docstring); writes ``OUT/compare.png`` and ``OUT/compare.md``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file, not a folder; name a folder for compare.png and compare.md")
     runs = [read_run(p, walls) for p in run_dirs]
     if not runs:
         raise ConfigError("pgzoo compare: no run folders to compare; pass run folders or --grid")
+    seen: dict[tuple, Path] = {}
+    for r in runs:  # one run counted twice would narrow every interval it enters
+        key = (r.group, r.seed) if r.seed is not None else (r.path.resolve(),)
+        if key in seen:
+            raise ConfigError(f"pgzoo compare: {r.path} and {seen[key]} are the same run (group {r.group!r}, seed "
+                              f"{r.seed}); give each run once")
+        seen[key] = r.path
     groups = group_runs(runs)
-    out = Path(out)
+    check_pairs([(c.a, c.b) for c in comparisons or []], [g.name for g in groups], "--pair")
     out.mkdir(parents=True, exist_ok=True)
     png = plot(groups, out / "compare.png")
     table = markdown(groups)

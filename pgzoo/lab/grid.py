@@ -15,8 +15,12 @@ A grid file is YAML::
       - minirl.yaml
       - minirl-no-is.yaml
 
-Run ``(recipe, seed)`` lives in ``OUT/<recipe stem>-s<seed>``. It is *finished* when its folder holds
-``summary.json`` (``pgzoo train`` writes it last) and is then skipped. Any other run is started as
+Run ``(recipe, seed)`` lives in ``OUT/<recipe stem>-s<seed>``; two runs of a grid never share a folder (a recipe
+listed twice, two recipes with one file name, a seed given twice or a negative seed are refused up front). A run is
+*finished* when its folder's ``status.json`` says so (``pgzoo train`` writes ``finished`` last; a run stopped by a
+signal says ``stopped``, a crashed one ``failed``) and is then skipped — after checking that the recipe it recorded
+is the one the grid would run now (changed ``--set`` overrides or recipe files are refused, naming the keys). Any
+other run is started as
 ``pgzoo train RECIPE seed=S output.dir=OUT/NAME ... --resume --quiet`` in its own process, one after the other, its
 console in ``OUT/logs/NAME.log``: ``--resume`` continues from the newest checkpoint of an interrupted run (exactly,
 see docs/training.md) and starts from scratch when there is none. Interrupting the grid (Ctrl-C, or killing it)
@@ -36,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgzoo.errors import ConfigError, require
+from pgzoo.errors import ConfigError, require, suggest
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,15 @@ class GridRun:
         return self.run_dir.name
 
     @property
+    def state(self) -> str | None:
+        """The run folder's state (:func:`pgzoo.adapters.lightning.run_folder.run_state`); None: not started."""
+        from pgzoo.adapters.lightning.run_folder import run_state
+
+        return run_state(self.run_dir)
+
+    @property
     def finished(self) -> bool:
-        return (self.run_dir / "summary.json").is_file()
+        return self.state == "finished"
 
 
 @dataclass
@@ -70,8 +81,69 @@ class Grid:
 
     def runs(self, seeds: list[int] | None = None, out: str | os.PathLike | None = None) -> list[GridRun]:
         """Every ``(recipe, seed)``, seed-major (all recipes of seed 0 first: a partial grid is a comparison)."""
+        seeds = list(self.seeds if seeds is None else seeds)
+        check_seeds(seeds, "--seeds")
         folder = Path(out if out is not None else self.out.replace("{name}", self.name))
-        return [GridRun(r, s, folder / f"{Path(r).stem}-s{s}") for s in (seeds or self.seeds) for r in self.recipes]
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--out {folder}: a file, not a folder; name a folder for the grid's run folders")
+        return [GridRun(r, s, folder / f"{Path(r).stem}-s{s}") for s in seeds for r in self.recipes]
+
+
+def check_seeds(seeds: list, source: str) -> None:
+    """Seeds are distinct integers >= 0: a run folder is ``<recipe>-s<seed>``, and a seed given twice would count one
+    run as two seeds (an interval of width 0)."""
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"{source}: seeds must be a non-empty list of integers, got {seeds!r}")
+    negative = [s for s in seeds if s < 0]
+    if negative:
+        raise ConfigError(f"{source}: seed {negative[0]} is negative; use seeds >= 0 (a run folder is <recipe>-s<seed>)")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ConfigError(f"{source}: seed {twice[0]} is given twice; each seed is one run of each recipe")
+
+
+def check_recipe_names(recipes: list[str], source: str) -> None:
+    """Each recipe of a grid has its own file name: the run folder (and the group compared) is named after it."""
+    by_stem: dict[str, list[str]] = {}
+    for r in recipes:
+        by_stem.setdefault(Path(r).stem, []).append(r)
+    for stem, paths in by_stem.items():
+        if len(paths) > 1:
+            what = "is listed twice" if len(set(paths)) == 1 else f"names {len(paths)} recipes ({', '.join(paths)})"
+            raise ConfigError(f"{source}: recipe {stem!r} {what}; the runs would share the folder {stem}-s<seed>. "
+                              "List each recipe once, with distinct file names")
+
+
+def recorded_changes(run: GridRun, overrides: list[str]) -> list[str]:
+    """Keys whose value in the recipe ``run`` recorded (its ``recipe.yaml``) differs from the recipe the grid would
+    run now (the recipe file, its seed, output folder and overrides); [] when nothing was recorded yet."""
+    from pgzoo.recipes import load_recipe
+    from pgzoo.recipes.diff import changed_keys
+
+    recorded = run.run_dir / "recipe.yaml"
+    if not recorded.is_file():
+        return []
+    yaml = require("yaml", "lightning")
+    try:
+        old = yaml.safe_load(recorded.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{recorded}: not valid YAML ({str(exc).splitlines()[0]}); move the run folder away or "
+                          "delete it to run it again") from None
+    if not isinstance(old, dict):
+        raise ConfigError(f"{recorded}: not a recipe (a YAML mapping); move the run folder away or delete it")
+    new = load_recipe(run.recipe, [f"seed={run.seed}", f"output.dir={run.run_dir}", *overrides])
+    return changed_keys(old, new.model_dump(mode="json"))
+
+
+def check_recorded(runs: list[GridRun], overrides: list[str]) -> None:
+    """Refuse, before anything runs, a grid whose existing run folders recorded another recipe than the grid would run
+    now: their results would be reported as the new setting's."""
+    for run in runs:
+        changed = recorded_changes(run, overrides)
+        if changed:
+            raise ConfigError(f"{run.run_dir} was run with another recipe than this grid would run now (changed: "
+                              f"{', '.join(changed)}); pass the grid the overrides it was run with, or give a new "
+                              "--out for the new setting")
 
 
 def _find_grid(path: str | os.PathLike) -> Path:
@@ -109,15 +181,14 @@ def load_grid(path: str | os.PathLike) -> Grid:
     recipes = data.get("recipes")
     if not isinstance(recipes, list) or not recipes or not all(isinstance(r, str) for r in recipes):
         raise ConfigError(f"{path}: recipes must be a non-empty list of recipe files or names")
+    check_recipe_names(recipes, str(path))
     resolved = []
     for r in recipes:
         local = path.parent / r
         resolved.append(str(local.resolve()) if local.is_file() else str(find_recipe(r)))
         load_recipe(resolved[-1])  # a broken recipe fails here, not after the runs before it
     seeds = data.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                          for s in seeds):
-        raise ConfigError(f"{path}: seeds must be a non-empty list of integers")
+    check_seeds(seeds if isinstance(seeds, list) else [seeds], f"{path}: seeds")
     overrides = data.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
         raise ConfigError(f"{path}: overrides must be a list of key=value strings")
@@ -142,7 +213,7 @@ def _comparisons(path: Path, entries, groups: list[str]) -> list:
         for k in ("a", "b"):
             if e[k] not in groups:
                 raise ConfigError(f"{path}: comparisons[{i}].{k}={e[k]!r} is not a recipe of the grid "
-                                  f"({', '.join(groups)})")
+                                  f"({', '.join(groups)}).{suggest(e[k], groups)}")
         out.append(Comparison(e["a"], e["b"], e.get("label", ""), e.get("expect", "")))
     return out
 
@@ -185,17 +256,20 @@ def _add_wall(out: Path, name: str, seconds: float) -> None:
 def run_missing(runs: list[GridRun], overrides: list[str] | None = None, *, log=print,
                 runner=subprocess.call) -> list[GridRun]:
     """Run every unfinished run of ``runs`` in its own process, one after the other; returns the runs that failed
-    (non-zero exit, or no ``summary.json`` afterwards). ``runner`` is :func:`subprocess.call` (tests replace it)."""
+    (non-zero exit, or not ``finished`` afterwards). ``runner`` is :func:`subprocess.call` (tests replace it).
+    Existing run folders must have recorded the recipe the grid runs now (:func:`check_recorded`)."""
+    check_recorded(runs, list(overrides or []))
     failed = []
     for i, run in enumerate(runs, 1):
-        if run.finished:
+        state = run.state
+        if state == "finished":
             log(f"[{i}/{len(runs)}] skip {run.name}: finished")
             continue
         out = run.run_dir.parent
         (out / "logs").mkdir(parents=True, exist_ok=True)
         cmd = train_command(run, list(overrides or []))
-        state = "resume" if (run.run_dir / "checkpoints").is_dir() else "run"
-        log(f"[{i}/{len(runs)}] {state} {run.name}: pgzoo train {' '.join(cmd[4:])}")
+        action = ("resume" + (f" ({state})" if state else "")) if (run.run_dir / "checkpoints").is_dir() else "run"
+        log(f"[{i}/{len(runs)}] {action} {run.name}: pgzoo train {' '.join(cmd[4:])}")
         t0 = time.perf_counter()
         with open(out / "logs" / f"{run.name}.log", "a") as fh:
             kwargs = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}

@@ -1,4 +1,4 @@
-"""MoE routing record and replay (R2, R3) for Hugging Face transformers models (DESIGN §6).
+"""MoE routing record and replay (R2, R3) for Hugging Face transformers models (docs/design.md §6).
 
     import pgzoo.routing as routing
     with routing.record(model) as rec:              # Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE

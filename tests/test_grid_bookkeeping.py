@@ -1,0 +1,219 @@
+"""`pgzoo compare`'s bookkeeping: a run folder's state is explicit (running / finished / stopped / failed), a grid
+resumes whatever is not finished, refuses a changed recipe for an existing run, refuses duplicates and collisions up
+front, checks `--pair` names, and turns unreadable inputs into errors naming the file."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_compare import fake_run
+
+from _train_helpers import fresh_checkpoint, subprocess_env
+from pgzoo.adapters.lightning.run_folder import read_metrics, recorded_status, run_state, write_status
+from pgzoo.adapters.lightning.signals import Interrupted
+from pgzoo.cli.main import main
+from pgzoo.errors import ConfigError
+from pgzoo.lab.compare import compare
+from pgzoo.lab.grid import GridRun, check_recorded, load_grid, run_missing
+from pgzoo.recipes import load_recipe
+
+
+# ---------------------------------------------------------------------------------------------- the run's state
+def test_recorded_status_follows_the_run(tmp_path):
+    with recorded_status(tmp_path):
+        assert run_state(tmp_path) == "running"
+    assert run_state(tmp_path) == "finished"
+    with pytest.raises(Interrupted), recorded_status(tmp_path):
+        raise Interrupted("stopped by SIGTERM", signal.SIGTERM)
+    assert run_state(tmp_path) == "stopped"
+    with pytest.raises(KeyboardInterrupt), recorded_status(tmp_path):
+        raise KeyboardInterrupt
+    assert run_state(tmp_path) == "stopped"
+    with pytest.raises(ConfigError), recorded_status(tmp_path):
+        raise ConfigError("engine died")
+    assert run_state(tmp_path) == "failed"
+    assert "engine died" in json.loads((tmp_path / "status.json").read_text())["error"]
+    with recorded_status(tmp_path, enabled=False):  # ranks other than 0 write nothing
+        pass
+    assert run_state(tmp_path) == "failed"
+
+
+def test_run_state_of_folders_without_status(tmp_path):
+    assert run_state(tmp_path) is None
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 4}))
+    assert run_state(tmp_path) == "finished"
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 2, "interrupted": "SIGTERM"}))
+    assert run_state(tmp_path) == "stopped"
+    (tmp_path / "status.json").write_text("{garbled")  # unreadable: fall back to the summary, never "finished" by luck
+    assert run_state(tmp_path) == "stopped"
+    write_status(tmp_path, "running")
+    assert run_state(tmp_path) == "running"
+    with pytest.raises(ValueError):
+        write_status(tmp_path, "done")
+
+
+def test_write_status_never_masks_the_real_error(tmp_path):
+    target = tmp_path / "a-file"
+    target.write_text("")
+    write_status(target, "failed")  # the run folder is a file: nothing written, nothing raised
+
+
+@pytest.mark.parametrize("state", ["stopped", "failed", "running"])
+def test_grid_resumes_every_run_that_is_not_finished(tmp_path, state):
+    run = GridRun("tiny/minirl", 0, tmp_path / "minirl-s0")
+    fake_run(tmp_path, "minirl-s0", 0, [0.1] * 2, 0.2, 0.3,
+             recipe=load_recipe("tiny/minirl", ["seed=0", f"output.dir={run.run_dir}"]).dump())
+    (run.run_dir / "checkpoints").mkdir()
+    write_status(run.run_dir, state)  # fake_run wrote summary.json: the state decides, not its presence
+    assert not run.finished
+    calls = []
+
+    def runner(cmd, **kw):
+        calls.append(cmd)
+        write_status(run.run_dir, "finished")
+        return 0
+
+    log = []
+    assert run_missing([run], runner=runner, log=log.append) == []
+    assert len(calls) == 1 and any(f"resume ({state}) minirl-s0" in m for m in log)
+    assert run.finished
+
+
+# ---------------------------------------------------------------------------------------------- changed recipes
+def test_a_finished_grid_with_changed_overrides_is_refused(tmp_path):
+    run = GridRun("tiny/minirl", 0, tmp_path / "minirl-s0")
+    fake_run(tmp_path, "minirl-s0", 0, [0.1] * 2, 0.2, 0.3,
+             recipe=load_recipe("tiny/minirl", ["seed=0", f"output.dir={run.run_dir}", "train.steps=3"]).dump())
+    check_recorded([run], ["train.steps=3"])  # the same setting: fine
+    with pytest.raises(ConfigError, match=r"changed: train.lr, train.steps\).*new --out"):
+        check_recorded([run], ["train.steps=5", "train.lr=0.1"])
+    with pytest.raises(ConfigError, match="changed: train.steps"):
+        run_missing([run], [], runner=lambda *a, **k: pytest.fail("nothing may run"), log=lambda m: None)
+    (run.run_dir / "recipe.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="recipe.yaml: not valid YAML"):
+        check_recorded([run], ["train.steps=3"])
+
+
+# ---------------------------------------------------------------------------------------------- duplicates
+def grid_file(tmp_path, recipes: str, seeds: str = "[0]"):
+    (tmp_path / "a").mkdir(exist_ok=True)
+    (tmp_path / "b").mkdir(exist_ok=True)
+    minirl = load_recipe("tiny/minirl").dump()
+    (tmp_path / "a" / "minirl.yaml").write_text(minirl)
+    (tmp_path / "b" / "minirl.yaml").write_text(minirl)
+    (tmp_path / "a" / "other.yaml").write_text(minirl)
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"recipes: {recipes}\nseeds: {seeds}\n")
+    return path
+
+
+@pytest.mark.parametrize("recipes, seeds, match", [
+    ("[a/minirl.yaml, b/minirl.yaml]", "[0]", "names 2 recipes"),
+    ("[a/minirl.yaml, a/minirl.yaml]", "[0]", "is listed twice"),
+    ("[a/minirl.yaml]", "[0, 1, 0]", "seed 0 is given twice"),
+    ("[a/minirl.yaml]", "[-1]", "seed -1 is negative"),
+    ("[a/minirl.yaml]", "[true]", "list of integers"),
+])
+def test_duplicates_and_collisions_are_refused_up_front(tmp_path, recipes, seeds, match):
+    with pytest.raises(ConfigError, match=match):
+        load_grid(grid_file(tmp_path, recipes, seeds))
+
+
+def test_cli_seeds_are_checked_like_the_grids(tmp_path, capsys):
+    grid = grid_file(tmp_path, "[a/minirl.yaml, a/other.yaml]")
+    assert main(["compare", "--grid", str(grid), "--seeds", "1", "1", "--out", str(tmp_path / "o"), "--no-run"]) == 2
+    assert "seed 1 is given twice" in capsys.readouterr().err
+    assert main(["compare", "--grid", str(grid), "--seeds", "-2", "--out", str(tmp_path / "o"), "--no-run"]) == 2
+    assert "negative" in capsys.readouterr().err
+
+
+def test_the_same_run_given_twice_is_refused(tmp_path):
+    a = fake_run(tmp_path / "x", "a-s0", 0, [0.1] * 2, 0.2, 0.3)
+    b = fake_run(tmp_path / "y", "a-s0", 0, [0.1] * 2, 0.2, 0.4)  # another folder, same group and seed
+    with pytest.raises(ConfigError, match="are the same run"):
+        compare([a, b], tmp_path / "o")
+    with pytest.raises(ConfigError, match="are the same run"):
+        compare([a, a], tmp_path / "o")
+
+
+# ---------------------------------------------------------------------------------------------- --pair
+def test_misspelt_pair_is_an_error_in_both_modes(tmp_path, capsys):
+    a = fake_run(tmp_path, "a-s0", 0, [0.1] * 2, 0.2, 0.3)
+    b = fake_run(tmp_path, "b-s0", 0, [0.1] * 2, 0.2, 0.3)
+    assert main(["compare", str(a), str(b), "--pair", "a", "bb", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "'bb' is not a group" in err and "Did you mean 'b'" in err
+    grid = grid_file(tmp_path, "[a/minirl.yaml, a/other.yaml]")
+    assert main(["compare", "--grid", str(grid), "--pair", "minirl", "othre", "--out", str(tmp_path / "g")]) == 2
+    assert "'othre' is not a group" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()  # refused before any run started
+
+
+# ---------------------------------------------------------------------------------------------- unreadable inputs
+def test_out_naming_a_file_is_an_error(tmp_path, capsys):
+    a = fake_run(tmp_path, "a-s0", 0, [0.1] * 2, 0.2, 0.3)
+    (tmp_path / "file").write_text("")
+    assert main(["compare", str(a), "--out", str(tmp_path / "file")]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err
+    grid = grid_file(tmp_path, "[a/minirl.yaml]")
+    assert main(["compare", "--grid", str(grid), "--out", str(tmp_path / "file"), "--no-run"]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err
+
+
+def test_broken_recipe_and_garbled_metrics_name_the_file(tmp_path, capsys):
+    a = fake_run(tmp_path, "a-s0", 0, [0.1] * 2, 0.2, 0.3)
+    (a / "recipe.yaml").write_text("seed: [1\n")
+    assert main(["compare", str(a), "--out", str(tmp_path / "o")]) == 2
+    assert f"{a / 'recipe.yaml'}: not valid YAML" in capsys.readouterr().err
+    (a / "recipe.yaml").write_text("- a list\n")
+    assert main(["compare", str(a), "--out", str(tmp_path / "o")]) == 2
+    assert "not a recipe" in capsys.readouterr().err
+    b = fake_run(tmp_path, "b-s0", 0, [0.1] * 2, 0.2, 0.3)
+    with (b / "metrics.csv").open("a") as fh:
+        fh.write("3,zero point one,,,,\n")
+    assert main(["compare", str(b), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{b / 'metrics.csv'} is not a readable metrics file" in err and "zero point one" in err
+    (b / "metrics.csv").write_text("step,reward/mean\n0,0.1,0.2,0.3\n")
+    with pytest.raises(ConfigError, match="line 2 has 4 cells, the header names 2"):
+        read_metrics(b / "metrics.csv")
+
+
+# ---------------------------------------------------------------------------------------------- a real process
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_is_resumed_by_the_grid_not_skipped(tmp_path):
+    """A real `pgzoo train` stopped by SIGTERM writes summary.json but says `stopped`; the grid runner then resumes
+    it to the end (a real `pgzoo train --resume` process) and only then reports it finished."""
+    ckpt = fresh_checkpoint(tmp_path / "tiny")
+    run = GridRun("tiny/minirl", 0, tmp_path / "grid" / "minirl-s0")
+    sets = [f"model.path={ckpt}", "rollout.engine=transformers", "rollout.prompts_per_step=2",
+            "rollout.group_size=2", "rollout.max_new_tokens=4", "eval.before=false", "eval.after=false",
+            "output.progress_bar=false", "output.plots=false", "output.checkpoint_every=0", "train.steps=10"]
+    cmd = [sys.executable, "-m", "pgzoo", "train", "tiny/minirl", "seed=0", f"output.dir={run.run_dir}", *sets,
+           "--quiet"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len([r for r in read_metrics(run.run_dir / "metrics.csv") if "reward/mean" in r]) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        assert run.state == "running"
+        proc.send_signal(signal.SIGTERM)
+        text = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, text[-3000:]
+    assert (run.run_dir / "summary.json").is_file() and run.state == "stopped" and not run.finished
+    log = []
+    failed = run_missing([run], sets, log=log.append)
+    assert failed == [] and run.finished, log
+    assert any("resume (stopped) minirl-s0" in m for m in log)
+    steps = [int(r["step"]) for r in read_metrics(run.run_dir / "metrics.csv") if "reward/mean" in r]
+    assert steps == list(range(10))
