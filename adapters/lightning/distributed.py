@@ -18,8 +18,12 @@ data parallel (``data_parallel_size = world, tensor_parallel_size = 1``): pure Z
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
+import threading
+import time
 from typing import Any
 
 import torch
@@ -72,7 +76,7 @@ def trainer_parallelism(recipe) -> dict[str, Any]:
 
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-    timeout = datetime.timedelta(seconds=float(os.environ.get("PGZOO_DIST_TIMEOUT", 1800)))
+    timeout = datetime.timedelta(seconds=t.dist_timeout)
     backend = "nccl" if cuda else "gloo"
     if kind == "ddp":
         # MoE routing leaves experts without gradient in a micro-batch: DDP must look for unused parameters
@@ -82,6 +86,64 @@ def trainer_parallelism(recipe) -> dict[str, Any]:
                                                save_distributed_checkpoint=True, process_group_backend=backend,
                                                timeout=timeout)
     return kw
+
+
+def launcher() -> str | None:
+    """Who started this process as one rank of a run: ``torchrun``, ``slurm``, ``lightning`` (its multi-node
+    environment: ``MASTER_ADDR`` and ``NODE_RANK`` set on each machine), or None (a plain process)."""
+    env = os.environ
+    if env.get("TORCHELASTIC_RUN_ID") or ("RANK" in env and "WORLD_SIZE" in env):
+        return "torchrun"
+    if env.get("SLURM_NTASKS") and env.get("SLURM_PROCID"):
+        return "slurm"
+    if env.get("MASTER_ADDR") and env.get("NODE_RANK"):
+        return "lightning"
+    return None
+
+
+def check_launcher(num_nodes: int) -> None:
+    """Several machines need a launcher on each of them; without one, Lightning's rank 0 would wait for machines that
+    were never told to join (``train.dist_timeout`` long, 30 minutes by default)."""
+    if num_nodes > 1 and launcher() is None:
+        raise ConfigError(
+            f"train.num_nodes={num_nodes}, but this process was not started as one machine of a {num_nodes}-machine "
+            "job: start it on every machine with torchrun (--nnodes, --node-rank, --rdzv-endpoint) or under SLURM "
+            "(srun), or set MASTER_ADDR, MASTER_PORT and NODE_RANK on each machine; on one machine use "
+            "train.num_nodes=1 with train.devices=N (see docs/training.md, Scale out)")
+
+
+@contextlib.contextmanager
+def rendezvous_notice(world_size: int, num_nodes: int, timeout: float, *, every: float | None = None, say=None):
+    """While this process waits for the other ranks to join (until torch.distributed's process group exists), say
+    every ``every`` seconds (default: 30, or a quarter of ``timeout`` when that is shorter) what it waits for: how many ranks, at which address, as which machine, for how long
+    before ``train.dist_timeout`` gives up. One process per machine speaks (local rank 0). Silent on one process."""
+    local = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0"
+    if world_size <= 1 or local != "0":
+        yield
+        return
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    every = every if every is not None else min(30.0, timeout / 4)
+    done = threading.Event()
+
+    def watch():
+        start = time.monotonic()
+        while not done.wait(every):
+            d = torch.distributed
+            if d.is_available() and d.is_initialized():
+                return
+            where = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '(default port)')}"
+            node = os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or os.environ.get("SLURM_NODEID") or "0"
+            waited = time.monotonic() - start
+            say(f"pgzoo: waiting for the {world_size} ranks of {num_nodes} machine(s) to join at {where} (this is "
+                f"machine {node}, {launcher() or 'no launcher'}); {waited:.0f} s so far, giving up after "
+                f"train.dist_timeout={timeout:g} s")
+
+    thread = threading.Thread(target=watch, name="pgzoo-rendezvous-notice", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -174,5 +236,5 @@ def with_resume_hint(exc: BaseException, run_dir, world_size: int, step: int, co
     return exc
 
 
-__all__ = ["Stopped", "with_resume_hint", "env_rank", "world", "all_reduce_sum",
-           "trainer_parallelism", "shard_policy", "full_state_dict", "is_sharded", "decoder_layers"]
+__all__ = ["Stopped", "with_resume_hint", "env_rank", "world", "all_reduce_sum", "launcher", "check_launcher",
+           "rendezvous_notice", "trainer_parallelism", "shard_policy", "full_state_dict", "is_sharded", "decoder_layers"]

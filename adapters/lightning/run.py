@@ -111,12 +111,13 @@ def train(recipe, *, resume: bool = False, quiet: bool = False, command: str | N
     :class:`pgzoo.adapters.lightning.guards.Diverged` (``train.stop_on``)."""
     from pgzoo.adapters.lightning import resume as resume_mod
     from pgzoo.adapters.lightning import run_folder as rf
-    from pgzoo.adapters.lightning.distributed import env_rank
+    from pgzoo.adapters.lightning.distributed import check_launcher, env_rank
 
     t_start = time.perf_counter()
     _quiet_frameworks()
     # 1. recipe: types and combinations were checked on load; now this machine and the user-supplied paths
     recipe.check_environment()
+    check_launcher(recipe.train.num_nodes)  # several machines without a launcher would wait, silently, for none
     lead = env_rank() == 0  # rank 0 alone evaluates, logs, plots and summarises
     say = (lambda *a: None) if (quiet or not lead) else (lambda *a: print(*a, flush=True))
     recipe.check_files()
@@ -136,6 +137,7 @@ def _run(recipe, run_dir: Path, lead: bool, say, resume: bool, quiet: bool, comm
     import pgzoo.tasks
     from pgzoo.adapters.lightning import resume as resume_mod
     from pgzoo.adapters.lightning import run_folder as rf
+    from pgzoo.adapters.lightning.distributed import rendezvous_notice
     from pgzoo.adapters.lightning.signals import GracefulStop, fit_until_stopped
 
     ckpt = resume_mod.starting_checkpoint(run_dir, resume, say, lead=lead)  # intact, or None (a new run)
@@ -201,8 +203,9 @@ def _run(recipe, run_dir: Path, lead: bool, say, resume: bool, quiet: bool, comm
         warnings.filterwarnings("ignore", message=".*treespec.*")
         try:
             if start < recipe.train.steps:
-                fit_until_stopped(trainer, module, step_loader(start, recipe.train.steps), stop, run_dir,
-                                  recipe.world_size, recipe.train.steps, command)
+                with rendezvous_notice(recipe.world_size, recipe.train.num_nodes, recipe.train.dist_timeout):
+                    fit_until_stopped(trainer, module, step_loader(start, recipe.train.steps), stop, run_dir,
+                                      recipe.world_size, recipe.train.steps, command)
         finally:
             _close(engine)
     rf.finalize_loggers(trainer)

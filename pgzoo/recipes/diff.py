@@ -38,6 +38,7 @@ SAFE_TO_CHANGE = frozenset({
     "train.stop_on.entropy_uniform",
     # torch's intra-op threads: the same arithmetic, at most a different summation order in float reductions
     "train.threads",
+    "train.dist_timeout",
 })
 
 

@@ -152,6 +152,10 @@ class TrainSection(Section):
                             "devices x num_nodes > 1")
     devices: int = Field(1, gt=0, description="processes per machine: GPUs on CUDA, CPU processes (gloo) otherwise")
     num_nodes: int = Field(1, gt=0, description="machines (torchrun --nnodes, SLURM --nodes)")
+    dist_timeout: float = Field(1800.0, gt=0, allow_inf_nan=False,
+                                description="seconds the ranks wait for each other (joining at the start, then each "
+                                            "collective) before the run stops with an error; while ranks join, "
+                                            "each machine says every 30 s what it waits for")
     activation_checkpointing: bool = Field(False, description="fsdp: recompute each decoder layer's activations in "
                                                               "the backward pass (less memory, ~1/3 more compute)")
     mixed_precision: bool = Field(False, description="fsdp on CUDA: bfloat16 parameters in forward/backward, "
