@@ -48,12 +48,72 @@ def lora_config(section):
         raise ConfigError(f"model.lora: PEFT refuses this LoraConfig ({exc}); fix the model.lora keys") from None
 
 
+def _matches(key: str, name: str) -> bool:
+    """PEFT's rule for a module or parameter name given as a string: the full name, or a suffix after a dot."""
+    return key == name or key.endswith("." + name)
+
+
+def check_targets(policy: torch.nn.Module, section) -> None:
+    """Every name of ``target_modules`` (a list), ``target_parameters`` and ``modules_to_save`` must match something
+    in ``policy``: PEFT only checks that *some* target matched, so ``[q_proj, v_prj]`` would train q_proj alone. A
+    module to save must not be one of two tied tensors (input embeddings and LM head): PEFT trains a copy of it, so
+    the policy's two would come apart while the rollout engine, which loads one shared tensor, keeps computing with
+    the other."""
+    from pgzoo.errors import suggest
+
+    peft = require("peft", "hf")
+    modules = [name for name, _ in policy.named_modules() if name]
+    params = [name for name, _ in policy.named_parameters()]
+    short = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    if isinstance(section.target_modules, list):
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        for name in section.target_modules:
+            config = peft.LoraConfig(target_modules=[name])
+            if not any(check_target_module_exists(config, key) for key in modules):
+                raise ConfigError(f"model.lora.target_modules: {name!r} matches no module of the policy."
+                                  f"{suggest(name, short)} Every name must match (PEFT only checks that one does)")
+    for name in section.target_parameters:
+        if not any(_matches(key, name) for key in params):
+            options = sorted({p.split(".", 2)[-1] if p.count(".") > 1 else p for p in params})
+            raise ConfigError(f"model.lora.target_parameters: {name!r} matches no parameter of the policy."
+                              f"{suggest(name, options)} Give a parameter's name or its suffix, e.g. "
+                              "mlp.experts.gate_up_proj")
+    tied = _tied_modules(policy)
+    for name in section.modules_to_save:
+        found = [key for key in modules if _matches(key, name)]
+        if not found:
+            raise ConfigError(f"model.lora.modules_to_save: {name!r} matches no module of the policy."
+                              f"{suggest(name, short)}")
+        both = [key for key in found if key in tied]
+        if both:
+            other = tied[both[0]]
+            raise ConfigError(f"model.lora.modules_to_save: {name!r} ({both[0]}) shares its weight with {other} "
+                              "(tied input and output embeddings): a trained copy of one would untie them in the "
+                              "policy while the rollout engine keeps one shared tensor, so the two would drift apart. "
+                              "Leave it out (the adapters train the rest), or use a model with untied embeddings")
+
+
+def _tied_modules(policy: torch.nn.Module) -> dict[str, str]:
+    """``{module name: the other module's name}`` for the input embeddings and the LM head when they share a weight."""
+    get_in, get_out = getattr(policy, "get_input_embeddings", None), getattr(policy, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return {}
+    emb, head = get_in(), get_out()
+    if emb is None or head is None or getattr(emb, "weight", None) is not getattr(head, "weight", 1):
+        return {}
+    names = {id(m): n for n, m in policy.named_modules()}
+    a, b = names.get(id(emb)), names.get(id(head))
+    return {a: b, b: a} if a and b else {}
+
+
 def wrap_policy(policy: torch.nn.Module, section) -> torch.nn.Module:
     """``policy`` wrapped with fresh LoRA adapters (B = 0: the wrapped policy computes exactly what ``policy``
-    did); base parameters frozen."""
+    did); base parameters frozen. Every target must match (:func:`check_targets`)."""
     import warnings
 
     peft = require("peft", "hf")
+    check_targets(policy, section)
     try:
         with warnings.catch_warnings():  # PEFT notes its own internal per-parameter patterns for target_parameters
             warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
