@@ -60,6 +60,19 @@ def all_reduce_sum(x: torch.Tensor, strategy=None) -> torch.Tensor:
     return x
 
 
+def gather_rows(x: torch.Tensor, strategy=None) -> torch.Tensor:
+    """``[W, *x.shape]``: every rank's ``x`` (equal shapes on every rank), rank order, through the strategy's
+    ``all_gather``; ``x[None]`` on one process. Without a strategy, torch.distributed directly."""
+    size = world()[0]
+    if size == 1:
+        return x[None]
+    if strategy is not None:
+        return strategy.all_gather(x)
+    out = [torch.empty_like(x) for _ in range(size)]
+    torch.distributed.all_gather(out, x.contiguous())
+    return torch.stack(out)
+
+
 def trainer_parallelism(recipe) -> dict[str, Any]:
     """The ``lightning.Trainer`` keywords of ``recipe.train``: accelerator, devices, num_nodes and the strategy."""
     t = recipe.train
@@ -236,5 +249,5 @@ def with_resume_hint(exc: BaseException, run_dir, world_size: int, step: int, co
     return exc
 
 
-__all__ = ["Stopped", "with_resume_hint", "env_rank", "world", "all_reduce_sum", "launcher", "check_launcher",
+__all__ = ["Stopped", "with_resume_hint", "env_rank", "world", "all_reduce_sum", "gather_rows", "launcher", "check_launcher",
            "rendezvous_notice", "trainer_parallelism", "shard_policy", "full_state_dict", "is_sharded", "decoder_layers"]

@@ -1,5 +1,5 @@
-"""The loop's data: one step's rollout rows on a rank, host copies of their lengths, the metrics accumulator, and the
-dataset of global step indices (see :mod:`pgzoo.adapters.lightning.module`)."""
+"""The loop's data: one step's rollout rows on a rank, their advantages over the whole step, host copies of their
+lengths, the metrics accumulator, and the dataset of global step indices (see :mod:`pgzoo.adapters.lightning.module`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,29 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from pgzoo.adapters.lightning.distributed import all_reduce_sum, world
+from pgzoo import advantages as advantage_estimators
+from pgzoo.adapters.lightning.distributed import all_reduce_sum, gather_rows, world
+
+
+def step_advantages(name: str, rewards: torch.Tensor, lengths: torch.Tensor, group_size: int, *, strategy=None,
+                    device=None) -> torch.Tensor:
+    """This rank's advantages, computed by estimator ``name`` over the WHOLE step's rows, as one process holding every
+    prompt would: every rank's rewards and lengths are gathered (prompts are dealt round-robin: rank r holds prompts
+    r, r + W, r + 2W, ..., each with its G rows), put back in prompt order, the estimator runs once, and this rank's
+    rows are taken back. Group-relative estimators would give the same on each rank's share; those that normalise
+    over the batch (``reinforce++``'s whitening, ``gpg``'s scale) would not, and neither would any estimator
+    registered later that looks across groups, so every estimator goes this way. ``device``: where the gather runs
+    (the module's device: NCCL gathers CUDA tensors); the result is on the rewards' device."""
+    size, rank = world()
+    if size == 1:
+        return advantage_estimators.compute(name, rewards, group_size=group_size, lengths=lengths)
+    prompts = rewards.shape[0] // group_size
+    device = device or rewards.device
+    both = torch.stack([rewards.to(device, torch.float32), lengths.to(device, torch.float32)])  # one collective
+    gathered = gather_rows(both, strategy).to(rewards.device)  # [W, 2, prompts * G]
+    ordered = gathered.view(size, 2, prompts, group_size).permute(1, 2, 0, 3).reshape(2, -1)  # prompt-major
+    adv = advantage_estimators.compute(name, ordered[0], group_size=group_size, lengths=ordered[1].round().long())
+    return adv.view(prompts, size, group_size)[:, rank].reshape(-1)
 
 
 @dataclass

@@ -36,7 +36,6 @@ import time
 
 import torch
 
-from pgzoo import advantages as advantage_estimators
 from pgzoo.adapters.lightning.distributed import all_reduce_sum, is_sharded, shard_policy, world
 from pgzoo.adapters.lightning.guards import check_step
 from pgzoo.adapters.lightning.loop_data import (
@@ -45,6 +44,7 @@ from pgzoo.adapters.lightning.loop_data import (
     RolloutBatch,
     attention_of,
     lengths_of,
+    step_advantages,
     strip_padding,
     unsharded,
 )
@@ -157,9 +157,10 @@ class RLModule(L.LightningModule):
         texts = self.tokenizer.batch_decode(strip_padding(ro.completion_ids, ro.completion_mask), skip_special_tokens=True)
         rewards = torch.tensor([self._reward(t, problems[i // self.ro.group_size], step)
                                 for i, t in enumerate(texts)], dtype=torch.float32)
-        # 3. advantages: group-relative (groups never straddle ranks: prompts are sharded whole)
-        adv = advantage_estimators.compute(self.advantage_name, rewards, group_size=self.ro.group_size,
-                                  lengths=ro.completion_mask.sum(-1))  # OPO's baseline, REINFORCE++'s token weights
+        # 3. advantages over the whole step (every rank's rewards: batch-level estimators see the batch one process
+        #    would); lengths: OPO's baseline, REINFORCE++'s token weights
+        adv = step_advantages(self.advantage_name, rewards, ro.completion_mask.sum(-1), self.ro.group_size,
+                              strategy=self._strategy(), device=self.device)
         data = RolloutBatch(ro.prompt_ids, ro.prompt_mask.bool(), ro.completion_ids, ro.completion_mask.bool(),
                             ro.logprobs.float(), adv, rewards, ro.truncated.bool(),
                             routes=ro.routes if self.tr.routing_replay == "R3" else None).to(self.device)

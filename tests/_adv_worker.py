@@ -1,0 +1,46 @@
+"""One rank of tests/test_step_advantages.py: ``python _adv_worker.py OUT`` under torchrun-style environment variables
+(gloo). For every registered advantage estimator, this rank's advantages of a fixed step computed over the whole step
+(``step_advantages``) and, as the control, over this rank's rows alone; saved to ``OUT/rank<r>.pt``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+G, PROMPTS = 4, 6  # 6 prompts of 4 rows: 3 per rank on 2 ranks
+
+
+def step_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole step in prompt order: 0/1 rewards (pass@k needs them) with groups of every kind, and lengths."""
+    g = torch.Generator().manual_seed(0)
+    rewards = (torch.rand(PROMPTS * G, generator=g) < 0.4).float()
+    rewards[:G] = 1.0  # a group whose rewards all agree
+    lengths = torch.randint(1, 30, (PROMPTS * G,), generator=g)
+    return rewards, lengths
+
+
+def rank_rows(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows: prompts rank, rank + W, ... (the trainer deals prompts round-robin)."""
+    return x.view(PROMPTS, G)[rank::world].reshape(-1)
+
+
+def main(out: Path) -> None:
+    import pgzoo
+    from pgzoo.adapters.lightning.loop_data import step_advantages
+
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rewards, lengths = step_rows()
+    mine_r, mine_l = rank_rows(rewards, rank, world), rank_rows(lengths, rank, world)
+    result = {}
+    for name in pgzoo.advantages.available():
+        result[name] = (step_advantages(name, mine_r, mine_l, G),
+                        pgzoo.advantages.compute(name, mine_r, group_size=G, lengths=mine_l))
+    torch.save(result, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
