@@ -341,3 +341,34 @@ def test_an_undeclared_builder_gets_the_conservative_default():
 def test_malformed_declarations_are_rejected_by_field(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         EngineCapabilities(**kwargs)
+
+
+def test_docs_table_is_the_built_in_declarations():
+    from pgzoo.rollout.builders import capability_table
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "rollout.md").read_text()
+    assert capability_table(["transformers", "vllm"]) in docs, "regenerate the table in docs/rollout.md"
+
+
+def test_recipe_errors_name_the_setting_the_engine_and_the_engines_that_declare_it(monkeypatch):
+    """A registered engine's declaration is what a recipe is checked against (no engine is built)."""
+    from pgzoo.recipes import Recipe
+
+    engines.register("contract-declared-little", build_torch_sampler)  # the sampler's declaration: float32 only
+    try:
+        base = {"rollout": {"engine": "contract-declared-little"}, "objective": {"name": "grpo"}}
+        Recipe.model_validate(base).check()  # what it declares passes
+        for section, key, value, field in [("rollout", "dtype", "bfloat16", "dtypes"),
+                                           ("rollout", "router_dtype", "bfloat16", "router_dtype"),
+                                           ("train", "routing_replay", "R3", "routes"),
+                                           ("train", "strategy", "fsdp", "sharded_sync")]:
+            recipe = Recipe.model_validate({**base, section: {**base.get(section, {}), key: value}})
+            with pytest.raises(ConfigError, match=rf"{section}\.{key}={value}.*rollout\.engine=contract-declared-"
+                                                  rf"little does not declare.*EngineCapabilities\.{field}.*engines "
+                                                  rf"that do: .*transformers.*set rollout\.engine=transformers"):
+                recipe.check()
+        fp8 = Recipe.model_validate({**base, "rollout": {**base["rollout"], "fp8": True}})
+        with pytest.raises(ConfigError, match=r"rollout\.fp8=true.*engines that do: .*transformers"):
+            fp8.check()
+    finally:
+        engines.unregister("contract-declared-little")

@@ -99,3 +99,20 @@ def build_transformers(rollout, model_path, *, seed: int = 0, return_routes: boo
     it records routes while generating whenever asked, so ``return_routes`` needs nothing at build time."""
     return TransformersEngine(str(model_path), dtype=rollout.dtype, fp8=rollout.fp8,
                               router_dtype=rollout.router_dtype)
+
+
+def capability_table(names: list[str] | None = None) -> str:
+    """A Markdown table of the declared capabilities of ``names`` (default: every registered engine); docs/rollout.md
+    holds the built-ins' table, and a test keeps it equal to this."""
+    names = engines.available() if names is None else names
+    yes = {True: "yes", False: "no"}
+    lines = ["| engine | `rollout.dtype` | `rollout.fp8` | `rollout.router_dtype` | routes (R3) | LoRA sync | "
+             "sharded (FSDP2) sync | float32 mean \\|Δ log p\\| |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        c = capabilities_of(name)
+        routes = ("CUDA only" if c.routes_need_cuda else "yes") if c.routes else "no"
+        fp8 = f"in {', '.join(c.fp8_dtypes)}" if c.fp8 else "no"
+        lines.append(f"| {name} | {', '.join(c.dtypes)} | {fp8} | {yes[c.router_dtype]} | {routes} | "
+                     f"{yes[c.lora_sync]} | {yes[c.sharded_sync]} | ≤ {c.logprob_tolerance:g} |")
+    return "\n".join(lines)
