@@ -10,8 +10,9 @@
 
 A recipe is checked against the declaration of its ``rollout.engine`` (:meth:`pgzoo.recipes.Recipe.check`), so a
 check never has to start an engine (starting vLLM takes tens of seconds) and never names an engine: a third engine
-that declares FP8 rollouts validates with ``rollout.fp8: true`` like the built-in ones. ``tests/test_engine_contract.py``
-holds every registered engine to its declaration (the float32 logprob tolerance, routes, syncs, seeds, close).
+that declares FP8 rollouts validates with ``rollout.fp8: true`` like the built-in ones.
+``tests/test_engine_contract.py`` holds every registered engine to its declaration (the float32 logprob tolerance,
+routes, syncs, seeds, close).
 
 A builder that declares nothing gets :data:`UNDECLARED`: float32 rollouts with plain ``load_weights(model)`` and
 nothing else (no routes, FP8, router dtype, LoRA or sharded sync), so a recipe asking more of it is rejected with the
