@@ -38,9 +38,9 @@ def test_user_mistakes_are_one_line_without_traceback(capsys, args, match):
 
 
 def test_r3_with_vllm_on_cpu_is_rejected(capsys, monkeypatch):
-    import pgzoo.recipes.schema
+    import pgzoo.rollout.capabilities
 
-    monkeypatch.setattr(pgzoo.recipes.schema, "_vllm_can_return_routes", lambda: False)
+    monkeypatch.setattr(pgzoo.rollout.capabilities, "has_cuda", lambda: False)  # vLLM's routes need CUDA
     assert main(["train", str(RECIPE), "train.routing_replay=R3", "--dry-run"]) == 2
     assert "rollout.engine=transformers" in capsys.readouterr().err
 

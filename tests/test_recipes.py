@@ -91,14 +91,14 @@ def test_bad_recipes_name_the_key_and_the_fix(override, match):
 
 
 def test_impossible_combination_r3_with_an_engine_without_routes(monkeypatch):
-    import pgzoo.recipes.schema as rec
+    import pgzoo.rollout.capabilities as caps
 
-    monkeypatch.setattr(rec, "_vllm_can_return_routes", lambda: False)
+    monkeypatch.setattr(caps, "has_cuda", lambda: False)  # vLLM's routes need CUDA: a machine without it
     r = load_recipe(ROOT / "tiny" / "minirl.yaml", ["train.routing_replay=R3"])  # the file itself is fine
     with pytest.raises(ConfigError, match="R3 needs the rollout engine's routes.*rollout.engine=transformers"):
         r.check_environment()
     load_recipe(ROOT / "tiny" / "minirl-r3.yaml").check_environment()  # transformers engine records routes
-    monkeypatch.setattr(rec, "_vllm_can_return_routes", lambda: True)
+    monkeypatch.setattr(caps, "has_cuda", lambda: True)
     r.check_environment()
 
 

@@ -143,7 +143,7 @@ def test_four_registries_are_instances_of_one_class():
     regs = [OBJECTIVES, ADVANTAGES, TASKS, ENGINES]
     assert all(type(r) is Registry for r in regs)
     assert [r.group for r in regs] == ["pgzoo.objectives", "pgzoo.advantages", "pgzoo.tasks", "pgzoo.engines"]
-    assert ENGINES.available() == ["transformers", "vllm"]
+    assert {"transformers", "vllm"} <= set(ENGINES.available())  # the built-ins; plugins and tests may add more
     assert TASKS.available("ar*") == ["arithmetic"]
     assert "rloo" in ADVANTAGES.available("r*")
     assert pgzoo.advantages.available() == ADVANTAGES.available()

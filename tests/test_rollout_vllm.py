@@ -220,18 +220,6 @@ def test_n_group_seed_eos_truncation(engine):
     assert any(truncated)
 
 
-def test_per_prompt_seeds_make_rows_independent_of_the_batch(engine):
-    seeds = [11, 5, 907]
-    whole = engine.generate(PROMPTS, n=4, max_new_tokens=12, seed=seeds)
-    for i in range(3):
-        alone = engine.generate([PROMPTS[i]], n=4, max_new_tokens=12, seed=[seeds[i]])
-        assert alone.completions() == whole.completions()[4 * i: 4 * i + 4]
-    assert engine.generate(PROMPTS, n=4, max_new_tokens=12, seed=11).completions()[:4] == whole.completions()[:4]
-    # completion j of a prompt is vLLM's child request seeded with the prompt's seed + j
-    assert engine.generate([PROMPTS[0]], n=1, max_new_tokens=12, seed=[12]).completions()[0] == \
-        whole.completions()[1]
-
-
 def test_large_seeded_batch(engine):
     # 256 rows of 30-token prompts: more prefill than one scheduler step takes (the case that broke seeded
     # sampling with chunked prefill on CPU)

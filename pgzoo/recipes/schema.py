@@ -5,7 +5,7 @@
 
 A recipe file is exactly :class:`Recipe` written as YAML: every section is a key, every field a sub-key.
 Unknown keys are rejected with the nearest valid key; wrong types name the dotted key; combinations that cannot run
-(R3 with an engine that cannot return routes, N not dividing the batch, MiniRL without the inference engine's
+(R3 with an engine that does not declare routes, N not dividing the batch, MiniRL without the inference engine's
 logprobs, ...) are rejected by :meth:`Recipe.check` with the fix. Command-line overrides are ``dotted.key=value``
 (the value is parsed as YAML: ``3e-4``, ``true``, ``null``, ``[a, b]``).
 
@@ -23,9 +23,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from pgzoo.errors import ConfigError, require, suggest
 from pgzoo.recipes.sections import (EvalSection, ModelSection, ObjectiveSection, OutputSection, RolloutSection,
                                     Section, TaskSection, TrainSection)
+
+if TYPE_CHECKING:
+    from pgzoo.rollout.capabilities import EngineCapabilities
 
 pydantic = require("pydantic", "lightning")
 Field = pydantic.Field
@@ -106,17 +112,42 @@ class Recipe(Section):
         if r.group_size < 2:
             raise ConfigError("rollout.group_size must be >= 2: group-relative advantages of a group of one are 0, "
                               "so nothing would be learned")
-        if r.fp8 and r.engine == "vllm" and r.dtype == "float32":
-            raise ConfigError("rollout.fp8=true with rollout.dtype=float32: FP8 rollouts run in bfloat16 or float16 "
-                              "activations; set rollout.dtype=bfloat16")
-        if r.router_dtype is not None and r.engine != "transformers":
-            raise ConfigError(f"rollout.router_dtype={r.router_dtype} needs rollout.engine=transformers: vLLM computes "
-                              "the router inside its fused MoE layer in the model's dtype and has no setting for the "
-                              "router alone; set rollout.engine=transformers or rollout.router_dtype=null")
+        self._check_engine()
         if self.eval.files and self.eval.k < 1:
             raise ConfigError("eval.k must be >= 1")
         self._check_objective()
         return self
+
+    def _check_engine(self) -> None:
+        """The rollout settings against what ``rollout.engine`` declares (its EngineCapabilities; no engine starts).
+        Device-dependent abilities (vLLM's routes need CUDA) are checked in :meth:`check_environment`."""
+        from pgzoo.rollout.builders import capabilities_of  # lazily, like RolloutSection: the engines import torch
+
+        r, t = self.rollout, self.train
+        caps = capabilities_of(r.engine)
+        if r.dtype not in caps.dtypes:
+            raise _unsupported(f"rollout.dtype={r.dtype}", f"{r.dtype} rollouts", r.engine, caps, "dtypes",
+                               lambda c: r.dtype in c.dtypes, f"rollout.dtype={caps.dtypes[0]}")
+        if r.fp8 and not caps.fp8:
+            raise _unsupported("rollout.fp8=true", "FP8 rollout weights", r.engine, caps, "fp8",
+                               lambda c: c.fp8 and r.dtype in c.fp8_dtypes, "rollout.fp8=false")
+        if r.fp8 and r.dtype not in caps.fp8_dtypes:
+            raise _unsupported(f"rollout.fp8=true with rollout.dtype={r.dtype}",
+                               f"FP8 rollouts in {r.dtype} (only in {', '.join(caps.fp8_dtypes)})", r.engine, caps,
+                               "fp8_dtypes", lambda c: c.fp8 and r.dtype in c.fp8_dtypes,
+                               f"rollout.dtype={caps.fp8_dtypes[0]}")
+        if r.router_dtype is not None and not caps.router_dtype:
+            raise _unsupported(f"rollout.router_dtype={r.router_dtype}", "a separate dtype for the MoE routers",
+                               r.engine, caps, "router_dtype", lambda c: c.router_dtype, "rollout.router_dtype=null")
+        if t.routing_replay == "R3" and not caps.routes:
+            raise _unsupported("train.routing_replay=R3 needs the rollout engine's routes", "routes", r.engine, caps,
+                               "routes", lambda c: c.routes, "train.routing_replay=R2")
+        if self.model.lora is not None and not caps.lora_sync:
+            raise _unsupported("model.lora", "syncing a LoRA policy (its effective weights)", r.engine, caps,
+                               "lora_sync", lambda c: c.lora_sync, "model.lora=null")
+        if self.strategy == "fsdp" and not caps.sharded_sync:
+            raise _unsupported("train.strategy=fsdp", "syncing a sharded policy (load_weight_buckets)", r.engine,
+                               caps, "sharded_sync", lambda c: c.sharded_sync, "train.strategy=ddp")
 
     def _check_objective(self) -> None:
         from pgzoo.errors import PgzooError
@@ -145,11 +176,13 @@ class Recipe(Section):
         """Reject what this machine cannot run (called by `pgzoo train`, including --dry-run; `pgzoo recipe validate`
         checks the file only, so paper recipes validate anywhere)."""
         r, t = self.rollout, self.train
-        if t.routing_replay == "R3" and r.engine == "vllm" and not _vllm_can_return_routes():
-            raise ConfigError(
-                "train.routing_replay=R3 needs the rollout engine's routes, but vLLM returns routed experts only with "
-                "its Model Runner V2 on a GPU (enable_return_routed_experts), not on this machine; use "
-                "rollout.engine=transformers (records routes while generating) or train.routing_replay=R2")
+        from pgzoo.rollout.builders import capabilities_of
+
+        caps = capabilities_of(r.engine)
+        if t.routing_replay == "R3" and not caps.routes_here():
+            raise _unsupported("train.routing_replay=R3 needs the rollout engine's routes",
+                               "routes on this machine (no CUDA)", r.engine, caps, "routes",
+                               lambda c: c.routes_here(), "train.routing_replay=R2")
         if t.devices > 1 and not _has_cuda() and t.devices > (os.cpu_count() or 1):
             raise ConfigError(f"train.devices={t.devices} CPU processes on a machine with {os.cpu_count()} cores; "
                               "use train.devices=1 (or 2 for a gloo DDP check)")
@@ -228,11 +261,15 @@ def _has_cuda() -> bool:
         return False
 
 
-def _vllm_can_return_routes() -> bool:
-    """vLLM's enable_return_routed_experts needs Model Runner V2, which runs on CUDA GPUs only."""
-    try:
-        import torch
+def _unsupported(setting: str, what: str, engine: str, caps: "EngineCapabilities", field: str,
+                 can: Callable[["EngineCapabilities"], bool], fallback: str) -> ConfigError:
+    """``setting``: rollout.engine=``engine`` does not declare ``what`` (with the engine's declared reason), the
+    registered engines that do (``can``), and the fix: one of those engines or ``fallback``."""
+    from pgzoo.rollout.builders import engines_that
 
-        return torch.cuda.is_available()
-    except Exception:  # pragma: no cover
-        return False
+    why = caps.note(field)
+    others = [name for name in engines_that(can) if name != engine]
+    which = f"engines that do: {', '.join(others)}" if others else "no registered engine does"
+    fixes = [f"rollout.engine={name}" for name in others[:2]] + [fallback]
+    return ConfigError(f"{setting}: rollout.engine={engine} does not declare {what} (EngineCapabilities.{field}"
+                       f"{f': {why}' if why else ''}); {which}; set {' or '.join(fixes)}")

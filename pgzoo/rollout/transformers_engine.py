@@ -33,6 +33,7 @@ import torch
 
 from pgzoo.errors import ConfigError, EngineError, require
 from pgzoo.rollout.base import Rollouts, assemble, check_generate_args, prompt_seeds, unwrap
+from pgzoo.rollout.capabilities import EngineCapabilities
 from pgzoo.rollout.fp8 import GRANULARITIES, fp8_parameter_names, quantize_fp8_tensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,8 +93,20 @@ class TransformersEngine:
         max_batch_size: rows per forward; larger requests run in chunks.
 
     Attributes:
+        capabilities: what the engine declares (recipe checks and tests/test_engine_contract.py read it).
         supports_routes: True for MoE families :mod:`pgzoo.routing` knows (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE).
     """
+
+    capabilities = EngineCapabilities(
+        dtypes=tuple(DTYPES),
+        fp8=True,
+        fp8_dtypes=tuple(DTYPES),  # fake quantisation: FP8-rounded weights in any compute dtype
+        router_dtype=True,
+        routes=True,  # recorded while generating, on any device (for the MoE families pgzoo.routing knows)
+        lora_sync=True,
+        sharded_sync=True,  # load_weight_buckets
+        logprob_tolerance=1e-5,  # float32 copy of the policy: KV-cached loop vs one full forward, ~1e-7 mean
+    )
 
     def __init__(
         self,
@@ -229,6 +242,7 @@ class TransformersEngine:
         before the next is read); what :func:`pgzoo.rollout.sync.sync_weights` calls."""
         import time
 
+        self._check_open()
         start = time.perf_counter()
         written: set[str] = set()
         for bucket in buckets:
@@ -253,6 +267,7 @@ class TransformersEngine:
 
         from pgzoo.rollout.sync import DEFAULT_BUCKET_MB, sync_weights
 
+        self._check_open()
         start = time.perf_counter()
         if unwrap(model) is self.model:
             self.last_sync_seconds = 0.0
@@ -277,6 +292,7 @@ class TransformersEngine:
         ``seeds[i] + j`` (``seed=s`` means ``seeds[i] = s + i``; "Seeds" in :mod:`pgzoo.rollout.base`), so a row's
         tokens do not depend on the other rows or on ``max_batch_size``; None uses the global RNG.
         """
+        self._check_open()
         prompts = check_generate_args(prompts, n, max_new_tokens, temperature, top_p, self.max_model_len,
                                       self.vocab_size)
         if return_routes and not self.supports_routes:
@@ -349,10 +365,14 @@ class TransformersEngine:
                 routes.append(recorded[i, p_len - len(r):])
         return completions, logprobs, truncated, routes
 
+    def _check_open(self) -> None:
+        if self.model is None:
+            raise EngineError("this TransformersEngine was closed; create a new one")
+
     def close(self) -> None:
-        """Release the engine's model copy."""
-        if not self._shares_module:
-            self.model = None
+        """Release the engine's model copy (a shared module is the caller's: only the engine's reference goes).
+        A closed engine refuses to generate or sync; closing twice is fine."""
+        self.model = None
 
     def __repr__(self) -> str:
         return (f"TransformersEngine({type(self.model).__name__}, dtype={self.dtype!r}, fp8={self.fp8}, "

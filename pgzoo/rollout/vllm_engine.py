@@ -40,6 +40,7 @@ import torch
 
 from pgzoo.errors import ConfigError, EngineError
 from pgzoo.rollout.base import Rollouts, assemble, check_generate_args, prompt_seeds
+from pgzoo.rollout.capabilities import EngineCapabilities
 from pgzoo.rollout.vllm_cpu_moe import EXPERT_NAME, CPUExperts, cpu_moe_targets
 from pgzoo.rollout.vllm_support import (checkpoint_shapes, cpu_kv_bytes, import_vllm,
                                         keep_default_process_group, quiet_reload_warnings, tensor_parallel_group)
@@ -70,9 +71,29 @@ class VLLMEngine:
         **llm_kwargs: passed to ``vllm.LLM`` unchanged (e.g. ``max_num_seqs``, ``tensor_parallel_size``).
 
     Attributes:
+        capabilities: what the engine declares (recipe checks and tests/test_engine_contract.py read it).
         supports_routes: ``generate(..., return_routes=True)`` works.
         last_sync_seconds: wall time of the last :meth:`load_weights`.
     """
+
+    capabilities = EngineCapabilities(
+        dtypes=DTYPES,
+        fp8=True,
+        fp8_dtypes=("bfloat16", "float16"),
+        router_dtype=False,
+        routes=True,
+        routes_need_cuda=True,
+        lora_sync=True,  # sync_weights merges the adapters and streams the effective weights
+        sharded_sync=True,  # load_weight_buckets
+        logprob_tolerance=1e-5,  # float32 vs the float32 policy: measured ~1e-7 mean, ~1e-6 max
+        notes=(
+            ("fp8_dtypes", "vLLM runs FP8 weights with bfloat16 or float16 activations"),
+            ("router_dtype", "vLLM computes the router inside its fused MoE layer in the model's dtype and has no "
+                             "setting for the router alone"),
+            ("routes", "vLLM returns routed experts only from its Model Runner V2 on a GPU "
+                       "(enable_return_routed_experts), which this CPU build (vllm-cpu) lacks"),
+        ),
+    )
 
     def __init__(
         self,
