@@ -24,7 +24,7 @@ BUILDABLE = frozenset(TOKEN_FIELDS) | {"entropies"}
 
 # The loss-shaping options several families share (docs/objectives.md, "Loss-shaping options"), at values that make
 # each one act on a small random batch. An objective gets the ones its Config has.
-SHAPING = dict(beta=0.05, top_entropy_quantile=0.5, off_policy_mask_threshold=0.05, entropy_coef=0.01)
+SHAPING = {"beta": 0.05, "top_entropy_quantile": 0.5, "off_policy_mask_threshold": 0.05, "entropy_coef": 0.01}
 # The training-inference correction levels, in the order the suite tries them: its ``correction`` variant takes the
 # first level an objective accepts (truncate mode), ``all-options`` the next (mask mode), so two levels and both modes
 # are checked per objective (GSPO and GMPO reject per-token weights; each level's formula is checked against a naive

@@ -33,7 +33,7 @@ GARBAGE = (float("nan"), float("inf"), -float("inf"), 1e30)
 
 
 def _same(a, b, *, exact: bool = True, msg: str = "") -> None:
-    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-10, atol=1e-13)
+    tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-10, "atol": 1e-13}
     torch.testing.assert_close(a, b, **tol, msg=msg or None)
 
 
@@ -107,7 +107,7 @@ def test_fully_masked_rows_contribute_nothing(name, options, rows, per_token):
     empty rows. With ``rows=1`` this is a batch masked everywhere but one row, against that row by itself."""
     obj = pgzoo.get(name, **options)
     real = make_batch(obj, per_token=per_token, seed=11, B=rows)
-    B, T = real.mask.shape
+    B = real.mask.shape[0]
     order = [0, None, *range(1, B), None]  # None: an empty row, one inside the batch and one at its end
 
     def spread(x, fill=float("nan")):
