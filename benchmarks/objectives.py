@@ -1,16 +1,18 @@
-"""Forward + backward cost of every objective (metrics included) against a bare hand-written loss.
+"""Forward + backward cost of every registered objective (metrics included) against a bare hand-written loss.
 
     python benchmarks/objectives.py                       # [256, 4096] float32, eager
     python benchmarks/objectives.py --compile             # also torch.compile both sides
     python benchmarks/objectives.py --batch 64 --length 1024 --repeats 5 --names minirl grpo
 
-For each objective the bare loss is the same formula written directly on tensors: no TokenBatch, no validation, no
+The objectives are the registry's (``pgzoo.available()``, plugins included). For those in ``BARE`` the bare loss is
+the same formula written directly on tensors: no TokenBatch, no validation, no
 masking-by-replacement, no metrics. The two are timed interleaved in the same run (minimum over ``--repeats`` of the
 process CPU time, one thread by default), so load from other processes hits both alike; the ratio pgzoo / bare is
 what to read. pgzoo's side builds the TokenBatch
 inside the timed region with ``check_values=False`` (trainers that validate upstream do this; the value check is one
 host sync); the column ``checked`` times it with the check on, and ``loss only`` times
-``pgzoo.get(name, metrics=False)``: the same loss and gradient without the diagnostics.
+``pgzoo.get(name, metrics=False)``: the same loss and gradient without the diagnostics. An objective without a
+bare loss here is timed all the same, its bare and ratio columns left empty.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import pgzoo
 
 # ---------------------------------------------------------------------------------------------- bare losses
-# Written from DESIGN §4 with the fewest ops; masked positions are assumed clean (zeros), as a hand-rolled trainer
+# An optional baseline per objective, written from DESIGN §4 with the fewest ops; masked positions are assumed clean (zeros), as a hand-rolled trainer
 # would assume. No metrics.
 
 
@@ -251,12 +253,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--names", nargs="*", default=list(BARE))
+    parser.add_argument("--names", nargs="*", default=None,
+                        help="objectives to time (default: every registered one, pgzoo.available())")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd versions")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave as is)")
     parser.add_argument("--wall", action="store_true", help="wall-clock instead of process CPU time")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU timings are wall-clock, synchronised)")
     args = parser.parse_args(argv)
+    names = args.names if args.names else pgzoo.available()
     global WALL, DEVICE
     WALL, DEVICE = args.wall, torch.device(args.device)
     if args.threads:
@@ -272,28 +276,34 @@ def main(argv=None) -> int:
         header += " bare compiled ms | pgzoo compiled ms | compiled ratio | loss-only compiled ratio |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    for name in args.names:
+    for name in names:
         obj = pgzoo.get(name)
         obj_loss_only = pgzoo.get(name, metrics=False)  # same loss and gradient, no diagnostics
-        bare = BARE[name]
-        # correctness first: the bare loss is the same formula (same gradient)
-        g_ref = bare_step(bare, lp, m, adv, old, mu, ref)
-        g_obj = pgzoo_step(obj, lp, m, adv, old, mu, ref)
-        torch.testing.assert_close(g_obj, g_ref, rtol=1e-4, atol=1e-9)
+        bare = BARE.get(name)
+        if bare is not None:  # correctness first: the bare loss is the same formula (same gradient)
+            g_ref = bare_step(bare, lp, m, adv, old, mu, ref)
+            g_obj = pgzoo_step(obj, lp, m, adv, old, mu, ref)
+            torch.testing.assert_close(g_obj, g_ref, rtol=1e-4, atol=1e-9)
         run_p = lambda: pgzoo_step(obj, lp, m, adv, old, mu, ref)  # noqa: E731
         run_c = lambda: pgzoo_step(obj, lp, m, adv, old, mu, ref, True)  # noqa: E731
         run_n = lambda: pgzoo_step(obj_loss_only, lp, m, adv, old, mu, ref)  # noqa: E731
-        run_b = lambda: bare_step(bare, lp, m, adv, old, mu, ref)  # noqa: E731
+        run_b = (lambda: bare_step(bare, lp, m, adv, old, mu, ref)) if bare is not None else None  # noqa: E731
         for f in (run_p, run_n, run_b):
-            f()
+            if f is not None:
+                f()
         tp, tn, tb, tc = [], [], [], []
         for _ in range(args.repeats):  # interleaved: load affects all sides alike
-            tb += timeit(run_b, 1)
+            if run_b is not None:
+                tb += timeit(run_b, 1)
             tp += timeit(run_p, 1)
             tn += timeit(run_n, 1)
             tc += timeit(run_c, 1)
-        b, p, n, c = (min(x) * 1e3 for x in (tb, tp, tn, tc))
-        row = f"| `{name}` | {b:.1f} | {p:.1f} | {p / b:.2f}x | {n:.1f} | {n / b:.2f}x | {c:.1f} |"
+        p, n, c = (min(x) * 1e3 for x in (tp, tn, tc))
+        if tb:
+            b = min(tb) * 1e3
+            row = f"| `{name}` | {b:.1f} | {p:.1f} | {p / b:.2f}x | {n:.1f} | {n / b:.2f}x | {c:.1f} |"
+        else:  # no hand-written baseline: pgzoo's own timings only
+            row = f"| `{name}` | | {p:.1f} | | {n:.1f} | | {c:.1f} |"
         if args.compile:
             row += compiled_row(obj, obj_loss_only, bare, lp, m, adv, old, mu, ref, args.repeats)
         print(row, flush=True)
@@ -316,7 +326,8 @@ def compiled_row(obj, obj_loss_only, bare, lp, m, adv, old, mu, ref, repeats):
         def b_loss(lp_, m_, adv_, old_, mu_, ref_):
             return bare(lp_, m_.to(lp_.dtype), adv_[:, None].expand_as(lp_), old_, mu_, ref_)
 
-        cp, cn, cb = torch.compile(make_p_loss(obj)), torch.compile(make_p_loss(obj_loss_only)), torch.compile(b_loss)
+        cp, cn = torch.compile(make_p_loss(obj)), torch.compile(make_p_loss(obj_loss_only))
+        cb = torch.compile(b_loss) if bare is not None else None
 
         def run_compiled(fn):
             x = lp.detach().requires_grad_(True)
@@ -335,16 +346,22 @@ def compiled_row(obj, obj_loss_only, bare, lp, m, adv, old, mu, ref, repeats):
             cb(x, m, adv, old, mu, ref).backward()
             return x.grad
 
-        torch.testing.assert_close(run_cp(), run_cb(), rtol=1e-4, atol=1e-9)
-        torch.testing.assert_close(run_cn(), run_cb(), rtol=1e-4, atol=1e-9)
-        for f in (run_cp, run_cn, run_cb):
-            f()
+        if cb is not None:
+            torch.testing.assert_close(run_cp(), run_cb(), rtol=1e-4, atol=1e-9)
+            torch.testing.assert_close(run_cn(), run_cb(), rtol=1e-4, atol=1e-9)
+        for f in (run_cp, run_cn, run_cb if cb is not None else None):
+            if f is not None:
+                f()
         tp, tn, tb = [], [], []
         for _ in range(repeats):
-            tb += timeit(run_cb, 1)
+            if cb is not None:
+                tb += timeit(run_cb, 1)
             tp += timeit(run_cp, 1)
             tn += timeit(run_cn, 1)
-        b, p, n = min(tb) * 1e3, min(tp) * 1e3, min(tn) * 1e3
+        p = min(tp) * 1e3
+        if not tb:  # no hand-written baseline
+            return f" | {p:.1f} | | |"
+        b, n = min(tb) * 1e3, min(tn) * 1e3
         return f" {b:.1f} | {p:.1f} | {p / b:.2f}x | {n / b:.2f}x |"
     except Exception as exc:  # report, do not hide: compile support varies by platform
         return f" failed: {type(exc).__name__}: {str(exc).splitlines()[0][:60]} | | | |"

@@ -137,25 +137,6 @@ def test_aggregate_modes_by_hand():
         aggregate(term, batch, "mean")
 
 
-def test_global_normalisers_make_shards_add_up():
-    """Two micro-batches with global counts give the whole mini-batch's gradient (gradient accumulation/DDP)."""
-    full = random_batch(8, 6, seed=3, scale=0.3)
-    n_seq, n_tok = full.mask.any(-1).sum().item(), full.mask.sum().item()
-    for name in pgzoo.available():
-        if not pgzoo.get(name).shard_additive:  # selects tokens by batch statistics (clip-cov, kl-cov): per shard
-            continue
-        g_full = pgzoo.testing.grad_wrt_logprobs(name, full)
-        parts = []
-        for rows in (slice(0, 3), slice(3, 8)):
-            shard = pgzoo.TokenBatch(
-                logprobs=full.logprobs.detach()[rows], mask=full.mask[rows], advantages=full.advantages[rows],
-                old_logprobs=full.old_logprobs[rows], rollout_logprobs=full.rollout_logprobs[rows],
-                ref_logprobs=full.ref_logprobs[rows], num_sequences=n_seq, num_tokens=n_tok, max_tokens=6,
-            )
-            parts.append(pgzoo.testing.grad_wrt_logprobs(name, shard))
-        torch.testing.assert_close(torch.cat(parts), g_full, rtol=1e-10, atol=1e-12, msg=name)
-
-
 def test_assigning_a_field_drops_derived_views():
     batch = random_batch(4, 5, seed=0, off_policy=False)
     first = pgzoo.get("minirl-no-is")(batch)

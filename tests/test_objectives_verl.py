@@ -1,5 +1,7 @@
 """The objectives that come from verl (gpg, clip-cov, kl-cov, gmpo, dppo-tv, dppo-kl, dual clip, token-sum) against
-naive float64 loops written from each module's docstring formula; and the generic checks every objective passes.
+naive float64 loops written from each module's docstring formula. The properties every objective owes (masking,
+micro-batches, metrics=False, compile, extreme ratios, ...) are checked for all of them in
+tests/test_objective_properties.py; here, those that need verl-specific options (active covariance selection, ...).
 
 The references read only unmasked positions, one token at a time. verl's own code is the subject of
 tests/test_verl_losses.py.
@@ -10,10 +12,14 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 import test_objectives as generic
-import test_properties as props
-from test_objectives_compile import assert_one_graph
+import torch
+from _objective_checks import (
+    NoHostSync,
+    assert_one_graph,
+    documented_metric_names,
+    make_batch,
+)
 
 import pgzoo
 from pgzoo.testing import random_batch
@@ -334,19 +340,14 @@ def test_defaults_are_verls():
         assert pgzoo.get(name).default_advantage in pgzoo.advantages.available()
 
 
-# ---------------------------------------------------------------------------------------------- generic checks
-# The checks every objective passes (tests/test_objectives.py, tests/test_properties.py), run on these names.
-@pytest.mark.parametrize("name", NAMES)
-def test_generic_robustness(name):
-    for dtype in (torch.float32, torch.float64):
-        generic.test_huge_log_ratios_stay_finite(name, dtype)
-        generic.test_float32_matches_float64(name)
-    generic.test_masked_values_never_matter(name)
-    generic.test_shard_without_tokens_contributes_zero(name)
+# ---------------------------------------------------------------------------------------------- option variants
+# tests/test_objective_properties.py checks every objective under its defaults and the shared options; these are the
+# verl-specific option sets of VARIANTS.
+OPTION_VARIANTS = [v for v in VARIANTS if v[1]]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
-def test_metrics_off_gives_the_same_loss_and_gradient(variant):
+@pytest.mark.parametrize("variant", OPTION_VARIANTS, ids=_id)
+def test_option_variants_metrics_off_gives_the_same_loss_and_gradient(variant):
     name, options = variant
     full, bare = pgzoo.get(name, **options), pgzoo.get(name, metrics=False, **options)
     for seed, scenario in enumerate(["off-policy", "far", "per-token-adv", "nan-padding"]):
@@ -358,45 +359,23 @@ def test_metrics_off_gives_the_same_loss_and_gradient(variant):
         torch.testing.assert_close(g_bare, g_full, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_properties(name):
-    props.test_padding_values_and_length_do_not_matter(name=name)
-    if pgzoo.get(name).shard_additive:  # clip-cov / kl-cov break covariance ties by position: a permutation of
-        props.test_permuting_sequences_permutes_the_gradient(name=name)  # tied rows selects other tokens
-    props.test_finite_inputs_give_finite_outputs(name=name)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_no_host_sync(name, monkeypatch):
-    """As tests/test_diagnostics.py checks for the others: no value reaches the host inside the objective."""
-    import test_diagnostics
-
-    batch = random_batch(4, 6, seed=0, scale=0.3, check_values=False)
-    level = "geometric" if name == "gmpo" else "token"
-    obj = pgzoo.get(name, **ACTIVE.get(name, {}), correction={"level": level, "mode": "mask"})
-
-    def sync(*_args, **_kwargs):
-        raise AssertionError("host sync inside an objective")
-
-    for attr in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, attr, sync)
-    with test_diagnostics._NoLocalScalar() as guard:
-        out = obj(batch)
-        out.loss.backward()
-    monkeypatch.undo()
-    assert guard.ops > 10
-
-
-def test_every_metric_name_is_documented():
-    import re
-    from pathlib import Path
-
-    doc = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
-    documented = set(re.findall(r"`([a-z_]+/[a-z_0-9]+)`", doc))
+def test_option_variants_metric_names_are_documented():
     seen = set()
-    for name, options in VARIANTS:
+    for name, options in OPTION_VARIANTS:
         seen |= set(pgzoo.get(name, **options)(random_batch(3, 4, seed=0)).metrics)
-    assert seen - documented == set(), f"undocumented metrics: {sorted(seen - documented)}"
+    undocumented = seen - documented_metric_names()
+    assert not undocumented, f"undocumented metrics: {sorted(undocumented)}"
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVE))
+def test_active_covariance_selection_compiles_without_host_sync(name, monkeypatch):
+    """With several tokens selected (the defaults select one), still one graph and no host sync."""
+    obj = pgzoo.get(name, **ACTIVE[name], correction={"level": "token", "mode": "mask"})
+    batch = make_batch(obj, seed=0, pad_value=float("nan"))
+    assert_one_graph(obj, batch)
+    with NoHostSync(monkeypatch) as guard:
+        obj(batch.replace(check_values=False)).loss.backward()
+    assert guard.ops > 10
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -418,12 +397,3 @@ def test_selection_rule_against_a_sort(seed):
         expect = torch.zeros(B * T, dtype=torch.bool)
         expect[[j for _, j in sorted(flat)[:n]]] = True
         assert torch.equal(got.reshape(-1), expect), (seed, ratio_)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_compiles_to_one_graph(name):
-    """As tests/test_objectives_compile.py for the others: one torch.compile graph, same loss, gradient, metrics."""
-    level = "geometric" if name == "gmpo" else "token"
-    obj = pgzoo.get(name, **ACTIVE.get(name, {}), correction={"level": level, "mode": "mask"})
-    ref = random_batch(4, 6, seed=0, scale=0.3, pad_value=float("nan"))
-    assert_one_graph(obj, ref, fields=("old_logprobs", "rollout_logprobs"))
