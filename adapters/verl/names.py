@@ -93,7 +93,7 @@ def recipe_overrides(recipe) -> tuple[list[str], list[str]]:
     if "rollout_logprobs" in objective.requires:
         out += ["actor_rollout_ref.rollout.calculate_log_probs=true",
                 "algorithm.rollout_correction.rollout_is=token",
-                f"algorithm.rollout_correction.rollout_is_threshold={RAW_IS_THRESHOLD:g}",
+                f"algorithm.rollout_correction.rollout_is_threshold={RAW_IS_THRESHOLD:.1f}",
                 "algorithm.rollout_correction.bypass_mode=false"]
     estimator = obj_section.advantage or objective.default_advantage
     if estimator in VERL_ESTIMATOR:
@@ -125,8 +125,9 @@ def recipe_overrides(recipe) -> tuple[list[str], list[str]]:
     out.append(f"actor_rollout_ref.actor.ppo_mini_batch_size={rollout.prompts_per_step // train.num_minibatches}")
     if train.routing_replay is not None:
         # verl replays routes on its Megatron (and VeOmni) engine only (docs/verl.md, Routing replay)
-        out += ["actor_rollout_ref.actor.strategy=megatron",
-                f"actor_rollout_ref.actor.megatron.router_replay.mode={train.routing_replay}"]
+        out.append(f"actor_rollout_ref.actor.megatron.router_replay.mode={train.routing_replay}")
+        rest.append(f"train.routing_replay={train.routing_replay}: verl replays routes on its Megatron engine: run "
+                    f"verl with --config-name=ppo_megatron_trainer")
         if train.routing_replay == "R3":
             out.append("actor_rollout_ref.rollout.enable_rollout_routing_replay=true")
     for key in ("logprobs", "verify_sync", "sync_bucket_mb", "router_dtype"):
