@@ -56,7 +56,8 @@ def register(name: str, *, override: bool = False):
 
     ``rewards`` is a float ``[N]`` tensor, ``index`` the ``[N]`` group of each row in ``0..num_groups-1``. An
     estimator that takes a ``lengths`` argument receives the completions' ``[N]`` lengths when the caller gives
-    them; one with ``uses_groups = False`` set on it may be called without groups.
+    them; one with ``uses_groups = False`` set on it may be called without groups; ``inputs`` set on it names the
+    options it cannot run without (``remax``: ``baseline_rewards``), which pgzoo's trainer does not provide.
     """
     return registry.register(name, override=override)
 
@@ -350,7 +351,13 @@ def remax(rewards, index, num_groups, *, baseline_rewards=None):
 
 
 remax.uses_groups = False
+remax.inputs = ("baseline_rewards",)
 register("remax")(remax)
+
+
+def trainer_estimators() -> list[str]:
+    """The estimators pgzoo's trainer can run from rewards and lengths alone (every one without ``inputs``)."""
+    return [name for name in available() if not getattr(registry.get(name), "inputs", ())]
 
 
 # ---------------------------------------------------------------------------------------------------- the API
@@ -414,4 +421,4 @@ def compute(
     return fn(rewards, index, num_groups, **kwargs)
 
 
-__all__ = ["available", "compute", "register", "unregister", "Estimator"]
+__all__ = ["available", "compute", "register", "unregister", "trainer_estimators", "Estimator"]
