@@ -12,6 +12,9 @@ standard deviation (unbiased, as TRL and verl compute it), G_g its size and l_i 
 - ``gpg``                     α·(r_i − mean_g)/f_norm, α = N / #{j : r_j ≠ 0}         (GPG)
 - ``grpo-passk``              the group's best: (r_max − r_second)/(std_g + eps); others 0   (Pass@k, as verl)
 - ``pass-at-k``               the closed-form pass@k advantage of 0/1 rewards, option k   (Pass@k Training)
+- ``gdpo``                    Σ_k w_k·group-mean-std(r_k), whitened over the batch, option components [N, K]  (GDPO)
+- ``remax``                   r_i − b_i, b_i the reward of a greedy rollout of i's prompt (option baseline_rewards)
+                              (ReMax)
 
 Each estimator's docstring gives its paper and its verl counterpart.
 
@@ -53,7 +56,8 @@ def register(name: str, *, override: bool = False):
 
     ``rewards`` is a float ``[N]`` tensor, ``index`` the ``[N]`` group of each row in ``0..num_groups-1``. An
     estimator that takes a ``lengths`` argument receives the completions' ``[N]`` lengths when the caller gives
-    them; one with ``uses_groups = False`` set on it may be called without groups.
+    them; one with ``uses_groups = False`` set on it may be called without groups; ``inputs`` set on it names the
+    options it cannot run without (``remax``: ``baseline_rewards``), which pgzoo's trainer does not provide.
     """
     return registry.register(name, override=override)
 
@@ -284,6 +288,78 @@ def pass_at_k(rewards, index, num_groups, *, k: int = 1):
     return _zero_where((sigma == 0)[index], adv)
 
 
+@register("gdpo")
+def gdpo(rewards, index, num_groups, *, components=None, weights=None, lengths=None, eps: float = 1e-6,
+         scale_std: bool = True):
+    """GDPO: each reward component normalised within its group on its own, the weighted sum whitened over the batch.
+
+    Liu et al., "GDPO: Group reward-Decoupled Normalization Policy Optimization for Multi-reward RL Optimization"
+    (arXiv 2601.05242). With r_k the ``[N]`` rewards of component k (``components[:, k]``) and w_k its weight::
+
+        A_k = (r_k − mean_g(r_k)) / (std_g(r_k) + eps)        (group-mean-std per component; scale_std=False: r_k − mean_g)
+        A   = whiten_B(Σ_k w_k · A_k)
+
+    as verl's ``compute_gdpo_outcome_advantage`` (``algorithm.gdpo_reward_keys`` / ``gdpo_reward_weights``); the
+    whitening is over tokens with ``lengths`` (verl's ``masked_whiten`` over the response mask), over completions
+    without. ``components=None`` takes ``rewards`` as the one component (GRPO followed by batch whitening). A group
+    whose component is constant contributes zero for that component, a group of one too (verl keeps a lone
+    completion's reward as its score there).
+    """
+    _check_eps(eps)
+    if not isinstance(scale_std, bool):
+        raise ConfigError(f"advantages: scale_std={scale_std!r} must be True or False")
+    parts = rewards[:, None] if components is None else torch.as_tensor(components, device=rewards.device)
+    if parts.dim() != 2 or parts.shape[0] != rewards.shape[0]:
+        raise ConfigError(f"advantage estimator 'gdpo': components must be [N={rewards.shape[0]}, K] (one column "
+                          f"per reward component), got shape {tuple(parts.shape)}")
+    parts = parts.to(rewards.dtype)
+    if not bool(torch.isfinite(parts).all()):
+        raise ConfigError("advantage estimator 'gdpo': components contain NaN or Inf; fix the reward components")
+    w = torch.ones(parts.shape[1], dtype=rewards.dtype, device=rewards.device) if weights is None else \
+        torch.as_tensor(weights, dtype=rewards.dtype, device=rewards.device)
+    if w.shape != (parts.shape[1],):
+        raise ConfigError(f"advantage estimator 'gdpo': weights must hold one number per component "
+                          f"({parts.shape[1]}), got shape {tuple(w.shape)}")
+    total = torch.zeros_like(rewards)
+    for k in range(parts.shape[1]):
+        size, centred, std, constant = _group_stats(parts[:, k], index, num_groups)
+        adv_k = centred / (std + eps) if scale_std else centred
+        total = total + w[k] * _zero_where(constant | (size < 2), adv_k)
+    return _whiten(total, torch.ones_like(rewards) if lengths is None else lengths, 1e-8)
+
+
+def remax(rewards, index, num_groups, *, baseline_rewards=None):
+    """ReMax: A_i = r_i − b_i, b_i the reward of the greedy (argmax) completion of the same prompt.
+
+    Li et al., "ReMax: A Simple, Effective, and Efficient Reinforcement Learning Method for Aligning Large Language
+    Models" (arXiv 2310.10505); verl's ``compute_remax_outcome_advantage`` (its trainer samples the greedy rollout
+    when ``algorithm.adv_estimator=remax``). ``baseline_rewards`` ``[N]``: the baseline reward of each row's prompt,
+    repeated for its rows. pgzoo's Lightning trainer does not generate greedy rollouts, so it cannot run this
+    estimator: it is for callers that have the baseline rewards (verl does).
+    """
+    if baseline_rewards is None:
+        raise ConfigError("advantage estimator 'remax' needs baseline_rewards=[N]: the reward of a greedy rollout of "
+                          "each row's prompt. pgzoo's trainer does not sample one; verl does "
+                          "(algorithm.adv_estimator=remax)")
+    b = torch.as_tensor(baseline_rewards, device=rewards.device).to(rewards.dtype)
+    if b.shape != rewards.shape:
+        raise ConfigError(f"advantage estimator 'remax': baseline_rewards must be [N]={tuple(rewards.shape)} (one per "
+                          f"row, the greedy reward of its prompt), got shape {tuple(b.shape)}")
+    if not bool(torch.isfinite(b).all()):
+        raise ConfigError("advantage estimator 'remax': baseline_rewards contain NaN or Inf")
+    return rewards - b
+
+
+remax.uses_groups = False
+remax.inputs = ("baseline_rewards",)
+register("remax")(remax)
+
+
+def trainer_estimators() -> list[str]:
+    """The estimators pgzoo's trainer can run from rewards and lengths alone (every one without ``inputs``)."""
+    return [name for name in available() if not getattr(registry.get(name), "inputs", ())]
+
+
 # ---------------------------------------------------------------------------------------------------- the API
 def _check_lengths(lengths, n: int, like: torch.Tensor) -> torch.Tensor:
     lengths = torch.as_tensor(lengths, device=like.device)
@@ -345,4 +421,4 @@ def compute(
     return fn(rewards, index, num_groups, **kwargs)
 
 
-__all__ = ["available", "compute", "register", "unregister", "Estimator"]
+__all__ = ["available", "compute", "register", "unregister", "trainer_estimators", "Estimator"]

@@ -35,7 +35,7 @@ def main(out: Path) -> None:
     rewards, lengths = step_rows()
     mine_r, mine_l = rank_rows(rewards, rank, world), rank_rows(lengths, rank, world)
     result = {}
-    for name in pgzoo.advantages.available():
+    for name in pgzoo.advantages.trainer_estimators():  # remax needs greedy baseline rewards
         result[name] = (step_advantages(name, mine_r, mine_l, G),
                         pgzoo.advantages.compute(name, mine_r, group_size=G, lengths=mine_l))
     torch.save(result, out / f"rank{rank}.pt")

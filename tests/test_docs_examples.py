@@ -55,6 +55,8 @@ SKIPPED = {
     ("training.md", "#!/bin/bash"): "SLURM",
     ("trl.md", 'trainer = GRPOTrainer(loss=pgzoo.get("minirl"), model=model'): "a fragment",
     ("rollout.md", "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rollout.py --rounds 6"): "a benchmark of 6 rounds",
+    ("verl.md", "MODEL=/ckpt/qwen3-30b-a3b-cold-start TRAIN=/data/train.parquet VAL=/data/aime24.parquet NNODES=2 bash "
+                "benchmarks/verl_minirl.sh"): "a GPU cluster with verl's training stack",
 }
 SHORT_TRAIN = "train.steps=2 rollout.engine=transformers eval.num_problems=20"
 

@@ -26,7 +26,7 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("name", pgzoo.advantages.available())
+@pytest.mark.parametrize("name", pgzoo.advantages.trainer_estimators())
 def test_two_ranks_take_the_one_process_advantages(ranks, name):
     rewards, lengths = W.step_rows()
     whole = pgzoo.advantages.compute(name, rewards, group_size=W.G, lengths=lengths)

@@ -1,5 +1,5 @@
-"""``pgzoo recipe validate | list | cp``: check recipe files and print their plan, list the shipped recipes, copy one
-to edit.
+"""``pgzoo recipe validate | list | cp | export``: check recipe files and print their plan, list the shipped recipes,
+copy one to edit, print a recipe's settings for another trainer (``export --to verl``).
 
 ``pgzoo recipe validate RECIPE...`` checks files without loading any model (paths need not exist: file checks run
 when training starts, or here with ``--check-files``); ``pgzoo train RECIPE --dry-run`` prints the same plan.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from pgzoo.cli import recipe_export
 from pgzoo.errors import ConfigError
 from pgzoo.recipes.catalog import copy_recipe, list_recipes
 from pgzoo.recipes import load_recipe
@@ -27,9 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cp.add_argument("name", help="shipped recipe, e.g. tiny/minirl")
     cp.add_argument("dest", help="destination file (or folder)")
     cp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    recipe_export.add_arguments(sub)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.recipe_command == "export":
+        return recipe_export.run(args)
     if args.recipe_command == "list":
         rows = list_recipes(args.pattern)
         if not rows:
