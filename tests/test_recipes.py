@@ -128,3 +128,10 @@ def test_cli_validate_accepts_every_paper_recipe(capsys):
     assert out.count("ok  ") == len(PAPER)
     assert main(["recipe", "validate", str(PAPER[0]), "--check-files"]) == 2
     assert "model.path" in capsys.readouterr().err
+
+
+def test_an_estimator_the_trainer_cannot_feed_is_refused():
+    """remax needs a greedy rollout's rewards, which the trainer does not produce: refused at load, not at step 1."""
+    with pytest.raises(ConfigError, match=r"objective.advantage='remax' needs inputs .*baseline_rewards.*pick one of"):
+        load_recipe(ROOT / "tiny" / "minirl.yaml", ["objective.advantage=remax"])
+    assert load_recipe(ROOT / "tiny" / "minirl.yaml", ["objective.advantage=RLOO"]).objective.advantage == "RLOO"

@@ -163,14 +163,18 @@ class Recipe(Section):
                 f"objective {obj.name!r} requires the inference engine's logprobs (μ, its train-inference IS weight) "
                 "but rollout.logprobs=none; set rollout.logprobs=engine or pick an objective without that factor "
                 "(e.g. minirl-no-is)")
-        if self.objective.advantage is not None:
-            from pgzoo import advantages
+        from pgzoo import advantages
 
-            known = getattr(advantages, "ESTIMATORS", None) or getattr(advantages, "available", lambda: None)()
-            if known is not None and self.objective.advantage not in known:
-                raise ConfigError(f"objective.advantage={self.objective.advantage!r} is not an estimator in "
-                                  f"pgzoo.advantages.{suggest(self.objective.advantage, known)} "
-                                  f"Available: {', '.join(sorted(known))}")
+        name = self.objective.advantage or obj.default_advantage
+        known = advantages.available()
+        if advantages.registry.canonical(name) not in known:
+            raise ConfigError(f"objective.advantage={name!r} is not an estimator in "
+                              f"pgzoo.advantages.{suggest(name, known)} Available: {', '.join(known)}")
+        runnable = advantages.trainer_estimators()
+        if advantages.registry.canonical(name) not in runnable:
+            inputs = ", ".join(getattr(advantages.registry.get(name), "inputs", ()))
+            raise ConfigError(f"objective.advantage={name!r} needs inputs pgzoo's trainer does not produce ({inputs}); "
+                              f"pick one of {', '.join(runnable)}")
 
     def check_environment(self) -> "Recipe":
         """Reject what this machine cannot run (called by `pgzoo train`, including --dry-run; `pgzoo recipe validate`
