@@ -79,9 +79,9 @@ def entropy_kept(tk: Tokens, rho: float) -> set:
     """E: tokens whose entropy is at least the (1 − ρ)-quantile of the unmasked entropies (linear interpolation)."""
     if rho >= 1.0:
         return set(tk.tokens())
-    values = torch.tensor([float(tk.ent(i, t)) for i, t in tk.tokens()], dtype=torch.float64)
+    values = torch.tensor([float(tk.ent(i, t).detach()) for i, t in tk.tokens()], dtype=torch.float64)
     threshold = float(torch.quantile(values, 1.0 - rho))
-    return {(i, t) for i, t in tk.tokens() if float(tk.ent(i, t)) >= threshold}
+    return {(i, t) for i, t in tk.tokens() if float(tk.ent(i, t).detach()) >= threshold}
 
 
 def seq_kl_sampler(tk: Tokens, i: int) -> float:

@@ -117,6 +117,8 @@ class ClipCov(Objective):
         cov_lb, cov_ub: the covariance band of the candidates (1, 5).
         aggregation: ``token-mean`` or any token-level mode of :func:`pgzoo.aggregate`.
         correction: optional training–inference correction.
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping` (all off by default; the
+            reference KL is apart from KL-Cov's own ``kl_coef`` penalty on |lp − old|).
     """
 
     @shaped
@@ -178,6 +180,8 @@ class KLCov(Objective):
         kl_coef: β (0.1, verl's ``ppo_kl_coef``).
         aggregation: ``token-mean`` or any token-level mode of :func:`pgzoo.aggregate`.
         correction: optional training–inference correction.
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping` (all off by default; the
+            reference KL is apart from KL-Cov's own ``kl_coef`` penalty on |lp − old|).
     """
 
     @shaped

@@ -68,6 +68,7 @@ class DPPO(Objective):
         is_cap: C, the truncation of the stop-gradient IS weight r (3: verl's actor default ``clip_ratio_c``).
         aggregation: ``token-mean`` or any token-level mode of :func:`pgzoo.aggregate`.
         correction: optional training–inference correction.
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping` (all off by default).
     """
 
     @shaped

@@ -46,6 +46,9 @@ class GMPO(Objective):
     Config:
         eps_low, eps_high: log-space clip range of each token's log-ratio (0.2, 0.2: verl's defaults).
         correction: optional training–inference correction (sequence or geometric level).
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping`, at sequence level as for ``gspo``
+            (the KL as the row's mean, ``bias_correction_kl`` with the unclipped geometric-mean ratio);
+            ``top_entropy_quantile`` is refused (no token term to drop).
     """
 
     @shaped

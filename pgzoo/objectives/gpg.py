@@ -40,6 +40,7 @@ class GPG(Objective):
         aggregation: ``token-mean`` (verl's default ``loss_agg_mode``), or any token-level mode of
             :func:`pgzoo.aggregate`.
         correction: optional training–inference correction.
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping` (all off by default).
     """
 
     @shaped

@@ -44,6 +44,9 @@ class GSPO(Objective):
         eps_low, eps_high: clip range of the sequence ratio (3e-4, 4e-4).
         token_level: False → ``gspo`` (one term per sequence); True → ``gspo-token`` (per-token advantages).
         correction: optional training–inference correction (sequence or geometric level for ``gspo``).
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping`. On ``gspo``'s sequence term the
+            KL enters as the row's mean KL, the off-policy mask per sequence; ``top_entropy_quantile`` is refused
+            (no token term to drop; ``gspo-token`` takes it).
     """
 
     @shaped

@@ -49,6 +49,8 @@ class MiniRL(Objective):
         clip: apply the mask M (``minirl-no-clip`` sets False: M ≡ 1).
         train_inference_is: weight by π_θ/μ_θold (True) or only by π_θ/π_θold (``minirl-no-is``).
         aggregation: ``seq-mean-token-sum`` (``minirl-length-norm``: ``seq-mean-token-mean``).
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping`, all off by default (the paper's
+            objective has no KL term); ``correct_kl`` is refused: MiniRL takes no correction, its weight w is its own.
     """
 
     @shaped

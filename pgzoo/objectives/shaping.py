@@ -1,6 +1,6 @@
-"""Loss-shaping options shared by the PPO-clip family and its soft relatives (GRPO, Dr. GRPO, DAPO, BNPO, LUSPO,
-SAPO, CISPO, VESPO): a KL penalty with a choice of estimator, the high-entropy token mask, the off-policy sequence
-mask and an entropy bonus — the switches TRL's ``GRPOConfig`` and verl's actor config put around the policy loss.
+"""Loss-shaping options every objective takes: a KL penalty with a choice of estimator, the high-entropy token mask,
+the off-policy sequence mask and an entropy bonus — the switches TRL's ``GRPOConfig`` and verl's actor config put
+around the policy loss. :meth:`pgzoo.Objective.compute` applies them, once, to every family's term.
 
 With p_it the objective's policy term (e.g. the clipped surrogate), c_it an optional training–inference correction
 weight (:mod:`pgzoo.objectives.correction`), and r_it the objective's importance ratio (token or sequence level)::
@@ -27,7 +27,10 @@ weight (:mod:`pgzoo.objectives.correction`), and r_it the objective's importance
   N' is the number of kept tokens, scaled to the batch's token normaliser (N' = N_tok · Σm'/Σm), so that shards
   under global normalisers add up; with this batch's own counts N' = Σm' exactly (TRL's).
 
-Every option is off by default; each objective's docstring says which ones it takes.
+Every option is off by default. On a sequence-level term p_i (``gspo``, ``gmpo``) the KL enters as the row's mean
+Σ_t m·KL_it/|y_i| (r and c per sequence) and the off-policy mask per sequence (with the term's own advantage A_i);
+the entropy mask is refused there (no token term to drop), as is ``correct_kl`` on an objective without a
+``correction`` (MiniRL).
 """
 
 from __future__ import annotations
