@@ -424,7 +424,7 @@ def test_untested_trl_version_raises(monkeypatch):
         ({"loss": pgzoo.get("grpo", beta=0.1)}, {"beta": 0.04}, "GRPOConfig.beta=0.04 but objective 'grpo' has beta=0.1"),
         ({"loss": pgzoo.get("grpo", beta=0.04)}, {}, r"Set GRPOConfig\(beta=0.04\)"),
         ({"loss": "gspo"}, {"importance_sampling_level": "sequence"}, "importance_sampling_level"),
-        ({"loss": "minirl"}, {"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+        ({"loss": "gspo"}, {"top_entropy_quantile": 0.2}, "top_entropy_quantile=0.2 drops tokens.*one per sequence"),
         ({"loss": "grpo"}, {"loss_type": "sapo"}, "loss_type='sapo' but loss='grpo'"),
         ({"loss": "grpo"}, {"use_adaptive_entropy": True}, "use_adaptive_entropy"),
         ({}, {"loss_type": "cispo"}, "epsilon_high"),

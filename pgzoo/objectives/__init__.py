@@ -18,8 +18,9 @@ family (module)        registered names                             class
 =====================  ===========================================  ==================
 
 Variants are registrations of one class with default overrides, never copies (see each module's docstring for the
-exact formula, paper and reductions). The loss-shaping options several families share (KL estimator, entropy and
-off-policy masks, entropy bonus) live in :mod:`pgzoo.objectives.shaping`.
+exact formula, paper and reductions). A family implements its policy term; :meth:`Objective.compute` applies the
+correction, the loss-shaping options of :mod:`pgzoo.objectives.shaping` (KL estimator, entropy and off-policy
+masks, entropy bonus; every family takes them) and the aggregation, once.
 """
 
 from pgzoo.objectives.base import AGGREGATIONS, Objective, ObjectiveOutput, aggregate

@@ -4,8 +4,18 @@ An objective is a small class with a frozen ``Config`` dataclass of hyperparamet
 TokenBatch fields it cannot do without, and a ``default_advantage`` estimator name. Calling it on a
 :class:`~pgzoo.TokenBatch` returns an :class:`ObjectiveOutput` (``loss`` and detached tensor ``metrics``).
 
-Subclasses implement ``compute(batch) -> ObjectiveOutput``; the per-token term is computed first and reduced by
-:func:`aggregate`, so a new normalisation is a new mode there, not a branch in a loss.
+A family implements its policy term and its own metrics; :meth:`Objective.compute` is the one template that
+turns the term into a loss::
+
+    p          = policy_term(batch)                 the family's term (a :class:`Term`: per token, per sequence,
+                                                    or per-row sums)
+    p'         = E·O·c·p                            entropy and off-policy masks, training–inference correction c
+    p''        = p' − β·KL                          KL to the reference (:mod:`pgzoo.objectives.shaping`)
+    loss       = −aggregate(p'') − entropy_coef·H̄    one normalisation (:func:`normalise`), the entropy bonus
+    metrics    = term_metrics | correction | shaping (skipped entirely with ``metrics=False``)
+
+so a new normalisation is a new mode in :func:`normalise`, not a branch in a loss, and every shaping option
+composes with every objective whose term it is defined on (:meth:`Objective.check_shaping` refuses the rest).
 """
 
 from __future__ import annotations
@@ -15,12 +25,14 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
 from pgzoo.batch import TokenBatch
 from pgzoo.errors import BatchError, ConfigError
+from pgzoo.objectives.ratios import importance_log_ratio, ratio
+from pgzoo.objectives.shaping import NO_SHAPING, Shaper, check_shaping, is_shaped, shaping_requires
 from pgzoo.validate import check_bool, check_choice, check_int, check_number
 
 AGGREGATIONS = ("seq-mean-token-sum", "seq-mean-token-mean", "token-mean", "constant", "token-sum", "seq-mean")
@@ -37,6 +49,28 @@ class ObjectiveOutput:
 
 def _as_tensor(x, like: torch.Tensor) -> torch.Tensor:
     return x.to(like) if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=like.dtype, device=like.device)
+
+
+def normalise(total: torch.Tensor, batch: TokenBatch, mode: str) -> torch.Tensor:
+    """``total`` divided by the normaliser of ``mode``: the one place where a mode picks its denominator.
+
+    N_seq for the ``seq-mean*`` modes, N_tok for ``token-mean``, N_seq·L for ``constant``, none for ``token-sum``.
+    """
+    if mode == "token-sum":
+        return total
+    if mode == "seq-mean":
+        # a [B] term is at most N_seq rows of weight 1: an empty batch divides by 1 (exactly 0)
+        return total / _as_tensor(batch.sequence_count(), total).clamp_min(1.0)
+    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        denom = _as_tensor(batch.sequence_count(), total)
+    elif mode == "token-mean":
+        denom = _as_tensor(batch.token_count(), total)
+    elif mode == "constant":
+        denom = _as_tensor(batch.sequence_count(), total) * batch.length_constant()
+    else:
+        raise ConfigError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGGREGATIONS)}")
+    # A shard with no tokens (possible under global normalisers) contributes exactly zero, never 0/0.
+    return total / denom.clamp_min(1e-12)
 
 
 def aggregate(term: torch.Tensor, batch: TokenBatch, mode: str, *, clean: bool = False) -> torch.Tensor:
@@ -63,28 +97,14 @@ def aggregate(term: torch.Tensor, batch: TokenBatch, mode: str, *, clean: bool =
     if mode == "seq-mean":
         if not clean:
             term = torch.where(batch.has_tokens(), term, 0.0)
-        total = term.sum()
-        return total / _as_tensor(batch.sequence_count(), total).clamp_min(1.0)
+        return normalise(term.sum(), batch, mode)
+    if mode not in AGGREGATIONS:
+        raise ConfigError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGGREGATIONS)}")
     if not clean:
         term = batch.masked(term)
-    if mode == "seq-mean-token-sum":
-        total = term.sum()
-        denom = _as_tensor(batch.sequence_count(), total)
-    elif mode == "seq-mean-token-mean":
-        total = (term.sum(-1) / batch.seq_lengths().clamp_min(1.0)).sum()
-        denom = _as_tensor(batch.sequence_count(), total)
-    elif mode == "token-mean":
-        total = term.sum()
-        denom = _as_tensor(batch.token_count(), total)
-    elif mode == "constant":
-        total = term.sum()
-        denom = _as_tensor(batch.sequence_count(), total) * batch.length_constant()
-    elif mode == "token-sum":
-        return term.sum()
-    else:
-        raise ConfigError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGGREGATIONS)}")
-    # A shard with no tokens (possible under global normalisers) contributes exactly zero, never 0/0.
-    return total / denom.clamp_min(1e-12)
+    if mode == "seq-mean-token-mean":
+        return normalise((term.sum(-1) / batch.seq_lengths().clamp_min(1.0)).sum(), batch, mode)
+    return normalise(term.sum(), batch, mode)
 
 
 ROW_SUM_MODES = ("seq-mean-token-sum", "seq-mean-token-mean", "token-mean", "constant")
@@ -95,21 +115,35 @@ def aggregate_row_sums(row_sums: torch.Tensor, batch: TokenBatch, mode: str) -> 
     fully masked rows). For a term that factors per row (a sequence-level ratio, a per-row weight times lp) the
     row sums cost [B] work or one reduction, instead of building the ``[B, T]`` term. Modes: :data:`ROW_SUM_MODES`.
     """
-    if mode == "seq-mean-token-mean":
-        total = (row_sums / batch.seq_lengths().clamp_min(1.0)).sum()
-        denom = _as_tensor(batch.sequence_count(), total)
-    elif mode == "seq-mean-token-sum":
-        total = row_sums.sum()
-        denom = _as_tensor(batch.sequence_count(), total)
-    elif mode == "token-mean":
-        total = row_sums.sum()
-        denom = _as_tensor(batch.token_count(), total)
-    elif mode == "constant":
-        total = row_sums.sum()
-        denom = _as_tensor(batch.sequence_count(), total) * batch.length_constant()
-    else:
+    if mode not in ROW_SUM_MODES:
         raise ConfigError(f"aggregate_row_sums: mode {mode!r} is not one of {', '.join(ROW_SUM_MODES)}")
-    return total / denom.clamp_min(1e-12)
+    if mode == "seq-mean-token-mean":
+        return normalise((row_sums / batch.seq_lengths().clamp_min(1.0)).sum(), batch, mode)
+    return normalise(row_sums.sum(), batch, mode)
+
+
+class Term(NamedTuple):
+    """A family's policy term p, before :meth:`Objective.compute` applies correction, shaping and aggregation.
+
+    value: p, exactly 0 at masked positions and on rows without tokens; its shape is set by ``level``:
+        ``"token"``: ``[B, T]``, p_it per token;
+        ``"sequence"``: ``[B]``, one p_i per sequence (GSPO, GMPO), averaged over sequences (``seq-mean``);
+        ``"rows"``: ``[B]``, Σ_t m·p_it of a token term that factors per row (a fast path: no ``[B, T]`` term);
+        an objective returns it only with the per-token options (correction, entropy and off-policy masks) off.
+    lp: the masked logprobs with gradient if the family built them (the shaping reuses them), else None.
+    ratio: the importance ratio r with gradient that ``bias_correction_kl`` puts on the KL term, if the family
+        built it (``[B, T]``, or ``[B]`` for a sequence term); None: :meth:`Objective.kl_ratio` builds it when needed.
+    advantages: for a sequence term, the ``[B]`` advantages in p_i (the off-policy mask reads their sign); None for
+        token terms (the mask reads the batch's token advantages).
+    saved: intermediates the family's :meth:`Objective.term_metrics` reuses (read only when metrics are on).
+    """
+
+    value: torch.Tensor
+    level: str = "token"
+    lp: torch.Tensor | None = None
+    ratio: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    saved: dict[str, Any] | None = None
 
 
 class Objective:
@@ -128,7 +162,10 @@ class Objective:
     ``out.metrics``, skipping the diagnostics' passes over the batch (on CPU they cost more than the loss itself;
     see docs/objectives.md, Speed).
     ``requires`` is finalised per instance: ``extra_requires()`` adds fields the config needs (a correction needs
-    ``rollout_logprobs``, GRPO's β > 0 needs ``ref_logprobs``).
+    ``rollout_logprobs``, β > 0 needs ``ref_logprobs``).
+
+    A family implements :meth:`policy_term` (and :meth:`term_metrics`); :meth:`compute`, the template, does the
+    rest. A subclass may still override :meth:`compute` whole (it then owns correction, shaping and aggregation).
     """
 
     @dataclass(frozen=True)
@@ -144,6 +181,9 @@ class Objective:
     # batch's covariance): micro-batches then each select on their own, as verl's do, and their gradients do not
     # add up to the whole batch's.
     shard_additive: ClassVar[bool] = True
+    # False when the family folds the correction weight into its own term (VESPO's sequence weight): the template
+    # then leaves it out.
+    applies_correction: ClassVar[bool] = True
 
     def __init__(
         self, name: str | None = None, *, default_advantage: str | None = None, paper: str | None = None,
@@ -171,6 +211,9 @@ class Objective:
                 raise ConfigError(f"{self.name}: paper={paper!r} must be a string (title and arXiv id)")
             self.paper = paper
         self._check_config()
+        # the shaping options in effect: the config's own, or all off for a config without shaping fields
+        self.shaping = self.config if is_shaped(self.config) else NO_SHAPING
+        self.check_shaping()
         self.requires = frozenset(type(self).requires | self.extra_requires())
 
     @classmethod
@@ -185,9 +228,37 @@ class Objective:
 
     def extra_requires(self) -> frozenset[str]:
         """Fields required because of the config (e.g. ``ref_logprobs`` when β > 0); subclasses extend."""
+        extra = shaping_requires(self.shaping)
         if getattr(self.config, "correction", None) is not None:
-            return frozenset({"rollout_logprobs"})
-        return frozenset()
+            extra.add("rollout_logprobs")
+        return frozenset(extra)
+
+    def term_level(self) -> str:
+        """``"token"`` if the family's term is per token, ``"sequence"`` if it is one term per sequence (decides
+        which shaping options apply; a family whose level depends on its config overrides)."""
+        return "token"
+
+    def aggregation_mode(self) -> str:
+        """The token-level aggregation of the term (:func:`aggregate`): the config's ``aggregation`` if it has
+        one, else the class's. A sequence term is always averaged over sequences (``seq-mean``)."""
+        return getattr(self.config, "aggregation", type(self).aggregation)
+
+    def check_shaping(self) -> None:
+        """Validate the shaping options and refuse those that cannot apply to this objective's term."""
+        c = self.shaping
+        if c is NO_SHAPING:
+            return
+        check_shaping(self.name, c)
+        if c.top_entropy_quantile < 1.0 and self.term_level() == "sequence":
+            raise ConfigError(
+                f"{self.name}: top_entropy_quantile={c.top_entropy_quantile!r} drops tokens by their entropy, but "
+                f"{self.name}'s term is one per sequence (a ratio over all its tokens): there is no token term to "
+                "drop; leave top_entropy_quantile=1" + (" or use gspo-token" if self.name == "gspo" else ""))
+        if c.correct_kl and not any(f.name == "correction" for f in dataclasses.fields(self.config)):
+            raise ConfigError(
+                f"{self.name}: correct_kl=True weights the KL term by the training–inference correction, but "
+                f"{self.name} takes no correction (its own importance weight belongs to its policy term); leave "
+                "correct_kl=False")
 
     def _check_types(self) -> None:
         """Check every Config value against its annotation, strictly (runs before :meth:`_check_config`).
@@ -231,8 +302,69 @@ class Objective:
                 "evaluate the loss, call the objective under torch.no_grad()")
         return self.compute(batch)
 
+    # ------------------------------------------------------------------------------------------ the template
     def compute(self, batch: TokenBatch) -> ObjectiveOutput:
-        raise NotImplementedError
+        """The template: the family's term, then correction, shaping, aggregation and the metric merge, once."""
+        term = self.policy_term(batch)
+        shaper = Shaper(self.shaping, batch, term.lp, self.report_metrics)
+        weight, correction_metrics = self.correction_weights(batch, term.level)
+        value = shaper.policy(term.value, self.mask_advantages(batch, term), weight)
+        if self.shaping.beta > 0:
+            value = shaper.total(value, term.level, self.bias_ratio(batch, term, shaper), weight)
+        loss = shaper.bonus(-self.reduce(value, batch, term.level))
+        if not self.report_metrics:
+            return ObjectiveOutput(loss, {})
+        metrics = self.term_metrics(batch, term)
+        metrics.update(correction_metrics)
+        metrics.update(shaper.metrics)
+        return ObjectiveOutput(loss, metrics)
+
+    def policy_term(self, batch: TokenBatch) -> Term:
+        """The family's policy term p (see :class:`Term`); every family implements it."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither policy_term nor compute")
+
+    def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
+        """The family's own metrics (detached tensors), from the term's ``saved`` intermediates; none by default."""
+        return {}
+
+    def correction_weights(self, batch: TokenBatch, level: str) -> tuple[torch.Tensor | None, dict]:
+        """The training–inference correction weight c shaped like the term (``[B, T]`` for a token term, ``[B]``
+        for a sequence term) and its metrics; (None, {}) without a correction."""
+        correction = getattr(self.config, "correction", None)
+        if correction is None or not self.applies_correction:
+            return None, {}
+        if level == "sequence":
+            return correction.weights(batch)
+        return correction.token_weights(batch)
+
+    def mask_advantages(self, batch: TokenBatch, term: Term) -> torch.Tensor | None:
+        """The advantages whose sign the off-policy mask reads: the term's own for a sequence term, else the
+        batch's token advantages (None when the mask is off: nothing to build)."""
+        if self.shaping.off_policy_mask_threshold is None:
+            return None
+        return term.advantages if term.level == "sequence" else batch.token_advantages()
+
+    def kl_ratio(self, batch: TokenBatch, lp: torch.Tensor, level: str) -> torch.Tensor:
+        """The ratio r with gradient that ``bias_correction_kl`` multiplies the KL by, when the term brings none:
+        the ratio at the config's ``importance_sampling_level`` (token by default), or for a sequence term the row
+        mean of the token log-ratios (``[B]``). ``lp``: the masked logprobs with gradient."""
+        log_r = importance_log_ratio(batch, lp, getattr(self.config, "importance_sampling_level", "token"))
+        if level == "sequence":
+            log_r = log_r.sum(-1) / batch.seq_lengths().clamp_min(1.0)
+        return ratio(log_r)
+
+    def bias_ratio(self, batch: TokenBatch, term: Term, shaper: Shaper) -> torch.Tensor | None:
+        """The ratio for ``bias_correction_kl``: the term's own, else :meth:`kl_ratio`; None when it is off."""
+        if not self.shaping.bias_correction_kl:
+            return None
+        return term.ratio if term.ratio is not None else self.kl_ratio(batch, shaper.lp(), term.level)
+
+    def reduce(self, value: torch.Tensor, batch: TokenBatch, level: str) -> torch.Tensor:
+        """The shaped term aggregated to a scalar: row sums through :func:`aggregate_row_sums`, a sequence term by
+        ``seq-mean``, a token term by :meth:`aggregation_mode`."""
+        if level == "rows":
+            return aggregate_row_sums(value, batch, self.aggregation_mode())
+        return aggregate(value, batch, "seq-mean" if level == "sequence" else self.aggregation_mode(), clean=True)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
@@ -283,12 +415,6 @@ def check_annotated(key: str, value: Any, hint: Any) -> None:
         check_int(key, value)
     elif hint is str and not isinstance(value, str):
         raise ConfigError(f"{key}={value!r} must be a string, not {type(value).__name__}")
-
-
-# Log-ratios entering an exponential *with gradient* are clamped to ±MAX_LOG_RATIO (as verl does): r stays within
-# [2e-9, 4.9e8], so the loss and its gradient are finite in float32 however far the policies drift. Inside the
-# band the gradient is exact.
-MAX_LOG_RATIO = 20.0
 
 
 def log_bounds(eps_low: float | None, eps_high: float | None) -> tuple[float, float]:

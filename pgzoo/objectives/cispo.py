@@ -22,19 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from pgzoo.batch import TokenBatch
 from pgzoo.objectives.correction import Correction
 from pgzoo.objectives.diagnostics import clip_metrics, policy_metrics, weight_metrics
-from pgzoo.objectives.base import Objective, ObjectiveOutput, aggregate, check_aggregation, check_eps, log_bounds
-from pgzoo.objectives.grpo import ratio
-from pgzoo.objectives.shaping import (
-    Shaper,
-    shaped,
-    check_is_level,
-    check_shaping,
-    importance_log_ratio,
-    shaping_requires,
-)
+from pgzoo.objectives.base import Objective, Term, check_aggregation, check_eps, log_bounds
+from pgzoo.objectives.ratios import importance_log_ratio
+from pgzoo.objectives.shaping import shaped, check_is_level
 from pgzoo.objectives.registry import register
 
 
@@ -66,45 +61,37 @@ class CISPO(Objective):
         c = self.config
         check_eps(type(self).__name__, c.eps_low, c.eps_high, low_optional=True, high_optional=True)
         check_aggregation(type(self).__name__, c.aggregation)
-        check_shaping(self.name, c)
         check_is_level(self.name, c.importance_sampling_level)
 
-    def extra_requires(self) -> frozenset[str]:
-        return frozenset(super().extra_requires() | shaping_requires(self.config))
-
-    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+    def policy_term(self, batch: TokenBatch) -> Term:
         c = self.config
-        mask = batch.mask
         lp = batch.masked(batch.logprobs)
         adv = batch.token_advantages()
         log_r = importance_log_ratio(batch, lp.detach(), c.importance_sampling_level)
         r_minus_one = log_r.clamp(max=40.0).expm1_()  # shared with the metrics; an unbounded weight stays finite
         weight = (r_minus_one + 1.0).clamp_(min=None if c.eps_low is None else 1.0 - c.eps_low,
                                             max=None if c.eps_high is None else 1.0 + c.eps_high)
-        corr = None
-        if c.correction is not None:
-            corr, corr_metrics = c.correction.token_weights(batch)
-        shaper = Shaper(c, batch, lp, adv, self.report_metrics)
         r = None
-        if c.beta > 0 and c.bias_correction_kl:  # the KL term's ratio carries gradient
-            r = ratio(importance_log_ratio(batch, lp, c.importance_sampling_level))
-        term = shaper.total(shaper.policy(weight * adv * lp, corr), r, corr)
-        loss = shaper.bonus(-aggregate(term, batch, c.aggregation, clean=True))
-        if not self.report_metrics:
-            return ObjectiveOutput(loss, {})
+        if self.shaping.beta > 0 and c.bias_correction_kl:
+            # r with gradient for the KL's bias correction, built before the term: autograd then sums the gradient
+            # contributions to lp in one fixed order, the term's last (losses and gradients stay bit-reproducible)
+            r = self.kl_ratio(batch, lp, "token")
+        return Term(weight * adv * lp, lp=lp, ratio=r,
+                    saved=dict(log_r=log_r, r_minus_one=r_minus_one, weight=weight))
+
+    def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
+        c, s, mask = self.config, term.saved, batch.mask
+        log_r, r_minus_one = s["log_r"], s["r_minus_one"]
         lo, hi = log_bounds(c.eps_low, c.eps_high)
         low, high = log_r < lo, log_r > hi  # where the weight is clipped (it keeps its gradient path via lp)
         if c.importance_sampling_level == "sequence":  # the staleness metrics stay per token
             low, high = low & mask, high & mask
-            log_r = lp.detach() - batch.clean("old_logprobs")
+            log_r = term.lp.detach() - batch.clean("old_logprobs")
             r_minus_one = log_r.clamp(max=40.0).expm1()
         metrics = policy_metrics(batch, log_r, staleness_expm1=r_minus_one)
-        metrics.update(shaper.metrics)
-        if c.correction is not None:
-            metrics.update(corr_metrics)
         metrics.update(clip_metrics(low, high, mask))
-        metrics.update(weight_metrics(weight, low | high, mask, batch.mask_float()))
-        return ObjectiveOutput(loss, metrics)
+        metrics.update(weight_metrics(s["weight"], low | high, mask, batch.mask_float()))
+        return metrics
 
 
 register("cispo", CISPO)

@@ -45,17 +45,11 @@ from pgzoo.batch import TokenBatch
 from pgzoo.objectives.correction import Correction
 from pgzoo.objectives.diagnostics import clip_metrics, masked_fraction, policy_metrics
 from pgzoo.errors import ConfigError
-from pgzoo.objectives.base import (
-    Objective,
-    ObjectiveOutput,
-    aggregate,
-    check_aggregation,
-    check_eps,
-    log_bounds,
-    ppo_clip_flags,
-)
-from pgzoo.objectives.grpo import clipped_surrogate, ratio
+from pgzoo.objectives.base import Objective, Term, check_aggregation, check_eps, log_bounds, ppo_clip_flags
+from pgzoo.objectives.grpo import clipped_surrogate
+from pgzoo.objectives.ratios import ratio
 from pgzoo.objectives.registry import register
+from pgzoo.objectives.shaping import shaped
 
 
 def token_covariance(batch: TokenBatch, adv: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
@@ -99,6 +93,11 @@ def selected_mask(idx: torch.Tensor, chosen: torch.Tensor, like: torch.Tensor) -
     return flat.index_put((idx,), chosen, accumulate=True).reshape(like.shape)
 
 
+def selected_fraction(chosen: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """The share of the batch's unmasked tokens :func:`select_top` selected (the metric ``cov/selected_fraction``)."""
+    return chosen.sum().float() / batch.local_token_count().float().clamp_min(1.0)
+
+
 def add_at(term: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``term`` with ``values`` added at flat positions ``idx`` (differentiable in both; repeats add up)."""
     return term.reshape(-1).index_put((idx,), values, accumulate=True).reshape(term.shape)
@@ -118,8 +117,11 @@ class ClipCov(Objective):
         cov_lb, cov_ub: the covariance band of the candidates (1, 5).
         aggregation: ``token-mean`` or any token-level mode of :func:`pgzoo.aggregate`.
         correction: optional training–inference correction.
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping` (all off by default; the
+            reference KL is apart from KL-Cov's own ``kl_coef`` penalty on |lp − old|).
     """
 
+    @shaped
     @dataclass(frozen=True)
     class Config:
         eps_low: float = 0.2
@@ -144,7 +146,7 @@ class ClipCov(Objective):
                 raise ConfigError(f"{self.name}: {key}={value!r} must be a number (a covariance bound)")
         check_aggregation(self.name, c.aggregation)
 
-    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+    def policy_term(self, batch: TokenBatch) -> Term:
         c = self.config
         mask = batch.mask
         lp = batch.masked(batch.logprobs)
@@ -154,22 +156,20 @@ class ClipCov(Objective):
         cov = token_covariance(batch, adv, lp)
         candidates = mask & ~(low | high) & (cov > c.cov_lb) & (cov < c.cov_ub)
         idx, chosen = select_top(cov, candidates, c.cov_ratio, batch)
-        term = clipped_surrogate(ratio(log_r), adv, low, high, c.eps_low, c.eps_high)
+        r = ratio(log_r)
+        term = clipped_surrogate(r, adv, low, high, c.eps_low, c.eps_high)
         # a selected token's term is cancelled exactly (x − x = 0, gradient 1 − 1 = 0): k_max positions, no dense pass
         term = add_at(term, idx, -term.reshape(-1).index_select(0, idx) * chosen)
-        corr_metrics = {}
-        if c.correction is not None:
-            corr, corr_metrics = c.correction.token_weights(batch)
-            term = corr * term
-        loss = -aggregate(term, batch, c.aggregation, clean=True)
-        if not self.report_metrics:
-            return ObjectiveOutput(loss, {})
-        metrics = policy_metrics(batch, log_r.detach())
-        metrics["cov/selected_fraction"] = chosen.sum().float() / batch.local_token_count().float().clamp_min(1.0)
-        metrics["cov/candidate_fraction"] = masked_fraction(candidates, mask)
-        metrics.update(corr_metrics)
-        metrics.update(clip_metrics(low, high, mask))
-        return ObjectiveOutput(loss, metrics)
+        return Term(term, lp=lp, ratio=r,
+                    saved=dict(log_r=log_r, low=low, high=high, chosen=chosen, candidates=candidates))
+
+    def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
+        s, mask = term.saved, batch.mask
+        metrics = policy_metrics(batch, s["log_r"].detach())
+        metrics["cov/selected_fraction"] = selected_fraction(s["chosen"], batch)
+        metrics["cov/candidate_fraction"] = masked_fraction(s["candidates"], mask)
+        metrics.update(clip_metrics(s["low"], s["high"], mask))
+        return metrics
 
 
 class KLCov(Objective):
@@ -180,8 +180,11 @@ class KLCov(Objective):
         kl_coef: β (0.1, verl's ``ppo_kl_coef``).
         aggregation: ``token-mean`` or any token-level mode of :func:`pgzoo.aggregate`.
         correction: optional training–inference correction.
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping` (all off by default; the
+            reference KL is apart from KL-Cov's own ``kl_coef`` penalty on |lp − old|).
     """
 
+    @shaped
     @dataclass(frozen=True)
     class Config:
         cov_ratio: float = 2e-4
@@ -200,7 +203,7 @@ class KLCov(Objective):
             raise ConfigError(f"{self.name}: kl_coef={c.kl_coef!r} must be a number >= 0")
         check_aggregation(self.name, c.aggregation)
 
-    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+    def policy_term(self, batch: TokenBatch) -> Term:
         c = self.config
         mask = batch.mask
         lp = batch.masked(batch.logprobs)
@@ -209,18 +212,13 @@ class KLCov(Objective):
         idx, chosen = select_top(token_covariance(batch, adv, lp), mask, c.cov_ratio, batch)
         # the penalty touches at most 2·k_max positions: add it there instead of a dense |lr| pass
         penalty = (c.kl_coef * chosen.to(lp.dtype)) * log_r.reshape(-1).index_select(0, idx).abs()
-        term = add_at(ratio(log_r) * adv, idx, -penalty)
-        corr_metrics = {}
-        if c.correction is not None:
-            corr, corr_metrics = c.correction.token_weights(batch)
-            term = corr * term
-        loss = -aggregate(term, batch, c.aggregation, clean=True)
-        if not self.report_metrics:
-            return ObjectiveOutput(loss, {})
-        metrics = policy_metrics(batch, log_r.detach())
-        metrics["cov/selected_fraction"] = chosen.sum().float() / batch.local_token_count().float().clamp_min(1.0)
-        metrics.update(corr_metrics)
-        return ObjectiveOutput(loss, metrics)
+        r = ratio(log_r)
+        return Term(add_at(r * adv, idx, -penalty), lp=lp, ratio=r, saved=dict(log_r=log_r, chosen=chosen))
+
+    def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
+        metrics = policy_metrics(batch, term.saved["log_r"].detach())
+        metrics["cov/selected_fraction"] = selected_fraction(term.saved["chosen"], batch)
+        return metrics
 
 
 register("clip-cov", ClipCov)

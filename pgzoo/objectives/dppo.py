@@ -38,15 +38,10 @@ from pgzoo.batch import TokenBatch
 from pgzoo.objectives.correction import Correction
 from pgzoo.objectives.diagnostics import clip_metrics, masked_max, masked_mean, policy_metrics, weight_metrics
 from pgzoo.errors import ConfigError
-from pgzoo.objectives.base import (
-    MAX_LOG_RATIO,
-    Objective,
-    ObjectiveOutput,
-    advantage_factor,
-    aggregate,
-    check_aggregation,
-)
+from pgzoo.objectives.base import Objective, Term, advantage_factor, check_aggregation
+from pgzoo.objectives.ratios import MAX_LOG_RATIO
 from pgzoo.objectives.registry import register
+from pgzoo.objectives.shaping import shaped
 
 _BKL_GUARD = 1e-8  # verl's guard inside the binary KL's log((1 − p_old)/(1 − p))
 
@@ -73,8 +68,10 @@ class DPPO(Objective):
         is_cap: C, the truncation of the stop-gradient IS weight r (3: verl's actor default ``clip_ratio_c``).
         aggregation: ``token-mean`` or any token-level mode of :func:`pgzoo.aggregate`.
         correction: optional training–inference correction.
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping` (all off by default).
     """
 
+    @shaped
     @dataclass(frozen=True)
     class Config:
         divergence: str = "tv"
@@ -97,7 +94,7 @@ class DPPO(Objective):
                 raise ConfigError(f"{self.name}: {key}={value!r} must be a number > 0")
         check_aggregation(self.name, c.aggregation)
 
-    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+    def policy_term(self, batch: TokenBatch) -> Term:
         c = self.config
         lp = batch.masked(batch.logprobs)
         adv = advantage_factor(batch)  # [B, 1] or [B, T]
@@ -114,22 +111,18 @@ class DPPO(Objective):
             high = (adv > 0) & (div > c.eps_high) & (log_r > 0)
             low = (adv < 0) & (div > c.eps_low) & (log_r < 0)
         coef = weight * adv * ~(low | high)
-        corr_metrics = {}
-        if c.correction is not None:
-            corr, corr_metrics = c.correction.token_weights(batch)
-            coef = corr * coef
-        loss = -aggregate(coef * lp, batch, c.aggregation, clean=True)
-        if not self.report_metrics:
-            return ObjectiveOutput(loss, {})
-        mask = batch.mask
-        metrics = policy_metrics(batch, log_r, staleness_expm1=r_minus_one)
-        size = div.abs() if c.divergence == "tv" else div
+        return Term(coef * lp, lp=lp, saved=dict(log_r=log_r, r_minus_one=r_minus_one, weight=weight, div=div,
+                                                 low=low, high=high))
+
+    def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
+        c, s, mask = self.config, term.saved, batch.mask
+        metrics = policy_metrics(batch, s["log_r"], staleness_expm1=s["r_minus_one"])
+        size = s["div"].abs() if c.divergence == "tv" else s["div"]
         metrics[f"dppo/{c.divergence}_mean"] = masked_mean(size, mask)
         metrics[f"dppo/{c.divergence}_max"] = masked_max(size, mask)
-        metrics.update(corr_metrics)
-        metrics.update(clip_metrics(low, high, mask))
-        metrics.update(weight_metrics(weight, log_r > math.log(c.is_cap), mask, batch.mask_float()))
-        return ObjectiveOutput(loss, metrics)
+        metrics.update(clip_metrics(s["low"], s["high"], mask))
+        metrics.update(weight_metrics(s["weight"], s["log_r"] > math.log(c.is_cap), mask, batch.mask_float()))
+        return metrics
 
 
 register("dppo-tv", DPPO)

@@ -32,8 +32,12 @@ from pgzoo.batch import TokenBatch
 from pgzoo.objectives.correction import Correction
 from pgzoo.objectives.diagnostics import clip_metrics, masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
-from pgzoo.objectives.base import MAX_LOG_RATIO, Objective, ObjectiveOutput, aggregate, ppo_clip_flags
+import torch
+
+from pgzoo.objectives.base import Objective, Term, ppo_clip_flags
+from pgzoo.objectives.ratios import MAX_LOG_RATIO
 from pgzoo.objectives.registry import register
+from pgzoo.objectives.shaping import shaped
 
 
 class GMPO(Objective):
@@ -42,8 +46,12 @@ class GMPO(Objective):
     Config:
         eps_low, eps_high: log-space clip range of each token's log-ratio (0.2, 0.2: verl's defaults).
         correction: optional training–inference correction (sequence or geometric level).
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping`, at sequence level as for ``gspo``
+            (the KL as the row's mean, ``bias_correction_kl`` with the unclipped geometric-mean ratio);
+            ``top_entropy_quantile`` is refused (no token term to drop).
     """
 
+    @shaped
     @dataclass(frozen=True)
     class Config:
         eps_low: float = 0.2
@@ -63,7 +71,10 @@ class GMPO(Objective):
             raise ConfigError(f"{self.name}: correction.level='token' does not apply to a sequence-level term; "
                               "use level='sequence' or 'geometric'")
 
-    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+    def term_level(self) -> str:
+        return "sequence"
+
+    def policy_term(self, batch: TokenBatch) -> Term:
         c = self.config
         lp = batch.masked(batch.logprobs)
         adv = batch.token_advantages()
@@ -76,19 +87,16 @@ class GMPO(Objective):
         log_s = ((log_r * kept + bound).sum(-1) / lengths).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
         s = log_s.exp()
         seq_adv = adv.sum(-1) / lengths  # 0 for fully masked rows
-        term = seq_adv * s
-        corr_metrics = {}
-        if c.correction is not None:
-            weight, corr_metrics = c.correction.weights(batch)
-            term = weight * term
-        loss = -aggregate(term, batch, "seq-mean", clean=True)  # Ā_i = 0 on fully masked rows
-        if not self.report_metrics:
-            return ObjectiveOutput(loss, {})
-        metrics = policy_metrics(batch, log_r.detach())
-        metrics["gmpo/seq_ratio_mean"] = masked_mean(s.detach(), batch.has_tokens())
-        metrics.update(corr_metrics)
-        metrics.update(clip_metrics(low, high, batch.mask))
-        return ObjectiveOutput(loss, metrics)
+        # the KL's bias correction (Objective.kl_ratio) takes the unclipped geometric mean of the token ratios
+        return Term(seq_adv * s, level="sequence", lp=lp, advantages=seq_adv,
+                    saved=dict(log_r=log_r, s=s, low=low, high=high))
+
+    def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
+        s = term.saved
+        metrics = policy_metrics(batch, s["log_r"].detach())
+        metrics["gmpo/seq_ratio_mean"] = masked_mean(s["s"].detach(), batch.has_tokens())
+        metrics.update(clip_metrics(s["low"], s["high"], batch.mask))
+        return metrics
 
 
 register("gmpo", GMPO)

@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from pgzoo.batch import TokenBatch
 from pgzoo.objectives.correction import Correction
 from pgzoo.objectives.diagnostics import policy_metrics
-from pgzoo.objectives.base import Objective, ObjectiveOutput, advantage_factor, aggregate, check_aggregation
+import torch
+
+from pgzoo.objectives.base import Objective, Term, advantage_factor, check_aggregation
 from pgzoo.objectives.registry import register
+from pgzoo.objectives.shaping import shaped
 
 
 class GPG(Objective):
@@ -37,8 +40,10 @@ class GPG(Objective):
         aggregation: ``token-mean`` (verl's default ``loss_agg_mode``), or any token-level mode of
             :func:`pgzoo.aggregate`.
         correction: optional training–inference correction.
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping` (all off by default).
     """
 
+    @shaped
     @dataclass(frozen=True)
     class Config:
         aggregation: str = "token-mean"
@@ -50,20 +55,12 @@ class GPG(Objective):
     def _check_config(self) -> None:
         check_aggregation(type(self).__name__, self.config.aggregation)
 
-    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
-        c = self.config
+    def policy_term(self, batch: TokenBatch) -> Term:
         lp = batch.masked(batch.logprobs)
-        coef = advantage_factor(batch)  # [B, 1] or [B, T]
-        corr_metrics = {}
-        if c.correction is not None:
-            corr, corr_metrics = c.correction.token_weights(batch)
-            coef = corr * coef
-        loss = -aggregate(coef * lp, batch, c.aggregation, clean=True)
-        if not self.report_metrics:
-            return ObjectiveOutput(loss, {})
-        metrics = policy_metrics(batch)  # ratio and staleness: GPG ignores them, a user still wants to see them
-        metrics.update(corr_metrics)
-        return ObjectiveOutput(loss, metrics)
+        return Term(advantage_factor(batch) * lp, lp=lp)  # the factor is [B, 1] or [B, T]
+
+    def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
+        return policy_metrics(batch)  # ratio and staleness: GPG ignores them, a user still wants to see them
 
 
 register("gpg", GPG)

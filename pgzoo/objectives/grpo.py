@@ -54,32 +54,18 @@ from pgzoo.objectives.correction import Correction
 from pgzoo.objectives.diagnostics import clip_metrics, masked_fraction, policy_metrics
 from pgzoo.errors import ConfigError
 from pgzoo.objectives.base import (
-    MAX_LOG_RATIO,
     ROW_SUM_MODES,
     Objective,
-    ObjectiveOutput,
-    aggregate,
-    aggregate_row_sums,
+    Term,
     check_aggregation,
     check_eps,
     log_bounds,
     ppo_clip_flags,
 )
-from pgzoo.objectives.shaping import (
-    Shaper,
-    shaped,
-    check_is_level,
-    check_shaping,
-    importance_log_ratio,
-    shaping_requires,
-)
+from pgzoo.objectives.ratios import importance_log_ratio, ratio
+from pgzoo.objectives.shaping import shaped, check_is_level
 from pgzoo.objectives.registry import register
 from pgzoo.validate import check_number
-
-
-def ratio(log_r: torch.Tensor) -> torch.Tensor:
-    """r = exp(log r) with log r clamped to ±MAX_LOG_RATIO (finite in float32; exact gradient inside the band)."""
-    return log_r.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
 
 
 def clipped_surrogate(r: torch.Tensor, adv: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
@@ -134,7 +120,6 @@ class GRPO(Objective):
     def _check_config(self) -> None:
         c = self.config
         check_eps(type(self).__name__, c.eps_low, c.eps_high)
-        check_shaping(self.name, c)
         check_is_level(self.name, c.importance_sampling_level)
         if c.delta is not None and (isinstance(c.delta, bool) or not isinstance(c.delta, (int, float))
                                     or not c.delta > 1.0 + c.eps_high):
@@ -152,14 +137,10 @@ class GRPO(Objective):
             raise ConfigError(f"{self.name}: clip_c={c.clip_c!r} must be a number > 1 (the dual-clip bound on r "
                               "for negative advantages; verl uses 3) or None (no dual clip)")
 
-    def extra_requires(self) -> frozenset[str]:
-        return frozenset(super().extra_requires() | shaping_requires(self.config))
-
-    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+    def policy_term(self, batch: TokenBatch) -> Term:
         c = self.config
         if c.importance_sampling_level == "sequence" and self._row_constant(batch):
-            return self._compute_rows(batch)
-        mask = batch.mask
+            return self._row_term(batch)
         lp = batch.masked(batch.logprobs)
         adv = batch.token_advantages()
         log_r = importance_log_ratio(batch, lp, c.importance_sampling_level)
@@ -169,29 +150,31 @@ class GRPO(Objective):
         dual = None
         if c.clip_c is not None:  # dual clip: A < 0 and r > c contribute the constant c·A
             dual = (adv < 0) & (log_r.detach() > math.log(c.clip_c))
-        shaper = Shaper(c, batch, lp, adv, self.report_metrics)
-        weight = None
-        if c.correction is not None:
-            weight, corr_metrics = c.correction.token_weights(batch)
-        policy = shaper.policy(clipped_surrogate(r_capped, adv, low, high, c.eps_low, c.eps_high, dual, c.clip_c),
-                                weight)
-        term = shaper.total(policy, r, weight)  # the KL term is not weighted by the correction unless correct_kl
-        loss = shaper.bonus(-aggregate(term, batch, c.aggregation, clean=True))
-        if not self.report_metrics:
-            return ObjectiveOutput(loss, {})
-        stale = (lp.detach() - batch.clean("old_logprobs")) if c.importance_sampling_level == "sequence" else None
-        metrics = policy_metrics(batch, stale if stale is not None else log_r.detach(),
-                                 staleness_expm1=None if stale is not None else r.detach() - 1.0)
-        metrics.update(shaper.metrics)
-        if c.correction is not None:
-            metrics.update(corr_metrics)
-        metrics.update(clip_metrics(low, high, mask))
-        if dual is not None:
-            metrics["clip/dual_fraction"] = masked_fraction(dual, mask)
-        if c.delta is not None:
-            metrics["clip/delta_fraction"] = masked_fraction((log_r.detach() > math.log(c.delta)) & (adv < 0), mask)
-        return ObjectiveOutput(loss, metrics)
+        surrogate = clipped_surrogate(r_capped, adv, low, high, c.eps_low, c.eps_high, dual, c.clip_c)
+        # the KL's bias correction takes the uncapped r
+        return Term(surrogate, lp=lp, ratio=r,
+                    saved=dict(lp=lp, log_r=log_r, r=r, adv=adv, low=low, high=high, dual=dual))
 
+    def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
+        c, s, mask = self.config, term.saved, batch.mask
+        if term.level == "rows":
+            metrics = policy_metrics(batch, s["stale"].detach())
+            metrics.update(clip_metrics(s["low"][:, None] & mask, s["high"][:, None] & mask, mask))
+            if c.delta is not None:
+                capped = (s["log_s"].detach() > math.log(c.delta)) & (s["adv"] < 0)
+                metrics["clip/delta_fraction"] = masked_fraction(capped[:, None] & mask, mask)
+            return metrics
+        log_r = s["log_r"].detach()
+        if c.importance_sampling_level == "sequence":  # the staleness metrics stay per token
+            metrics = policy_metrics(batch, s["lp"].detach() - batch.clean("old_logprobs"))
+        else:
+            metrics = policy_metrics(batch, log_r, staleness_expm1=s["r"].detach() - 1.0)
+        metrics.update(clip_metrics(s["low"], s["high"], mask))
+        if s["dual"] is not None:
+            metrics["clip/dual_fraction"] = masked_fraction(s["dual"], mask)
+        if c.delta is not None:
+            metrics["clip/delta_fraction"] = masked_fraction((log_r > math.log(c.delta)) & (s["adv"] < 0), mask)
+        return metrics
 
     def _row_constant(self, batch: TokenBatch) -> bool:
         """At sequence level with [B] advantages and no per-token option, the term is constant along each row."""
@@ -199,7 +182,7 @@ class GRPO(Objective):
         return (batch.advantages.dim() == 1 and c.beta == 0 and c.correction is None and c.top_entropy_quantile == 1
                 and c.off_policy_mask_threshold is None and c.clip_c is None and c.aggregation in ROW_SUM_MODES)
 
-    def _compute_rows(self, batch: TokenBatch) -> ObjectiveOutput:
+    def _row_term(self, batch: TokenBatch) -> Term:
         """The sequence-level term once per row ([B], not [B, T]); Σ_t m·term_i = |y_i|·term_i. Same loss and
         gradient as the broadcast path (tested against the naive loop and TRL), in a few passes over [B, T]."""
         c = self.config
@@ -214,19 +197,7 @@ class GRPO(Objective):
         r = ratio(log_s)
         r_capped = r if c.delta is None else r.clamp(max=c.delta)
         term = clipped_surrogate(r_capped, adv, low, high, c.eps_low, c.eps_high)
-        loss = -aggregate_row_sums(term * lengths, batch, c.aggregation)
-        shaper = Shaper(c, batch, None, None, self.report_metrics)  # only the entropy bonus can be on here
-        loss = shaper.bonus(loss)
-        if not self.report_metrics:
-            return ObjectiveOutput(loss, {})
-        mask = batch.mask
-        metrics = policy_metrics(batch, stale.detach())
-        metrics.update(shaper.metrics)
-        metrics.update(clip_metrics(low[:, None] & mask, high[:, None] & mask, mask))
-        if c.delta is not None:
-            capped = (log_s.detach() > math.log(c.delta)) & (adv < 0)
-            metrics["clip/delta_fraction"] = masked_fraction(capped[:, None] & mask, mask)
-        return ObjectiveOutput(loss, metrics)
+        return Term(term * lengths, level="rows", saved=dict(stale=stale, log_s=log_s, adv=adv, low=low, high=high))
 
 
 register("grpo", GRPO)

@@ -30,17 +30,11 @@ from pgzoo.batch import TokenBatch
 from pgzoo.objectives.correction import Correction
 from pgzoo.objectives.diagnostics import clip_metrics, masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
-from pgzoo.objectives.base import (
-    MAX_LOG_RATIO,
-    Objective,
-    ObjectiveOutput,
-    aggregate,
-    check_eps,
-    log_bounds,
-    ppo_clip_flags,
-)
-from pgzoo.objectives.grpo import clipped_surrogate, ratio
+from pgzoo.objectives.base import Objective, Term, check_eps, log_bounds, ppo_clip_flags
+from pgzoo.objectives.grpo import clipped_surrogate
+from pgzoo.objectives.ratios import MAX_LOG_RATIO, ratio
 from pgzoo.objectives.registry import register
+from pgzoo.objectives.shaping import shaped
 
 
 class GSPO(Objective):
@@ -50,8 +44,12 @@ class GSPO(Objective):
         eps_low, eps_high: clip range of the sequence ratio (3e-4, 4e-4).
         token_level: False → ``gspo`` (one term per sequence); True → ``gspo-token`` (per-token advantages).
         correction: optional training–inference correction (sequence or geometric level for ``gspo``).
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping`. On ``gspo``'s sequence term the
+            KL enters as the row's mean KL, the off-policy mask per sequence; ``top_entropy_quantile`` is refused
+            (no token term to drop; ``gspo-token`` takes it).
     """
 
+    @shaped
     @dataclass(frozen=True)
     class Config:
         eps_low: float = 3e-4
@@ -71,45 +69,44 @@ class GSPO(Objective):
                 "use level='sequence' or 'geometric' (or the objective 'gspo-token')"
             )
 
-    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+    def term_level(self) -> str:
+        return "token" if self.config.token_level else "sequence"
+
+    def aggregation_mode(self) -> str:
+        return "seq-mean-token-mean"  # gspo-token; gspo's sequence term is averaged over sequences (seq-mean)
+
+    def policy_term(self, batch: TokenBatch) -> Term:
         c = self.config
-        mask = batch.mask
         lp = batch.masked(batch.logprobs)
         log_r = lp - batch.clean("old_logprobs")
         lengths = batch.seq_lengths().clamp_min(1.0)
         log_s = (log_r.sum(-1) / lengths).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)  # [B], with gradient
         lo, hi = log_bounds(c.eps_low, c.eps_high)
-        corr_metrics = {}
         if c.token_level:
             adv = batch.token_advantages()
             log_s_tok = log_s.detach()[:, None] + (lp - lp.detach())  # value log s_i, gradient of lp
             low, high = ppo_clip_flags(log_s.detach()[:, None].expand_as(adv), adv, lo, hi)
-            term = clipped_surrogate(ratio(log_s_tok), adv, low, high, c.eps_low, c.eps_high)
-            where = mask
-            if c.correction is not None:
-                weight, corr_metrics = c.correction.token_weights(batch)
-                term = weight * term
-            loss = -aggregate(term, batch, "seq-mean-token-mean", clean=True)
-        else:
-            adv = batch.advantages.to(lp.dtype)
-            if adv.dim() == 2:  # per-token advantages: their mean over the sequence
-                adv = batch.masked(adv).sum(-1) / lengths
-            has_tokens = batch.has_tokens()
-            adv = torch.where(has_tokens, adv, 0.0)
-            low, high = ppo_clip_flags(log_s.detach(), adv, lo, hi)
-            term = clipped_surrogate(ratio(log_s), adv, low, high, c.eps_low, c.eps_high)
-            where = has_tokens
-            if c.correction is not None:
-                weight, corr_metrics = c.correction.weights(batch)
-                term = weight * term
-            loss = -aggregate(term, batch, "seq-mean", clean=True)
-        if not self.report_metrics:
-            return ObjectiveOutput(loss, {})
-        metrics = policy_metrics(batch, log_r.detach())
-        metrics["gspo/seq_ratio_mean"] = masked_mean(log_s.detach().exp(), batch.has_tokens())
-        metrics.update(corr_metrics)
-        metrics.update(clip_metrics(low, high, where))
-        return ObjectiveOutput(loss, metrics)
+            s_tok = ratio(log_s_tok)
+            term = clipped_surrogate(s_tok, adv, low, high, c.eps_low, c.eps_high)
+            return Term(term, lp=lp, ratio=s_tok,
+                        saved=dict(log_r=log_r, log_s=log_s, low=low, high=high, where=batch.mask))
+        adv = batch.advantages.to(lp.dtype)
+        if adv.dim() == 2:  # per-token advantages: their mean over the sequence
+            adv = batch.masked(adv).sum(-1) / lengths
+        has_tokens = batch.has_tokens()
+        adv = torch.where(has_tokens, adv, 0.0)
+        low, high = ppo_clip_flags(log_s.detach(), adv, lo, hi)
+        s = ratio(log_s)
+        term = clipped_surrogate(s, adv, low, high, c.eps_low, c.eps_high)
+        return Term(term, level="sequence", lp=lp, ratio=s, advantages=adv,
+                    saved=dict(log_r=log_r, log_s=log_s, low=low, high=high, where=has_tokens))
+
+    def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
+        s = term.saved
+        metrics = policy_metrics(batch, s["log_r"].detach())
+        metrics["gspo/seq_ratio_mean"] = masked_mean(s["log_s"].detach().exp(), batch.has_tokens())
+        metrics.update(clip_metrics(s["low"], s["high"], s["where"]))
+        return metrics
 
 
 register("gspo", GSPO)

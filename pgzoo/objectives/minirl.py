@@ -31,16 +31,9 @@ import torch
 
 from pgzoo.batch import TokenBatch
 from pgzoo.objectives.diagnostics import clip_metrics, policy_metrics, weight_metrics
-from pgzoo.objectives.base import (
-    Objective,
-    ObjectiveOutput,
-    aggregate,
-    check_aggregation,
-    check_eps,
-    log_bounds,
-    ppo_clip_flags,
-)
+from pgzoo.objectives.base import Objective, Term, check_aggregation, check_eps, log_bounds, ppo_clip_flags
 from pgzoo.objectives.registry import register
+from pgzoo.objectives.shaping import shaped
 from pgzoo.validate import check_number
 
 
@@ -56,8 +49,11 @@ class MiniRL(Objective):
         clip: apply the mask M (``minirl-no-clip`` sets False: M ≡ 1).
         train_inference_is: weight by π_θ/μ_θold (True) or only by π_θ/π_θold (``minirl-no-is``).
         aggregation: ``seq-mean-token-sum`` (``minirl-length-norm``: ``seq-mean-token-mean``).
+        beta, kl, ...: the loss-shaping options of :mod:`pgzoo.objectives.shaping`, all off by default (the paper's
+            objective has no KL term); ``correct_kl`` is refused: MiniRL takes no correction, its weight w is its own.
     """
 
+    @shaped
     @dataclass(frozen=True)
     class Config:
         eps_low: float = 0.2
@@ -78,11 +74,11 @@ class MiniRL(Objective):
         check_aggregation(type(self).__name__, c.aggregation)
 
     def extra_requires(self) -> frozenset[str]:
-        return frozenset({"rollout_logprobs"}) if self.config.train_inference_is else frozenset()
+        own = frozenset({"rollout_logprobs"}) if self.config.train_inference_is else frozenset()
+        return super().extra_requires() | own
 
-    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+    def policy_term(self, batch: TokenBatch) -> Term:
         c = self.config
-        mask = batch.mask
         lp = batch.masked(batch.logprobs)  # every tensor below is exactly 0 at masked positions
         adv = batch.token_advantages()
         log_r = lp.detach() - batch.clean("old_logprobs")  # staleness log π_θ/π_θold
@@ -91,21 +87,25 @@ class MiniRL(Objective):
         w_minus_one = log_w.clamp(max=_MAX_EXP).expm1_()
         w = (w_minus_one + 1.0).clamp_(max=c.is_cap)
         coef = w * adv
+        low = high = None
         if c.clip:
             low, high = ppo_clip_flags(log_r, adv, *log_bounds(c.eps_low, c.eps_high))
             coef.mul_(~(low | high))  # M: 0 on the clipped side
-        loss = -aggregate(coef * lp, batch, c.aggregation, clean=True)
-        if not self.report_metrics:
-            return ObjectiveOutput(loss, {})
+        return Term(coef * lp, lp=lp, saved=dict(log_r=log_r, log_w=log_w, w_minus_one=w_minus_one, w=w,
+                                                 low=low, high=high))
+
+    def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
+        c, s, mask = self.config, term.saved, batch.mask
+        low, high = s["low"], s["high"]
         if not c.clip:
             low = high = torch.zeros_like(mask)  # nothing is clipped
         if c.train_inference_is:
-            metrics = policy_metrics(batch, log_r, total_log=log_w, total_expm1=w_minus_one)
+            metrics = policy_metrics(batch, s["log_r"], total_log=s["log_w"], total_expm1=s["w_minus_one"])
         else:
-            metrics = policy_metrics(batch, log_r, staleness_expm1=w_minus_one)
+            metrics = policy_metrics(batch, s["log_r"], staleness_expm1=s["w_minus_one"])
         metrics.update(clip_metrics(low, high, mask))
-        metrics.update(weight_metrics(w, log_w > math.log(c.is_cap), mask, batch.mask_float()))
-        return ObjectiveOutput(loss, metrics)
+        metrics.update(weight_metrics(s["w"], s["log_w"] > math.log(c.is_cap), mask, batch.mask_float()))
+        return metrics
 
 
 register("minirl", MiniRL)

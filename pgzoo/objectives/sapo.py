@@ -30,23 +30,9 @@ from pgzoo.batch import TokenBatch
 from pgzoo.objectives.correction import Correction
 from pgzoo.objectives.diagnostics import masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
-from pgzoo.objectives.base import (
-    ROW_SUM_MODES,
-    Objective,
-    ObjectiveOutput,
-    aggregate,
-    aggregate_row_sums,
-    check_aggregation,
-)
-from pgzoo.objectives.grpo import ratio
-from pgzoo.objectives.shaping import (
-    Shaper,
-    shaped,
-    check_is_level,
-    check_shaping,
-    importance_log_ratio,
-    shaping_requires,
-)
+from pgzoo.objectives.base import ROW_SUM_MODES, Objective, Term, check_aggregation
+from pgzoo.objectives.ratios import importance_log_ratio, ratio
+from pgzoo.objectives.shaping import shaped, check_is_level
 from pgzoo.objectives.registry import register
 
 
@@ -80,21 +66,16 @@ class SAPO(Objective):
             v = getattr(c, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ConfigError(f"{self.name}: {key}={v!r} must be a positive number (TRL: 1.0 and 1.05)")
-        check_shaping(self.name, c)
         check_is_level(self.name, c.importance_sampling_level)
         check_aggregation(self.name, c.aggregation)
 
-    def extra_requires(self) -> frozenset[str]:
-        return frozenset(super().extra_requires() | shaping_requires(self.config))
-
-    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+    def policy_term(self, batch: TokenBatch) -> Term:
         c = self.config
         lp = batch.masked(batch.logprobs)
         pos, neg = (torch.tensor(v, dtype=lp.dtype, device=lp.device) for v in (c.temperature_pos,
                                                                               c.temperature_neg))
         log_r = importance_log_ratio(batch, lp, c.importance_sampling_level)
         r = ratio(log_r)
-        weight = corr_metrics = None
         if self._row_factored(batch):
             # [B] advantages, token-level ratio, nothing per-token: σ(x)·(4/τ)·A = (1 + tanh(x/2))·(2/τ)·A, and the
             # tanh part is exactly 0 at masked positions (r = 1), so Σ_t m·term = (2/τ_i)·A_i·(Σ_t tanh + |y_i|)
@@ -103,34 +84,24 @@ class SAPO(Objective):
             tau_row = torch.where(adv_row > 0, pos, neg)
             tanh = torch.tanh((r - 1.0) * (0.5 * tau_row)[:, None])
             row_sums = (tanh.sum(-1) + batch.seq_lengths()) * (2.0 / tau_row * adv_row)
-            shaper = Shaper(c, batch, lp, None, self.report_metrics)
-            if c.beta > 0:
-                row_sums = row_sums + shaper.total(lp.new_zeros(()), r).sum(-1)  # −β·KL per row
-            loss = shaper.bonus(-aggregate_row_sums(row_sums, batch, c.aggregation))
-            gate_factor = None if not self.report_metrics else 1.0 - tanh.detach().square()
+            return Term(row_sums, level="rows", lp=lp, ratio=r, saved=dict(lp=lp, tanh=tanh))
+        adv = batch.token_advantages()
+        tau = torch.where(adv > 0, pos, neg)  # exact in lp's dtype
+        scaled_adv = torch.div(4.0, tau).mul_(adv)  # (4/τ)·A, no gradient
+        policy = torch.sigmoid((r - 1.0) * tau) * scaled_adv  # masked: A = 0 → term exactly 0
+        return Term(policy, lp=lp, ratio=r, saved=dict(lp=lp, r=r, tau=tau))
+
+    def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
+        s = term.saved
+        if term.level == "rows":
+            gate_factor = 1.0 - s["tanh"].detach().square()
         else:
-            adv = batch.token_advantages()
-            tau = torch.where(adv > 0, pos, neg)  # exact in lp's dtype
-            scaled_adv = torch.div(4.0, tau).mul_(adv)  # (4/τ)·A, no gradient
-            policy = torch.sigmoid((r - 1.0) * tau) * scaled_adv  # masked: A = 0 → term exactly 0
-            shaper = Shaper(c, batch, lp, adv, self.report_metrics)
-            if c.correction is not None:
-                weight, corr_metrics = c.correction.token_weights(batch)
-            term = shaper.total(shaper.policy(policy, weight), r, weight)
-            loss = shaper.bonus(-aggregate(term, batch, c.aggregation, clean=True))
-            if self.report_metrics:
-                sig = torch.sigmoid(tau * (r.detach() - 1.0))
-                gate_factor = 4.0 * sig * (1.0 - sig)
-        if not self.report_metrics:
-            return ObjectiveOutput(loss, {})
-        stale = lp.detach() - batch.clean("old_logprobs")
-        metrics = policy_metrics(batch, stale)
+            sig = torch.sigmoid(s["tau"] * (s["r"].detach() - 1.0))
+            gate_factor = 4.0 * sig * (1.0 - sig)
+        metrics = policy_metrics(batch, s["lp"].detach() - batch.clean("old_logprobs"))
         # the factor multiplying r·A in the gradient: 1 on-policy, → 0 far off-policy
         metrics["sapo/gate_mean"] = masked_mean(gate_factor, batch.mask)
-        metrics.update(shaper.metrics)
-        if corr_metrics is not None:
-            metrics.update(corr_metrics)
-        return ObjectiveOutput(loss, metrics)
+        return metrics
 
     def _row_factored(self, batch: TokenBatch) -> bool:
         c = self.config

@@ -1,6 +1,6 @@
-"""Loss-shaping options shared by the PPO-clip family and its soft relatives (GRPO, Dr. GRPO, DAPO, BNPO, LUSPO,
-SAPO, CISPO, VESPO): a KL penalty with a choice of estimator, the high-entropy token mask, the off-policy sequence
-mask and an entropy bonus — the switches TRL's ``GRPOConfig`` and verl's actor config put around the policy loss.
+"""Loss-shaping options every objective takes: a KL penalty with a choice of estimator, the high-entropy token mask,
+the off-policy sequence mask and an entropy bonus — the switches TRL's ``GRPOConfig`` and verl's actor config put
+around the policy loss. :meth:`pgzoo.Objective.compute` applies them, once, to every family's term.
 
 With p_it the objective's policy term (e.g. the clipped surrogate), c_it an optional training–inference correction
 weight (:mod:`pgzoo.objectives.correction`), and r_it the objective's importance ratio (token or sequence level)::
@@ -27,7 +27,10 @@ weight (:mod:`pgzoo.objectives.correction`), and r_it the objective's importance
   N' is the number of kept tokens, scaled to the batch's token normaliser (N' = N_tok · Σm'/Σm), so that shards
   under global normalisers add up; with this batch's own counts N' = Σm' exactly (TRL's).
 
-Every option is off by default; each objective's docstring says which ones it takes.
+Every option is off by default. On a sequence-level term p_i (``gspo``, ``gmpo``) the KL enters as the row's mean
+Σ_t m·KL_it/|y_i| (r and c per sequence) and the off-policy mask per sequence (with the term's own advantage A_i);
+the entropy mask is refused there (no token term to drop), as is ``correct_kl`` on an objective without a
+``correction`` (MiniRL).
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ from dataclasses import dataclass
 import torch
 
 from pgzoo.batch import TokenBatch
+from pgzoo.errors import BatchError, ConfigError
 from pgzoo.objectives.diagnostics import masked_fraction, masked_mean
-from pgzoo.errors import ConfigError
-from pgzoo.objectives.base import MAX_LOG_RATIO
+from pgzoo.objectives.ratios import MAX_LOG_RATIO
 from pgzoo.validate import check_number
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "low-var-k3")
@@ -108,17 +111,6 @@ def shaping_requires(c: Shaping) -> set[str]:
     return extra
 
 
-def importance_log_ratio(batch: TokenBatch, lp: torch.Tensor, level: str) -> torch.Tensor:
-    """log r ``[B, T]`` with gradient, zero at masked positions: ``token`` lp − old; ``sequence`` the row mean
-    Σ_t m(lp − old)/|y_i| broadcast over the row's tokens (GSPO's sequence ratio, TRL's ``importance_sampling_level``).
-    ``lp`` must already be masked (zero at masked positions)."""
-    log_r = lp - batch.clean("old_logprobs")
-    if level == "token":
-        return log_r
-    log_s = log_r.sum(-1, keepdim=True) / batch.seq_lengths().clamp_min(1.0)[:, None]
-    return log_s * batch.mask_float()
-
-
 def kl_estimate(lp: torch.Tensor, ref: torch.Tensor, estimator: str, clamp: float | None) -> torch.Tensor:
     """The per-token KL(π_θ‖π_ref) estimate (with gradient through ``lp``); see the module docstring."""
     d = (ref - lp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
@@ -143,54 +135,99 @@ def entropy_mask(batch: TokenBatch, quantile: float) -> torch.Tensor:
 
 
 def off_policy_mask(batch: TokenBatch, lp: torch.Tensor, adv: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``[B, T]`` bool keep-mask: False where A < 0 and the row's mean (mu − lp) exceeds ``threshold``."""
+    """Keep-mask, False where A < 0 and the row's mean (mu − lp) exceeds ``threshold``: ``[B, T]`` for token
+    advantages ``adv`` ``[B, T]``, ``[B]`` for the advantages ``[B]`` of a sequence-level term."""
     sampler = batch.clean("rollout_logprobs") if batch.rollout_logprobs is not None else batch.clean("old_logprobs")
     seq_kl = (sampler - lp.detach()).sum(-1, keepdim=True) / batch.seq_lengths().clamp_min(1.0)[:, None]
+    if adv.dim() == 1:
+        seq_kl = seq_kl[:, 0]
     return (adv >= 0) | (seq_kl <= threshold)
 
 
-class Shaper:
-    """Applies a config's shaping options to one batch: ``policy`` multiplies the policy term by the masks,
-    ``total`` adds the KL term, ``bonus`` the entropy bonus. Metrics collect in ``metrics``."""
+def is_shaped(config) -> bool:
+    """Whether ``config`` carries every :class:`Shaping` field (every built-in objective's does)."""
+    return all(hasattr(config, f.name) for f in dataclasses.fields(Shaping))
 
-    def __init__(self, c: Shaping, batch: TokenBatch, lp: torch.Tensor, adv: torch.Tensor, report: bool):
-        self.c, self.batch, self.lp, self.adv, self.report = c, batch, lp, adv, report
+
+NO_SHAPING = Shaping()  # the options of a config without shaping fields: all off
+
+
+class Shaper:
+    """Applies a config's shaping options to one batch's policy term p (see the module docstring).
+
+    ``policy`` multiplies p by the masks and the correction weight, ``total`` subtracts the KL term, ``bonus``
+    subtracts the entropy bonus from the loss; metrics collect in ``metrics``. The term's level decides the shapes:
+    ``token`` p ``[B, T]``; ``sequence`` one p_i per sequence ``[B]`` (the KL enters as the row's mean
+    Σ_t m·KL_it/|y_i|, the off-policy mask per sequence); ``rows`` Σ_t m·p_it per row ``[B]`` (the KL as its row
+    sum; masks never reach a row sum: objectives build one only with the masks off).
+    """
+
+    def __init__(self, c: Shaping, batch: TokenBatch, lp: torch.Tensor | None, report: bool):
+        self.c, self.batch, self.report = c, batch, report
+        self._lp = lp
         self.metrics: dict[str, torch.Tensor] = {}
         self.kept = None
         if c.top_entropy_quantile < 1.0:
             self.kept = entropy_mask(batch, c.top_entropy_quantile)
             if report:
                 self.metrics["shaping/entropy_kept_fraction"] = masked_fraction(self.kept, batch.mask)
-        self.keep = self.kept
-        if c.off_policy_mask_threshold is not None:
-            opm = off_policy_mask(batch, lp, adv, c.off_policy_mask_threshold)
-            self.keep = opm if self.keep is None else self.keep & opm
-            if report:
-                self.metrics["shaping/off_policy_masked_fraction"] = masked_fraction(~opm, batch.mask)
 
-    def policy(self, term: torch.Tensor, correction: torch.Tensor | None = None) -> torch.Tensor:
-        """E·O·c·p: the masks (and the correction weight, if any) on the policy term."""
-        if self.keep is not None:
-            term = term * self.keep
+    def lp(self) -> torch.Tensor:
+        """The masked logprobs with gradient (the objective's own when it passed them: no second masking pass)."""
+        if self._lp is None:
+            self._lp = self.batch.masked(self.batch.logprobs)
+        return self._lp
+
+    def keep(self, adv: torch.Tensor) -> torch.Tensor | None:
+        """E·O: the entropy mask and the off-policy mask (None when both are off); ``[B]`` for a sequence term."""
+        c, batch = self.c, self.batch
+        keep = self.kept
+        if c.off_policy_mask_threshold is not None:
+            opm = off_policy_mask(batch, self.lp(), adv, c.off_policy_mask_threshold)
+            keep = opm if keep is None else keep & opm
+            if self.report:
+                masked = ~opm if opm.dim() == 2 else (~opm)[:, None].expand_as(batch.mask)
+                self.metrics["shaping/off_policy_masked_fraction"] = masked_fraction(masked, batch.mask)
+        return keep
+
+    def policy(self, term: torch.Tensor, adv: torch.Tensor, correction: torch.Tensor | None = None) -> torch.Tensor:
+        """E·O·c·p: the masks (and the correction weight, if any) on the policy term. ``adv``: the advantages the
+        off-policy mask reads, shaped like the term."""
+        keep = self.keep(adv)
+        if keep is not None:
+            term = term * keep
         if correction is not None:
             term = correction * term
         return term
 
-    def total(self, policy: torch.Tensor, ratio: torch.Tensor | None = None,
-              correction: torch.Tensor | None = None) -> torch.Tensor:
-        """policy − β·KL (the KL weighted by ``ratio`` under bias_correction_kl, by ``correction`` under
-        correct_kl)."""
+    def kl_penalty(self, ratio: torch.Tensor | None, correction: torch.Tensor | None) -> torch.Tensor:
+        """β·m·KL ``[B, T]``, times ``ratio`` under bias_correction_kl and ``correction`` under correct_kl (both
+        ``[B, T]`` or ``[B, 1]``)."""
         c = self.c
-        if c.beta == 0:
-            return policy
-        kl = kl_estimate(self.lp, self.batch.clean("ref_logprobs"), c.kl, c.kl_clamp)
+        kl = kl_estimate(self.lp(), self.batch.clean("ref_logprobs"), c.kl, c.kl_clamp)
         if self.report:
             self.metrics["kl/ref_" + c.kl.replace("-", "_")] = masked_mean(kl, self.batch.mask)
         if c.bias_correction_kl:
             kl = kl * ratio
         if c.correct_kl and correction is not None:
             kl = kl * correction
-        return policy - c.beta * self.batch.masked(kl)
+        return c.beta * self.batch.masked(kl)
+
+    def total(self, policy: torch.Tensor, level: str, ratio: torch.Tensor | None = None,
+              correction: torch.Tensor | None = None) -> torch.Tensor:
+        """policy − β·KL at the term's level (the KL weighted by ``ratio`` under bias_correction_kl, by
+        ``correction`` under correct_kl; for a sequence term both are ``[B]``)."""
+        if self.c.beta == 0:
+            return policy
+        if level == "sequence":
+            ratio = None if ratio is None else ratio[:, None]
+            correction = None if correction is None else correction[:, None]
+        penalty = self.kl_penalty(ratio, correction)
+        if level == "token":
+            return policy - penalty
+        if level == "rows":
+            return policy - penalty.sum(-1)
+        return policy - penalty.sum(-1) / self.batch.seq_lengths().clamp_min(1.0)
 
     def bonus(self, loss: torch.Tensor) -> torch.Tensor:
         """loss − entropy_coef · (mean entropy over the kept tokens)."""
@@ -198,8 +235,6 @@ class Shaper:
         if c.entropy_coef == 0:
             return loss
         if batch.logprobs.requires_grad and not batch.entropies.requires_grad:
-            from pgzoo.errors import BatchError
-
             raise BatchError("entropies", f"carry no gradient, so entropy_coef={c.entropy_coef} would change the "
                              "loss but not the update", "compute the entropies with gradient (TRL's forward does; "
                              "pgzoo.models.logprobs returns them detached), or set entropy_coef=0")

@@ -33,17 +33,9 @@ from pgzoo.batch import TokenBatch
 from pgzoo.objectives.correction import Correction
 from pgzoo.objectives.diagnostics import masked_max, masked_mean, policy_metrics
 from pgzoo.errors import ConfigError
-from pgzoo.objectives.base import (
-    MAX_LOG_RATIO,
-    ROW_SUM_MODES,
-    Objective,
-    ObjectiveOutput,
-    aggregate,
-    aggregate_row_sums,
-    check_aggregation,
-)
-from pgzoo.objectives.grpo import ratio
-from pgzoo.objectives.shaping import Shaper, check_shaping, shaped, shaping_requires
+from pgzoo.objectives.base import ROW_SUM_MODES, Objective, Term, check_aggregation
+from pgzoo.objectives.ratios import MAX_LOG_RATIO
+from pgzoo.objectives.shaping import shaped
 from pgzoo.objectives.registry import register
 
 LOG_W_MIN = math.log(1e-8)  # TRL's lower clamp of log w
@@ -77,6 +69,7 @@ class VESPO(Objective):
         correction: Correction | None = None
 
     default_advantage = "group-mean-std"
+    applies_correction = False  # the correction is folded into the sequence weight w (gamma_weights)
     paper = "VESPO: Variational Sequence-Level Soft Policy Optimization (arXiv 2602.10693)"
 
     def _check_config(self) -> None:
@@ -85,11 +78,7 @@ class VESPO(Objective):
             v = getattr(c, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{self.name}: {key}={v!r} must be a finite number >= 0 (TRL: k 2/3, λ 3/2)")
-        check_shaping(self.name, c)
         check_aggregation(self.name, c.aggregation)
-
-    def extra_requires(self) -> frozenset[str]:
-        return frozenset(super().extra_requires() | shaping_requires(self.config))
 
     def gamma_weights(self, batch: TokenBatch, lp: torch.Tensor, adv: torch.Tensor):
         """φ (stop-gradient; ``[B]`` for ``[B]`` advantages ``adv``, else ``[B, T]``), log w_i ``[B]`` and the
@@ -119,43 +108,40 @@ class VESPO(Objective):
         phi = torch.exp(lam + k * log_w_b - lam * log_w_b.exp()).nan_to_num_(0.0, 0.0, 0.0)
         return phi, log_w, corr_metrics
 
-    def compute(self, batch: TokenBatch) -> ObjectiveOutput:
+    def policy_term(self, batch: TokenBatch) -> Term:
         c = self.config
+        lp = batch.masked(batch.logprobs)
         if (batch.advantages.dim() == 1 and c.beta == 0 and c.top_entropy_quantile == 1
                 and c.off_policy_mask_threshold is None and c.aggregation in ROW_SUM_MODES):
             # one φ_i·A_i per row and nothing per token: Σ_t m·φ_i·A_i·lp = φ_i·A_i·Σ_t m·lp (no [B, T] term)
-            lp = batch.masked(batch.logprobs)
             adv_row = torch.where(batch.has_tokens(), batch.advantages.to(lp.dtype), 0.0)
             phi, log_w, corr_metrics = self.gamma_weights(batch, batch.logprobs, adv_row)
-            lp_rows = lp.sum(-1)
-            shaper = Shaper(c, batch, None, None, self.report_metrics)
-            loss = shaper.bonus(-aggregate_row_sums(phi * adv_row * lp_rows, batch, c.aggregation))
+            return Term(phi * adv_row * lp.sum(-1), level="rows", lp=lp,
+                        saved=dict(phi=phi, log_w=log_w, corr_metrics=corr_metrics))
+        if batch.advantages.dim() == 1:
+            adv_row = torch.where(batch.has_tokens(), batch.advantages.to(lp.dtype), 0.0)
+            phi, log_w, corr_metrics = self.gamma_weights(batch, lp, adv_row)
+            coef = (phi * adv_row)[:, None]
         else:
-            lp = batch.masked(batch.logprobs)
-            if batch.advantages.dim() == 1:
-                adv_row = torch.where(batch.has_tokens(), batch.advantages.to(lp.dtype), 0.0)
-                phi, log_w, corr_metrics = self.gamma_weights(batch, lp, adv_row)
-                coef = (phi * adv_row)[:, None]
-            else:
-                adv_tok = batch.token_advantages()
-                phi, log_w, corr_metrics = self.gamma_weights(batch, lp, adv_tok)
-                coef = phi * adv_tok
-            adv = batch.token_advantages() if c.off_policy_mask_threshold is not None else None
-            shaper = Shaper(c, batch, lp, adv, self.report_metrics)
-            r = ratio(lp - batch.clean("old_logprobs")) if c.beta > 0 and c.bias_correction_kl else None
-            term = shaper.total(shaper.policy(coef * lp), r)
-            loss = shaper.bonus(-aggregate(term, batch, c.aggregation, clean=True))
-        if not self.report_metrics:
-            return ObjectiveOutput(loss, {})
+            adv_tok = batch.token_advantages()
+            phi, log_w, corr_metrics = self.gamma_weights(batch, lp, adv_tok)
+            coef = phi * adv_tok
+        r = None
+        if c.beta > 0 and c.bias_correction_kl:
+            # r with gradient for the KL's bias correction, built before the term: autograd then sums the gradient
+            # contributions to lp in one fixed order, the term's last (losses and gradients stay bit-reproducible)
+            r = self.kl_ratio(batch, lp, "token")
+        return Term(coef * lp, lp=lp, ratio=r, saved=dict(phi=phi, log_w=log_w, corr_metrics=corr_metrics))
+
+    def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
+        s = term.saved
         metrics = policy_metrics(batch)
-        has = batch.has_tokens()
-        phi_tok = (phi[:, None] if phi.dim() == 1 else phi).expand_as(lp)
+        phi_tok = (s["phi"][:, None] if s["phi"].dim() == 1 else s["phi"]).expand_as(batch.logprobs)
         metrics["vespo/phi_mean"] = masked_mean(phi_tok, batch.mask)
         metrics["vespo/phi_max"] = masked_max(phi_tok, batch.mask)
-        metrics["vespo/seq_weight_mean"] = masked_mean(log_w.exp(), has)
-        metrics.update(shaper.metrics)
-        metrics.update(corr_metrics)
-        return ObjectiveOutput(loss, metrics)
+        metrics["vespo/seq_weight_mean"] = masked_mean(s["log_w"].exp(), batch.has_tokens())
+        metrics.update(s["corr_metrics"])  # the correction folded into w reports as every correction does
+        return metrics
 
 
 register("vespo", VESPO)
