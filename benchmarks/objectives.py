@@ -26,7 +26,7 @@ import torch
 import pgzoo
 
 # ---------------------------------------------------------------------------------------------- bare losses
-# An optional baseline per objective, written from DESIGN §4 with the fewest ops; masked positions are assumed clean (zeros), as a hand-rolled trainer
+# An optional baseline per objective, written from docs/design.md §4 with the fewest ops; masked positions are assumed clean (zeros), as a hand-rolled trainer
 # would assume. No metrics.
 
 

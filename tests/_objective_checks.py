@@ -53,7 +53,15 @@ def variants(name: str) -> list[tuple[str, dict]]:
         if not levels:  # the shared option exists but nothing builds: fail at collection, never drop silently
             raise AssertionError(f"{name} has a correction option but accepts no correction level")
         out.append(("correction", {"correction": {"level": levels[0], "mode": "truncate"}}))
-    every = {k: v for k, v in SHAPING.items() if k in fields}
+    every = {}
+    for key, value in SHAPING.items():
+        if key not in fields:
+            continue
+        try:  # an option the objective refuses by design (a per-token mask on a per-sequence term): its own test
+            pgzoo.get(name, **{key: value})
+        except pgzoo.ConfigError:
+            continue
+        every[key] = value
     if levels:
         every["correction"] = {"level": levels[min(1, len(levels) - 1)], "mode": "mask"}
     if every:

@@ -1,4 +1,4 @@
-"""Diagnostics (DESIGN §5): each metric against a direct computation, and stability. (No host sync, documented names
+"""Diagnostics (docs/design.md §5): each metric against a direct computation, and stability. (No host sync, documented names
 and float32 statistics of 16-bit inputs, per objective: tests/test_objective_properties.py.)"""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every objective's loss and gradient against a naive loop over (i, t) written from DESIGN §4, in float64."""
+"""Every objective's loss and gradient against a naive loop over (i, t) written from docs/design.md §4, in float64."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _clip(x, lo, hi):
 
 
 def naive_loss(name: str, cfg, batch: pgzoo.TokenBatch, lp: torch.Tensor, correction: Correction | None = None):
-    """The DESIGN §4 formula, one token at a time; only unmasked positions are ever read."""
+    """The docs/design.md §4 formula, one token at a time; only unmasked positions are ever read."""
     B, T = lp.shape
     m = batch.mask
     adv = batch.advantages

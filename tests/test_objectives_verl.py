@@ -56,7 +56,7 @@ def _top(keys: dict, n: int) -> set:
 
 
 def _aggregate(rows: dict, batch, mode: str, lp):
-    """rows: i -> list of per-token terms (tensors); the DESIGN formulas of each mode."""
+    """rows: i -> list of per-token terms (tensors); the formulas of each mode (docs/objectives.md)."""
     B, T = batch.mask.shape
     n_seq = batch.num_sequences or sum(1 for i in range(B) if _tokens(batch, i))
     n_tok = batch.num_tokens or sum(len(_tokens(batch, i)) for i in range(B))

@@ -1,4 +1,4 @@
-"""Diagnostics every objective reports (DESIGN §5), as masked, detached tensors — no host sync.
+"""Diagnostics every objective reports (docs/design.md §5), as masked, detached tensors — no host sync.
 
 Notation as in :mod:`pgzoo.objectives`: lp = log π_θ, old = log π_θold, mu = log μ_θold (inference engine),
 m = mask. The log-ratio of the current policy to the sampler splits into two factors (MiniRL, eq. 5):
@@ -100,7 +100,7 @@ def policy_metrics(
     total_log: torch.Tensor | None = None,
     total_expm1: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The objective-independent metrics of DESIGN §5 for ``batch``.
+    """The objective-independent metrics of docs/design.md §5 for ``batch``.
 
     Args:
         batch: the TokenBatch.

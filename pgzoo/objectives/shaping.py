@@ -247,5 +247,5 @@ class Shaper:
             count = count * kept.sum() / batch.local_token_count().clamp_min(1.0)
         mean_ent = ent.sum() / count.to(ent).clamp_min(1e-12)
         if self.report:
-            self.metrics["shaping/entropy_bonus"] = mean_ent.detach()
+            self.metrics["shaping/entropy_bonus"] = mean_ent.detach().float()  # metrics are float32, as in diagnostics
         return loss - c.entropy_coef * mean_ent
