@@ -331,6 +331,15 @@ class TokenBatch:
 
         return self._cached("first_token_index", make)
 
+    def in_float32(self) -> "TokenBatch":
+        """This batch with its 16-bit tensors (float16, bfloat16) as float32 copies that keep the autograd graph (the
+        gradient flows back to the 16-bit logprobs in their dtype); itself when none is 16-bit. Values were checked
+        when this batch was built and widening is exact, so they are not checked again."""
+        half = (torch.float16, torch.bfloat16)
+        changes = {f.name: getattr(self, f.name).float() for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor) and getattr(self, f.name).dtype in half}
+        return self.replace(check_values=False, **changes) if changes else self
+
     def replace(self, **changes) -> "TokenBatch":
         """A copy with some fields replaced (validated again)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}

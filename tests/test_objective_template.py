@@ -246,7 +246,7 @@ TOKEN_FAMILIES = {  # name -> (naive term, aggregation, the family's own options
     "gpg": (gpg_term, "token-mean", {}),
     "dppo-tv": (dppo_tv_term, "token-mean", {}),
     "gspo-token": (gspo_token_term, "seq-mean-token-mean", {}),
-    "clip-cov": (ppo_clip_term, "token-mean", dict(cov_lb=1.0, cov_ub=0.0)),
+    "clip-cov": (ppo_clip_term, "token-mean", dict(cov_lb=1e9, cov_ub=2e9)),  # a band holding no token
     "kl-cov": (unclipped_term, "token-mean", dict(kl_coef=0.0)),
 }
 

@@ -112,3 +112,32 @@ def test_a_field_defaulting_to_none_takes_none_and_its_type_otherwise():
         Opt(cap="2")
     with pytest.raises(ConfigError, match="flag=None must be true or false"):
         Opt(flag=None)
+
+
+@pytest.mark.parametrize("name,field", FLOAT_FIELDS)
+@pytest.mark.parametrize("inf", [math.inf, -math.inf])
+def test_an_infinity_is_refused_unless_the_field_gives_it_a_meaning(name, field, inf):
+    """One shared check over every float option of every registered objective: ±inf is refused naming the field,
+    except in the fields an objective declares (``infinite_ok``, e.g. MiniRL's is_cap: no truncation)."""
+    cls = pgzoo.objectives.registry.get_class(name)
+    if field in cls.infinite_ok:
+        return
+    with pytest.raises(ConfigError, match=f"{field}=-?inf"):  # the shared message, or the objective's own
+        pgzoo.get(name, **{field: inf})
+
+
+@pytest.mark.parametrize("name", [n for n in pgzoo.available() if pgzoo.objectives.registry.get_class(n).bands])
+def test_a_reversed_or_empty_band_is_refused(name):
+    cls = pgzoo.objectives.registry.get_class(name)
+    for low, high in cls.bands:
+        for lo, hi in ((5.0, 1.0), (2.0, 2.0)):
+            with pytest.raises(ConfigError, match=f"{low}={lo!r} must be below {high}={hi!r}"):
+                pgzoo.get(name, **{low: lo, high: hi})
+
+
+def test_infinite_options_named_in_the_issue():
+    with pytest.raises(ConfigError, match="kl_coef=inf must be"):
+        pgzoo.get("kl-cov", kl_coef=math.inf)
+    with pytest.raises(ConfigError, match="temperature_pos=inf must be"):
+        pgzoo.get("sapo", temperature_pos=math.inf)
+    assert pgzoo.get("minirl", is_cap=math.inf).config.is_cap == math.inf

@@ -181,6 +181,11 @@ class Objective:
     # batch's covariance): micro-batches then each select on their own, as verl's do, and their gradients do not
     # add up to the whole batch's.
     shard_additive: ClassVar[bool] = True
+    # Config fields where ±inf means something (e.g. MiniRL's is_cap = inf: no truncation); in every other float
+    # field an infinity is refused by the shared check (:meth:`_check_types`).
+    infinite_ok: ClassVar[frozenset[str]] = frozenset()
+    # (low, high) pairs of Config fields that bound an interval: the shared check refuses low >= high.
+    bands: ClassVar[tuple[tuple[str, str], ...]] = ()
     # False when the family folds the correction weight into its own term (VESPO's sequence weight): the template
     # then leaves it out.
     applies_correction: ClassVar[bool] = True
@@ -214,6 +219,7 @@ class Objective:
         # the shaping options in effect: the config's own, or all off for a config without shaping fields
         self.shaping = self.config if is_shaped(self.config) else NO_SHAPING
         self.check_shaping()
+        self._check_finite_and_bands()
         self.requires = frozenset(type(self).requires | self.extra_requires())
 
     @classmethod
@@ -263,10 +269,12 @@ class Objective:
     def _check_types(self) -> None:
         """Check every Config value against its annotation, strictly (runs before :meth:`_check_config`).
 
-        ``bool`` accepts only True/False (``"false"`` is an error, not True); ``float`` any real number but a bool
-        or a string (ints too; ±inf allowed, NaN never); ``int`` only integers; ``str`` only strings; ``Literal``
-        only its values; ``X | None`` also None, and so does any field whose default is None. Other annotations (a Correction, a union of classes) are left to
-        the objective. Ranges are the objective's: :meth:`_check_config` with :func:`check_number` and friends.
+        ``bool`` accepts only True/False (``"false"`` is an error, not True); ``float`` any finite real number but a
+        bool or a string (ints too; NaN never; ±inf only in a field listed in :attr:`infinite_ok`, where it has a
+        meaning: an infinity is not a coefficient); ``int`` only integers; ``str`` only strings; ``Literal`` only
+        its values; ``X | None`` also None, and so does any field whose default is None. Other annotations (a
+        Correction, a union of classes) are left to the objective. Ranges are the objective's: :meth:`_check_config`
+        with :func:`check_number` and friends; then :meth:`_check_finite_and_bands`.
         """
         hints = field_types(type(self.config))
         for f in dataclasses.fields(self.config):
@@ -274,6 +282,20 @@ class Objective:
             if value is None and f.default is None:  # a field whose default is None takes None, however annotated
                 continue
             check_annotated(f"{self.name}: {f.name}", value, hints.get(f.name))
+
+    def _check_finite_and_bands(self) -> None:
+        """The shared checks after the objective's own (whose messages name its ranges): no ±inf outside
+        :attr:`infinite_ok`, and every pair of :attr:`bands` a non-empty interval."""
+        for f in dataclasses.fields(self.config):
+            value = getattr(self.config, f.name)
+            if isinstance(value, float) and math.isinf(value) and f.name not in self.infinite_ok:
+                raise ConfigError(f"{self.name}: {f.name}={value!r} must be finite: an infinity is not a coefficient"
+                                  + (" (null means no bound)" if f.default is None else ""))
+        for low_key, high_key in self.bands:
+            low, high = getattr(self.config, low_key), getattr(self.config, high_key)
+            if low is not None and high is not None and not low < high:
+                raise ConfigError(f"{self.name}: {low_key}={low!r} must be below {high_key}={high!r}: the band "
+                                  f"({low_key}, {high_key}) would hold nothing and the option would do nothing")
 
     def _check_config(self) -> None:
         """Validate hyperparameter values and ranges; subclasses raise ConfigError with the field and the fix,
@@ -300,7 +322,10 @@ class Objective:
                 f"does not require grad, so objective {self.name!r} would return a loss with no gradient",
                 "compute logprobs from the model with grad enabled (not .detach()ed, not under no_grad); to only "
                 "evaluate the loss, call the objective under torch.no_grad()")
-        return self.compute(batch)
+        # 16-bit inputs are computed in float32: exp of a log-ratio overflows float16 past |log r| ≈ 11 (and a
+        # probability of 1 rounds 1 − p to 0), which made losses, gradients or metrics inf/NaN; the loss comes back
+        # in float32 and its gradient reaches the 16-bit logprobs in their own dtype.
+        return self.compute(batch.in_float32())
 
     # ------------------------------------------------------------------------------------------ the template
     def compute(self, batch: TokenBatch) -> ObjectiveOutput:

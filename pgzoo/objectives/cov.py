@@ -27,8 +27,8 @@ Both depend on statistics of the whole batch passed in (the means, N and the ran
 each selects on its own, as in verl, so micro-batch gradients do not add up to the whole batch's
 (``shard_additive = False``). An optional training–inference ``correction`` multiplies the term by its weight.
 
-Reduces to: with an empty band (``cov_lb >= cov_ub``: no candidate) ``clip-cov`` is PPO-clip with token-mean
-(``dapo`` with ε_high = 0.2); ``kl-cov`` with β = 0 is the unclipped surrogate r·A, token-mean.
+Reduces to: with a band no covariance falls in (``cov_lb >= cov_ub`` is refused) ``clip-cov`` is PPO-clip with
+token-mean (``dapo`` with ε_high = 0.2); ``kl-cov`` with β = 0 is the unclipped surrogate r·A, token-mean.
 
 Example:
     >>> out = pgzoo.get("kl-cov")(pgzoo.TokenBatch(logprobs=lp, mask=m, advantages=a, old_logprobs=old))
@@ -135,6 +135,7 @@ class ClipCov(Objective):
     default_advantage = "group-mean-std"
     paper = "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models (arXiv 2505.22617)"
     shard_additive = False
+    bands = (("cov_lb", "cov_ub"),)  # a reversed or empty band selects no token: clip-cov would silently be PPO
 
     def _check_config(self) -> None:
         c = self.config

@@ -64,6 +64,7 @@ class MiniRL(Objective):
         aggregation: str = "seq-mean-token-sum"
 
     default_advantage = "group-mean"
+    infinite_ok = frozenset({"is_cap"})  # is_cap = inf: the IS weight is not truncated
     paper = "Stabilizing Reinforcement Learning with LLMs: Formulation and Practices (arXiv 2512.01374)"
 
     def _check_config(self) -> None:
