@@ -47,6 +47,8 @@ class RolloutBatch:
     truncated: torch.Tensor         # [n] bool
     routes: torch.Tensor | None = None      # [n, P+T, L, k] routes to replay (R3: rollout's; R2: θold's)
     old_logprobs: torch.Tensor | None = None  # [n, T] π_θold (training engine)
+    loss_mask: torch.Tensor | None = None   # [n, T] the objective's mask when it differs from completion_mask
+    #                                         (train.mask_truncated_completions); attention keeps completion_mask
 
     def rows(self, idx: slice) -> "RolloutBatch":
         pick = lambda x: None if x is None else x[idx]  # noqa: E731

@@ -3,9 +3,11 @@
 Runbook. Each global step (one ``training_step``):
 
     1. rollout      this rank's share of B prompts x G completions from the rollout engine, with μ logprobs;
-                    moved once onto the module's device
-    2. rewards      the task's verifiable reward per completion
-    3. advantages   the objective's default estimator (or the recipe's), group-relative over the G completions
+                    moved once onto the module's device (DAPO's dynamic sampling: more draws until B groups whose
+                    rewards differ; pgzoo.adapters.lightning.sampling)
+    2. rewards      the task's verifiable reward per completion (+ DAPO's overlong penalty when asked)
+    3. advantages   the objective's default estimator (or the recipe's), group-relative over the G completions;
+                    truncated completions leave the loss with train.mask_truncated_completions
     4. old logprobs π_θold in the training engine, only off-policy (N > 1) or for R2 (routes recorded there)
     5. updates      N mini-batches, one optimizer step each, R2/R3 routes replayed; normalisers are GLOBAL
                     (every rank and micro-batch of the mini-batch, summed through the strategy), so DDP/FSDP and
@@ -38,6 +40,7 @@ import torch
 
 from pgzoo.adapters.lightning.distributed import all_reduce_sum, is_sharded, shard_policy, world
 from pgzoo.adapters.lightning.guards import check_step
+from pgzoo.adapters.lightning.sampling import loss_mask, overlong_penalty, prompt_seed, sample_groups, shaping_metrics
 from pgzoo.adapters.lightning.loop_data import (
     Accumulator,
     Lengths,
@@ -52,7 +55,6 @@ from pgzoo.batch import TokenBatch
 from pgzoo.errors import EngineError, PgzooError, RoutingError, require
 from pgzoo.objectives.diagnostics import entropy_metrics
 from pgzoo.models.logprobs import completion_logprobs
-from pgzoo.rollout.base import mix_seed
 from pgzoo.rollout.sync import sync_weights
 from pgzoo.rollout.sync_check import check_sync
 
@@ -146,24 +148,31 @@ class RLModule(L.LightningModule):
     # ------------------------------------------------------------------ the loop
     def training_step(self, batch, batch_idx):
         step = int(batch)
-        n_ranks, rank = world()
         t0 = time.perf_counter()
-        # 1. rollout: this rank's share of the B prompts, G completions each (host sync: the engine returns CPU ids)
-        problems = self.task.sample(self.ro.prompts_per_step, split="train", seed=self.step_seed(step))
-        problems, indices = problems[rank::n_ranks], range(rank, len(problems), n_ranks)
-        ro = self.rollout(problems, step, seeds=[self.prompt_seed(step, i) for i in indices])
+        # 1-2. rollout and rewards: this rank's share of the B prompts, G completions each (host sync: the engine
+        #      returns CPU ids), and the task's verifiable reward of each; with rollout.dynamic_sampling, more draws
+        #      until B groups whose rewards differ, decided on the whole step's groups
+        #      (pgzoo.adapters.lightning.sampling)
+        ds = self.ro.dynamic_sampling
+        got = sample_groups(self.task, lambda problems, seeds: self._draw(problems, step, seeds), step=step,
+                            step_seed=self.step_seed(step), prompts=self.ro.prompts_per_step,
+                            group_size=self.ro.group_size, max_draws=None if ds is None else ds.max_draws,
+                            strategy=self._strategy(), device=self.device, pad_id=self._pad_id())
+        ro, rewards = got.rollouts, got.rewards
         t1 = time.perf_counter()
-        # 2. rewards: the task's verifiable reward of each decoded completion
-        texts = self.tokenizer.batch_decode(strip_padding(ro.completion_ids, ro.completion_mask), skip_special_tokens=True)
-        rewards = torch.tensor([self._reward(t, problems[i // self.ro.group_size], step)
-                                for i, t in enumerate(texts)], dtype=torch.float32)
         # 3. advantages over the whole step (every rank's rewards: batch-level estimators see the batch one process
-        #    would); lengths: OPO's baseline, REINFORCE++'s token weights
-        adv = step_advantages(self.advantage_name, rewards, ro.completion_mask.sum(-1), self.ro.group_size,
-                              strategy=self._strategy(), device=self.device)
+        #    would), from the task rewards plus DAPO's overlong penalty when asked; lengths: OPO's baseline,
+        #    REINFORCE++'s token weights
+        lengths = ro.completion_mask.sum(-1)
+        ob = self.ro.overlong_buffer
+        penalty = None if ob is None else overlong_penalty(lengths, self.ro.max_new_tokens, ob.len, ob.penalty_factor)
+        adv = step_advantages(self.advantage_name, rewards if penalty is None else rewards + penalty, lengths,
+                              self.ro.group_size, strategy=self._strategy(), device=self.device)
         data = RolloutBatch(ro.prompt_ids, ro.prompt_mask.bool(), ro.completion_ids, ro.completion_mask.bool(),
                             ro.logprobs.float(), adv, rewards, ro.truncated.bool(),
                             routes=ro.routes if self.tr.routing_replay == "R3" else None).to(self.device)
+        if self.tr.mask_truncated_completions:  # DAPO's overlong filtering: truncated rows leave the loss
+            data.loss_mask = loss_mask(data.completion_mask, data.truncated)
         if self.tr.routing_replay == "R3" and data.routes is None:
             raise RoutingError("routing_replay=R3 but the rollout engine returned no routes; use an engine with "
                                "supports_routes (rollout.engine=transformers on CPU) or R2")
@@ -177,6 +186,10 @@ class RLModule(L.LightningModule):
         t3 = time.perf_counter()
         # 7. log: one row per global step
         metrics.update(self._rollout_metrics(data))
+        metrics.update(got.metrics)
+        metrics.update(shaping_metrics(None if penalty is None else penalty.to(self.device),
+                                       data.truncated if self.tr.mask_truncated_completions else None,
+                                       self._strategy()))
         tokens = metrics.pop("_tokens")
         metrics.update({"time/rollout": t1 - t0, "time/old_logprobs": metrics.pop("_t_old", 0.0),
                         "time/update": metrics.pop("_t_upd", t2 - t1), "time/sync": t3 - t2,
@@ -231,7 +244,20 @@ class RLModule(L.LightningModule):
     def prompt_seed(self, step: int, index: int) -> int:
         """The seed of prompt ``index`` of the step's B (completion j: + j): the same on whichever rank samples it, so
         W ranks draw the rows one process would. Hashed: seeds of other prompts and steps lie far apart."""
-        return mix_seed(self.step_seed(step), index)
+        return prompt_seed(self.step_seed(step), 0, index)
+
+    def _pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pad if pad is not None else getattr(self.tokenizer, "eos_token_id", None) or 0)
+
+    def _draw(self, problems, step: int, seeds: list[int]):
+        """One draw of steps 1-2: ``problems`` (this rank's) x G completions from the engine and their task rewards."""
+        ro = self.rollout(problems, step, seeds=seeds)
+        texts = self.tokenizer.batch_decode(strip_padding(ro.completion_ids, ro.completion_mask),
+                                            skip_special_tokens=True)
+        rewards = torch.tensor([self._reward(t, problems[i // self.ro.group_size], step)
+                                for i, t in enumerate(texts)], dtype=torch.float32)
+        return ro, rewards
 
     def rollout(self, problems, step: int, seeds: list[int]):
         enc = self.tokenizer([p.prompt for p in problems], add_special_tokens=False)
@@ -321,7 +347,8 @@ class RLModule(L.LightningModule):
             raise PgzooError(f"num_minibatches={t.num_minibatches} does not divide the {n_rows} rows on this rank")
         mb_rows = n_rows // t.num_minibatches
         # the global normalisers of all N mini-batches in one reduction (host sync: one per step)
-        per_mb = data.completion_mask.reshape(t.num_minibatches, mb_rows, -1)
+        mask = data.completion_mask if data.loss_mask is None else data.loss_mask  # train.mask_truncated_completions
+        per_mb = mask.reshape(t.num_minibatches, mb_rows, -1)
         counts = torch.stack([per_mb.any(-1).sum(-1), per_mb.sum((-1, -2))], -1).float()
         counts = all_reduce_sum(counts, self._strategy()).clamp_min(1.0).tolist()
         acc = Accumulator(data.completion_mask.device)
@@ -337,7 +364,8 @@ class RLModule(L.LightningModule):
                 with self.replay.update_pass(self.policy, rows=rows, mask=attention_of(mb)):
                     lp, ent = self.forward_logprobs(mb, self._trim(lengths, rows, P))
                     batch = TokenBatch(
-                        logprobs=lp, mask=mb.completion_mask, advantages=mb.advantages,
+                        logprobs=lp, mask=mb.completion_mask if mb.loss_mask is None else mb.loss_mask,
+                        advantages=mb.advantages,
                         old_logprobs=mb.old_logprobs,
                         rollout_logprobs=mb.rollout_logprobs if self.ro.logprobs == "engine" else None,
                         ref_logprobs=self._ref_logprobs(mb, lengths, rows) if self.ref_policy is not None else None,

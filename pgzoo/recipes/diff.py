@@ -39,6 +39,9 @@ SAFE_TO_CHANGE = frozenset({
     # torch's intra-op threads: the same arithmetic, at most a different summation order in float reductions
     "train.threads",
     "train.dist_timeout",
+    # the bound on dynamic sampling's draws decides only whether a step that needs more draws stops the run: a step
+    # that completes drew the same prompts under any bound (pgzoo.adapters.lightning.sampling)
+    "rollout.dynamic_sampling.max_draws",
 })
 
 

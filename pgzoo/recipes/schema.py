@@ -109,6 +109,10 @@ class Recipe(Section):
         if t.activation_checkpointing and self.strategy != "fsdp":
             raise ConfigError("train.activation_checkpointing=true is applied per decoder layer by the fsdp strategy; "
                               "set train.strategy=fsdp")
+        if r.overlong_buffer is not None and r.overlong_buffer.len > r.max_new_tokens:
+            raise ConfigError(f"rollout.overlong_buffer.len={r.overlong_buffer.len} is longer than "
+                              f"rollout.max_new_tokens={r.max_new_tokens}: the penalty ramps over the last len tokens "
+                              f"before max_new_tokens; set len <= {r.max_new_tokens} (the paper: a fifth of it)")
         if r.group_size < 2:
             raise ConfigError("rollout.group_size must be >= 2: group-relative advantages of a group of one are 0, "
                               "so nothing would be learned")

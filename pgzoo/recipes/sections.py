@@ -77,6 +77,27 @@ class ObjectiveSection(Section):
     advantage: str | None = Field(None, description="estimator in pgzoo.advantages; null = the objective's default")
 
 
+class DynamicSamplingSection(Section):
+    """DAPO's dynamic sampling (arXiv 2503.14476, eq. 11; verl's ``algorithm.filter_groups``): a group whose G task
+    rewards are all equal has zero group-relative advantage, so it is dropped and more prompts are drawn until the
+    step holds B groups whose rewards differ (pgzoo.adapters.lightning.sampling)."""
+
+    max_draws: int = Field(10, gt=0, description="draws of B prompts per step at most (the first included; verl's "
+                                                 "max_num_gen_batches, 10 in its DAPO recipe); when they hold fewer "
+                                                 "than B groups whose rewards differ the run stops with an error, as "
+                                                 "verl does (a resume may raise it: every completed step is the same)")
+
+
+class OverlongBufferSection(Section):
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13; verl's ``reward_model.overlong_buffer``): a
+    completion longer than rollout.max_new_tokens - len gets a penalty growing linearly to -penalty_factor at
+    rollout.max_new_tokens, added to its task reward before advantages."""
+
+    len: int = Field(gt=0, description="L_cache: the buffer's length in tokens, at most rollout.max_new_tokens "
+                                       "(the paper: 4,096 of 20,480)")
+    penalty_factor: float = Field(1.0, gt=0, description="the penalty at rollout.max_new_tokens tokens (the paper: 1)")
+
+
 class RolloutSection(Section):
     """The inference engine and sampling."""
 
@@ -106,6 +127,12 @@ class RolloutSection(Section):
         256.0, gt=0, description="weight sync streams the policy into the engine parameter by parameter in buckets of "
                                  "at most this many MB (a larger parameter travels alone); bounds the sync's extra "
                                  "memory per rank (pgzoo.rollout.sync)")
+    dynamic_sampling: DynamicSamplingSection | None = Field(
+        None, description="drop groups whose rewards are all equal and draw more prompts until B groups remain "
+                          "(DAPO); {max_draws: 10}; null = off")
+    overlong_buffer: OverlongBufferSection | None = Field(
+        None, description="DAPO's soft length penalty near max_new_tokens added to the rewards "
+                          "({len: L_cache, penalty_factor: 1.0}); null = off")
 
     @pydantic.field_validator("engine")
     @classmethod
@@ -164,6 +191,9 @@ class TrainSection(Section):
     threads: int | None = Field(1, gt=0, description="torch intra-op threads per process (set before the model "
                                                       "loads); 1 keeps a step steady beside other busy processes "
                                                       "(benchmarks/threads.py); null = torch's default (all cores)")
+    mask_truncated_completions: bool = Field(
+        False, description="completions cut at rollout.max_new_tokens get loss mask 0 and leave the normalisers "
+                           "(DAPO's overlong filtering; TRL's GRPOConfig option of the same name)")
     stop_on: StopOnSection = Field(default_factory=lambda: StopOnSection(),
                                    description="stop the run when it diverges (pgzoo.adapters.lightning.guards)")
 
@@ -204,5 +234,6 @@ class OutputSection(Section):
     progress_bar: bool = True
 
 
-__all__ = ["Dtype", "LoraSection", "ModelSection", "TaskSection", "ObjectiveSection", "RolloutSection", "StopOnSection",
+__all__ = ["Dtype", "LoraSection", "ModelSection", "TaskSection", "ObjectiveSection", "DynamicSamplingSection",
+           "OverlongBufferSection", "RolloutSection", "StopOnSection",
            "TrainSection", "EvalSection", "OutputSection"]
