@@ -17,7 +17,7 @@ def test_the_grids_are_complete():
     on = {f"{o}{r}" for o in ("minirl", "minirl-length-norm", "minirl-no-is") for r in ("", "-r3")}
     off = {f"offpolicy-n{n}-{v}" for n in (2, 4, 8)
            for v in ("minirl-no-clip", "minirl-no-clip-r2", "minirl-r2", "minirl-r3")}
-    assert {p.stem for p in TINY} == on | off | {"minirl-lora"}
+    assert {p.stem for p in TINY} == on | off | {"minirl-lora", "dapo"}
     assert {p.stem for p in PAPER} == on | off | {"cold-start-minirl-r2"}
 
 

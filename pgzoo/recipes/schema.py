@@ -235,10 +235,13 @@ class Recipe(Section):
             f"{f', router {r.router_dtype}' if r.router_dtype else ''}), B={r.prompts_per_step} prompts x "
             f"G={r.group_size} = {self.responses_per_step} responses/step, <= {r.max_new_tokens} new tokens, "
             f"T={r.temperature}, μ logprobs: {r.logprobs}"
-            f"{'' if r.verify_sync is None else f', sync checked (mean |Δ log p| <= {r.verify_sync:g})'}",
+            f"{'' if r.verify_sync is None else f', sync checked (mean |Δ log p| <= {r.verify_sync:g})'}"
+            f"{'' if r.dynamic_sampling is None else f', dynamic sampling (<= {r.dynamic_sampling.max_draws} draws)'}"
+            f"{'' if r.overlong_buffer is None else f', overlong penalty over the last {r.overlong_buffer.len} tokens'}",
             f"updates       N={t.num_minibatches} optimizer step(s)/step of {self.minibatch_size} responses"
             f"{'' if t.micro_batch_size is None else f' in micro-batches of {t.micro_batch_size}'}"
-            f", lr={t.lr:g}, grad_clip={t.grad_clip}",
+            f", lr={t.lr:g}, grad_clip={t.grad_clip}"
+            f"{', truncated completions masked' if t.mask_truncated_completions else ''}",
             f"parallelism   {self.strategy}, {t.devices} device(s) x {t.num_nodes} node(s) = {self.world_size} "
             f"rank(s){', activation checkpointing' if t.activation_checkpointing else ''}"
             f"{', bf16 mixed precision' if t.mixed_precision else ''}",
