@@ -57,7 +57,7 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, fa
     tokens, then falling linearly to ``-factor`` at ``max_new_tokens`` (an engine never returns more, so the
     paper's -1 beyond L_max is that end point)."""
     expected = max_new_tokens - buffer
-    return -(lengths.float() - expected).clamp_min(0.0) / buffer * factor
+    return (expected - lengths.float()).clamp_max(0.0) / buffer * factor  # +0.0 (not -0.0) inside the budget
 
 
 def loss_mask(completion_mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
