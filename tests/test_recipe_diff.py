@@ -3,7 +3,7 @@
 import pytest
 
 from pgzoo.errors import ConfigError
-from pgzoo.recipes.diff import SAFE_TO_CHANGE, changed_keys, check_resume
+from pgzoo.recipes.diff import SAFE_TO_CHANGE, changed_keys, check_resume, flatten
 from pgzoo.recipes import load_recipe
 
 
@@ -38,5 +38,20 @@ def test_allowing_an_unsafe_key_is_refused():
 
 def test_every_safe_key_exists_in_the_schema():
     # optional sections (null by default) are switched on so that their keys are listed too
-    keys = set(changed_keys({}, _dump())) | set(changed_keys({}, _dump("rollout.dynamic_sampling.max_draws=10")))
+    keys = set(flatten(_dump())) | set(flatten(_dump("rollout.dynamic_sampling.max_draws=10")))
     assert SAFE_TO_CHANGE <= keys, SAFE_TO_CHANGE - keys
+
+
+def test_a_key_added_after_a_run_was_recorded_counts_as_its_default():
+    """A run recorded before a recipe key existed ran with what its default keeps: resuming it (or a grid checking
+    it) must not call the missing key a change; a recorded non-default value still is one."""
+    from pgzoo.recipes import load_recipe
+    from pgzoo.recipes.diff import changed_keys
+
+    now = load_recipe("tiny/minirl").model_dump(mode="json")
+    old = {k: dict(v) if isinstance(v, dict) else v for k, v in now.items()}
+    del old["train"]["dist_timeout"]  # as written by a version without the key
+    del old["rollout"]["dynamic_sampling"]
+    assert changed_keys(old, now) == []
+    old["train"]["lr"] = 0.1
+    assert changed_keys(old, now) == ["train.lr"]

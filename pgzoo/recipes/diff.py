@@ -60,9 +60,23 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 NOT_COMPARED = frozenset({"output.dir"})
 
 
+def with_defaults(recorded: dict) -> dict:
+    """``recorded`` (a recipe dict a run wrote) with every key a later pgzoo added filled with its default: a run
+    recorded before a key existed ran with the behaviour its default keeps, so the key did not change. A recorded
+    dict the current schema refuses is returned as it is (the comparison then names what differs)."""
+    from pgzoo.errors import PgzooError
+    from pgzoo.recipes.load import recipe_from_dict
+
+    try:
+        return recipe_from_dict(recorded, check=False).model_dump(mode="json")
+    except (PgzooError, TypeError, ValueError):
+        return recorded
+
+
 def changed_keys(recorded: dict, given: dict) -> list[str]:
     """Dotted keys whose values differ between two recipe dicts (as :meth:`Recipe.model_dump` writes them), except
-    :data:`NOT_COMPARED`."""
+    :data:`NOT_COMPARED`; keys added to the schema after ``recorded`` was written count as their defaults."""
+    recorded = with_defaults(recorded)
     a, b = flatten(recorded), flatten(given)
     return sorted(k for k in set(a) | set(b) if k not in NOT_COMPARED and a.get(k, _MISSING) != b.get(k, _MISSING))
 
@@ -82,7 +96,7 @@ def check_resume(recorded: dict, given: dict, allowed: list[str] | tuple[str, ..
     changed = changed_keys(recorded, given)
     refused = [k for k in changed if k not in allowed]
     if refused:
-        a, b = flatten(recorded), flatten(given)
+        a, b = flatten(with_defaults(recorded)), flatten(given)
         detail = "; ".join(f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in refused)
         safe = [k for k in refused if k in SAFE_TO_CHANGE]
         fix = (f"pass --allow-change {' --allow-change '.join(safe)} to change {'it' if len(safe) == 1 else 'them'}"
