@@ -15,6 +15,9 @@ standard deviation (unbiased, as TRL and verl compute it), G_g its size and l_i 
 - ``gdpo``                    Σ_k w_k·group-mean-std(r_k), whitened over the batch, option components [N, K]  (GDPO)
 - ``remax``                   r_i − b_i, b_i the reward of a greedy rollout of i's prompt (option baseline_rewards)
                               (ReMax)
+- ``reward``                  r_i, no baseline                              (RAFT++ in ROLL; TOPR)
+- ``group-mean-batch-std``    (r_i − mean_g) / (std_B + eps), std_B over the whole batch   (TRL scale_rewards="batch")
+- ``maxrl``                   (r_i − mean_g) / (mean_g + eps), rewards ≥ 0    (MaxRL)
 
 Each estimator's docstring gives its paper and its verl counterpart.
 
@@ -353,6 +356,59 @@ def remax(rewards, index, num_groups, *, baseline_rewards=None):
 remax.uses_groups = False
 remax.inputs = ("baseline_rewards",)
 register("remax")(remax)
+
+
+def reward(rewards, index, num_groups):
+    """A_i = r_i: the reward itself, no baseline and no scaling.
+
+    ROLL's advantage with ``norm_mean_type`` and ``norm_std_type`` unset (its RAFT++ recipe: with 0/1 rewards only the
+    correct samples carry an advantage, so a policy-gradient loss becomes rejection-sampling fine-tuning); the
+    baseline-free REINFORCE of TOPR (arXiv 2503.14286). Needs no groups; a constant group keeps its rewards.
+    """
+    return rewards.clone()
+
+
+reward.uses_groups = False
+register("reward")(reward)
+
+
+@register("group-mean-batch-std")
+def group_mean_batch_std(rewards, index, num_groups, *, eps: float = 1e-4):
+    """A_i = (r_i − mean_g) / (std_B + eps): the group's baseline, the batch's scale.
+
+    TRL's ``scale_rewards="batch"`` (``GRPOConfig``; eps 1e-4, as TRL adds it) and ROLL's ``norm_mean_type: group``
+    with ``norm_std_type: batch``; "Lite PPO" (Liu et al., "Part I: Tricks or Traps? A Deep Dive into RL for LLM
+    Reasoning", arXiv 2508.08221) recommends it: dividing by the group's std over-weights the groups whose rewards
+    barely differ, the batch's std does not. std_B is the unbiased std of every reward of the batch passed in, so the
+    batch must be the whole step's: pgzoo's Lightning trainer computes advantages over the whole step (every rank's
+    rewards gathered), so it is exact under data parallelism. A constant group, and a group of one, get 0.
+    """
+    _check_eps(eps)
+    _, centred, _, constant = _group_stats(rewards, index, num_groups)
+    n = rewards.numel()
+    std = rewards.std() if n > 1 else torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    return _zero_where(constant, centred / (std + eps))
+
+
+@register("maxrl")
+def maxrl(rewards, index, num_groups, *, eps: float = 1e-6):
+    """MaxRL: A_i = (r_i − mean_g) / (mean_g + eps), the group baseline scaled by the group's pass rate.
+
+    Tajwar et al., "Maximum Likelihood Reinforcement Learning" (arXiv 2602.02710): with 0/1 rewards, dividing by the
+    pass rate p̂_g = K/N (K successes of N) makes the policy gradient an unbiased estimate of the gradient of a
+    truncated log-likelihood of success, Σ_k≤N log-pass@k style, instead of pass@1: hard prompts (small p̂) weigh
+    more. The policy loss is unchanged (the paper uses GRPO's); this is the estimator, as the paper's code and
+    SkyRL's ``compute_maxrl_advantage`` compute it. Rewards must be ≥ 0 (the normaliser is a mean reward). A
+    constant group (all fail, all succeed) and a group of one get 0 (SkyRL keeps a lone completion's reward).
+    """
+    _check_eps(eps)
+    if bool((rewards < 0).any()):
+        raise ConfigError("advantage estimator 'maxrl' divides by the group's mean reward (its pass rate): rewards "
+                          "must be >= 0 (0/1 success rewards in the paper); shift or clip the reward, or use "
+                          "group-mean-std")
+    size, centred, _, constant = _group_stats(rewards, index, num_groups)
+    mean = _group_sum(rewards, index, num_groups)[index] / size
+    return _zero_where(constant | (size < 2), centred / (mean + eps))
 
 
 def trainer_estimators() -> list[str]:

@@ -341,6 +341,8 @@ def test_extreme_log_ratios_stay_finite(name, options, dtype, per_token):
 FLOAT16_GRADIENT = {
     ("gspo-token", True): "per-token advantages: the unclipped branch of a negative advantage has gradient s·A with s "
                           "up to e^20, beyond float16's range once cast back to the float16 logprobs",
+    ("importance-sampling", True): "r·A summed over tokens, unclipped: a gradient r·A with r up to e^20 is beyond "
+                                   "float16's range once cast back to the float16 logprobs",
 }
 
 

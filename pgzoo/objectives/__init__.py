@@ -15,6 +15,11 @@ family (module)        registered names                             class
 ``dppo``               dppo-tv, dppo-kl                             :class:`DPPO`
 ``sapo``               sapo                                         :class:`SAPO`
 ``vespo``              vespo                                        :class:`VESPO`
+``topr``               topr                                         :class:`TOPR`
+``raft``               raft++                                       :class:`GRPO`
+``ipo``                prime-ipo, ipo                               :class:`PrimeIPO`
+``tinker``             importance-sampling, cross-entropy           :class:`ImportanceSampling`, :class:`CrossEntropy`
+``dro``                dro, kimi15                                  :class:`DRO`
 =====================  ===========================================  ==================
 
 Variants are registrations of one class with default overrides, never copies (see each module's docstring for the
@@ -35,6 +40,12 @@ from pgzoo.objectives.minirl import MiniRL
 from pgzoo.objectives.sapo import SAPO
 from pgzoo.objectives.shaping import Shaping
 from pgzoo.objectives.vespo import VESPO
+from pgzoo.objectives.topr import TOPR
+from pgzoo.objectives import raft  # noqa: F401  (registers raft++, a GRPO variant)
+from pgzoo.objectives.ipo import PrimeIPO
+from pgzoo.objectives.tinker import CrossEntropy, ImportanceSampling
+from pgzoo.objectives.dro import DRO
 
 __all__ = ["AGGREGATIONS", "Objective", "ObjectiveOutput", "aggregate", "MiniRL", "GRPO", "CISPO", "GSPO",
            "GPG", "ClipCov", "KLCov", "GMPO", "DPPO", "SAPO", "VESPO", "Shaping"]
+__all__ += ["TOPR", "PrimeIPO", "ImportanceSampling", "CrossEntropy", "DRO"]

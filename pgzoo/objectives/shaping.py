@@ -11,7 +11,13 @@ weight (:mod:`pgzoo.objectives.correction`), and r_it the objective's importance
 - ``kl``: the estimator of KL(π_θ‖π_ref) per token, d = ref − lp (Schulman, "Approximating KL divergence", 2020):
   ``k1`` = −d; ``k2`` = d²/2; ``k3`` = e^d − d − 1 (TRL's, and pgzoo's default); ``low-var-k3`` = k3 clamped to
   [−10, 10], verl's ``low_var_kl``. ``kl_clamp`` clamps any estimator's value to [−kl_clamp, kl_clamp] (verl clamps
-  ``low_var_kl`` at 10). d is clamped to ±20 before the exponential, as verl does.
+  ``low_var_kl`` at 10). d is clamped to ±20 before the exponential, as verl does. ``abs`` = |d| (verl's ``abs``, a
+  penalty rather than an estimate: its mean is not the KL). The straight-through forms ``k1+``, ``k3+`` and
+  ``low-var-k3+`` (verl's ``k1+``, ``k3+``, ``low_var_kl+``) take their value from the estimator before the ``+``
+  and their gradient from k2 = d²/2: k2's gradient (lp − ref) is the unbiased gradient of KL(π_θ‖π_ref) on
+  samples of π_θ, which those of k1 (the constant 1) and k3 are not. ``kl_clamp`` clamps the value only; the k2
+  gradient is taken on the unclamped d, as verl's ``kl_penalty`` does. verl's ``k3`` is clamped at 10 like its
+  ``low_var_kl``, so verl's ``k3+`` is pgzoo's ``low-var-k3+`` (pgzoo's ``k3+`` has the unclamped k3 value).
 - ``bias_correction_kl`` (TRL's ``use_bias_correction_kl``, DeepSeek-V3.2, arXiv 2512.02556): the KL term is
   multiplied by the ratio r (with gradient), making its gradient the unbiased reverse-KL gradient off-policy.
 - ``correct_kl``: the training–inference correction weight c also multiplies the KL term. Default False: TRL and
@@ -46,7 +52,7 @@ from pgzoo.objectives.diagnostics import masked_fraction, masked_mean
 from pgzoo.objectives.ratios import MAX_LOG_RATIO
 from pgzoo.validate import check_number
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "low-var-k3")
+KL_ESTIMATORS = ("k1", "k2", "k3", "low-var-k3", "abs", "k1+", "k3+", "low-var-k3+")
 IS_LEVELS = ("token", "sequence")
 LOW_VAR_KL_CLAMP = 10.0  # verl's clamp of low_var_kl
 
@@ -113,16 +119,24 @@ def shaping_requires(c: Shaping) -> set[str]:
 
 def kl_estimate(lp: torch.Tensor, ref: torch.Tensor, estimator: str, clamp: float | None) -> torch.Tensor:
     """The per-token KL(π_θ‖π_ref) estimate (with gradient through ``lp``); see the module docstring."""
+    base = estimator.removesuffix("+")
     d = (ref - lp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-    if estimator == "k1":
+    if base == "k1":
         kl = -d
-    elif estimator == "k2":
+    elif base == "k2":
         kl = 0.5 * d.square()
+    elif base == "abs":
+        kl = d.abs()
     else:
         kl = torch.expm1(d) - d
-        if estimator == "low-var-k3" and clamp is None:
+        if base == "low-var-k3" and clamp is None:
             clamp = LOW_VAR_KL_CLAMP
-    return kl if clamp is None else kl.clamp(-clamp, clamp)
+    kl = kl if clamp is None else kl.clamp(-clamp, clamp)
+    if base == estimator:
+        return kl
+    # straight-through: the value of the estimator, the gradient of k2 (unclamped, as verl's kl_penalty)
+    k2 = 0.5 * (lp - ref).square()
+    return k2 - k2.detach() + kl.detach()
 
 
 def entropy_mask(batch: TokenBatch, quantile: float) -> torch.Tensor:
@@ -206,7 +220,8 @@ class Shaper:
         c = self.c
         kl = kl_estimate(self.lp(), self.batch.clean("ref_logprobs"), c.kl, c.kl_clamp)
         if self.report:
-            self.metrics["kl/ref_" + c.kl.replace("-", "_")] = masked_mean(kl, self.batch.mask)
+            # a straight-through form reports its value, which is the base estimator's: the base name
+            self.metrics["kl/ref_" + c.kl.removesuffix("+").replace("-", "_")] = masked_mean(kl, self.batch.mask)
         if c.bias_correction_kl:
             kl = kl * ratio
         if c.correct_kl and correction is not None:
