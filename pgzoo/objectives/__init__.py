@@ -38,3 +38,7 @@ from pgzoo.objectives.vespo import VESPO
 
 __all__ = ["AGGREGATIONS", "Objective", "ObjectiveOutput", "aggregate", "MiniRL", "GRPO", "CISPO", "GSPO",
            "GPG", "ClipCov", "KLCov", "GMPO", "DPPO", "SAPO", "VESPO", "Shaping"]
+from pgzoo.objectives.decoupled import M2PO, DecoupledPPO  # noqa: E402  (appended: one line per new family)
+from pgzoo.objectives import corrected  # noqa: E402,F401  (registers icepop, seq-mask-tis)
+
+__all__ += ["DecoupledPPO", "M2PO"]
