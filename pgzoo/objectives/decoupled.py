@@ -197,7 +197,7 @@ class DecoupledPPO(Objective):
         if s["dual"] is not None:
             metrics["clip/dual_fraction"] = masked_fraction(s["dual"], mask)
         if s["keep"] is not None:
-            metrics["m2po/masked_fraction"] = masked_fraction(~s["keep"], mask)
+            metrics["decoupled/m2_masked_fraction"] = masked_fraction(~s["keep"], mask)
         metrics["decoupled/behave_weight_mean"] = masked_mean(s["w"], mask)
         metrics["decoupled/behave_weight_max"] = masked_max(s["w"], mask)
         metrics.update(s["corr_metrics"])
