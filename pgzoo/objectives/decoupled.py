@@ -41,7 +41,9 @@ example configuration (``gsm8k_m2po.yaml``) adds ``eps_clip=0`` and ``behav_imp_
 ``pgzoo.get("m2po", eps_low=0, eps_high=0, correction={"mode": "mask", "low": 0, "high": 5})``. The mask M depends
 on the whole batch (its sorted m2 values), so ``m2po`` is not shard-additive (``shard_additive = False``): each
 TokenBatch masks on its own, as each AReaL micro-batch does; pass the whole mini-batch in one call for the
-paper's batch-level mask. Among tokens of equal m2 at the cut, the later one (row-major) is masked first.
+paper's batch-level mask. Among tokens of equal m2 at the cut, the later one (row-major) is masked first. The loss
+is normalised by N_tok, all the batch's tokens (the paper's 1/Σ|o_i|); AReaL's code divides each micro-batch by the
+tokens M2PO kept (its token count is taken after the mask): pass that count as ``num_tokens`` to reproduce it.
 
 Example:
     >>> pgzoo.get("decoupled-ppo")(pgzoo.TokenBatch(logprobs=lp, mask=m, advantages=a, old_logprobs=prox,
