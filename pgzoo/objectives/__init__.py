@@ -20,6 +20,8 @@ family (module)        registered names                             class
 ``ipo``                prime-ipo, ipo                               :class:`PrimeIPO`
 ``tinker``             importance-sampling, cross-entropy           :class:`ImportanceSampling`, :class:`CrossEntropy`
 ``dro``                dro, kimi15                                  :class:`DRO`
+``decoupled``          decoupled-ppo, m2po                          :class:`DecoupledPPO`, :class:`M2PO`
+``corrected``          icepop, seq-mask-tis                         :class:`GRPO`
 =====================  ===========================================  ==================
 
 Variants are registrations of one class with default overrides, never copies (see each module's docstring for the
@@ -28,24 +30,25 @@ correction, the loss-shaping options of :mod:`pgzoo.objectives.shaping` (KL esti
 masks, entropy bonus; every family takes them) and the aggregation, once.
 """
 
+from pgzoo.objectives import corrected, raft  # noqa: F401  (GRPO variants: icepop, seq-mask-tis, raft++)
 from pgzoo.objectives.base import AGGREGATIONS, Objective, ObjectiveOutput, aggregate
 from pgzoo.objectives.cispo import CISPO
 from pgzoo.objectives.cov import ClipCov, KLCov
+from pgzoo.objectives.decoupled import M2PO, DecoupledPPO
 from pgzoo.objectives.dppo import DPPO
+from pgzoo.objectives.dro import DRO
 from pgzoo.objectives.gmpo import GMPO
 from pgzoo.objectives.gpg import GPG
 from pgzoo.objectives.grpo import GRPO
 from pgzoo.objectives.gspo import GSPO
+from pgzoo.objectives.ipo import PrimeIPO
 from pgzoo.objectives.minirl import MiniRL
 from pgzoo.objectives.sapo import SAPO
 from pgzoo.objectives.shaping import Shaping
-from pgzoo.objectives.vespo import VESPO
-from pgzoo.objectives.topr import TOPR
-from pgzoo.objectives import raft  # noqa: F401  (registers raft++, a GRPO variant)
-from pgzoo.objectives.ipo import PrimeIPO
 from pgzoo.objectives.tinker import CrossEntropy, ImportanceSampling
-from pgzoo.objectives.dro import DRO
+from pgzoo.objectives.topr import TOPR
+from pgzoo.objectives.vespo import VESPO
 
 __all__ = ["AGGREGATIONS", "Objective", "ObjectiveOutput", "aggregate", "MiniRL", "GRPO", "CISPO", "GSPO",
-           "GPG", "ClipCov", "KLCov", "GMPO", "DPPO", "SAPO", "VESPO", "Shaping"]
-__all__ += ["TOPR", "PrimeIPO", "ImportanceSampling", "CrossEntropy", "DRO"]
+           "GPG", "ClipCov", "KLCov", "GMPO", "DPPO", "SAPO", "VESPO", "Shaping", "TOPR", "PrimeIPO",
+           "ImportanceSampling", "CrossEntropy", "DRO", "DecoupledPPO", "M2PO"]
