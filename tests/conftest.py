@@ -1,7 +1,26 @@
 """Suite-wide test hygiene."""
 
+import gc
+
 import pytest
 import torch
+
+
+def pytest_collection_finish(session):
+    # Once every test module is imported, torch, transformers, TRL, Lightning and vLLM put ~800k objects in the
+    # collector's care, and a full gc.collect() walks them all: ~0.6 s on a loaded 2-core machine. transformers'
+    # Trainer.train() runs one per call (accelerate's free_memory), and the TRL tests train ~60 times. What exists
+    # now (modules, classes, parametrize values) lives for the whole session anyway: freezing it takes it out of
+    # every later collection, which then walks only the objects the tests create. The cost: a frozen object that
+    # later ends up in an unreachable cycle is never reclaimed (reference counting still frees everything else).
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_unconfigure(config):
+    # Hand the frozen objects back before the interpreter exits: its final collection skips frozen ones, and native
+    # bindings (nanobind) then report them as leaked on stderr.
+    gc.unfreeze()
 
 
 @pytest.fixture(autouse=True)
