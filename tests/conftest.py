@@ -61,3 +61,67 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class TinyJob:
+    """A `pgzoo train RECIPE` process started in the background, its output in files (a full pipe would block it)."""
+
+    def __init__(self, recipe: str, run_dir, env: dict, timeout: float):
+        import subprocess
+        import sys
+        import time
+        from pathlib import Path
+
+        repo = Path(__file__).resolve().parents[1]
+        self.run_dir, self.timeout, self.started = run_dir, timeout, time.perf_counter()
+        self.out, self.err = run_dir.parent / "stdout.txt", run_dir.parent / "stderr.txt"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pgzoo", "train", str(repo / recipe),
+                                          f"output.dir={run_dir}", "--quiet"], cwd=repo, env=env, stdout=out,
+                                         stderr=err, text=True)
+
+    def wait(self) -> tuple[int, str, float]:
+        """Exit status, the tail of its output, and its wall time from its start."""
+        import time
+
+        self.proc.wait(timeout=max(1.0, self.timeout - (time.perf_counter() - self.started)))
+        tail = self.out.read_text()[-3000:] + self.err.read_text()[-3000:]
+        return self.proc.returncode, tail, time.perf_counter() - self.started
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# test file -> (shipped recipe, extra environment, timeout in seconds) of the tiny jobs it checks end to end
+TINY_JOBS = {
+    "test_main_job.py": ("recipes/tiny/minirl.yaml", {}, 1500),
+    "test_lora_job.py": ("recipes/tiny/minirl-lora.yaml", {"OMP_NUM_THREADS": "1"}, 1800),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_jobs(request, tmp_path_factory):
+    """The main job and the LoRA job (`pgzoo train recipes/tiny/minirl*.yaml`), started together when the first of
+    their tests needs one: each process trains with one thread (train.threads and the vLLM engine's generate_threads
+    default to 1) and the test process only waits on them, so on two cores the second job runs on the otherwise idle
+    core instead of after the first one. Only the jobs whose tests were selected start. Keyed by test file name.
+
+    Both read the cold start from the session's cache (tests/test_cold_start.py trains it; if it is not there yet,
+    one job trains it and the other waits on the entry's lock, as concurrent ranks do)."""
+    import importlib.util
+
+    from _train_helpers import subprocess_env
+
+    selected = {item.path.name for item in request.session.items}
+    cache = tmp_path_factory.getbasetemp() / "pgzoo-cache"
+    jobs = {}
+    for test_file, (recipe, extra, timeout) in TINY_JOBS.items():
+        if test_file not in selected or (test_file == "test_lora_job.py" and importlib.util.find_spec("peft") is None):
+            continue  # not run in this session, or skipped there
+        run_dir = tmp_path_factory.mktemp(test_file[len("test_"):-len(".py")].replace("_", "-")) / "run"
+        jobs[test_file] = TinyJob(recipe, run_dir, {**subprocess_env(), "PGZOO_CACHE": str(cache), **extra}, timeout)
+    yield jobs
+    for job in jobs.values():
+        job.stop()
