@@ -2,7 +2,8 @@
 the embedded tiny MoE's cold start), then its merged checkpoint loaded with plain transformers.
 
 The measured result is in docs/training.md#lora; this test guards against regressions in what the job learns with a
-margin under the measured gain (float reductions with other thread counts move the trajectory a little).
+margin under the measured gain (float reductions with other thread counts move the trajectory a little). The process
+starts early in the session, beside the main job, and trains while other tests run (tests/conftest.py, tiny_jobs).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ pytestmark = [
 
 
 def test_lora_job_learns_and_its_checkpoint_loads_with_plain_transformers(tiny_jobs):
-    job = tiny_jobs["test_lora_job.py"]  # started beside the main job when both are selected (tests/conftest.py)
+    job = tiny_jobs["test_lora_job.py"]  # runs in the background beside the main job (conftest.py: tiny_jobs)
     run_dir = job.run_dir
-    returncode, output, seconds = job.wait()
+    returncode, output, seconds = job.wait()  # wall time from its start, other tests running meanwhile
     assert returncode == 0, output
     summary = json.loads((run_dir / "summary.json").read_text())
     before = summary["eval_before"]["greedy_accuracy"]

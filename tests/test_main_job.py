@@ -6,7 +6,8 @@ The measured results are in docs/training.md: +24.6 points of greedy held-out ac
 on another, from the same code, packages and seed (the cold start itself differs between the two CPUs: 405 vs 506
 SFT steps, float kernels differ and training is chaotic). This test guards against regressions in what the job
 learns with a margin under the smaller gain (+5 points: a broken objective, sync or advantage learns nothing or
-collapses); wall time is printed, not asserted (speed targets live in benchmarks/).
+collapses); wall time is printed, not asserted (speed targets live in benchmarks/). The process starts early in the
+session, beside the LoRA job, and trains while other tests run (tests/conftest.py, tiny_jobs); this test waits for it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ pytestmark = [
 
 
 def test_main_job_learns(tiny_jobs):
-    job = tiny_jobs["test_main_job.py"]  # started beside the LoRA job when both are selected (tests/conftest.py)
+    job = tiny_jobs["test_main_job.py"]  # runs in the background beside the LoRA job (conftest.py: tiny_jobs)
     run_dir = job.run_dir
-    returncode, output, seconds = job.wait()
+    returncode, output, seconds = job.wait()  # wall time from its start, other tests running meanwhile
     assert returncode == 0, output
     summary = json.loads((run_dir / "summary.json").read_text())
     before = summary["eval_before"]["greedy_accuracy"]
