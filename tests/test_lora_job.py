@@ -2,22 +2,18 @@
 the embedded tiny MoE's cold start), then its merged checkpoint loaded with plain transformers.
 
 The measured result is in docs/training.md#lora; this test guards against regressions in what the job learns with a
-margin under the measured gain (float reductions with other thread counts move the trajectory a little).
+margin under the measured gain (float reductions with other thread counts move the trajectory a little). The process
+starts early in the session, beside the main job, and trains while other tests run (tests/conftest.py, tiny_jobs).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from _train_helpers import subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 MARGIN = 0.05  # greedy held-out accuracy; measured +0.124 (docs/training.md#lora), under half of it guarded
 
 pytestmark = [
@@ -28,18 +24,11 @@ pytestmark = [
 ]
 
 
-def test_lora_job_learns_and_its_checkpoint_loads_with_plain_transformers(tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "pgzoo-cache"  # shared with the other main-job tests' cold start
-    run_dir = tmp_path_factory.mktemp("lora-job") / "run"
-    env = {**subprocess_env(), "PGZOO_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pgzoo", "train", str(REPO / "recipes/tiny/minirl-lora.yaml"),
-         f"output.dir={run_dir}", "--quiet"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
-    )
-    seconds = time.perf_counter() - start
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_lora_job_learns_and_its_checkpoint_loads_with_plain_transformers(tiny_jobs):
+    job = tiny_jobs["test_lora_job.py"]  # runs in the background beside the main job (conftest.py: tiny_jobs)
+    run_dir = job.run_dir
+    returncode, output, seconds = job.wait()  # wall time from its start, other tests running meanwhile
+    assert returncode == 0, output
     summary = json.loads((run_dir / "summary.json").read_text())
     before = summary["eval_before"]["greedy_accuracy"]
     after = summary["eval_after"]["greedy_accuracy"]

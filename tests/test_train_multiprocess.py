@@ -130,10 +130,25 @@ def test_one_process_matches(ckpt, reference, tmp_path):
 
 
 def test_fsdp_resume_is_exact(ckpt, reference, tmp_path):
+    """The reference run as if killed right after its step-2 checkpoint (checkpoint_every=1 kept every one; a copy
+    without step-000003, metrics.csv cut back to the steps before it), resumed under FSDP: one two-rank launch
+    instead of a 2-step run of its own plus the resume."""
+    import csv
+    import shutil
+
     out = tmp_path / "run"
-    run([*PGZOO, *args(ckpt, out, "train.steps=2")])
-    run([*PGZOO, *args(ckpt, out, "train.steps=3"), "--resume", "--allow-change", "train.steps"])
-    same_metrics(out, reference, skip=("eval/",))  # the 2-step run had no evaluation after step 2 (its last)
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints" / "step-000003")
+    with open(out / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, [r for r in reader if float(r["step"]) < 2]
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    assert latest_checkpoint(out).name == "step-000002" and {int(float(r["step"])) for r in rows} == {0, 1}
+    run([*PGZOO, *args(ckpt, out, "train.steps=3"), "--resume"])
+    same_metrics(out, reference, skip=("eval/",))  # the evaluation rows before step 2 are the reference's own copy
     from safetensors.torch import load_file
 
     a = load_file(latest_checkpoint(out) / "model.safetensors")
