@@ -383,15 +383,18 @@ def test_16_bit_inputs_give_finite_loss_and_float32_metrics(name, options, dtype
 
 # ---------------------------------------------------------------------------------------------- random search
 @pytest.mark.parametrize("name,options", cases(only=("plain", "all-options")))
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])  # the same examples every run: what it catches does not depend on luck
 @given(B=st.integers(1, 5), T=st.integers(1, 6), seed=st.integers(0, 10_000), per_token=st.booleans(),
-       fill=st.floats(allow_nan=True, allow_infinity=True, width=64), scale=st.sampled_from([1e-4, 0.3, 3.0]))
+       fill=st.one_of(st.sampled_from(GARBAGE), st.floats(allow_nan=True, allow_infinity=True, width=64)),
+       scale=st.sampled_from([1e-4, 0.3, 3.0]))
 def test_random_shapes_and_fills(name, options, B, T, seed, per_token, fill, scale):
     """Random shapes (one row, one token included), scales and masked-position fills: finite, and the same as
     with ordinary values at masked positions (up to rounding: the fixed cases above check bit-identity)."""
     obj = pgzoo.get(name, **options)
-    clean = make_batch(obj, per_token=per_token, seed=seed, B=B, T=T, scale=scale)
-    dirty = make_batch(obj, per_token=per_token, seed=seed, B=B, T=T, scale=scale, pad_value=fill)
+    # with two rows or more the last is fully masked, so every such example holds garbage to ignore
+    clean = make_batch(obj, per_token=per_token, seed=seed, B=B, T=T, scale=scale, fully_masked_row=B > 1)
+    dirty = make_batch(obj, per_token=per_token, seed=seed, B=B, T=T, scale=scale, pad_value=fill,
+                       fully_masked_row=B > 1)
     a, g_a, _ = loss_and_grads(obj, clean)
     b, g_b, _ = loss_and_grads(obj, dirty)
     _finite(b, g_b)

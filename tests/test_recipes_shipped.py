@@ -119,14 +119,14 @@ def test_the_wheel_ships_the_recipes_and_an_installed_copy_finds_them(tmp_path):
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"pgzoo"}
     # every Python file of the checkout ships (a new subpackage missing from pyproject's list would not)
     on_disk = {f"pgzoo/{p.relative_to(REPO / 'pgzoo').as_posix()}" for p in (REPO / "pgzoo").rglob("*.py")}
-    on_disk |= {f"pgzoo/adapters/{p.name}" for p in (REPO / "adapters").glob("*.py")}
+    on_disk |= {f"pgzoo/adapters/{p.relative_to(REPO / 'adapters').as_posix()}" for p in (REPO / "adapters").rglob("*.py")}
     assert on_disk <= set(names), sorted(on_disk - set(names))
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True)
     work = tmp_path / "work"
     work.mkdir()
-    code = ("import pgzoo, pgzoo.recipes as r; print(pgzoo.__file__); print(r.shipped_recipe_dir()); "
+    code = ("import pgzoo, pgzoo.recipes as r, pgzoo.recipes.catalog as c; print(pgzoo.__file__); print(c.shipped_recipe_dir()); "
             "print(r.load_recipe('recipes/tiny/minirl.yaml').name)")
     env = {**os.environ, "PYTHONPATH": str(site)}
     res = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, check=True)
