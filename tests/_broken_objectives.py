@@ -108,10 +108,11 @@ class Cancellation(ExampleReinforce):
 
 
 class HalfPrecisionMetric(ExampleReinforce):
-    """Returns its metric in the input's dtype (bfloat16 statistics lose most of their digits)."""
+    """Returns its metric in the input's dtype (bfloat16 statistics lose most of their digits): it overrides
+    ``__call__`` and so skips the base class's float32 computation of 16-bit inputs."""
 
-    def compute(self, batch):
-        out = super().compute(batch)
+    def __call__(self, batch):
+        out = self.compute(batch.in_float32())
         if self.report_metrics:
             out.metrics["log_ratio/staleness_mean"] = out.metrics["log_ratio/staleness_mean"].to(
                 batch.logprobs.dtype)
