@@ -16,9 +16,11 @@ import test_objectives as generic
 import torch
 from _objective_checks import (
     NoHostSync,
+    assert_matches_reference,
     assert_one_graph,
     documented_metric_names,
     make_batch,
+    variant_id,
 )
 
 import pgzoo
@@ -163,26 +165,12 @@ VARIANTS = [(n, {}) for n in NAMES] + [
 ]
 
 
-def _id(v):
-    return v[0] + ("+" + "+".join(f"{k}={x}" for k, x in v[1].items()) if v[1] else "")
-
-
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_gradient_matches_naive_reference(variant, scenario):
     name, options = variant
-    obj = pgzoo.get(name, **options)
-    for seed in range(3):
-        batch = random_batch(5, 7, seed=seed, **SCENARIOS[scenario])
-        out, g = generic.lib_grad(obj, batch)
-        ref_loss, ref_g = naive_grad(name, obj, batch)
-        assert torch.isfinite(out.loss) and torch.isfinite(g).all()
-        assert (g[~batch.mask] == 0).all()
-        torch.testing.assert_close(out.loss.detach(), ref_loss, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(g, ref_g, rtol=1e-9, atol=1e-12)
-        for key, value in out.metrics.items():
-            assert isinstance(value, torch.Tensor) and not value.requires_grad, key
-            assert torch.isfinite(value).all(), key
+    assert_matches_reference(pgzoo.get(name, **options), lambda obj, batch: naive_grad(name, obj, batch),
+                             SCENARIOS[scenario], moves=False, metrics_finite=True)
 
 
 def _flag_counts(name, options, *scenarios):
@@ -196,7 +184,7 @@ def _flag_counts(name, options, *scenarios):
     return total
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] not in ("gpg",)], ids=_id)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] not in ("gpg",)], ids=variant_id)
 def test_references_exercise_both_branches(variant):
     """Guard against a vacuous comparison: far from the old policy the bounds bite for both advantage signs, and
     (the active covariance settings) tokens are selected; on policy nothing is clipped."""
@@ -346,7 +334,7 @@ def test_defaults_are_verls():
 OPTION_VARIANTS = [v for v in VARIANTS if v[1]]
 
 
-@pytest.mark.parametrize("variant", OPTION_VARIANTS, ids=_id)
+@pytest.mark.parametrize("variant", OPTION_VARIANTS, ids=variant_id)
 def test_option_variants_metrics_off_gives_the_same_loss_and_gradient(variant):
     name, options = variant
     full, bare = pgzoo.get(name, **options), pgzoo.get(name, metrics=False, **options)
