@@ -80,6 +80,24 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     _write_json(Path(run_dir) / "summary.json", summary)
 
 
+def read_recipe(run_dir: Path) -> dict | None:
+    """The recipe a run recorded (``recipe.yaml``) as a dict, None when it has none; a damaged file is a pgzoo error
+    naming it (a comparison or a grid must not read half a recipe)."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        return None
+    yaml = require("yaml", "lightning")
+    try:
+        recorded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); the run folder is damaged: move it "
+                          "away, or delete it to run it again") from None
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{path}: not a recipe (a YAML mapping); the run folder is damaged: move it away, or delete "
+                          "it to run it again")
+    return recorded
+
+
 # ---------------------------------------------------------------------- the run's state
 STATUS_FILE = "status.json"
 STATES = ("running", "finished", "stopped", "failed")

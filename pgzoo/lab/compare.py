@@ -111,24 +111,14 @@ def group_name(folder: str) -> str:
 
 
 def read_run(path: str | Path, walls: dict[str, float] | None = None) -> Run:
-    from pgzoo.adapters.lightning.run_folder import read_metrics
+    from pgzoo.adapters.lightning.run_folder import read_metrics, read_recipe
 
     path = Path(path)
     if not (path / "metrics.csv").is_file():
         raise ConfigError(f"{path} is not a run folder (no metrics.csv); pass folders written by `pgzoo train`")
     evals = _json(path / "eval.json")
-    recipe_seed = None
-    rec = path / "recipe.yaml"
-    if rec.is_file():
-        yaml = require("yaml", "lightning")
-        try:
-            recorded = yaml.safe_load(rec.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{rec}: not valid YAML ({str(exc).splitlines()[0]}); the run folder is damaged: "
-                              "leave it out of the comparison, or run it again") from None
-        if not isinstance(recorded, dict):
-            raise ConfigError(f"{rec}: not a recipe (a YAML mapping); leave the run folder out, or run it again")
-        recipe_seed = recorded.get("seed")
+    recorded = read_recipe(path)
+    recipe_seed = recorded.get("seed") if recorded is not None else None
     wall = (walls or {}).get(path.name)
     if wall is None:
         wall = _json(path / "summary.json").get("seconds")

@@ -117,20 +117,13 @@ def check_recipe_names(recipes: list[str], source: str) -> None:
 def recorded_changes(run: GridRun, overrides: list[str]) -> list[str]:
     """Keys whose value in the recipe ``run`` recorded (its ``recipe.yaml``) differs from the recipe the grid would
     run now (the recipe file, its seed, output folder and overrides); [] when nothing was recorded yet."""
+    from pgzoo.adapters.lightning.run_folder import read_recipe
     from pgzoo.recipes import load_recipe
     from pgzoo.recipes.diff import changed_keys
 
-    recorded = run.run_dir / "recipe.yaml"
-    if not recorded.is_file():
+    old = read_recipe(run.run_dir)
+    if old is None:
         return []
-    yaml = require("yaml", "lightning")
-    try:
-        old = yaml.safe_load(recorded.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{recorded}: not valid YAML ({str(exc).splitlines()[0]}); move the run folder away or "
-                          "delete it to run it again") from None
-    if not isinstance(old, dict):
-        raise ConfigError(f"{recorded}: not a recipe (a YAML mapping); move the run folder away or delete it")
     new = load_recipe(run.recipe, [f"seed={run.seed}", f"output.dir={run.run_dir}", *overrides])
     return changed_keys(old, new.model_dump(mode="json"))
 
