@@ -78,7 +78,7 @@ def test_recipe_router_dtype_only_with_the_transformers_engine():
     base = {"rollout": {"engine": "transformers", "router_dtype": "bfloat16"}}
     r = recipe_from_dict(base)
     assert r.rollout.router_dtype == "bfloat16" and "router bfloat16" in r.plan()
-    with pytest.raises(ConfigError, match="rollout.router_dtype=bfloat16 needs rollout.engine=transformers: vLLM"):
+    with pytest.raises(ConfigError, match="rollout.router_dtype=bfloat16: rollout.engine=vllm does not declare a separate dtype"):
         recipe_from_dict({"rollout": {"engine": "vllm", "router_dtype": "bfloat16"}})
     with pytest.raises(ConfigError, match="rollout.router_dtype"):
         recipe_from_dict({"rollout": {"engine": "transformers", "router_dtype": "int8"}})
