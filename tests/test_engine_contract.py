@@ -121,10 +121,11 @@ ENGINES = engines.available()
 
 
 def needs(name: str) -> list:
-    """Marks for an engine's parameter: vLLM's tests need vLLM installed."""
+    """Marks for an engine's parameter: vLLM's tests need vLLM installed, and start a vLLM engine (seconds to tens of
+    seconds): they run in the full suite, the quick `-m "not slow"` loop checks the other engines."""
     if name == "vllm" and importlib.util.find_spec("vllm") is None:
         return [pytest.mark.skip(reason="vllm is not installed (pip install 'pgzoo[cpu]' or 'pgzoo[vllm]')")]
-    return [pytest.mark.vllm] if name == "vllm" else []
+    return [pytest.mark.vllm, pytest.mark.slow] if name == "vllm" else []
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -46,6 +46,7 @@ def _run_suite(tmp_path, plugin: str, select: str) -> dict[str, dict[str, str]]:
     return outcomes
 
 
+@pytest.mark.slow  # a child pytest collecting the whole suite
 def test_a_registered_objective_gets_every_property_test(tmp_path):
     """``example-reinforce``, registered by a plugin and named in no list, is collected by every property test
     (its name in the parametrisation ids) and passes them all."""

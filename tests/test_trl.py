@@ -200,8 +200,14 @@ def run_spy(tmp_path, base, tok, loss, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- gradients
-# objectives that select tokens by batch statistics (clip-cov, kl-cov) select per micro-batch, as in verl
-@pytest.mark.parametrize("name", [n for n in pgzoo.available() if pgzoo.get(n).shard_additive])
+# objectives that select tokens by batch statistics (clip-cov, kl-cov) select per micro-batch, as in verl. Each case
+# builds a TRL trainer (about a second): one objective per kind of term runs in the quick `-m "not slow"` loop, every
+# registered one in the full suite.
+QUICK_TRL = {"minirl", "grpo", "dapo", "dr-grpo", "cispo", "gspo", "gspo-token"}
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK_TRL else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in pgzoo.available() if pgzoo.get(n).shard_additive])
 def test_gradient_equals_objective_on_full_minibatch(name, tmp_path, base_moe, tok):
     """GA = 2, steps_per_generation = 4: two optimizer steps per rollout, the second one off-policy."""
     objective = pgzoo.get(name)

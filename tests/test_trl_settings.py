@@ -44,6 +44,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow  # a TRL training run per setting
 @pytest.mark.parametrize("case", list(CASES))
 def test_trl_setting_is_accepted_and_trains(case, tmp_path, base_moe, tok):
     loss, settings, name, options = CASES[case]

@@ -318,6 +318,7 @@ PROBE = ("import verl\nfrom verl.trainer.ppo import core_algos as c\n"
          "print('pgzoo/minirl' in c.POLICY_LOSS_REGISTRY, 'pgzoo/pass-at-k' in c.ADV_ESTIMATOR_REGISTRY)")
 
 
+@pytest.mark.slow  # a fresh interpreter importing verl (ray included): about 5 s each
 @pytest.mark.parametrize("policy,expected", [("auto", "True True"), ("none", "False False"),
                                              ("pgzoo", "True True"), ("other", "False False")])
 def test_import_verl_loads_the_plugin_from_its_entry_point(policy, expected):
