@@ -215,3 +215,30 @@ def assert_matches_reference(obj, reference, batch_kwargs: dict, *, seeds: int =
             for key, value in out.metrics.items():
                 assert isinstance(value, torch.Tensor) and not value.requires_grad, key
                 assert torch.isfinite(value).all(), key
+
+
+def naive_aggregate(rows: dict, batch: pgzoo.TokenBatch, mode: str, lp: torch.Tensor) -> torch.Tensor:
+    """The aggregation formulas of docs/objectives.md, written out: ``rows`` maps a row index to its per-token terms
+    (its unmasked tokens' terms, a list of 0-d tensors); normalisers from the batch or counted from its mask."""
+    B, T = batch.mask.shape
+    n_seq = batch.num_sequences or int((batch.mask.sum(-1) > 0).sum())
+    n_tok = batch.num_tokens or int(batch.mask.sum())
+    L = batch.max_tokens or T
+    total = lp.new_zeros(())
+    for terms in rows.values():
+        if not terms:
+            continue
+        s = sum(terms)
+        total = total + {"token-mean": s / n_tok, "token-sum": s, "seq-mean-token-sum": s / n_seq,
+                         "seq-mean-token-mean": s / len(terms) / n_seq, "constant": s / (n_seq * L)}[mode]
+    return total
+
+
+def naive_gradient(loss, obj, batch: pgzoo.TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, ∂loss/∂logprobs)`` of a naive ``loss(config, batch, lp)``, the gradient zeroed at masked positions (a
+    naive loop never reads them, so autograd leaves them unset)."""
+    lp = batch.logprobs.detach().clone().requires_grad_(True)
+    value = loss(obj.config, batch, lp)
+    (g,) = torch.autograd.grad(value, lp, allow_unused=True)
+    g = torch.zeros_like(lp) if g is None else g
+    return value.detach(), torch.where(batch.mask, g, torch.zeros_like(g))

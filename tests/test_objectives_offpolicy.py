@@ -18,6 +18,7 @@ import torch
 from _objective_checks import (
     assert_matches_reference,
     documented_metric_names,
+    naive_gradient,
     variant_id,
 )
 
@@ -115,11 +116,7 @@ def naive_loss(name, cfg, batch, lp):
 
 
 def naive_grad(name, obj, batch):
-    lp = batch.logprobs.detach().clone().requires_grad_(True)
-    loss = naive_loss(name, obj.config, batch, lp)
-    (g,) = torch.autograd.grad(loss, lp, allow_unused=True)
-    g = torch.zeros_like(lp) if g is None else g
-    return loss.detach(), torch.where(batch.mask, g, torch.zeros_like(g))
+    return naive_gradient(lambda cfg, b, lp: naive_loss(name, cfg, b, lp), obj, batch)
 
 
 VARIANTS = [

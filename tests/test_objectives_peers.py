@@ -15,7 +15,12 @@ import math
 import pytest
 import test_objectives as generic
 import torch
-from _objective_checks import assert_matches_reference, variant_id
+from _objective_checks import (
+    assert_matches_reference,
+    naive_aggregate,
+    naive_gradient,
+    variant_id,
+)
 
 import pgzoo
 from pgzoo.testing import random_batch
@@ -38,20 +43,6 @@ def _rows(batch):
     return {i: [t for t in range(T) if batch.mask[i, t]] for i in range(B)}
 
 
-def _aggregate(rows: dict, batch, mode: str, lp):
-    """rows: i -> per-token terms; the aggregation formulas of docs/objectives.md."""
-    B, T = batch.mask.shape
-    n_seq = batch.num_sequences or sum(1 for terms in rows.values() if terms)
-    n_tok = batch.num_tokens or sum(len(terms) for terms in rows.values())
-    L = batch.max_tokens or T
-    total = lp.new_zeros(())
-    for terms in rows.values():
-        if not terms:
-            continue
-        s = sum(terms)
-        total = total + {"token-mean": s / n_tok, "token-sum": s, "seq-mean-token-sum": s / n_seq,
-                         "seq-mean-token-mean": s / len(terms) / n_seq, "constant": s / (n_seq * L)}[mode]
-    return total
 
 
 def naive_loss(name: str, cfg, batch: pgzoo.TokenBatch, lp: torch.Tensor):
@@ -87,15 +78,11 @@ def naive_loss(name: str, cfg, batch: pgzoo.TokenBatch, lp: torch.Tensor):
             else:  # pragma: no cover
                 raise AssertionError(name)
             rows[i].append(term)
-    return -_aggregate(rows, batch, cfg.aggregation, lp)
+    return -naive_aggregate(rows, batch, cfg.aggregation, lp)
 
 
 def naive_grad(name, obj, batch):
-    lp = batch.logprobs.detach().clone().requires_grad_(True)
-    loss = naive_loss(name, obj.config, batch, lp)
-    (g,) = torch.autograd.grad(loss, lp, allow_unused=True)
-    g = torch.zeros_like(lp) if g is None else g
-    return loss.detach(), torch.where(batch.mask, g, torch.zeros_like(g))
+    return naive_gradient(lambda cfg, b, lp: naive_loss(name, cfg, b, lp), obj, batch)
 
 
 VARIANTS = [

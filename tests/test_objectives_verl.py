@@ -20,6 +20,8 @@ from _objective_checks import (
     assert_one_graph,
     documented_metric_names,
     make_batch,
+    naive_aggregate,
+    naive_gradient,
     variant_id,
 )
 
@@ -57,20 +59,6 @@ def _top(keys: dict, n: int) -> set:
     return set(sorted(keys, key=lambda it: (-keys[it], it))[:n])
 
 
-def _aggregate(rows: dict, batch, mode: str, lp):
-    """rows: i -> list of per-token terms (tensors); the formulas of each mode (docs/objectives.md)."""
-    B, T = batch.mask.shape
-    n_seq = batch.num_sequences or sum(1 for i in range(B) if _tokens(batch, i))
-    n_tok = batch.num_tokens or sum(len(_tokens(batch, i)) for i in range(B))
-    L = batch.max_tokens or T
-    total = lp.new_zeros(())
-    for terms in rows.values():
-        if not terms:
-            continue
-        s = sum(terms)
-        total = total + {"token-mean": s / n_tok, "token-sum": s, "seq-mean-token-sum": s / n_seq,
-                         "seq-mean-token-mean": s / len(terms) / n_seq, "constant": s / (n_seq * L)}[mode]
-    return total
 
 
 def naive_loss(name: str, cfg, batch: pgzoo.TokenBatch, lp: torch.Tensor):
@@ -143,15 +131,11 @@ def naive_loss(name: str, cfg, batch: pgzoo.TokenBatch, lp: torch.Tensor):
         else:  # pragma: no cover
             raise AssertionError(name)
         rows[i].append(term)
-    return -_aggregate(rows, batch, cfg.aggregation, lp)
+    return -naive_aggregate(rows, batch, cfg.aggregation, lp)
 
 
 def naive_grad(name, obj, batch):
-    lp = batch.logprobs.detach().clone().requires_grad_(True)
-    loss = naive_loss(name, obj.config, batch, lp)
-    (g,) = torch.autograd.grad(loss, lp, allow_unused=True)
-    g = torch.zeros_like(lp) if g is None else g
-    return loss.detach(), torch.where(batch.mask, g, torch.zeros_like(g))
+    return naive_gradient(lambda cfg, b, lp: naive_loss(name, cfg, b, lp), obj, batch)
 
 
 VARIANTS = [(n, {}) for n in NAMES] + [
