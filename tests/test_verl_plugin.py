@@ -318,15 +318,32 @@ PROBE = ("import verl\nfrom verl.trainer.ppo import core_algos as c\n"
          "print('pgzoo/minirl' in c.POLICY_LOSS_REGISTRY, 'pgzoo/pass-at-k' in c.ADV_ESTIMATOR_REGISTRY)")
 
 
-@pytest.mark.slow  # a fresh interpreter importing verl (ray included): about 5 s each
-@pytest.mark.parametrize("policy,expected", [("auto", "True True"), ("none", "False False"),
-                                             ("pgzoo", "True True"), ("other", "False False")])
-def test_import_verl_loads_the_plugin_from_its_entry_point(policy, expected):
+POLICIES = {"auto": "True True", "none": "False False", "pgzoo": "True True", "other": "False False"}
+
+
+@pytest.fixture(scope="module")
+def probes():
+    """One fresh interpreter per VERL_USE_EXTERNAL_PLUGINS value, all started at once (each imports verl, ray
+    included: about 5 s), run outside the repository so that only the installed distribution's entry points count."""
+    procs = {policy: subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, cwd=os.path.dirname(sys.executable),
+                                      env={**os.environ, "VERL_USE_EXTERNAL_PLUGINS": policy})
+             for policy in POLICIES}
+    out = {}
+    for policy, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=240)
+        out[policy] = (proc.returncode, stdout, stderr)
+    return out
+
+
+@pytest.mark.slow  # fresh interpreters importing verl
+@pytest.mark.parametrize("policy,expected", list(POLICIES.items()))
+def test_import_verl_loads_the_plugin_from_its_entry_point(probes, policy, expected):
     """verl reads VERL_USE_EXTERNAL_PLUGINS on import: ``auto`` loads every plugin, ``none`` none, a list only the
     named entry points (pgzoo's is named ``pgzoo``)."""
-    done = _fresh(PROBE, VERL_USE_EXTERNAL_PLUGINS=policy)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == expected
+    returncode, stdout, stderr = probes[policy]
+    assert returncode == 0, stderr[-2000:]
+    assert stdout.strip().splitlines()[-1] == expected
 
 
 def test_policy_loss_config_carries_the_options_and_stays_verls():
