@@ -63,3 +63,20 @@ def overrides(ckpt: Path, out: Path, *extra: str) -> list[str]:
 
 def stable(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    """The global steps a run folder's ``metrics.csv`` holds training rows for (evaluation rows left out)."""
+    from pgzoo.adapters.lightning.run_folder import read_metrics
+
+    return [int(r["step"]) for r in read_metrics(Path(run_dir) / "metrics.csv") if "reward/mean" in r]
+
+
+def wait_for(proc, done, timeout: float = 240) -> None:
+    """Poll ``done()`` while the process ``proc`` runs; fail with its output if it exits or ``timeout`` passes."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)

@@ -8,14 +8,18 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from _train_helpers import fresh_checkpoint, subprocess_env, train_steps, wait_for
+from pgzoo.adapters.lightning.run_folder import (
+    read_metrics,
+    recorded_status,
+    run_state,
+    write_status,
+)
+from pgzoo.adapters.lightning.signals import Interrupted
 from test_compare import fake_run
 
-from _train_helpers import fresh_checkpoint, subprocess_env
-from pgzoo.adapters.lightning.run_folder import read_metrics, recorded_status, run_state, write_status
-from pgzoo.adapters.lightning.signals import Interrupted
 from pgzoo.cli.main import main
 from pgzoo.errors import ConfigError
 from pgzoo.lab.compare import compare
@@ -199,10 +203,7 @@ def test_a_run_stopped_by_sigterm_is_resumed_by_the_grid_not_skipped(tmp_path):
     proc = subprocess.Popen(cmd, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while len([r for r in read_metrics(run.run_dir / "metrics.csv") if "reward/mean" in r]) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
-            time.sleep(0.2)
+        wait_for(proc, lambda: len(train_steps(run.run_dir)) >= 2)
         assert run.state == "running"
         proc.send_signal(signal.SIGTERM)
         text = proc.communicate(timeout=120)[0]
@@ -215,5 +216,4 @@ def test_a_run_stopped_by_sigterm_is_resumed_by_the_grid_not_skipped(tmp_path):
     failed = run_missing([run], sets, log=log.append)
     assert failed == [] and run.finished, log
     assert any("resume (stopped) minirl-s0" in m for m in log)
-    steps = [int(r["step"]) for r in read_metrics(run.run_dir / "metrics.csv") if "reward/mean" in r]
-    assert steps == list(range(10))
+    assert train_steps(run.run_dir) == list(range(10))

@@ -15,12 +15,11 @@ import pytest
 import torch
 
 import pgzoo.adapters.lightning.run as train_mod
-from pgzoo.errors import ConfigError, PgzooError
 from pgzoo.adapters.lightning.guards import Diverged, check_step
+from pgzoo.errors import ConfigError, PgzooError
 from pgzoo.recipes import load_recipe
-from pgzoo.adapters.lightning.run_folder import read_metrics
 
-from _train_helpers import RECIPE, digit_fraction_task, fresh_checkpoint, overrides  # noqa: F401
+from _train_helpers import RECIPE, digit_fraction_task, fresh_checkpoint, overrides, train_steps  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +31,11 @@ def recipe(ckpt, out, *extra):
     return load_recipe(RECIPE, overrides(ckpt, out, *extra))
 
 
-def steps_of(out) -> list[int]:
-    return [int(r["step"]) for r in read_metrics(out / "metrics.csv") if "reward/mean" in r]
-
-
 def test_resume_rebuilds_metrics_from_the_checkpoint_and_cleans_stale_writes(ckpt, tmp_path):
     out = tmp_path / "run"
     r = recipe(ckpt, out, "train.steps=4", "output.checkpoint_every=2", "output.keep_checkpoints=5")
     train_mod.train(r, quiet=True)
-    assert steps_of(out) == [0, 1, 2, 3]
+    assert train_steps(out) == [0, 1, 2, 3]
     assert json.loads((out / "checkpoints" / "step-000002" / "MANIFEST.json").read_text())["files"]
     # a kill right after the checkpoint of step 1: the newer checkpoint never landed, a write was cut half-way and
     # metrics.csv lost rows (a buffered logger) -- the checkpoint's own history has them all
@@ -54,7 +49,7 @@ def test_resume_rebuilds_metrics_from_the_checkpoint_and_cleans_stale_writes(ckp
     (out / "metrics.csv").write_text("\n".join(lines[:2]) + "\n")  # header + step 0 only
     res = train_mod.train(r, resume=True, quiet=True)
     assert not stale.exists()
-    assert steps_of(out) == [0, 1, 2, 3]
+    assert train_steps(out) == [0, 1, 2, 3]
     assert [h["step"] for h in res.history] == [0, 1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
 
@@ -73,7 +68,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(ckpt, tmp
     assert "step-000004 is damaged (model.safetensors does not match its checksum)" in said
     assert "resuming from step-000002, the newest intact checkpoint" in said
     assert (out / "checkpoints" / "damaged-step-000004").is_dir()
-    assert res.checkpoint.name == "step-000004" and steps_of(out) == [0, 1, 2, 3]
+    assert res.checkpoint.name == "step-000004" and train_steps(out) == [0, 1, 2, 3]
     # every checkpoint damaged: refused, naming each
     for name in ("step-000002", "step-000004"):
         (out / "checkpoints" / name / "model.safetensors").write_bytes(b"\0" * 16)

@@ -11,9 +11,8 @@ import sys
 import time
 
 import pytest
-
-from _train_helpers import subprocess_env, fresh_checkpoint
-from pgzoo.adapters.lightning.run_folder import latest_checkpoint, read_metrics
+from _train_helpers import fresh_checkpoint, subprocess_env, train_steps, wait_for
+from pgzoo.adapters.lightning.run_folder import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -33,17 +32,6 @@ def command(ckpt, out, *extra) -> list[str]:
 def start(cmd):
     env = subprocess_env(OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(proc, done, timeout=240):
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.2)
-
-
-def train_steps(out) -> list[int]:
-    return [int(r["step"]) for r in read_metrics(out / "metrics.csv") if "reward/mean" in r]
 
 
 def test_sigkill_after_a_checkpoint_then_resume_keeps_every_row(ckpt, tmp_path):

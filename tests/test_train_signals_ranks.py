@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from _train_helpers import fresh_checkpoint, stable, subprocess_env
-from pgzoo.fileio import verify_folder
+from _train_helpers import fresh_checkpoint, stable, subprocess_env, train_steps
 from pgzoo.adapters.lightning.run_folder import latest_checkpoint, read_metrics
+
+from pgzoo.fileio import verify_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl, /proc")]
 STEPS = 6
@@ -41,10 +41,6 @@ def command(ckpt, out, *extra, strategy: str = "ddp") -> list[str]:
             f"train.strategy={strategy}", "train.devices=2", f"train.steps={STEPS}", "eval.before=false",
             "eval.after=false", "output.progress_bar=false", "output.plots=false", "output.checkpoint_every=0",
             f"output.dir={out}", *extra, "--quiet"]
-
-
-def train_steps(out: Path) -> list[int]:
-    return [int(r["step"]) for r in read_metrics(out / "metrics.csv") if "reward/mean" in r]
 
 
 @pytest.fixture(scope="module")
