@@ -156,7 +156,7 @@ def _run(recipe, run_dir: Path, lead: bool, say, resume: bool, quiet: bool, comm
     # 2. task and policy
     torch.manual_seed(recipe.seed)
     task = pgzoo.tasks.get(recipe.task.name, **recipe.task.options)
-    base_path = resolve_model_path(recipe, task, say if lead else None)
+    base_path = resolve_model_path(recipe, task, say)  # say is silent on ranks other than 0
     policy_path = ckpt or base_path
     if recipe.model.lora is None:
         if ckpt is not None and (ckpt / "adapter").is_dir():

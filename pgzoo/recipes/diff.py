@@ -76,8 +76,11 @@ def with_defaults(recorded: dict) -> dict:
 def changed_keys(recorded: dict, given: dict) -> list[str]:
     """Dotted keys whose values differ between two recipe dicts (as :meth:`Recipe.model_dump` writes them), except
     :data:`NOT_COMPARED`; keys added to the schema after ``recorded`` was written count as their defaults."""
-    recorded = with_defaults(recorded)
-    a, b = flatten(recorded), flatten(given)
+    return _differing(flatten(with_defaults(recorded)), flatten(given))
+
+
+def _differing(a: dict, b: dict) -> list[str]:
+    """Keys of two flattened recipes whose values differ, except :data:`NOT_COMPARED`."""
     return sorted(k for k in set(a) | set(b) if k not in NOT_COMPARED and a.get(k, _MISSING) != b.get(k, _MISSING))
 
 
@@ -93,10 +96,10 @@ def check_resume(recorded: dict, given: dict, allowed: list[str] | tuple[str, ..
         raise ConfigError(f"--allow-change {' '.join(unsafe)}: not a key a resumed run may change (they change what "
                           f"the remaining steps compute); keys that may change: {', '.join(sorted(SAFE_TO_CHANGE))}. "
                           f"To change {unsafe[0]}, start a new run with output.dir=runs/another-name")
-    changed = changed_keys(recorded, given)
+    a, b = flatten(with_defaults(recorded)), flatten(given)  # the recorded recipe validated once
+    changed = _differing(a, b)
     refused = [k for k in changed if k not in allowed]
     if refused:
-        a, b = flatten(with_defaults(recorded)), flatten(given)
         detail = "; ".join(f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in refused)
         safe = [k for k in refused if k in SAFE_TO_CHANGE]
         fix = (f"pass --allow-change {' --allow-change '.join(safe)} to change {'it' if len(safe) == 1 else 'them'}"

@@ -170,13 +170,13 @@ class Recipe(Section):
         from pgzoo import advantages
 
         name = self.objective.advantage or obj.default_advantage
-        known = advantages.available()
-        if advantages.registry.canonical(name) not in known:
+        key, known = advantages.registry.canonical(name), advantages.available()
+        if key not in known:
             raise ConfigError(f"objective.advantage={name!r} is not an estimator in "
                               f"pgzoo.advantages.{suggest(name, known)} Available: {', '.join(known)}")
         runnable = advantages.trainer_estimators()
-        if advantages.registry.canonical(name) not in runnable:
-            inputs = ", ".join(getattr(advantages.registry.get(name), "inputs", ()))
+        if key not in runnable:
+            inputs = ", ".join(getattr(advantages.registry.get(key), "inputs", ()))
             raise ConfigError(f"objective.advantage={name!r} needs inputs pgzoo's trainer does not produce ({inputs}); "
                               f"pick one of {', '.join(runnable)}")
 
