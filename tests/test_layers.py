@@ -79,20 +79,28 @@ def test_no_private_name_is_imported_from_another_module():
     assert not found, "\n".join(found)
 
 
-def test_no_module_only_re_exports():
-    """No shim module: every module of the library defines something (a function, class or value) or is a package's
-    ``__init__``; none is a list of imports kept for an old path."""
+def test_no_module_re_exports():
+    """No shim: outside a package's ``__init__`` (a package's public API), a module neither consists of imports
+    alone, nor lists an imported name in ``__all__``, nor imports a name at module level that it never uses (the
+    shape of an import kept for an old path)."""
     shims = []
     for path in sorted((ROOT / "pgzoo").rglob("*.py")) + sorted((ROOT / "adapters").rglob("*.py")):
         if path.name == "__init__.py" or "__pycache__" in path.parts:
             continue
-        body = [n for n in ast.parse(path.read_text()).body
-                if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+        tree = ast.parse(path.read_text())
+        where = str(path.relative_to(ROOT))
+        body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
         if body and all(isinstance(n, (ast.Import, ast.ImportFrom)) or
                         (isinstance(n, ast.Assign) and [getattr(t, "id", "") for t in n.targets] == ["__all__"])
                         for n in body):
-            shims.append(str(path.relative_to(ROOT)))
-        text = path.read_text()
-        if "re-export" in text or "older import path" in text:
-            shims.append(f"{path.relative_to(ROOT)} (says it re-exports)")
-    assert not shims, shims
+            shims.append(f"{where}: imports only")
+        imported = {(a.asname or a.name).split(".")[0]: n.lineno for n in body
+                    if isinstance(n, (ast.Import, ast.ImportFrom)) and getattr(n, "module", "") != "__future__"
+                    for a in n.names}
+        exported = {e.value for n in body if isinstance(n, ast.Assign)
+                    and [getattr(t, "id", "") for t in n.targets] == ["__all__"] and isinstance(n.value, ast.List)
+                    for e in n.value.elts if isinstance(e, ast.Constant)}
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        shims += [f"{where}:{imported[name]}: {name} imported and listed in __all__" for name in exported & set(imported)]
+        shims += [f"{where}:{line}: {name} imported, never used" for name, line in imported.items() if name not in used]
+    assert not shims, "\n".join(shims)
