@@ -63,6 +63,23 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def session_dir(tmp_path_factory):
+    """A folder every test process of this session shares: the base temporary folder, or, when pytest-xdist runs
+    the suite in several worker processes (each with a base folder of its own), the folder that holds theirs. The
+    cold-start cache lives here, so the cold start is trained once per session whichever worker needs it first (its
+    entry lock makes the others wait, as concurrent ranks do)."""
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def pgzoo_cache(tmp_path_factory):
+    """The session's cold-start cache (PGZOO_CACHE), shared by the cold-start, main-job, docs and README tests."""
+    return session_dir(tmp_path_factory) / "pgzoo-cache"
+
+
 class TinyJob:
     """A `pgzoo train RECIPE` process started in the background, its output in files (a full pipe would block it)."""
 
@@ -99,6 +116,17 @@ TINY_JOBS = {
     "test_main_job.py": ("recipes/tiny/minirl.yaml", {}, 1500),
     "test_lora_job.py": ("recipes/tiny/minirl-lora.yaml", {"OMP_NUM_THREADS": "1"}, 1800),
 }
+# The files whose tests run in one worker process when pytest-xdist spreads the suite (`--dist loadgroup`): the
+# cold start's tests train the session's cold start, and the tiny jobs start right after them in the same process.
+TINY_JOB_GROUP = {"test_cold_start.py", *TINY_JOBS}
+
+
+def pytest_collection_modifyitems(config, items):
+    # pytest-xdist's unit of work: a test file (its module fixtures, some of which train a model, then run once), or
+    # the tiny jobs' group of files.
+    for item in items:
+        group = "tiny-jobs" if item.path.name in TINY_JOB_GROUP else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _tiny_job_tests(session) -> set[str]:
@@ -125,7 +153,7 @@ def tiny_jobs(request, tmp_path_factory):
     cache; if it is not there yet, one trains it and the other waits on the entry's lock, as concurrent ranks do."""
     from _train_helpers import subprocess_env
 
-    cache = tmp_path_factory.getbasetemp() / "pgzoo-cache"
+    cache = request.getfixturevalue("pgzoo_cache")
     jobs = {}
     for test_file in sorted(_tiny_job_tests(request.session)):
         recipe, extra, timeout = TINY_JOBS[test_file]
@@ -143,12 +171,17 @@ _jobs_pending = {}  # session -> whether the tiny jobs are still to start
 def _start_tiny_jobs_early(request, tmp_path_factory):
     """Starts the tiny jobs before the first test that follows the session's cold start (tests/test_cold_start.py
     trains it; its own tests are left alone, they time the cold start and its cache hit). Without a cold start in
-    the cache the jobs start at their own tests."""
+    the cache the jobs start at their own tests. Under pytest-xdist the cold start's and the jobs' tests run one
+    after the other in one worker (TINY_JOB_GROUP), whose jobs then use the cores while the other workers go on."""
+    import os
+
     session = request.session
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     if session not in _jobs_pending:
         _jobs_pending[session] = bool(_tiny_job_tests(session))
     if not _jobs_pending[session] or request.node.path.name == "test_cold_start.py":
         return
-    if any((tmp_path_factory.getbasetemp() / "pgzoo-cache" / "cold-start").glob("*/card.json")):
+    if any((request.getfixturevalue("pgzoo_cache") / "cold-start").glob("*/card.json")):
         _jobs_pending[session] = False
         request.getfixturevalue("tiny_jobs")

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")
-def cold_start_dir(tmp_path_factory):
+def cold_start_dir(pgzoo_cache):
     """The default cold start (arithmetic, seed 0), trained once per test session into a temporary cache."""
-    cache = tmp_path_factory.getbasetemp() / "pgzoo-cache"
+    cache = pgzoo_cache
     t0 = time.perf_counter()
     path = ensure_cold_start("arithmetic", {}, seed=0, cache_dir=cache)
     return path, time.perf_counter() - t0

@@ -267,11 +267,11 @@ def check_signature(block: Block, scope: dict) -> None:
 
 
 @pytest.fixture
-def page_env(tmp_path_factory, monkeypatch):
+def page_env(tmp_path_factory, pgzoo_cache, monkeypatch):
     """The page's temporary folder (a checkout's recipes/ copied in) and the environment its commands run in."""
     work = tmp_path_factory.mktemp("docs")
     shutil.copytree(REPO / "recipes", work / "recipes")
-    cache = tmp_path_factory.getbasetemp() / "pgzoo-cache"  # shared with the cold-start and main-job tests
+    cache = pgzoo_cache  # shared with the cold-start and main-job tests
     bin_dir = Path(sys.executable).parent
     env = {**subprocess_env(), "PGZOO_CACHE": str(cache), "OMP_NUM_THREADS": "1",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -30,7 +30,7 @@ def _run_suite(tmp_path, plugin: str, select: str) -> dict[str, dict[str, str]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "pytest", str(TESTS / "test_objective_properties.py"), "-p", plugin,
-           "-k", select, "-q", "-p", "no:cacheprovider", f"--junitxml={report}"]
+           "-k", select, "-q", "-n", "0", "-p", "no:cacheprovider", f"--junitxml={report}"]
     proc = subprocess.run(cmd, check=False, cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600)
     assert report.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     outcomes: dict[str, dict[str, str]] = {}

@@ -64,8 +64,8 @@ def test_python_snippets_run_in_order():
 
 
 @pytest.mark.slow
-def test_commands_run_in_order(tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "pgzoo-cache"  # shared with the cold-start and main-job tests
+def test_commands_run_in_order(tmp_path_factory, pgzoo_cache):
+    cache = pgzoo_cache  # shared with the cold-start and main-job tests
     work = tmp_path_factory.mktemp("readme")
     shutil.copytree(REPO / "recipes", work / "recipes")  # a checkout's recipes/, as the README's paths assume
     env = {**subprocess_env(), "PGZOO_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
