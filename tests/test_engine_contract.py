@@ -337,6 +337,7 @@ def test_an_undeclared_builder_gets_the_conservative_default():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dtypes=("fp8",)), "dtypes"), (dict(dtypes=()), "dtypes is empty"), (dict(fp8=True), "needs fp8_dtypes"),
     (dict(fp8_dtypes=("bfloat16",)), "fp8=False"), (dict(routes_need_cuda=True), "needs routes=True"),
+    (dict(fp8_needs_cuda=True), "needs fp8=True"),
     (dict(logprob_tolerance=0), "logprob_tolerance"), (dict(notes=(("speed", "fast"),)), "notes"),
 ])
 def test_malformed_declarations_are_rejected_by_field(kwargs, match):

