@@ -98,7 +98,7 @@ def build_transformers(rollout, model_path, *, seed: int = 0, return_routes: boo
     MoE routers in ``rollout.router_dtype``);
     it records routes while generating whenever asked, so ``return_routes`` needs nothing at build time."""
     return TransformersEngine(str(model_path), dtype=rollout.dtype, fp8=rollout.fp8,
-                              router_dtype=rollout.router_dtype)
+                              router_dtype=rollout.router_dtype, device=rollout.device)
 
 
 def capability_table(names: list[str] | None = None) -> str:
@@ -107,12 +107,14 @@ def capability_table(names: list[str] | None = None) -> str:
     names = engines.available() if names is None else names
     yes = {True: "yes", False: "no"}
     lines = ["| engine | `rollout.dtype` | `rollout.fp8` | `rollout.router_dtype` | routes (R3) | LoRA sync | "
-             "sharded (FSDP2) sync | float32 mean \\|Δ log p\\| |",
-             "|---|---|---|---|---|---|---|---|"]
+             "sharded (FSDP2) sync | background generation (`max_staleness` ≥ 1) | `rollout.device` | "
+             "float32 mean \\|Δ log p\\| |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         c = capabilities_of(name)
         routes = ("CUDA only" if c.routes_need_cuda else "yes") if c.routes else "no"
         fp8 = f"in {', '.join(c.fp8_dtypes)}" if c.fp8 else "no"
         lines.append(f"| {name} | {', '.join(c.dtypes)} | {fp8} | {yes[c.router_dtype]} | {routes} | "
-                     f"{yes[c.lora_sync]} | {yes[c.sharded_sync]} | ≤ {c.logprob_tolerance:g} |")
+                     f"{yes[c.lora_sync]} | {yes[c.sharded_sync]} | {yes[c.background_generate]} | "
+                     f"{yes[c.device_choice]} | ≤ {c.logprob_tolerance:g} |")
     return "\n".join(lines)
