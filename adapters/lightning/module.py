@@ -174,6 +174,7 @@ class RLModule(L.LightningModule):
         if self.pipeline is None:
             got, version = self.sample_step(step), step
         else:
+            self._warn_shared_device()
             queued = self.pipeline.take(step)
             got, version = queued.sampled, queued.version
             self.pipeline.launch(step)
@@ -236,6 +237,20 @@ class RLModule(L.LightningModule):
                              step_seed=self.step_seed(step), prompts=self.ro.prompts_per_step,
                              group_size=self.ro.group_size, max_draws=None if ds is None else ds.max_draws,
                              strategy=self._strategy(), device=self.device, pad_id=self._pad_id())
+
+    def _warn_shared_device(self) -> None:
+        """Once per run: background generation on the trainer's own GPU only queues behind the update's kernels."""
+        if getattr(self, "_shared_device_warned", False):
+            return
+        self._shared_device_warned = True
+        engine_device = getattr(self.engine, "device", None)
+        if self.device.type == "cuda" and engine_device is not None and torch.device(engine_device) == self.device:
+            import warnings
+
+            warnings.warn(f"rollout.max_staleness={self.ro.max_staleness}: the rollout engine shares {self.device} "
+                          "with the trainer, so generation and the update take turns on it and asynchronous RL gains "
+                          "nothing; put the engine on a device of its own (rollout.device, e.g. cuda:1)",
+                          stacklevel=2)
 
     def stop_rollouts(self) -> None:
         """End the background generation (asynchronous runs; a no-op otherwise): what is in flight is cancelled or

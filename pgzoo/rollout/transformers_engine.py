@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -171,7 +170,7 @@ class TransformersEngine:
 
             self._router_hooks = lower_router_precision(self.model, router_dtype)
         self.last_sync_seconds: float | None = None
-        self._cancel = threading.Event()
+        self._cancelled = False  # set from another thread by cancel(); a plain flag (one store, no lock needed)
 
     @property
     def owns_weights(self) -> bool:
@@ -182,7 +181,7 @@ class TransformersEngine:
     def cancel(self) -> None:
         """Stop the :meth:`generate` running in another thread at its next token; it raises :class:`EngineError`.
         A later call of :meth:`generate` runs normally."""
-        self._cancel.set()
+        self._cancelled = True
 
     def _detect_routes(self) -> bool:
         try:
@@ -315,7 +314,7 @@ class TransformersEngine:
                 f"return_routes=True: {type(self.model).__name__} has no MoE layers pgzoo.routing can record "
                 f"(supported: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE)"
             )
-        self._cancel.clear()
+        self._cancelled = False
         rows = [p for p in prompts for _ in range(n)]
         # one seed per row, None: the global generator (row j of prompt i: seeds[i] + j)
         seeds = None if seed is None else [s + j for s in prompt_seeds(seed, len(prompts)) for j in range(n)]
@@ -362,7 +361,7 @@ class TransformersEngine:
                 finished = finished | torch.isin(tok, eos)
                 if step == max_new_tokens - 1 or bool(finished.all()):  # host sync: one per step
                     break
-                if self._cancel.is_set():
+                if self._cancelled:
                     raise EngineError("generation cancelled (TransformersEngine.cancel)")
                 am = torch.cat([am, am.new_ones(batch, 1)], dim=1)
                 pos = pos[:, -1:] + 1
