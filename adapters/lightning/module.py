@@ -244,7 +244,9 @@ class RLModule(L.LightningModule):
             return
         self._shared_device_warned = True
         engine_device = getattr(self.engine, "device", None)
-        if self.device.type == "cuda" and engine_device is not None and torch.device(engine_device) == self.device:
+        index = lambda d: d.index if d.index is not None else torch.cuda.current_device()  # noqa: E731  "cuda" = current
+        if (self.device.type == "cuda" and engine_device is not None and torch.device(engine_device).type == "cuda"
+                and index(torch.device(engine_device)) == index(self.device)):
             import warnings
 
             warnings.warn(f"rollout.max_staleness={self.ro.max_staleness}: the rollout engine shares {self.device} "

@@ -160,6 +160,14 @@ class Recipe(Section):
             raise _unsupported(f"rollout.max_staleness={r.max_staleness}",
                                "generation in a background thread while the trainer updates", r.engine, caps,
                                "background_generate", lambda c: c.background_generate, "rollout.max_staleness=0")
+        if r.device is not None:
+            from pgzoo.rollout.builders import engine_device
+
+            engine_device(r.device, 0)  # the format, before anything starts
+            if self.world_size > 1 and "{local_rank" not in r.device:
+                raise ConfigError(f"rollout.device={r.device}: every one of the {self.world_size} ranks builds its own "
+                                  "engine and would put it on this one device; give each its own with {local_rank} "
+                                  "or {local_rank+N}, e.g. rollout.device='cuda:{local_rank+8}'")
         if r.device is not None and not caps.device_choice:
             raise _unsupported(f"rollout.device={r.device}", "a device of its own", r.engine, caps, "device_choice",
                                lambda c: c.device_choice, "rollout.device=null")

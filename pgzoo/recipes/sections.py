@@ -136,8 +136,9 @@ class RolloutSection(Section):
                              "training-inference gap together (docs/training.md, Asynchronous)")
     device: str | None = Field(
         None, description="engines that declare device_choice (transformers): where the engine's model copy lives, "
-                          "e.g. cuda:1, so asynchronous generation runs on a device of its own; null = the engine's "
-                          "default (the training device)")
+                          "e.g. cuda:1, so asynchronous generation runs on a device of its own; {local_rank} or "
+                          "{local_rank+N} become the rank's index on its machine (plus N), e.g. cuda:{local_rank+8}; "
+                          "null = the engine's default (transformers: CPU, where the checkpoint loads)")
     dynamic_sampling: DynamicSamplingSection | None = Field(
         None, description="drop groups whose rewards are all equal and draw more prompts until B groups remain "
                           "(DAPO); {max_draws: 10}; null = off")
