@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             mine = [c for c in cases if c["engine"] == engine]
             refused = [c for c in mine if c["k"] == 1 and "error" in c]
             if refused:
-                print(f"| {engine} | {statistics.median(c['step_s'] for c in mine if c['k'] == 0 and 'step_s' in c):.3f}"
-                      f" | refused: {refused[0]['error']} | | | |")
+                base = statistics.median(c["step_s"] for c in mine if c["k"] == 0 and "step_s" in c)
+                print(f"| {engine} | {base:.3f} | refused: {refused[0]['error']} | | | |")
                 continue
             by_rep = {}
             for c in mine:

@@ -52,7 +52,8 @@ def test_asynchronous_runs_recompute_pi_old():
 # ---------------------------------------------------------------------- the schedule
 def _fake_sampled(step: int) -> Sampled:
     ro = Rollouts(prompt_ids=torch.full((2, 1), step), prompt_mask=torch.ones(2, 1, dtype=torch.bool),
-                  completion_ids=torch.zeros(2, 1, dtype=torch.long), completion_mask=torch.ones(2, 1, dtype=torch.bool),
+                  completion_ids=torch.zeros(2, 1, dtype=torch.long),
+                  completion_mask=torch.ones(2, 1, dtype=torch.bool),
                   logprobs=torch.zeros(2, 1), truncated=torch.zeros(2, dtype=torch.bool), group=torch.zeros(2).long())
     return Sampled(ro, [], torch.zeros(2), {})
 
