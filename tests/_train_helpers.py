@@ -41,6 +41,26 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, **extra}
 
 
+class DyingEngine:
+    """Wraps an engine; its generate raises on the ``die_at``-th call (an engine crash mid-run)."""
+
+    def __init__(self, inner, die_at):
+        self.inner, self.die_at, self.calls = inner, die_at, 0
+        self.supports_routes = inner.supports_routes
+
+    def generate(self, *a, **k):
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise RuntimeError("engine core died (simulated)")
+        return self.inner.generate(*a, **k)
+
+    def load_weights(self, model):
+        self.inner.load_weights(model)
+
+    def close(self):
+        self.inner.close()
+
+
 def fresh_checkpoint(path: Path) -> Path:
     """A randomly initialised tiny MoE + tokenizer saved with plain save_pretrained."""
     from pgzoo.models import build_tiny_moe, build_tokenizer

@@ -17,8 +17,14 @@ def test_the_grids_are_complete():
     on = {f"{o}{r}" for o in ("minirl", "minirl-length-norm", "minirl-no-is") for r in ("", "-r3")}
     off = {f"offpolicy-n{n}-{v}" for n in (2, 4, 8)
            for v in ("minirl-no-clip", "minirl-no-clip-r2", "minirl-r2", "minirl-r3")}
-    assert {p.stem for p in TINY} == on | off | {"minirl-lora", "dapo"}
-    assert {p.stem for p in PAPER} == on | off | {"cold-start-minirl-r2"}
+    asynchronous = {"async-minirl-k1", "async-minirl-k2"}
+    assert {p.stem for p in TINY} == on | off | {"minirl-lora", "dapo"} | asynchronous
+    assert {p.stem for p in PAPER} == on | off | {"cold-start-minirl-r2", "async-minirl-k1"}
+    for path in TINY + PAPER:  # the asynchronous variants change only the rollout schedule of their on-policy recipe
+        if path.stem.startswith("async-minirl-k"):
+            r, base = load_recipe(path), load_recipe(path.with_name("minirl.yaml"))
+            assert r.rollout.max_staleness == int(path.stem[-1]) and not base.rollout.max_staleness
+            assert r.objective == base.objective and r.train == base.train and r.rollout.engine == "transformers"
 
 
 @pytest.mark.parametrize("path", TINY + PAPER, ids=lambda p: f"{p.parent.name}/{p.stem}")

@@ -12,7 +12,8 @@ import pgzoo.adapters.lightning.run as train_mod
 from pgzoo.errors import EngineError, PgzooError
 from pgzoo.recipes import load_recipe
 
-from _train_helpers import RECIPE, digit_fraction_task, fresh_checkpoint, overrides, stable  # noqa: F401
+from _train_helpers import (RECIPE, DyingEngine, digit_fraction_task, fresh_checkpoint, overrides,  # noqa: F401
+                            stable)
 
 REQUIRED = ["reward/mean", "reward/accuracy", "response/length_mean", "response/truncated_frac", "entropy/mean",
             "kl/train_inference_k1", "clip/low_fraction", "clip/high_fraction", "is/weight_mean", "is/weight_max",
@@ -51,26 +52,6 @@ def test_short_run_writes_the_run_folder(ckpt, tmp_path):
         train_mod.train(recipe, quiet=True)
 
 
-class _DyingEngine:
-    """Wraps an engine; its generate raises on the ``die_at``-th call (an engine crash mid-run)."""
-
-    def __init__(self, inner, die_at):
-        self.inner, self.die_at, self.calls = inner, die_at, 0
-        self.supports_routes = inner.supports_routes
-
-    def generate(self, *a, **k):
-        self.calls += 1
-        if self.calls == self.die_at:
-            raise RuntimeError("engine core died (simulated)")
-        return self.inner.generate(*a, **k)
-
-    def load_weights(self, model):
-        self.inner.load_weights(model)
-
-    def close(self):
-        self.inner.close()
-
-
 @pytest.mark.slow
 def test_engine_dies_then_resume_continues_exactly(ckpt, tmp_path, monkeypatch):
     steps = ["train.steps=4", "output.checkpoint_every=2"]
@@ -78,7 +59,7 @@ def test_engine_dies_then_resume_continues_exactly(ckpt, tmp_path, monkeypatch):
 
     crash = load_recipe(RECIPE, overrides(ckpt, tmp_path / "crash", *steps))
     real = train_mod.build_engine
-    monkeypatch.setattr(train_mod, "build_engine", lambda r, p: _DyingEngine(real(r, p), die_at=3))
+    monkeypatch.setattr(train_mod, "build_engine", lambda r, p: DyingEngine(real(r, p), die_at=3))
     with pytest.raises(EngineError, match=r"failed at step 2.*engine core died.*step-000002.*intact.*--resume"):
         train_mod.train(crash, quiet=True, command="pgzoo train x.yaml")
     assert (tmp_path / "crash" / "checkpoints" / "step-000002" / "trainer_state.pt").is_file()
@@ -165,7 +146,7 @@ def test_periodic_evaluation_is_logged(ckpt, tmp_path):
     assert "eval/greedy_accuracy" in header
 
 
-class _StaleEngine(_DyingEngine):
+class _StaleEngine(DyingEngine):
     """An engine whose weight sync silently does nothing after the first ``good`` syncs (a broken in-place reload)."""
 
     def __init__(self, inner, good):

@@ -129,6 +129,18 @@ def test_one_process_matches(ckpt, reference, tmp_path):
     same_metrics(out, reference)
 
 
+def test_asynchronous_fsdp_matches_one_process(ckpt, tmp_path):
+    """rollout.max_staleness=1 on two FSDP ranks: each rank samples its share of the next step in its background
+    thread (no collective there), the staleness schedule is a function of the step, so the two ranks train on the rows,
+    sampled by the versions, one asynchronous process would; same tolerance as the launches above."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    run([*PGZOO, *args(ckpt, two, "train.steps=3", "rollout.max_staleness=1")])
+    run([*PGZOO, *args(ckpt, one, "train.steps=3", "rollout.max_staleness=1", "train.devices=1",
+                       "train.strategy=auto")])
+    same_metrics(two, one)
+    assert [r["staleness/max"] for r in read_metrics(two / "metrics.csv") if "reward/mean" in r] == [0.0, 1.0, 1.0]
+
+
 def test_fsdp_resume_is_exact(ckpt, reference, tmp_path):
     """The reference run as if killed right after its step-2 checkpoint (checkpoint_every=1 kept every one; a copy
     without step-000003, metrics.csv cut back to the steps before it), resumed under FSDP: one two-rank launch

@@ -34,9 +34,11 @@ def start(cmd):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigkill_after_a_checkpoint_then_resume_keeps_every_row(ckpt, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("rollout.max_staleness=1",)], ids=["sync", "async-k1"])
+def test_sigkill_after_a_checkpoint_then_resume_keeps_every_row(ckpt, tmp_path, extra):
     out = tmp_path / "run"
-    cmd = command(ckpt, out, "train.steps=8", "output.checkpoint_every=2", "output.keep_checkpoints=5", "--quiet")
+    cmd = command(ckpt, out, "train.steps=8", "output.checkpoint_every=2", "output.keep_checkpoints=5", *extra,
+                  "--quiet")
     proc = start(cmd)
     try:
         wait_for(proc, lambda: (latest_checkpoint(out) or out).name >= "step-000004")
@@ -53,10 +55,14 @@ def test_sigkill_after_a_checkpoint_then_resume_keeps_every_row(ckpt, tmp_path):
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_signal_stops_after_the_step_with_a_final_checkpoint(ckpt, tmp_path, sig, status):
+@pytest.mark.parametrize("sig, status, extra", [(signal.SIGINT, 130, ()), (signal.SIGTERM, 143, ()),
+                                                (signal.SIGTERM, 143, ("rollout.max_staleness=1",))],
+                         ids=["SIGINT", "SIGTERM", "SIGTERM-async-k1"])
+def test_signal_stops_after_the_step_with_a_final_checkpoint(ckpt, tmp_path, sig, status, extra):
+    """Asynchronously (k=1) the background generation of the next step has finished when a step ends, so the final
+    checkpoint holds it (rollouts/rank-00000.pt) and nothing is left running."""
     out = tmp_path / "run"
-    proc = start(command(ckpt, out, "train.steps=200", "output.checkpoint_every=0", "--quiet"))
+    proc = start(command(ckpt, out, "train.steps=200", "output.checkpoint_every=0", *extra, "--quiet"))
     try:
         wait_for(proc, lambda: len(train_steps(out)) >= 2)
         proc.send_signal(sig)
@@ -75,6 +81,7 @@ def test_signal_stops_after_the_step_with_a_final_checkpoint(ckpt, tmp_path, sig
     assert latest_checkpoint(out).name == f"step-{last + 1:06d}"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] == name and summary["steps"] == last + 1
+    assert (latest_checkpoint(out) / "rollouts" / "rank-00000.pt").is_file() == bool(extra)
 
 
 def test_a_second_ctrl_c_stops_at_once_with_status_130(ckpt, tmp_path):

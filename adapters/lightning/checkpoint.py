@@ -5,6 +5,9 @@
         trainer_state.pt                                   step, scheduler, RNG, history (+ optimizer when not sharded)
         optimizer/                                         FSDP only: the sharded optimizer state,
                                                            torch.distributed.checkpoint (one file per rank)
+        rollouts/rank-XXXXX.pt                             asynchronous runs only: each rank's queued rollouts of
+                                                           the next rollout.max_staleness steps
+                                                           (pgzoo.adapters.lightning.pipeline)
         adapter/                                           LoRA only: the adapter in PEFT's format; the
                                                            folder's weights are then the merged W + (α/r)·B·A
         MANIFEST.json                                      sizes and checksums (pgzoo.fileio.atomic_folder)
@@ -108,6 +111,8 @@ def save_checkpoint(module, path: Path, step: int, extra: dict | None = None) ->
                          checkpoint_id=str(tmp / OPTIMIZER_DIR))
             elif rank == 0:
                 state["optimizer"] = opt.state_dict()
+            if getattr(module, "pipeline", None) is not None:  # asynchronous: each rank's queued rollouts
+                module.pipeline.save(tmp, rank, n_ranks)
             if rank == 0:
                 _sampling_config(module.policy)
                 if lora:
@@ -191,6 +196,14 @@ def load_trainer_state(module, ckpt: Path) -> int:
     set_rng_state(state["rng"])
     module.history = list(state.get("history", []))
     module.last_step = state["step"]
+    if getattr(module, "pipeline", None) is not None:  # asynchronous: the rollouts queued at the checkpoint
+        n_ranks, rank = world()
+        why = module.pipeline.restore(ckpt, rank, n_ranks, state["step"] + 1)
+        if why is not None and rank == 0:
+            import sys
+
+            print(f"pgzoo: {ckpt.name}: {why}; the next rollout.max_staleness steps are sampled again from the "
+                  f"checkpoint's weights (not the versions the interrupted run used)", file=sys.stderr, flush=True)
     return state["step"] + 1
 
 

@@ -49,6 +49,8 @@ class RolloutBatch:
     old_logprobs: torch.Tensor | None = None  # [n, T] π_θold (training engine)
     loss_mask: torch.Tensor | None = None   # [n, T] the objective's mask when it differs from completion_mask
     #                                         (train.mask_truncated_completions); attention keeps completion_mask
+    versions: torch.Tensor | None = None    # [n] long: the policy version that sampled each row (asynchronous
+    #                                         runs, rollout.max_staleness >= 1; pgzoo.adapters.lightning.pipeline)
 
     def rows(self, idx: slice) -> "RolloutBatch":
         pick = lambda x: None if x is None else x[idx]  # noqa: E731

@@ -4,15 +4,19 @@ Runbook. Each global step (one ``training_step``):
 
     1. rollout      this rank's share of B prompts x G completions from the rollout engine, with μ logprobs;
                     moved once onto the module's device (DAPO's dynamic sampling: more draws until B groups whose
-                    rewards differ; pgzoo.adapters.lightning.sampling)
+                    rewards differ; pgzoo.adapters.lightning.sampling). Asynchronously (rollout.max_staleness = k
+                    >= 1) the step's rows were sampled ahead by an older version (at most k behind), and the engine
+                    samples the next steps in a background thread while steps 2-5 run (pgzoo.adapters.lightning.pipeline)
     2. rewards      the task's verifiable reward per completion (+ DAPO's overlong penalty when asked)
     3. advantages   the objective's default estimator (or the recipe's), group-relative over the G completions;
                     truncated completions leave the loss with train.mask_truncated_completions
-    4. old logprobs π_θold in the training engine, only off-policy (N > 1) or for R2 (routes recorded there)
+    4. old logprobs π_θold in the training engine, only off-policy (N > 1), for R2 (routes recorded there) or
+                    asynchronously (π_θold = the current weights, μ = the older sampling weights' logprobs)
     5. updates      N mini-batches, one optimizer step each, R2/R3 routes replayed; normalisers are GLOBAL
                     (every rank and micro-batch of the mini-batch, summed through the strategy), so DDP/FSDP and
                     accumulation give the single-process gradient
-    6. sync         the new weights into the rollout engine (:meth:`RLModule.sync_engine`)
+    6. sync         the new weights into the rollout engine (:meth:`RLModule.sync_engine`), after the background
+                    generation in flight (if any) finished
     7. log          one metrics row per step (Lightning loggers); checkpoints by :class:`HFCheckpoint`; a diverged
                     step (non-finite loss or gradient norm, entropy collapse) stops the run (pgzoo.adapters.lightning.guards)
 
@@ -40,6 +44,7 @@ import torch
 
 from pgzoo.adapters.lightning.distributed import all_reduce_sum, is_sharded, shard_policy, world
 from pgzoo.adapters.lightning.guards import check_step
+from pgzoo.adapters.lightning.pipeline import staleness_metrics
 from pgzoo.adapters.lightning.sampling import loss_mask, overlong_penalty, prompt_seed, sample_groups, shaping_metrics
 from pgzoo.adapters.lightning.loop_data import (
     Accumulator,
@@ -52,7 +57,7 @@ from pgzoo.adapters.lightning.loop_data import (
     unsharded,
 )
 from pgzoo.batch import TokenBatch
-from pgzoo.errors import EngineError, PgzooError, RoutingError, require
+from pgzoo.errors import ConfigError, EngineError, PgzooError, RoutingError, require
 from pgzoo.objectives.diagnostics import entropy_metrics
 from pgzoo.models.logprobs import completion_logprobs
 from pgzoo.rollout.sync import sync_weights
@@ -91,6 +96,16 @@ class RLModule(L.LightningModule):
         from pgzoo.routing import RoutingReplay
 
         self.replay = RoutingReplay(recipe.train.routing_replay)
+        self.pipeline = None  # asynchronous rollouts (rollout.max_staleness >= 1)
+        if recipe.rollout.max_staleness:
+            from pgzoo.adapters.lightning.pipeline import RolloutPipeline
+
+            if not getattr(engine, "owns_weights", True):
+                raise ConfigError(f"rollout.max_staleness={recipe.rollout.max_staleness}: the rollout engine samples "
+                                  "from the policy module itself (TransformersEngine(copy=False)), which the trainer "
+                                  "updates while the engine generates; build it with copy=True")
+            self.pipeline = RolloutPipeline(self.sample_step, recipe.rollout.max_staleness, recipe.train.steps,
+                                            engine)
 
     @property
     def ro(self):
@@ -153,11 +168,16 @@ class RLModule(L.LightningModule):
         #      returns CPU ids), and the task's verifiable reward of each; with rollout.dynamic_sampling, more draws
         #      until B groups whose rewards differ, decided on the whole step's groups
         #      (pgzoo.adapters.lightning.sampling)
-        ds = self.ro.dynamic_sampling
-        got = sample_groups(self.task, lambda problems, seeds: self._draw(problems, step, seeds), step=step,
-                            step_seed=self.step_seed(step), prompts=self.ro.prompts_per_step,
-                            group_size=self.ro.group_size, max_draws=None if ds is None else ds.max_draws,
-                            strategy=self._strategy(), device=self.device, pad_id=self._pad_id())
+        #      asynchronously (rollout.max_staleness >= 1) the rows were sampled ahead, by an older version, and the
+        #      engine now samples the next steps in the background while this step updates
+        #      (pgzoo.adapters.lightning.pipeline)
+        if self.pipeline is None:
+            got, version = self.sample_step(step), step
+        else:
+            self._warn_shared_device()
+            queued = self.pipeline.take(step)
+            got, version = queued.sampled, queued.version
+            self.pipeline.launch(step)
         ro, rewards = got.rollouts, got.rewards
         t1 = time.perf_counter()
         # 3. advantages over the whole step (every rank's rewards: batch-level estimators see the batch one process
@@ -171,6 +191,8 @@ class RLModule(L.LightningModule):
         data = RolloutBatch(ro.prompt_ids, ro.prompt_mask.bool(), ro.completion_ids, ro.completion_mask.bool(),
                             ro.logprobs.float(), adv, rewards, ro.truncated.bool(),
                             routes=ro.routes if self.tr.routing_replay == "R3" else None).to(self.device)
+        if self.pipeline is not None:  # the policy version each row was sampled with
+            data.versions = torch.full((len(rewards),), version, dtype=torch.long, device=self.device)
         if self.tr.mask_truncated_completions:  # DAPO's overlong filtering: truncated rows leave the loss
             data.loss_mask = loss_mask(data.completion_mask, data.truncated)
         if self.tr.routing_replay == "R3" and data.routes is None:
@@ -179,13 +201,17 @@ class RLModule(L.LightningModule):
         # 4-5. old logprobs (when needed; R2 records routes there) and the N mini-batch updates (R2/R3 replay)
         metrics = self.update(data)
         t2 = time.perf_counter()
-        # 6. sync: the updated weights into the rollout engine
+        # 6. sync: the updated weights into the rollout engine (asynchronously: once its generation in flight is done)
+        if self.pipeline is not None:
+            self.pipeline.wait()
         self.sync_engine(step)
         if self.ro.verify_sync is not None:
             metrics.update(self._verify_sync(data, step))
         t3 = time.perf_counter()
         # 7. log: one row per global step
         metrics.update(self._rollout_metrics(data))
+        if data.versions is not None:
+            metrics.update(staleness_metrics(step, data.versions))
         metrics.update(got.metrics)
         metrics.update(shaping_metrics(None if penalty is None else penalty.to(self.device),
                                        data.truncated if self.tr.mask_truncated_completions else None,
@@ -201,6 +227,38 @@ class RLModule(L.LightningModule):
         if self._trainer is not None:
             self.log_dict(bar, prog_bar=True, on_step=True, logger=False, batch_size=1, rank_zero_only=True)
         return None
+
+    def sample_step(self, step: int):
+        """Steps 1-2 of step ``step`` on this rank (:func:`pgzoo.adapters.lightning.sampling.sample_groups`): its
+        rollouts, task rewards and dynamic-sampling metrics. Without dynamic sampling (always, asynchronously) no
+        collective runs here, so the background thread may call it."""
+        ds = self.ro.dynamic_sampling
+        return sample_groups(self.task, lambda problems, seeds: self._draw(problems, step, seeds), step=step,
+                             step_seed=self.step_seed(step), prompts=self.ro.prompts_per_step,
+                             group_size=self.ro.group_size, max_draws=None if ds is None else ds.max_draws,
+                             strategy=self._strategy(), device=self.device, pad_id=self._pad_id())
+
+    def _warn_shared_device(self) -> None:
+        """Once per run: background generation on the trainer's own GPU only queues behind the update's kernels."""
+        if getattr(self, "_shared_device_warned", False):
+            return
+        self._shared_device_warned = True
+        engine_device = getattr(self.engine, "device", None)
+        index = lambda d: d.index if d.index is not None else torch.cuda.current_device()  # noqa: E731  "cuda" = current
+        if (self.device.type == "cuda" and engine_device is not None and torch.device(engine_device).type == "cuda"
+                and index(torch.device(engine_device)) == index(self.device)):
+            import warnings
+
+            warnings.warn(f"rollout.max_staleness={self.ro.max_staleness}: the rollout engine shares {self.device} "
+                          "with the trainer, so generation and the update take turns on it and asynchronous RL gains "
+                          "nothing; put the engine on a device of its own (rollout.device, e.g. cuda:1)",
+                          stacklevel=2)
+
+    def stop_rollouts(self) -> None:
+        """End the background generation (asynchronous runs; a no-op otherwise): what is in flight is cancelled or
+        finished, the thread ends. Call before closing the engine."""
+        if self.pipeline is not None:
+            self.pipeline.close()
 
     def sync_engine(self, step: int) -> None:
         """Step 6: the policy's weights into this rank's rollout engine, in place: streamed parameter by parameter in

@@ -208,6 +208,7 @@ def _run(recipe, run_dir: Path, lead: bool, say, resume: bool, quiet: bool, comm
                     fit_until_stopped(trainer, module, step_loader(start, recipe.train.steps), stop, run_dir,
                                       recipe.world_size, recipe.train.steps, command)
         finally:
+            module.stop_rollouts()  # asynchronous runs: the background generation ends before its engine closes
             _close(engine)
     rf.finalize_loggers(trainer)
     if not lead:

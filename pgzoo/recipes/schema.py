@@ -62,8 +62,10 @@ class Recipe(Section):
 
     @property
     def needs_old_logprobs(self) -> bool:
-        """π_θold from the training engine is needed off-policy (N > 1) and for R2 (its routes are recorded there)."""
-        return self.train.num_minibatches > 1 or self.train.routing_replay == "R2"
+        """π_θold from the training engine is needed off-policy (N > 1), for R2 (its routes are recorded there) and
+        asynchronously (rollout.max_staleness >= 1: the rows were sampled by older weights, π_θold is the current)."""
+        return (self.train.num_minibatches > 1 or self.train.routing_replay == "R2"
+                or self.rollout.max_staleness > 0)
 
     @property
     def world_size(self) -> int:
@@ -113,6 +115,11 @@ class Recipe(Section):
             raise ConfigError(f"rollout.overlong_buffer.len={r.overlong_buffer.len} is longer than "
                               f"rollout.max_new_tokens={r.max_new_tokens}: the penalty ramps over the last len tokens "
                               f"before max_new_tokens; set len <= {r.max_new_tokens} (the paper: a fifth of it)")
+        if r.max_staleness and r.dynamic_sampling is not None:
+            raise ConfigError(
+                f"rollout.max_staleness={r.max_staleness} with rollout.dynamic_sampling: further draws are decided on "
+                "the whole step's rewards, gathered across ranks, and a collective cannot run in the background "
+                "generation thread beside the trainer's; set rollout.dynamic_sampling=null or rollout.max_staleness=0")
         if r.group_size < 2:
             raise ConfigError("rollout.group_size must be >= 2: group-relative advantages of a group of one are 0, "
                               "so nothing would be learned")
@@ -149,6 +156,21 @@ class Recipe(Section):
         if self.model.lora is not None and not caps.lora_sync:
             raise _unsupported("model.lora", "syncing a LoRA policy (its effective weights)", r.engine, caps,
                                "lora_sync", lambda c: c.lora_sync, "model.lora=null")
+        if r.max_staleness and not caps.background_generate:
+            raise _unsupported(f"rollout.max_staleness={r.max_staleness}",
+                               "generation in a background thread while the trainer updates", r.engine, caps,
+                               "background_generate", lambda c: c.background_generate, "rollout.max_staleness=0")
+        if r.device is not None:
+            from pgzoo.rollout.builders import engine_device
+
+            engine_device(r.device, 0)  # the format, before anything starts
+            if self.world_size > 1 and "{local_rank" not in r.device:
+                raise ConfigError(f"rollout.device={r.device}: every one of the {self.world_size} ranks builds its own "
+                                  "engine and would put it on this one device; give each its own with {local_rank} "
+                                  "or {local_rank+N}, e.g. rollout.device='cuda:{local_rank+8}'")
+        if r.device is not None and not caps.device_choice:
+            raise _unsupported(f"rollout.device={r.device}", "a device of its own", r.engine, caps, "device_choice",
+                               lambda c: c.device_choice, "rollout.device=null")
         if self.strategy == "fsdp" and not caps.sharded_sync:
             raise _unsupported("train.strategy=fsdp", "syncing a sharded policy (load_weight_buckets)", r.engine,
                                caps, "sharded_sync", lambda c: c.sharded_sync, "train.strategy=ddp")
@@ -225,7 +247,9 @@ class Recipe(Section):
         """A human-readable summary of what one run does."""
         r, t = self.rollout, self.train
         old = ("yes (" + ", ".join(x for x in (("off-policy N>1" if t.num_minibatches > 1 else ""),
-                                                ("records R2 routes" if t.routing_replay == "R2" else "")) if x) + ")"
+                                                ("records R2 routes" if t.routing_replay == "R2" else ""),
+                                                (f"asynchronous, rows up to {r.max_staleness} versions old"
+                                                 if r.max_staleness else "")) if x) + ")"
                if self.needs_old_logprobs else "no (on-policy: π_θold = π_θ detached)")
         lines = [
             f"recipe        {self.name}: {self.description}".rstrip(": "),
@@ -240,7 +264,9 @@ class Recipe(Section):
             f"T={r.temperature}, μ logprobs: {r.logprobs}"
             f"{'' if r.verify_sync is None else f', sync checked (mean |Δ log p| <= {r.verify_sync:g})'}"
             f"{'' if r.dynamic_sampling is None else f', dynamic sampling (<= {r.dynamic_sampling.max_draws} draws)'}"
-            f"{'' if r.overlong_buffer is None else f', overlong penalty over the last {r.overlong_buffer.len} tokens'}",
+            f"{'' if r.overlong_buffer is None else f', overlong penalty over the last {r.overlong_buffer.len} tokens'}"
+            f"{'' if not r.max_staleness else f', asynchronous (max_staleness={r.max_staleness})'}"
+            f"{'' if r.device is None else f', engine on {r.device}'}",
             f"updates       N={t.num_minibatches} optimizer step(s)/step of {self.minibatch_size} responses"
             f"{'' if t.micro_batch_size is None else f' in micro-batches of {t.micro_batch_size}'}"
             f", lr={t.lr:g}, grad_clip={t.grad_clip}"

@@ -127,6 +127,18 @@ class RolloutSection(Section):
         256.0, gt=0, description="weight sync streams the policy into the engine parameter by parameter in buckets of "
                                  "at most this many MB (a larger parameter travels alone); bounds the sync's extra "
                                  "memory per rank (pgzoo.rollout.sync)")
+    max_staleness: int = Field(
+        0, ge=0, description="k: asynchronous RL. 0 = the synchronous loop (the engine samples step s with the "
+                             "weights step s trains). k >= 1: the engine samples the next steps' rollouts in the "
+                             "background while the trainer updates, and step s trains on rollouts sampled with the "
+                             "weights of step max(0, s - k) (at most k policy versions old); pi_old is recomputed under "
+                             "the current weights, so the objective's correction covers staleness and the "
+                             "training-inference gap together (docs/training.md, Asynchronous)")
+    device: str | None = Field(
+        None, description="engines that declare device_choice (transformers): where the engine's model copy lives, "
+                          "e.g. cuda:1, so asynchronous generation runs on a device of its own; {local_rank} or "
+                          "{local_rank+N} become the rank's index on its machine (plus N), e.g. cuda:{local_rank+8}; "
+                          "null = the engine's default (transformers: CPU, where the checkpoint loads)")
     dynamic_sampling: DynamicSamplingSection | None = Field(
         None, description="drop groups whose rewards are all equal and draw more prompts until B groups remain "
                           "(DAPO); {max_draws: 10}; null = off")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from collections.abc import Callable
@@ -74,6 +75,25 @@ def default_max_model_len(rollout, model_path) -> int:
     return min(want, limit) if limit else want
 
 
+_LOCAL_RANK = re.compile(r"\{local_rank(?:\+(\d+))?\}")
+
+
+def engine_device(spec: str | None, local_rank: int | None = None) -> str | None:
+    """``rollout.device`` for this rank: ``{local_rank}`` or ``{local_rank+N}`` in it becomes the rank's index on its
+    machine (plus N), so every rank's engine gets a device of its own: ``cuda:{local_rank+8}`` puts rank r's engine on
+    GPU r + 8 beside trainers on GPUs 0-7. ``local_rank``: default ``LOCAL_RANK`` (torchrun, Lightning) or
+    ``SLURM_LOCALID``, else 0. Raises ConfigError for any other brace."""
+    if spec is None:
+        return None
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
+    out = _LOCAL_RANK.sub(lambda m: str(local_rank + int(m.group(1) or 0)), spec)
+    if "{" in out or "}" in out:
+        raise ConfigError(f"rollout.device={spec!r}: a device such as cuda:1, optionally with {{local_rank}} or "
+                          f"{{local_rank+N}} for the rank's index on its machine (plus N)")
+    return out
+
+
 @engines.register("vllm")
 @declare(VLLMEngine.capabilities)
 def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = False, world_size: int = 1):
@@ -95,10 +115,11 @@ def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = Fals
 @declare(TransformersEngine.capabilities)
 def build_transformers(rollout, model_path, *, seed: int = 0, return_routes: bool = False, world_size: int = 1):
     """A :class:`~pgzoo.rollout.TransformersEngine` in ``rollout.dtype`` (FP8-rounded weights with ``rollout.fp8``,
-    MoE routers in ``rollout.router_dtype``);
+    MoE routers in ``rollout.router_dtype``), on ``rollout.device`` (:func:`engine_device`; default: CPU, where the
+    checkpoint loads);
     it records routes while generating whenever asked, so ``return_routes`` needs nothing at build time."""
     return TransformersEngine(str(model_path), dtype=rollout.dtype, fp8=rollout.fp8,
-                              router_dtype=rollout.router_dtype)
+                              router_dtype=rollout.router_dtype, device=engine_device(rollout.device))
 
 
 def capability_table(names: list[str] | None = None) -> str:
@@ -107,12 +128,14 @@ def capability_table(names: list[str] | None = None) -> str:
     names = engines.available() if names is None else names
     yes = {True: "yes", False: "no"}
     lines = ["| engine | `rollout.dtype` | `rollout.fp8` | `rollout.router_dtype` | routes (R3) | LoRA sync | "
-             "sharded (FSDP2) sync | float32 mean \\|Δ log p\\| |",
-             "|---|---|---|---|---|---|---|---|"]
+             "sharded (FSDP2) sync | background generation (`max_staleness` ≥ 1) | `rollout.device` | "
+             "float32 mean \\|Δ log p\\| |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         c = capabilities_of(name)
         routes = ("CUDA only" if c.routes_need_cuda else "yes") if c.routes else "no"
         fp8 = f"in {', '.join(c.fp8_dtypes)}{' (CUDA only)' if c.fp8_needs_cuda else ''}" if c.fp8 else "no"
         lines.append(f"| {name} | {', '.join(c.dtypes)} | {fp8} | {yes[c.router_dtype]} | {routes} | "
-                     f"{yes[c.lora_sync]} | {yes[c.sharded_sync]} | ≤ {c.logprob_tolerance:g} |")
+                     f"{yes[c.lora_sync]} | {yes[c.sharded_sync]} | {yes[c.background_generate]} | "
+                     f"{yes[c.device_choice]} | ≤ {c.logprob_tolerance:g} |")
     return "\n".join(lines)

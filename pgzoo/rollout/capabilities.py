@@ -50,6 +50,11 @@ class EngineCapabilities:
             (``model.lora``).
         sharded_sync: the engine takes ``load_weight_buckets(buckets)``, the streamed sync of an FSDP2-sharded policy
             (``train.strategy: fsdp``).
+        background_generate: ``generate`` may run in a background thread while the trainer updates its own copy of
+            the policy, with ``load_weights`` called only between generations (``rollout.max_staleness`` >= 1): the
+            engine samples from weights of its own, never from the trainer's module.
+        device_choice: the builder places the engine on ``rollout.device`` (e.g. ``cuda:1``), a device apart from
+            the trainer's.
         logprob_tolerance: the mean |log μ − log π| the engine keeps in float32 against the policy's own logprobs on
             the same tokens, fresh and after a sync (what ``rollout.verify_sync`` should be at least; the contract
             suite checks it).
@@ -65,6 +70,8 @@ class EngineCapabilities:
     routes_need_cuda: bool = False
     lora_sync: bool = False
     sharded_sync: bool = False
+    background_generate: bool = False
+    device_choice: bool = False
     logprob_tolerance: float = 1e-4
     notes: tuple[tuple[str, str], ...] = ()
 

