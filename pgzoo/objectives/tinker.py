@@ -38,7 +38,7 @@ from pgzoo.batch import TokenBatch
 from pgzoo.objectives.base import Objective, Term, check_aggregation
 from pgzoo.objectives.correction import Correction
 from pgzoo.objectives.diagnostics import masked_mean, policy_metrics
-from pgzoo.objectives.ratios import ratio
+from pgzoo.objectives.ratios import masked_log_ratio, ratio
 from pgzoo.objectives.registry import register
 from pgzoo.objectives.shaping import shaped
 
@@ -67,10 +67,9 @@ class ImportanceSampling(Objective):
         check_aggregation(self.name, self.config.aggregation)
 
     def policy_term(self, batch: TokenBatch) -> Term:
-        lp = batch.masked(batch.logprobs)
-        log_r = lp - batch.clean("old_logprobs")
+        log_r = masked_log_ratio(batch)
         r = ratio(log_r)
-        return Term(r * batch.token_advantages(), lp=lp, ratio=r, saved=dict(log_r=log_r, r=r))
+        return Term(r * batch.token_advantages(), ratio=r, saved=dict(log_r=log_r, r=r))
 
     def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
         s = term.saved
@@ -98,7 +97,7 @@ class CrossEntropy(Objective):
 
     def policy_term(self, batch: TokenBatch) -> Term:
         lp = batch.masked(batch.logprobs)
-        return Term(lp, lp=lp)
+        return Term(lp, lp=lp)  # the NLL term is the masked logprobs themselves: one pass
 
     def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
         metrics = policy_metrics(batch)
