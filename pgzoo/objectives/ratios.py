@@ -43,6 +43,37 @@ class _ClampedExp(torch.autograd.Function):
         return torch.ops.aten.hardtanh_backward(grad * r, log_r, *_open_band(log_r.dtype))
 
 
+class _WeightedRatio(torch.autograd.Function):
+    """y = c·exp(clamp(lp − old, ±MAX_LOG_RATIO)), non-finite products zeroed, for a detached coefficient c that is 0
+    at masked positions and finite elsewhere; ∂y/∂lp = y inside the band (edges included), 0 outside."""
+
+    @staticmethod
+    def forward(ctx, lp: torch.Tensor, old: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        log_r = torch.sub(lp, old)
+        y = log_r.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp_().mul_(coef).nan_to_num_(0.0, 0.0, 0.0)
+        ctx.save_for_backward(log_r, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        log_r, y = ctx.saved_tensors
+        # garbage (NaN) in log r at a masked position passes hardtanh_backward's test, times y = 0 there
+        return torch.ops.aten.hardtanh_backward(grad * y, log_r, *_open_band(log_r.dtype)), None, None
+
+
+def weighted_ratio(batch: TokenBatch, coef: torch.Tensor) -> torch.Tensor:
+    """``coef · r`` with r = exp(lp − old) (log clamped as in :func:`ratio`), exactly 0 at masked positions whatever
+    the fields hold there, with gradient ``coef · r`` inside the band: an unclipped importance-weighted term in two
+    passes forward and two backward, from the raw fields. ``coef``: ``[B, T]`` without gradient, exactly 0 at masked
+    positions and finite elsewhere (:meth:`~pgzoo.TokenBatch.zero_masked_` makes one); it must not be modified
+    afterwards. Equal to ``coef * ratio(masked_log_ratio(batch))`` up to the rounding of the gradient's product."""
+    lp = batch.logprobs
+    old = lp.detach() if batch.old_logprobs is None else batch.old_logprobs.detach().to(lp.dtype)
+    if torch.compiler.is_compiling():
+        return torch.where(batch.mask, coef * ratio(lp - old), 0.0)
+    return _WeightedRatio.apply(lp, old, coef)
+
+
 def ratio(log_r: torch.Tensor) -> torch.Tensor:
     """r = exp(log r) with log r clamped to ±MAX_LOG_RATIO (finite in float32; exact gradient inside the band)."""
     if torch.compiler.is_compiling() or not log_r.requires_grad:  # compiled, the clamp fuses into its consumers
