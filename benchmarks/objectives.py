@@ -1,18 +1,19 @@
 """Forward + backward cost of every registered objective (metrics included) against a bare hand-written loss.
 
     python benchmarks/objectives.py                       # [256, 4096] float32, eager
+    python benchmarks/objectives.py --loss-only           # only the bare loss and pgzoo with metrics=False
     python benchmarks/objectives.py --compile             # also torch.compile both sides
     python benchmarks/objectives.py --batch 64 --length 1024 --repeats 5 --names minirl grpo
 
-The objectives are the registry's (``pgzoo.available()``, plugins included). For those in ``BARE`` the bare loss is
-the same formula written directly on tensors: no TokenBatch, no validation, no
-masking-by-replacement, no metrics. The two are timed interleaved in the same run (minimum over ``--repeats`` of the
-process CPU time, one thread by default), so load from other processes hits both alike; the ratio pgzoo / bare is
-what to read. pgzoo's side builds the TokenBatch
-inside the timed region with ``check_values=False`` (trainers that validate upstream do this; the value check is one
-host sync); the column ``checked`` times it with the check on, and ``loss only`` times
-``pgzoo.get(name, metrics=False)``: the same loss and gradient without the diagnostics. An objective without a
-bare loss here is timed all the same, its bare and ratio columns left empty.
+The objectives are the registry's (``pgzoo.available()``, plugins included); ``BARE`` holds a bare loss for every
+registered one (a name without one is listed at the top of the output and timed without a ratio). The bare loss is
+the same formula written directly on tensors: no TokenBatch, no validation, no masking-by-replacement, no metrics;
+its gradient is checked against pgzoo's before timing. The two are timed interleaved in the same run (process CPU
+time, one thread by default), so load from other processes hits both alike; the ratio pgzoo / bare is what to read,
+as the ratio of the minima and as the median of the per-repeat ratios. pgzoo's side builds the TokenBatch inside
+the timed region with ``check_values=False`` (trainers that validate upstream do this; the value check is one host
+sync); ``loss only`` times ``pgzoo.get(name, metrics=False)``: the same loss and gradient without the diagnostics;
+without ``--loss-only`` the columns ``pgzoo`` (metrics on) and ``checked`` (the value check on) follow.
 """
 
 from __future__ import annotations
