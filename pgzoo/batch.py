@@ -36,6 +36,21 @@ class _MaskZero(torch.autograd.Function):
         return grad * m, None
 
 
+class _MaskedProduct(torch.autograd.Function):
+    """y = c·x with non-finite products zeroed, for a detached coefficient c that is 0 at masked positions and finite
+    elsewhere; ∂y/∂x = c, so the gradient is 0 where masked whatever x holds there."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(c)
+        return (x * c).nan_to_num_(0.0, 0.0, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (c,) = ctx.saved_tensors
+        return grad * c, None
+
+
 @dataclass
 class TokenBatch:
     """Per-token inputs of a policy-gradient objective.
@@ -266,6 +281,27 @@ class TokenBatch:
         if fill != 0.0 or torch.compiler.is_compiling():  # compiled: the select fuses into its consumers
             return torch.where(self.mask, x, fill)
         return _MaskZero.apply(x, self.mask_float().to(x.dtype))
+
+    def zero_masked_(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with every masked position set to 0, in place (NaN-safe, as :meth:`masked`), returned.
+
+        For a ``[B, T]`` tensor without gradient that the caller built and owns (a coefficient computed from the raw
+        fields, garbage at masked positions included): one sanitisation at the end instead of one per input field.
+        """
+        if torch.compiler.is_compiling():  # compiled: the select fuses into its consumers
+            return torch.where(self.mask, x, 0.0)
+        return x.mul_(self.mask_float().to(x.dtype)).nan_to_num_(0.0, 0.0, 0.0)
+
+    def logprobs_times(self, coef: torch.Tensor) -> torch.Tensor:
+        """``coef · logprobs``, exactly 0 at masked positions whatever ``logprobs`` hold there (NaN, ±inf), with
+        gradient ``coef · grad``: the term of every REINFORCE-type objective in one pass forward and one backward.
+
+        ``coef``: a ``[B, T]`` tensor without gradient, exactly 0 at masked positions and finite elsewhere
+        (:meth:`zero_masked_` makes one); it is kept for the backward, so it must not be modified afterwards.
+        """
+        if torch.compiler.is_compiling():
+            return torch.where(self.mask, coef * self.logprobs, 0.0)
+        return _MaskedProduct.apply(self.logprobs, coef)
 
     def token_advantages(self) -> torch.Tensor:
         """Advantages broadcast to ``[B, T]``, zero at masked positions."""

@@ -359,8 +359,8 @@ class Objective:
         if correction is None or not self.applies_correction:
             return None, {}
         if level == "sequence":
-            return correction.weights(batch)
-        return correction.token_weights(batch)
+            return correction.weights(batch, self.report_metrics)
+        return correction.token_weights(batch, self.report_metrics)
 
     def mask_advantages(self, batch: TokenBatch, term: Term) -> torch.Tensor | None:
         """The advantages whose sign the off-policy mask reads: the term's own for a sequence term, else the
@@ -483,3 +483,11 @@ def advantage_factor(batch: TokenBatch) -> torch.Tensor:
     if adv.dim() == 2:
         return batch.token_advantages()
     return torch.where(batch.has_tokens(), adv.to(batch.logprobs.dtype), 0.0)[:, None]
+
+
+def raw_advantages(batch: TokenBatch) -> torch.Tensor:
+    """The advantages as given, ``[B, 1]`` per sequence or ``[B, T]`` per token, in the logprobs' dtype: garbage on
+    fully masked rows and at masked positions included. For a coefficient that is sanitised once afterwards
+    (:meth:`~pgzoo.TokenBatch.zero_masked_`): no ``[B, T]`` pass to mask the advantages first."""
+    adv = batch.advantages.to(batch.logprobs.dtype)
+    return adv[:, None] if adv.dim() == 1 else adv

@@ -27,8 +27,8 @@ import torch
 from pgzoo.batch import TokenBatch
 from pgzoo.objectives.correction import Correction
 from pgzoo.objectives.diagnostics import clip_metrics, policy_metrics, weight_metrics
-from pgzoo.objectives.base import Objective, Term, check_aggregation, check_eps, log_bounds
-from pgzoo.objectives.ratios import importance_log_ratio
+from pgzoo.objectives.base import Objective, Term, check_aggregation, check_eps, log_bounds, raw_advantages
+from pgzoo.objectives.ratios import detached_log_ratio, importance_log_ratio
 from pgzoo.objectives.shaping import shaped, check_is_level
 from pgzoo.objectives.registry import register
 
@@ -65,18 +65,28 @@ class CISPO(Objective):
 
     def policy_term(self, batch: TokenBatch) -> Term:
         c = self.config
-        lp = batch.masked(batch.logprobs)
-        adv = batch.token_advantages()
-        log_r = importance_log_ratio(batch, lp.detach(), c.importance_sampling_level)
-        r_minus_one = log_r.clamp(max=40.0).expm1_()  # shared with the metrics; an unbounded weight stays finite
-        weight = (r_minus_one + 1.0).clamp_(min=None if c.eps_low is None else 1.0 - c.eps_low,
-                                            max=None if c.eps_high is None else 1.0 + c.eps_high)
-        r = None
+        if c.importance_sampling_level == "token":
+            log_r = detached_log_ratio(batch)  # garbage at masked positions: the coefficient is sanitised once below
+            if self.report_metrics:  # the metrics read log r and r − 1: keep clean copies of both
+                log_r = batch.zero_masked_(log_r)
+        else:
+            log_r = importance_log_ratio(batch, batch.masked(batch.logprobs).detach(), "sequence")
+        # w = clamp(r) via expm1 (r − 1 is shared with the metrics); an unbounded weight stays finite
+        r_minus_one = log_r.clamp(max=40.0) if self.report_metrics else log_r.clamp_(max=40.0)
+        r_minus_one.expm1_()
+        weight = r_minus_one + 1.0 if self.report_metrics else r_minus_one.add_(1.0)
+        weight.clamp_(min=None if c.eps_low is None else 1.0 - c.eps_low,
+                      max=None if c.eps_high is None else 1.0 + c.eps_high)
+        lp = r = None
         if self.shaping.beta > 0 and c.bias_correction_kl:
             # r with gradient for the KL's bias correction, built before the term: autograd then sums the gradient
             # contributions to lp in one fixed order, the term's last (losses and gradients stay bit-reproducible)
+            lp = batch.masked(batch.logprobs)
             r = self.kl_ratio(batch, lp, "token")
-        return Term(weight * adv * lp, lp=lp, ratio=r,
+        adv = raw_advantages(batch)
+        # sg(w)·A, 0 at masked positions (in place unless the metrics read the weight)
+        coef = batch.zero_masked_(weight * adv if self.report_metrics else weight.mul_(adv))
+        return Term(batch.logprobs_times(coef), lp=lp, ratio=r,
                     saved=dict(log_r=log_r, r_minus_one=r_minus_one, weight=weight))
 
     def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
@@ -86,7 +96,7 @@ class CISPO(Objective):
         low, high = log_r < lo, log_r > hi  # where the weight is clipped (it keeps its gradient path via lp)
         if c.importance_sampling_level == "sequence":  # the staleness metrics stay per token
             low, high = low & mask, high & mask
-            log_r = term.lp.detach() - batch.clean("old_logprobs")
+            log_r = batch.zero_masked_(detached_log_ratio(batch))
             r_minus_one = log_r.clamp(max=40.0).expm1()
         metrics = policy_metrics(batch, log_r, staleness_expm1=r_minus_one)
         metrics.update(clip_metrics(low, high, mask))

@@ -132,7 +132,7 @@ class Correction:
         """Uncorrected log-weights ℓ: ``[B, T]`` for level ``token``, ``[B]`` otherwise (0 at masked tokens)."""
         return self._log_weights_at(batch, self.level)
 
-    def weights(self, batch: TokenBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def weights(self, batch: TokenBatch, report: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The stop-gradient weights and their metrics.
 
         Returns ``(w, metrics)`` with ``w`` of shape ``[B, T]`` (level ``token``) or ``[B]`` (sequence levels);
@@ -141,48 +141,61 @@ class Correction:
         ``correction/ess``, ``correction/chi2_token``, ``correction/chi2_seq``, and with the options on
         ``correction/veto_fraction`` and ``correction/batch_norm_factor`` (docs/metrics.md). Statistics are over
         unmasked tokens (token level) or over sequences with at least one token (sequence levels); the masked
-        fraction is over the units of ``mask_level``.
+        fraction is over the units of ``mask_level``. ``report=False``: the same weights and no metrics (``{}``),
+        without the metrics' passes over the batch.
         """
         from pgzoo.objectives.diagnostics import masked_fraction, masked_max, masked_mean
 
         log_w = self.log_weights(batch).detach().clamp(-_MAX_LOG_WEIGHT, _MAX_LOG_WEIGHT)
         where = batch.mask if self.level == "token" else batch.has_tokens()
+        metrics: dict[str, torch.Tensor] = {}
         if self.mode == "truncate":
             log_cap = math.log(self.cap)
-            hit = log_w > log_cap
-            hit_where = where
-            w = log_w.clamp(max=log_cap).exp()
+            if report:
+                metrics["correction/truncated_fraction"] = masked_fraction(log_w > log_cap, where)
+            w = log_w.clamp_(max=log_cap).exp_()  # log_w is this call's own tensor
         else:
             gate_level = self.mask_level or self.level
             gate = log_w if gate_level == self.level else self._log_weights_at(batch, gate_level).detach()
-            log_low = math.log(self.low) if self.low > 0 else -math.inf
-            hit = (gate < log_low) | (gate > math.log(self.high))
-            hit_where = batch.mask if gate_level == "token" else batch.has_tokens()
+            kept = band_indicator(gate, math.log(self.low) if self.low > 0 else -math.inf, math.log(self.high))
+            if report:
+                hit_where = batch.mask if gate_level == "token" else batch.has_tokens()
+                metrics["correction/masked_fraction"] = masked_fraction(kept == 0, hit_where)
             # a sequence-level gate on token weights broadcasts over the row's tokens
-            w = torch.where(hit[:, None] if hit.dim() < log_w.dim() else hit, 0.0, log_w.exp())
-        key = "correction/truncated_fraction" if self.mode == "truncate" else "correction/masked_fraction"
-        metrics = {key: masked_fraction(hit, hit_where)}
-        rho = batch.clean("old_logprobs") - batch.clean("rollout_logprobs")
+            w = log_w.exp_().mul_(kept[:, None] if kept.dim() < log_w.dim() else kept)
+        rho = batch.clean("old_logprobs") - batch.clean("rollout_logprobs") if report or self.veto is not None else None
         if self.veto is not None:
             # slime compares the raw token log-ratio with log(veto); masked positions never veto
             vetoed = ((rho < math.log(self.veto)) & batch.mask).any(-1)
             w = torch.where(vetoed[:, None] if w.dim() == 2 else vetoed, 0.0, w)
-            metrics["correction/veto_fraction"] = masked_fraction(vetoed, batch.has_tokens())
-        metrics["correction/weight_mean"] = masked_mean(w, where)
-        metrics["correction/weight_max"] = masked_max(w, where)
-        metrics.update(_spread_metrics(w, where, rho, batch))
+            if report:
+                metrics["correction/veto_fraction"] = masked_fraction(vetoed, batch.has_tokens())
+        if report:
+            metrics["correction/weight_mean"] = masked_mean(w, where)
+            metrics["correction/weight_max"] = masked_max(w, where)
+            metrics.update(_spread_metrics(w, where, rho, batch))
         if self.normalize:
-            mean = metrics["correction/weight_mean"].to(w.dtype)
+            mean = (metrics["correction/weight_mean"] if report else masked_mean(w, where)).to(w.dtype)
             # verl divides only by a mean above 1e-8 (an all-zero batch keeps its zeros); no host sync here
             factor = torch.where(mean > 1e-8, mean, 1.0)
             w = w / factor
-            metrics["correction/batch_norm_factor"] = factor
+            if report:
+                metrics["correction/batch_norm_factor"] = factor
         return w, metrics
 
-    def token_weights(self, batch: TokenBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Weights broadcast to ``[B, T]`` (for token-level terms), with metrics."""
-        w, metrics = self.weights(batch)
+    def token_weights(self, batch: TokenBatch, report: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weights broadcast to ``[B, T]`` (for token-level terms), with metrics (none with ``report=False``)."""
+        w, metrics = self.weights(batch, report)
         return (w if w.dim() == 2 else w[:, None].expand_as(batch.logprobs)), metrics
+
+
+def band_indicator(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """1.0 where low ≤ x ≤ high, else 0.0, in ``x``'s dtype (``x`` finite; ``low`` may be −inf).
+
+    Float arithmetic, 1 − |sign(clamp(x) − x)|, instead of comparisons and a select: on CPU a bool tensor costs a pass
+    per comparison and ``where`` on it several, while these are one allocation and in-place passes.
+    """
+    return x.clamp(low, high).sub_(x).sign_().abs_().neg_().add_(1.0)
 
 
 # exp(2·20): the χ² metrics clamp the log-ratio at ±20 as verl does, so exp(2ℓ) stays finite in float32.

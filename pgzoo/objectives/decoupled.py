@@ -181,7 +181,7 @@ class DecoupledPPO(Objective):
         value = clipped_term(u, adv, low, high, c.eps_low, c.eps_high, dual, c.clip_c)
         corr_metrics = {}
         if c.correction is not None:
-            w, corr_metrics = c.correction.token_weights(pbatch)
+            w, corr_metrics = c.correction.token_weights(pbatch, self.report_metrics)
         else:
             w = ratio(prox - pbatch.clean("rollout_logprobs"))  # π_prox/μ unbounded (log clamped at ±20)
         value = w * value

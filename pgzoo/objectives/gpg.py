@@ -56,8 +56,9 @@ class GPG(Objective):
         check_aggregation(type(self).__name__, self.config.aggregation)
 
     def policy_term(self, batch: TokenBatch) -> Term:
-        lp = batch.masked(batch.logprobs)
-        return Term(advantage_factor(batch) * lp, lp=lp)  # the factor is [B, 1] or [B, T]
+        adv = advantage_factor(batch)  # [B, 1], or [B, T] already 0 at masked positions
+        coef = adv * batch.mask_float() if adv.shape[1] == 1 else adv
+        return Term(batch.logprobs_times(coef))
 
     def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
         return policy_metrics(batch)  # ratio and staleness: GPG ignores them, a user still wants to see them

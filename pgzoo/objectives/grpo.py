@@ -62,7 +62,7 @@ from pgzoo.objectives.base import (
     log_bounds,
     ppo_clip_flags,
 )
-from pgzoo.objectives.ratios import importance_log_ratio, ratio
+from pgzoo.objectives.ratios import importance_log_ratio, masked_log_ratio, ratio
 from pgzoo.objectives.shaping import shaped, check_is_level
 from pgzoo.objectives.registry import register
 from pgzoo.validate import check_number
@@ -141,9 +141,13 @@ class GRPO(Objective):
         c = self.config
         if c.importance_sampling_level == "sequence" and self._row_constant(batch):
             return self._row_term(batch)
-        lp = batch.masked(batch.logprobs)
         adv = batch.token_advantages()
-        log_r = importance_log_ratio(batch, lp, c.importance_sampling_level)
+        if c.importance_sampling_level == "token":
+            lp = None  # the shaping builds the masked logprobs if an option needs them
+            log_r = masked_log_ratio(batch)
+        else:
+            lp = batch.masked(batch.logprobs)
+            log_r = importance_log_ratio(batch, lp, c.importance_sampling_level)
         low, high = ppo_clip_flags(log_r.detach(), adv, *log_bounds(c.eps_low, c.eps_high))
         r = ratio(log_r)
         r_capped = r if c.delta is None else r.clamp(max=c.delta)  # two-sided: no gradient above δ

@@ -38,7 +38,7 @@ from pgzoo.batch import TokenBatch
 from pgzoo.objectives.base import Objective, Term, check_aggregation
 from pgzoo.objectives.correction import Correction
 from pgzoo.objectives.diagnostics import masked_fraction, masked_max, masked_mean, policy_metrics
-from pgzoo.objectives.ratios import ratio
+from pgzoo.objectives.ratios import masked_log_ratio, ratio
 from pgzoo.objectives.registry import register
 from pgzoo.objectives.shaping import shaped
 from pgzoo.validate import check_number
@@ -78,18 +78,19 @@ class PrimeIPO(Objective):
 
     def policy_term(self, batch: TokenBatch) -> Term:
         c = self.config
-        lp = batch.masked(batch.logprobs)
-        adv = batch.token_advantages()
-        old = batch.clean("old_logprobs")
-        log_r = lp - old
+        adv = batch.token_advantages()  # 0 at masked positions: so is the policy term whatever `outside` is there
+        log_r = masked_log_ratio(batch)
         r = ratio(log_r)
-        # p ≤ 1: a log-probability above 0 is read as 0, so exp never overflows and the difference is never inf − inf
-        moved = (lp.detach().clamp(max=0.0).exp() - old.clamp(max=0.0).exp()).abs()
+        lp = batch.logprobs.detach()
+        old = lp if batch.old_logprobs is None else batch.old_logprobs.to(lp.dtype)
+        # p ≤ 1: a log-probability above 0 is read as 0, so exp never overflows and the difference is never inf − inf;
+        # the raw fields (garbage at masked positions only reaches a flag multiplied by A = 0 there)
+        moved = (lp.clamp(max=0.0).exp() - old.clamp(max=0.0).exp()).abs()
         outside = moved > c.threshold
         # "0 where outside, else r·A" by multiplication with the kept flags: a dropped token's gradient is exactly 0
         policy = (c.adv_tau * r) * (adv * ~outside)
         term = policy - c.kl_tau * log_r.square()
-        return Term(term, lp=lp, ratio=r, saved=dict(log_r=log_r, moved=moved, outside=outside))
+        return Term(term, ratio=r, saved=dict(log_r=log_r, moved=moved, outside=outside))
 
     def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
         s, mask = term.saved, batch.mask

@@ -31,7 +31,9 @@ import torch
 
 from pgzoo.batch import TokenBatch
 from pgzoo.objectives.diagnostics import clip_metrics, policy_metrics, weight_metrics
-from pgzoo.objectives.base import Objective, Term, check_aggregation, check_eps, log_bounds, ppo_clip_flags
+from pgzoo.objectives.base import (Objective, Term, check_aggregation, check_eps, log_bounds, ppo_clip_flags,
+                                  raw_advantages)
+from pgzoo.objectives.ratios import detached_log_ratio
 from pgzoo.objectives.registry import register
 from pgzoo.objectives.shaping import shaped
 from pgzoo.validate import check_number
@@ -79,21 +81,27 @@ class MiniRL(Objective):
         return super().extra_requires() | own
 
     def policy_term(self, batch: TokenBatch) -> Term:
-        c = self.config
-        lp = batch.masked(batch.logprobs)  # every tensor below is exactly 0 at masked positions
-        adv = batch.token_advantages()
-        log_r = lp.detach() - batch.clean("old_logprobs")  # staleness log π_θ/π_θold
-        log_w = lp.detach() - batch.clean("rollout_logprobs") if c.train_inference_is else log_r
-        # w = min(exp(log_w), C), via expm1 (shared with the first-order-gap metric); never overflows
-        w_minus_one = log_w.clamp(max=_MAX_EXP).expm1_()
-        w = (w_minus_one + 1.0).clamp_(max=c.is_cap)
-        coef = w * adv
+        c, report = self.config, self.report_metrics
+        # log-ratios from the raw fields, garbage at masked positions: the coefficient is sanitised once below (the
+        # metrics read clean copies)
+        log_r = detached_log_ratio(batch)  # staleness log π_θ/π_θold
+        log_w = detached_log_ratio(batch, "rollout_logprobs") if c.train_inference_is else log_r
+        if report:
+            log_r = batch.zero_masked_(log_r)
+            log_w = batch.zero_masked_(log_w) if c.train_inference_is else log_r
+        adv = raw_advantages(batch)
         low = high = None
-        if c.clip:
+        if c.clip:  # before log_w (which may be log_r) is overwritten below
             low, high = ppo_clip_flags(log_r, adv, *log_bounds(c.eps_low, c.eps_high))
+        # w = min(exp(log_w), C), via expm1 (shared with the first-order-gap metric); never overflows
+        w_minus_one = (log_w.clamp(max=_MAX_EXP) if report else log_w.clamp_(max=_MAX_EXP)).expm1_()
+        w = (w_minus_one + 1.0 if report else w_minus_one.add_(1.0)).clamp_(max=c.is_cap)
+        coef = w * adv if report else w.mul_(adv)
+        if c.clip:
             coef.mul_(~(low | high))  # M: 0 on the clipped side
-        return Term(coef * lp, lp=lp, saved=dict(log_r=log_r, log_w=log_w, w_minus_one=w_minus_one, w=w,
-                                                 low=low, high=high))
+        coef = batch.zero_masked_(coef)  # M·w·A, exactly 0 at masked positions
+        return Term(batch.logprobs_times(coef), saved=dict(log_r=log_r, log_w=log_w, w_minus_one=w_minus_one, w=w,
+                                                           low=low, high=high))
 
     def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
         c, s, mask = self.config, term.saved, batch.mask

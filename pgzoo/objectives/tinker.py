@@ -38,7 +38,7 @@ from pgzoo.batch import TokenBatch
 from pgzoo.objectives.base import Objective, Term, check_aggregation
 from pgzoo.objectives.correction import Correction
 from pgzoo.objectives.diagnostics import masked_mean, policy_metrics
-from pgzoo.objectives.ratios import ratio
+from pgzoo.objectives.ratios import detached_log_ratio, ratio, weighted_ratio
 from pgzoo.objectives.registry import register
 from pgzoo.objectives.shaping import shaped
 
@@ -67,14 +67,13 @@ class ImportanceSampling(Objective):
         check_aggregation(self.name, self.config.aggregation)
 
     def policy_term(self, batch: TokenBatch) -> Term:
-        lp = batch.masked(batch.logprobs)
-        log_r = lp - batch.clean("old_logprobs")
-        r = ratio(log_r)
-        return Term(r * batch.token_advantages(), lp=lp, ratio=r, saved=dict(log_r=log_r, r=r))
+        # r·A in one autograd function from the raw fields (A·m sanitised once); the KL's bias correction, when on,
+        # builds its own r (Objective.kl_ratio)
+        return Term(weighted_ratio(batch, batch.token_advantages()))
 
     def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
-        s = term.saved
-        return policy_metrics(batch, s["log_r"].detach(), staleness_expm1=s["r"].detach() - 1.0)
+        log_r = batch.zero_masked_(detached_log_ratio(batch))
+        return policy_metrics(batch, log_r, staleness_expm1=ratio(log_r) - 1.0)
 
 
 class CrossEntropy(Objective):
@@ -98,7 +97,7 @@ class CrossEntropy(Objective):
 
     def policy_term(self, batch: TokenBatch) -> Term:
         lp = batch.masked(batch.logprobs)
-        return Term(lp, lp=lp)
+        return Term(lp, lp=lp)  # the NLL term is the masked logprobs themselves: one pass
 
     def term_metrics(self, batch: TokenBatch, term: Term) -> dict[str, torch.Tensor]:
         metrics = policy_metrics(batch)

@@ -94,7 +94,7 @@ class VESPO(Objective):
             log_w = _row_dot(log_r, batch.mask_float())
         corr_metrics = {}
         if c.correction is not None:
-            weight, corr_metrics = c.correction.weights(batch)
+            weight, corr_metrics = c.correction.weights(batch, self.report_metrics)
             log_c = weight.log().clamp(LOG_W_MIN, MAX_LOG_RATIO)
             log_w = log_w + (batch.masked(log_c).sum(-1) if log_c.dim() == 2 else log_c)
         log_w = log_w.clamp(LOG_W_MIN, MAX_LOG_RATIO)
