@@ -179,7 +179,8 @@ class Objective:
     paper: ClassVar[str] = ""
     # False when the term depends on statistics of the whole TokenBatch (Clip-Cov and KL-Cov select tokens by the
     # batch's covariance): micro-batches then each select on their own, as verl's do, and their gradients do not
-    # add up to the whole batch's.
+    # add up to the whole batch's. An instance is False also when one of its options is batch-dependent
+    # (:meth:`batch_dependent_options`).
     shard_additive: ClassVar[bool] = True
     # Config fields where ±inf means something (e.g. MiniRL's is_cap = inf: no truncation); in every other float
     # field an infinity is refused by the shared check (:meth:`_check_types`).
@@ -221,6 +222,9 @@ class Objective:
         self.check_shaping()
         self._check_finite_and_bands()
         self.requires = frozenset(type(self).requires | self.extra_requires())
+        # The class says whether the family's term is additive over shards; two options make any objective depend on
+        # the whole TokenBatch it is given, whatever its family: this instance says so too.
+        self.shard_additive = type(self).shard_additive and not self.batch_dependent_options()
 
     @classmethod
     def validate_overrides(cls, overrides: dict[str, Any]) -> None:
@@ -231,6 +235,18 @@ class Objective:
                 f"{cls.__name__} has no parameter(s) {', '.join(map(repr, unknown))}; "
                 f"valid keys: {', '.join(valid) or '(none)'} (and default_advantage, paper, metrics)"
             )
+
+    def batch_dependent_options(self) -> list[str]:
+        """The options in effect that read statistics of the whole TokenBatch (so micro-batches each take their own):
+        ``top_entropy_quantile`` < 1 (the quantile of the batch's entropies) and ``correction.normalize`` (the
+        weights' batch mean)."""
+        out = []
+        if self.shaping.top_entropy_quantile < 1.0:
+            out.append("top_entropy_quantile")
+        correction = getattr(self.config, "correction", None)
+        if correction is not None and correction.normalize:
+            out.append("correction.normalize")
+        return out
 
     def extra_requires(self) -> frozenset[str]:
         """Fields required because of the config (e.g. ``ref_logprobs`` when β > 0); subclasses extend."""

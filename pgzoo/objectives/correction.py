@@ -28,8 +28,8 @@ Three further options, from the rollout corrections of OpenRLHF, slime and verl 
   by their mean over the batch (over unmasked tokens at level ``token``, over sequences with a token otherwise), so
   they average 1. The mean is taken over the TokenBatch passed in: micro-batches then each divide by their own
   mean, so with ``normalize=True`` the micro-batch gradients do not add up to the whole batch's (verl computes the
-  weights once over the whole training batch; pass the whole mini-batch in one call for that). Objectives keep
-  ``shard_additive`` as their class says: the option, not the objective, is batch-dependent.
+  weights once over the whole training batch; pass the whole mini-batch in one call for that), and the objective
+  instance says so: its ``shard_additive`` is False.
 
 Named presets (``correction="icepop"``; :data:`PRESETS`): ``tis`` (token, truncate at 2), ``icepop`` (token, mask
 outside [0.5, 5]: the Ring-1T report's IcePop, OpenRLHF's ``ICEPOP``) and ``seq-mask-tis`` (token weights, sequences
