@@ -203,10 +203,11 @@ def test_global_normalisers_across_accumulation_and_processes(name):
     assert total.tolist() == [len(samples), int(reference_batch(model, samples).mask.sum())]
     assert sum(losses) / 2 == pytest.approx(ref.loss.item(), rel=1e-10)
     assert rel((grads[0] + grads[1]) / 2, model.table.grad) < 1e-10
-    # control: each micro-batch normalised by its own counts is not the step's gradient
-    per_micro = [loss_and_grad(stand_in(AsyncGRPOTrainer, objective), model, per_rank[r], steps=False)[1]
+    # control: each micro-batch normalised by its own counts (averaged over GA and ranks) is not the step's gradient
+    fresh = [[collate(p, world=2)[rank] for p in parts] for rank in range(2)]  # without the step's normalisers
+    per_micro = [loss_and_grad(stand_in(AsyncGRPOTrainer, objective), model, fresh[r], steps=False)[1]
                  for r in range(2)]
-    assert rel((per_micro[0] + per_micro[1]) / 2 / 2, model.table.grad) > 1e-2
+    assert rel((per_micro[0] + per_micro[1]) / 4, model.table.grad) > 1e-2
 
 
 def test_trls_own_loss_is_not_the_step_token_mean_under_accumulation():

@@ -1,4 +1,6 @@
-"""TRL ``GRPOConfig`` loss settings ↔ pgzoo objective options (no TRL import: any object with TRL's attributes).
+"""TRL ``GRPOConfig`` / ``AsyncGRPOConfig`` loss settings ↔ pgzoo objective options (no TRL import: any object with
+TRL's attributes). ``objective_for_async`` is ``AsyncGRPOTrainer``'s: TRL's async loss is PPO clip over a token mean
+whose only settings are ``epsilon``/``epsilon_high``.
 
     from pgzoo.adapters.trl.config import objective_from_trl, apply_trl_settings, objective_for
 
