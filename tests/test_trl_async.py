@@ -175,8 +175,9 @@ def test_ppo_clip_token_mean_equals_trls_own_loss(loss, epsilon_high):
     assert rel(our_grad, trl_grad) < 1e-12
     # the noisy μ clips tokens on both sides, so the comparison covers the clip
     assert trl._metrics["train"]["clip_ratio/low_mean"][0] > 0 and trl._metrics["train"]["clip_ratio/high_mean"][0] > 0
-    assert ours._metrics["train"]["pgzoo/clip/low_fraction"] == pytest.approx(trl._metrics["train"]["clip_ratio/low_mean"])
-    assert ours._metrics["train"]["entropy"] == pytest.approx(trl._metrics["train"]["entropy"])
+    ours_m, trl_m = ours._metrics["train"], trl._metrics["train"]
+    assert ours_m["pgzoo/clip/low_fraction"] == pytest.approx(trl_m["clip_ratio/low_mean"])
+    assert ours_m["entropy"] == pytest.approx(trl_m["entropy"])
     # TRL's per-step accounting still runs (its _log_step_metrics reads it)
     assert ours._step_trained_tokens == trl._step_trained_tokens > 0
 
@@ -201,6 +202,7 @@ def test_global_normalisers_across_accumulation_and_processes(name):
     ref = objective(reference_batch(model, samples))
     ref.loss.backward()
     assert total.tolist() == [len(samples), int(reference_batch(model, samples).mask.sum())]
+    assert all(b[NORMALISERS_KEY] == (total[0] / 2, total[1] / 2) for rank in per_rank for b in rank)
     assert sum(losses) / 2 == pytest.approx(ref.loss.item(), rel=1e-10)
     assert rel((grads[0] + grads[1]) / 2, model.table.grad) < 1e-10
     # control: each micro-batch normalised by its own counts (averaged over GA and ranks) is not the step's gradient
@@ -284,7 +286,8 @@ class RolloutWorker:
         self.rollout_buffer, self.metrics_queue = queue.Queue(), queue.Queue()
         for s in samples:
             self.rollout_buffer.put(trl_async.RolloutSample(
-                prompt=[], completion=[], input_ids=s["input_ids"].numpy(), completion_mask=s["completion_mask"].numpy(),
+                prompt=[], completion=[], input_ids=s["input_ids"].numpy(),
+                completion_mask=s["completion_mask"].numpy(),
                 old_log_probs=s["old_log_probs"].numpy(), advantage=s["advantage"], model_version=0,
                 group_id=s["group_id"], metrics={"reward": 1.0}))
 
