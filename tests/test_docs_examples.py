@@ -54,6 +54,7 @@ SKIPPED = {
     ("training.md", "torchrun --nnodes 2 --nproc-per-node 8"): "two machines",
     ("training.md", "#!/bin/bash"): "SLURM",
     ("trl.md", 'trainer = GRPOTrainer(loss=pgzoo.get("minirl"), model=model'): "a fragment",
+    ("trl.md", "import pgzoo\nfrom pgzoo.adapters.trl import AsyncGRPOTrainer"): "a GPU and a vLLM server",
     ("rollout.md", "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rollout.py --rounds 6"): "a benchmark of 6 rounds",
     ("verl.md", "MODEL=/ckpt/qwen3-30b-a3b-cold-start TRAIN=/data/train.parquet VAL=/data/aime24.parquet NNODES=2 bash "
                 "benchmarks/verl_minirl.sh"): "a GPU cluster with verl's training stack",

@@ -1,7 +1,8 @@
-"""What ``pgzoo.adapters.trl.GRPOTrainer`` refuses to run, each refusal naming the setting and the fix: a TRL outside
-the tested range (the adapter overrides private methods of TRL's trainer), a ``GRPOConfig`` the adapter cannot honour
-exactly (a global normaliser it cannot know, a KL β or an importance-sampling ratio that would be applied twice,
-routing replay without routes), and sampler logprobs μ that look degenerate next to the trained policy's.
+"""What the TRL adapters refuse to run, each refusal naming the setting and the fix: a TRL outside the tested range
+(the adapters override private methods of TRL's trainers), a ``GRPOConfig`` ``GRPOTrainer`` cannot honour exactly (a
+global normaliser it cannot know, a KL β or an importance-sampling ratio that would be applied twice, routing replay
+without routes), an objective ``AsyncGRPOTrainer`` cannot feed, and sampler logprobs μ that look degenerate next to
+the trained policy's.
 """
 
 from __future__ import annotations
@@ -154,5 +155,31 @@ def check_trainer_settings(trainer: Any) -> None:
             )
 
 
-__all__ = ["check_trl_version", "degenerate_rollout_logprobs", "check_beta", "check_trainer_settings", "TESTED_TRL",
-           "ALLOW_UNTESTED_ENV"]
+# What TRL's AsyncGRPOTrainer hands its loss besides π_θ: μ (its "old" log-probs) and the fused head's entropies.
+ASYNC_FIELDS = frozenset({"old_logprobs", "rollout_logprobs", "entropies"})
+
+
+def check_async_objective(objective: Objective) -> None:
+    """Raise :class:`~pgzoo.errors.ConfigError` for an objective that needs what TRL's ``AsyncGRPOTrainer`` does not
+    compute (a reference model's logprobs for β ≠ 0); warn once when the objective's training–inference factor
+    π_θold/μ is inert there, because that trainer's π_θold *is* μ."""
+    missing = objective.requires - ASYNC_FIELDS
+    if "ref_logprobs" in missing:
+        raise ConfigError(
+            f"objective {objective.name!r} has beta={objective.config.beta}, but TRL's AsyncGRPOTrainer loads no "
+            f"reference model, so there are no reference logprobs for its KL term. Set beta=0 "
+            f"(pgzoo.get({objective.name!r}, beta=0.0)) or use pgzoo.adapters.trl.GRPOTrainer")
+    if missing:
+        raise ConfigError(f"objective {objective.name!r} needs {', '.join(sorted(missing))}, which TRL's "
+                          "AsyncGRPOTrainer does not compute; use pgzoo.adapters.trl.GRPOTrainer")
+    cfg = objective.config
+    if getattr(cfg, "train_inference_is", False) or getattr(cfg, "correction", None) is not None:
+        logger.warning(
+            "objective %r weights by the training-inference factor pi_old/mu, but TRL's AsyncGRPOTrainer uses the "
+            "sampler's logprobs mu as pi_old, so that factor is 1 on every token: the ratio pi/mu (staleness and "
+            "training-inference mismatch together) is bounded only by the objective's own clip, if it has one",
+            objective.name)
+
+
+__all__ = ["check_trl_version", "degenerate_rollout_logprobs", "check_beta", "check_trainer_settings",
+           "check_async_objective", "ASYNC_FIELDS", "TESTED_TRL", "ALLOW_UNTESTED_ENV"]

@@ -1,4 +1,6 @@
-"""TRL ``GRPOConfig`` loss settings ↔ pgzoo objective options (no TRL import: any object with TRL's attributes).
+"""TRL ``GRPOConfig`` / ``AsyncGRPOConfig`` loss settings ↔ pgzoo objective options (no TRL import: any object with
+TRL's attributes). ``objective_for_async`` is ``AsyncGRPOTrainer``'s: TRL's async loss is PPO clip over a token mean
+whose only settings are ``epsilon``/``epsilon_high``.
 
     from pgzoo.adapters.trl.config import objective_from_trl, apply_trl_settings, objective_for
 
@@ -167,6 +169,18 @@ def apply_trl_settings(objective: Objective, args: Any) -> Objective:
     return with_options(objective, **changes)
 
 
+def resolve_loss(loss: Any, trainer: str) -> Objective:
+    """``loss`` as an objective: an objective itself, or a registered name (``trainer`` names the caller)."""
+    if isinstance(loss, str):
+        loss = pgzoo.get(loss)
+    if not isinstance(loss, Objective):
+        raise ConfigError(
+            f"{trainer}(loss=...) takes a pgzoo objective or its name, got {type(loss).__name__}; "
+            f"e.g. loss=pgzoo.get('minirl') or loss='grpo' (available: {', '.join(pgzoo.available())})"
+        )
+    return loss
+
+
 def objective_for(loss: Any, config: Any) -> Objective:
     """The objective for ``GRPOTrainer(loss=..., args=config)``: ``loss`` (an objective or its name) with the
     config's loss-shaping settings mapped onto it, or, for ``loss=None``, TRL's own ``loss_type`` as an objective."""
@@ -175,13 +189,7 @@ def objective_for(loss: Any, config: Any) -> Objective:
             raise ConfigError("GRPOTrainer needs loss=pgzoo.get(...) or args=GRPOConfig(loss_type=...) to take "
                               "TRL's loss as a pgzoo objective")
         return objective_from_trl(config)
-    if isinstance(loss, str):
-        loss = pgzoo.get(loss)
-    if not isinstance(loss, Objective):
-        raise ConfigError(
-            f"GRPOTrainer(loss=...) takes a pgzoo objective or its name, got {type(loss).__name__}; "
-            f"e.g. loss=pgzoo.get('minirl') or loss='grpo' (available: {', '.join(pgzoo.available())})"
-        )
+    loss = resolve_loss(loss, "GRPOTrainer")
     if config is None:
         return loss
     loss_type = getattr(config, "loss_type", "dapo")
@@ -192,3 +200,33 @@ def objective_for(loss: Any, config: Any) -> Objective:
             "as a pgzoo objective"
         )
     return apply_trl_settings(loss, config)
+
+
+# TRL's AsyncGRPOConfig: its loss is PPO clip with a token mean; its only loss settings are the clip range.
+ASYNC_CLIP = {"epsilon": ("eps_low", 0.2), "epsilon_high": ("eps_high", None)}  # setting -> (option, TRL default)
+
+
+def objective_for_async(loss: Any, config: Any) -> Objective:
+    """The objective for ``AsyncGRPOTrainer(loss=..., args=config)`` (``config`` an ``AsyncGRPOConfig`` or None).
+
+    ``loss=None``: TRL's own async loss, PPO clip over a token mean, as pgzoo's ``bnpo`` with ``eps_low`` =
+    ``epsilon`` and ``eps_high`` = ``epsilon_high`` (``epsilon`` when unset). An objective or a name: that objective;
+    an ``epsilon``/``epsilon_high`` set away from TRL's default must equal the objective's ``eps_low``/``eps_high``,
+    otherwise ConfigError asks to set the clip range in one place.
+    """
+    eps = 0.2 if config is None else config.epsilon
+    eps_high = None if config is None else config.epsilon_high
+    if loss is None:
+        return pgzoo.get("bnpo", eps_low=eps, eps_high=eps if eps_high is None else eps_high)
+    objective = resolve_loss(loss, "AsyncGRPOTrainer")
+    fields = _fields(objective)
+    for key, (option, default) in ASYNC_CLIP.items():
+        value = eps if key == "epsilon" else eps_high
+        if value == default or (option in fields and getattr(objective.config, option) == value):
+            continue
+        where = (f"objective {objective.name!r} has {option}={getattr(objective.config, option)!r}"
+                 if option in fields else f"objective {objective.name!r} has no clip option {option!r}")
+        raise ConfigError(
+            f"AsyncGRPOConfig.{key}={value!r} but {where}: the loss is the objective, so set the clip range in one "
+            f"place (pgzoo.get({objective.name!r}, {option}=...)) and leave AsyncGRPOConfig.{key} at {default!r}")
+    return objective

@@ -21,13 +21,9 @@ Only the loss changes. Generation, rewards, logging, checkpointing and distribut
     num_tokens        likewise
     max_tokens        ``max_completion_length`` (Dr. GRPO's constant L)
 
-Why those normalisers are exact. The optimizer step sums the gradients of its GA micro-batches per process, and
-data parallelism averages over the W processes, so the step's gradient is (1/W) Σ_w Σ_mb ∇loss_{w,mb}. Every pgzoo
-aggregation is (Σ of per-row terms) / D with D one of N_seq, N_tok or N_seq·L of the *whole* mini-batch. Passing
-D/W as the micro-batch normaliser makes that sum ∇(Σ_all / D): the objective's gradient on the full mini-batch, for
-any split of rows and tokens across micro-batches and processes. The counts of every window of GA micro-batches are
-known when TRL generates (it buffers ``steps_per_generation`` micro-batches and reuses them ``num_iterations``
-times), so the adapter requires ``steps_per_generation · num_iterations`` to be a multiple of GA.
+Why those normalisers are exact: :mod:`pgzoo.adapters.trl.normalisers`. The counts of every window of GA
+micro-batches are known when TRL generates (it buffers ``steps_per_generation`` micro-batches and reuses them
+``num_iterations`` times), so the adapter requires ``steps_per_generation · num_iterations`` to be a multiple of GA.
 
 Routing replay (MoE). ``routing_replay="R2"`` records each token's experts during TRL's old-logprob pass (forcing
 that pass when TRL would skip it) and replays them in every loss pass of that batch; ``"R3"`` replays the routes
@@ -63,6 +59,8 @@ from trl import GRPOTrainer as _TRLGRPOTrainer  # noqa: E402
 from pgzoo.adapters.trl.checks import (check_beta, check_trainer_settings,  # noqa: E402
                                       check_trl_version, degenerate_rollout_logprobs)
 from pgzoo.adapters.trl.config import objective_for  # noqa: E402
+from pgzoo.adapters.trl.metrics import reduce_over_processes  # noqa: E402
+from pgzoo.adapters.trl.normalisers import mask_counts, per_process  # noqa: E402
 from pgzoo.adapters.trl.rollout import align_routes  # noqa: E402
 
 __all__ = ["GRPOTrainer"]
@@ -70,15 +68,6 @@ __all__ = ["GRPOTrainer"]
 ROUTES_KEY = "pgzoo_routes"
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-
-
-def _reduce_kind(name: str) -> str:
-    leaf = name.rsplit("/", 1)[-1]
-    if leaf == "max" or leaf.endswith("_max"):
-        return "max"
-    if leaf == "min" or leaf.endswith("_min"):
-        return "min"
-    return "mean"
 
 
 class GRPOTrainer(_TRLGRPOTrainer):
@@ -260,12 +249,9 @@ class GRPOTrainer(_TRLGRPOTrainer):
 
     def _window_normalisers(self, buffered: list[dict]) -> list[tuple[float, float]]:
         """(N_seq, N_tok) / num_processes of the optimizer step each micro-step of this rollout cycle belongs to."""
-        per_slice = []
-        for b in buffered:
-            m = b["completion_mask"] if b.get("tool_mask") is None else b["completion_mask"] * b["tool_mask"]
-            m = m.bool()
-            per_slice.append(torch.stack([m.any(-1).sum(), m.sum()]))
-        counts = self.accelerator.gather(torch.stack(per_slice).long().unsqueeze(0))  # [W, S, 2]
+        per_slice = [mask_counts(b["completion_mask"] if b.get("tool_mask") is None
+                                 else b["completion_mask"] * b["tool_mask"]) for b in buffered]
+        counts = self.accelerator.gather(torch.stack(per_slice).unsqueeze(0))  # [W, S, 2]
         counts = counts.view(-1, len(buffered), 2).sum(0).tolist()  # host sync, once per rollout
         ga, spg = self.args.gradient_accumulation_steps, self.args.steps_per_generation
         cycle, world = spg * self.num_iterations, self.accelerator.num_processes
@@ -274,7 +260,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
             tot = totals.setdefault(t // ga, [0.0, 0.0])
             tot[0] += counts[t % spg][0]
             tot[1] += counts[t % spg][1]
-        return [(max(totals[t // ga][0], 1.0) / world, max(totals[t // ga][1], 1.0) / world) for t in range(cycle)]
+        return [per_process(*totals[t // ga], world) for t in range(cycle)]
 
     # ------------------------------------------------------------------------------------------ the loss
     def training_step(self, model, inputs, num_items_in_batch):
@@ -355,17 +341,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         return loss
 
     def _pgzoo_log(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
-        names = sorted(k for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1)
-        if not names:
-            return
-        device = self.accelerator.device
-        local = torch.stack([metrics[k].detach().float().reshape(()).to(device) for k in names])
-        gathered = self.accelerator.gather(local.unsqueeze(0)).view(-1, len(names))  # one collective
-        reduced = torch.stack([
-            col.max() if kind == "max" else col.min() if kind == "min" else col.nanmean()
-            for col, kind in zip(gathered.t(), map(_reduce_kind, names))
-        ]).tolist()  # one host sync per micro-batch
-        for name, value in zip(names, reduced):
+        for name, value in reduce_over_processes(self.accelerator, metrics).items():  # one collective, one sync
             self._metrics[mode][f"pgzoo/{name}"].append(value)
         if "entropy/mean" in metrics:
             self._metrics[mode]["entropy"].append(self._metrics[mode]["pgzoo/entropy/mean"][-1])
