@@ -106,7 +106,7 @@ def test_custom_estimator_registration():
         with pytest.raises(pgzoo.ConfigError, match="already registered"):
             pgzoo.advantages.register("test-raw")(raw)
     finally:
-        pgzoo.advantages._ESTIMATORS.pop("test-raw")
+        pgzoo.advantages.unregister("test-raw")
 
 
 # -- the estimators of verl and their papers, each against a naive per-row loop --------------------------------------

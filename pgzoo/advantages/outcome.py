@@ -1,4 +1,4 @@
-"""Advantage estimators: outcome rewards of G completions per prompt → one advantage per completion.
+"""The outcome estimators: the outcome rewards of G completions per prompt → one advantage per completion.
 
 With r_i the reward of completion i, g(i) its group (the prompt it answers), mean_g / std_g the group's mean and
 standard deviation (unbiased, as TRL and verl compute it), G_g its size and l_i its length in tokens:
@@ -6,7 +6,9 @@ standard deviation (unbiased, as TRL and verl compute it), G_g its size and l_i 
 - ``group-mean``              r_i − mean_g                                  (Dr. GRPO; MiniRL)
 - ``group-mean-std``          (r_i − mean_g) / (std_g + eps)                (GRPO)
 - ``leave-one-out``, ``rloo``  r_i − mean_{j∈g, j≠i} r_j = G_g/(G_g − 1)·(r_i − mean_g)   (RLOO)
-- ``reinforce++``             (r_i − mean_B) / sqrt(var_B + eps), B the whole batch     (REINFORCE++)
+- ``reinforce++``             (r_i − mean_B) / sqrt(var_B + eps), B the whole batch     (REINFORCE++);
+                              with gamma < 1 per token: the discounted return γ^(tokens after t)·r_i, whitened
+                              over the batch's response tokens (needs ``response_mask``)
 - ``reinforce++-baseline``    the same whitening of r_i − mean_g            (REINFORCE++)
 - ``opo``                     r_i − Σ_{j∈g} l_j r_j / Σ_{j∈g} l_j (needs ``lengths``)   (OPO)
 - ``gpg``                     α·(r_i − mean_g)/f_norm, α = N / #{j : r_j ≠ 0}         (GPG)
@@ -27,129 +29,32 @@ The batch statistics of ``reinforce++`` / ``reinforce++-baseline`` weight every 
 A group whose rewards are all equal gets exactly zero advantage (never NaN), and so does a group of one — for every
 estimator but the two batch-whitened ones, where the baseline is the batch (verl's convention; a group of one
 is a baseline-free sample to verl's group estimators, a zero here).
-
-    >>> pgzoo.advantages.compute("group-mean-std", torch.tensor([1., 0., 0., 0.]), group_size=2)
-    tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
-
-Groups are given either as ``group_size`` (rows of one prompt contiguous, prompt-major) or as ``group_ids``
-(any integer labels, e.g. ``Rollouts.group``); the batch-level ``reinforce++`` needs neither. Estimators are entries
-of the generic registry :data:`pgzoo.advantages.registry` (entry-point group ``pgzoo.advantages``); custom ones
-register with :func:`register`.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-
 import torch
 
+from pgzoo.advantages.base import register
+from pgzoo.advantages.stats import check_eps, group_stats, group_sum, whiten, zero_where
+from pgzoo.advantages.token_returns import discounted_returns, whiten_tokens
 from pgzoo.errors import ConfigError
-from pgzoo.registry import Registry
 from pgzoo.validate import check_int, check_number
 
-Estimator = Callable[..., torch.Tensor]
-registry = Registry("advantage estimator", "pgzoo.advantages",
-                    describe="a function fn(rewards, index, num_groups, **options) -> advantages")
-_ESTIMATORS = registry.entries  # name -> estimator (the registry's own dict)
 
-
-def register(name: str, *, override: bool = False):
-    """Decorator: register ``fn(rewards, index, num_groups, **options) -> advantages`` under ``name``.
-
-    ``rewards`` is a float ``[N]`` tensor, ``index`` the ``[N]`` group of each row in ``0..num_groups-1``. An
-    estimator that takes a ``lengths`` argument receives the completions' ``[N]`` lengths when the caller gives
-    them; one with ``uses_groups = False`` set on it may be called without groups; ``inputs`` set on it names the
-    options it cannot run without (``remax``: ``baseline_rewards``), which pgzoo's trainer does not provide.
-    """
-    return registry.register(name, override=override)
-
-
-def unregister(name: str) -> None:
-    """Remove a registered estimator (mainly for tests)."""
-    registry.unregister(name)
-
-
-def available(pattern: str = "*") -> list[str]:
-    """Sorted names of the registered estimators (shell-style wildcard filter)."""
-    return registry.available(pattern)
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
-def _group_index(n: int, group_size: int | None, group_ids, device, *, needed: bool) -> tuple[torch.Tensor, int]:
-    if group_size is None and group_ids is None and not needed:
-        return torch.arange(n, device=device), n
-    if (group_size is None) == (group_ids is None):
-        raise ConfigError("pass exactly one of group_size=G (contiguous groups) or group_ids=[N] labels")
-    if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ConfigError(f"group_size must be a positive int, got {group_size!r}")
-        if n % group_size:
-            raise ConfigError(
-                f"group_size={group_size} does not divide the number of rewards {n}; "
-                "pass whole groups, or group_ids for ragged groups"
-            )
-        return torch.arange(n, device=device) // group_size, n // group_size
-    ids = torch.as_tensor(group_ids, device=device)
-    if ids.dim() != 1 or ids.shape[0] != n:
-        raise ConfigError(f"group_ids must be a [N]={n} tensor of labels, got shape {tuple(ids.shape)}")
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ConfigError(f"group_ids must be integer labels, got dtype {ids.dtype}")
-    uniq, index = torch.unique(ids, return_inverse=True)
-    return index, uniq.numel()
-
-
-def _group_sum(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
-    return torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, index, values)
-
-
-def _group_stats(rewards: torch.Tensor, index: torch.Tensor, num_groups: int):
-    """Per-row group size, centred reward r − mean_g, unbiased std and a 'group is constant' flag."""
-    size = _group_sum(torch.ones_like(rewards), index, num_groups)
-    mean = _group_sum(rewards, index, num_groups) / size
-    centred = rewards - mean[index]
-    var = _group_sum(centred * centred, index, num_groups) / (size - 1).clamp_min(1.0)
-    zeros = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device)
-    gmax = zeros.scatter_reduce(0, index, rewards, "amax", include_self=False)
-    gmin = zeros.scatter_reduce(0, index, rewards, "amin", include_self=False)
-    constant = (gmax == gmin)[index]
-    return size[index], centred, var.sqrt()[index], constant
-
-
-def _zero_where(flag: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-    return torch.where(flag, torch.zeros_like(adv), adv)
-
-
-def _whiten(values: torch.Tensor, weights: torch.Tensor, eps: float) -> torch.Tensor:
-    """(v − mean_w) / sqrt(var_w + eps) with weighted mean and unbiased (n/(n−1), n = Σ w) weighted variance:
-    verl's ``masked_whiten`` over the tokens when the weights are lengths. A constant batch gives zeros."""
-    n = weights.sum()
-    if n <= 1 or bool((values == values[0]).all()):
-        return torch.zeros_like(values)
-    mean = (weights * values).sum() / n
-    centred = values - mean
-    var = (weights * centred * centred).sum() / n * (n / (n - 1))
-    return centred / torch.sqrt(var + eps)
-
-
-def _check_eps(eps, name: str = "eps") -> float:
-    return check_number(f"advantages: {name}", eps, low=0.0, low_open=True)
-
-
-# ---------------------------------------------------------------------------------------------------- estimators
 @register("group-mean")
 def group_mean(rewards, index, num_groups):
     """A_i = r_i − mean_g. Dr. GRPO (Liu et al., arXiv 2503.20783); MiniRL (arXiv 2512.01374)."""
-    _, centred, _, constant = _group_stats(rewards, index, num_groups)
-    return _zero_where(constant, centred)
+    _, centred, _, constant = group_stats(rewards, index, num_groups)
+    return zero_where(constant, centred)
 
 
 @register("group-mean-std")
 def group_mean_std(rewards, index, num_groups, *, eps: float = 1e-6):
     """A_i = (r_i − mean_g) / (std_g + eps), std unbiased. GRPO (Shao et al., "DeepSeekMath", arXiv 2402.03300)."""
-    _check_eps(eps)
-    _, centred, std, constant = _group_stats(rewards, index, num_groups)
-    return _zero_where(constant, centred / (std + eps))
+    check_eps(eps)
+    _, centred, std, constant = group_stats(rewards, index, num_groups)
+    return zero_where(constant, centred / (std + eps))
 
 
 def leave_one_out(rewards, index, num_groups):
@@ -159,30 +64,45 @@ def leave_one_out(rewards, index, num_groups):
     Feedback in LLMs" (arXiv 2402.14740); Kool et al., "Buy 4 REINFORCE Samples, Get a Baseline for Free!" (2019).
     Registered as ``leave-one-out`` and ``rloo``.
     """
-    size, centred, _, constant = _group_stats(rewards, index, num_groups)
+    size, centred, _, constant = group_stats(rewards, index, num_groups)
     adv = centred * size / (size - 1).clamp_min(1.0)
-    return _zero_where(constant | (size < 2), adv)
+    return zero_where(constant | (size < 2), adv)
 
 
 register("leave-one-out")(leave_one_out)
 register("rloo")(leave_one_out)
 
 
-def reinforce_pp(rewards, index, num_groups, *, lengths=None, eps: float = 1e-8):
-    """REINFORCE++: the reward whitened over the whole batch, A_i = (r_i − mean_B) / sqrt(var_B + eps).
+def reinforce_pp(rewards, index, num_groups, *, lengths=None, response_mask=None, eps: float = 1e-8,
+                 gamma: float = 1.0):
+    """REINFORCE++: the return whitened over the whole batch.
 
     Hu et al., "REINFORCE++: An Efficient RLHF Algorithm with Robustness to Both Prompt and Reward Models"
-    (arXiv 2501.03262). Outcome reward, γ = 1: every token's return is r_i. With ``lengths`` the mean and unbiased
-    variance are over tokens (each completion weighted by its length, as verl's
-    ``compute_reinforce_plus_plus_outcome_advantage`` whitens the token returns); without, over completions.
-    Needs no groups.
+    (arXiv 2501.03262), as verl's ``compute_reinforce_plus_plus_outcome_advantage`` (``algorithm.gamma``).
+
+    γ = 1 (the default): every token's return is the outcome reward r_i, so the advantage is one per completion,
+    A_i = (r_i − mean_B) / sqrt(var_B + eps). With ``lengths`` the mean and unbiased variance are over tokens (each
+    completion weighted by its length, as verl whitens the token returns); without, over completions.
+
+    γ < 1: per token. The outcome reward sits on the last response token, so the return of response token t of row
+    i is G_it = γ^k_it · r_i, k_it the number of response tokens after t (masked positions inside a row, e.g. tool
+    output, are skipped, as verl's recursion carries the return across them); A_it = (G_it − mean) /
+    sqrt(var + eps), mean and unbiased variance over every response token of the batch, and 0 at masked positions.
+    Needs ``response_mask`` ``[N, T]``. Needs no groups.
     """
-    _check_eps(eps)
-    weights = torch.ones_like(rewards) if lengths is None else lengths
-    return _whiten(rewards, weights, eps)
+    check_eps(eps)
+    gamma = check_number("advantages: gamma", gamma, low=0.0, high=1.0)
+    if gamma == 1.0:
+        weights = torch.ones_like(rewards) if lengths is None else lengths
+        return whiten(rewards, weights, eps)
+    if response_mask is None:
+        raise ConfigError(f"advantage estimator 'reinforce++' with gamma={gamma} < 1 gives per-token discounted "
+                          "returns: pass response_mask=[N, T] (1 at the completion's tokens)")
+    return whiten_tokens(discounted_returns(rewards, response_mask, gamma), response_mask, eps)
 
 
 reinforce_pp.uses_groups = False
+reinforce_pp.token_inputs = ("response_mask",)
 register("reinforce++")(reinforce_pp)
 
 
@@ -194,11 +114,11 @@ def reinforce_pp_baseline(rewards, index, num_groups, *, lengths=None, eps: floa
     ``compute_reinforce_plus_plus_baseline_outcome_advantage``: token-weighted statistics with ``lengths``,
     completion-weighted without (then a constant group is exactly 0 before whitening).
     """
-    _check_eps(eps)
-    _, centred, _, constant = _group_stats(rewards, index, num_groups)
-    centred = _zero_where(constant, centred)
+    check_eps(eps)
+    _, centred, _, constant = group_stats(rewards, index, num_groups)
+    centred = zero_where(constant, centred)
     weights = torch.ones_like(rewards) if lengths is None else lengths
-    return _whiten(centred, weights, eps)
+    return whiten(centred, weights, eps)
 
 
 @register("opo")
@@ -212,9 +132,9 @@ def opo(rewards, index, num_groups, *, lengths=None):
     if lengths is None:
         raise ConfigError("advantage estimator 'opo' weights the group baseline by response length: pass "
                           "lengths=[N] (completion lengths in tokens, e.g. completion_mask.sum(-1))")
-    size, _, _, constant = _group_stats(rewards, index, num_groups)
-    baseline = _group_sum(lengths * rewards, index, num_groups) / _group_sum(lengths, index, num_groups)
-    return _zero_where(constant | (size < 2), rewards - baseline[index])
+    size, _, _, constant = group_stats(rewards, index, num_groups)
+    baseline = group_sum(lengths * rewards, index, num_groups) / group_sum(lengths, index, num_groups)
+    return zero_where(constant | (size < 2), rewards - baseline[index])
 
 
 @register("gpg")
@@ -226,9 +146,9 @@ def gpg(rewards, index, num_groups, *, f_norm: float = 1.0):
     verl's ``compute_gpg_outcome_advantage``.
     """
     check_number("advantages: f_norm", f_norm, low=0.0, low_open=True)
-    _, centred, _, constant = _group_stats(rewards, index, num_groups)
+    _, centred, _, constant = group_stats(rewards, index, num_groups)
     alpha = rewards.numel() / max(1, int(torch.count_nonzero(rewards)))
-    return _zero_where(constant, alpha * centred / f_norm)
+    return zero_where(constant, alpha * centred / f_norm)
 
 
 @register("grpo-passk")
@@ -239,10 +159,10 @@ def grpo_passk(rewards, index, num_groups, *, eps: float = 1e-6, scale_std: bool
     ``compute_grpo_passk_outcome_advantage`` (after arXiv 2503.19595). Ties for the best give 0 (r_max = r_second);
     the credited row of a tie is the first.
     """
-    _check_eps(eps)
+    check_eps(eps)
     if not isinstance(scale_std, bool):
         raise ConfigError(f"advantages: scale_std={scale_std!r} must be True or False")
-    size, _, std, constant = _group_stats(rewards, index, num_groups)
+    size, _, std, constant = group_stats(rewards, index, num_groups)
     # order rows by group, then reward descending (two stable sorts): each group's best row comes first, its
     # runner-up second, and a tie keeps the earlier row first
     by_reward = torch.sort(rewards, descending=True, stable=True).indices
@@ -256,7 +176,7 @@ def grpo_passk(rewards, index, num_groups, *, eps: float = 1e-6, scale_std: bool
     if scale_std:
         credit = credit / (std[order] + eps)
     adv = torch.zeros_like(rewards).index_copy(0, order, credit)
-    return _zero_where(constant | (size < 2), adv)
+    return zero_where(constant | (size < 2), adv)
 
 
 @register("pass-at-k")
@@ -272,11 +192,11 @@ def pass_at_k(rewards, index, num_groups, *, k: int = 1):
     if not bool(((rewards == 0) | (rewards == 1)).all()):
         raise ConfigError("advantage estimator 'pass-at-k' needs binary rewards (0 or 1 per completion); "
                           "use grpo-passk or group-mean-std for graded rewards")
-    size = _group_sum(torch.ones_like(rewards), index, num_groups)
+    size = group_sum(torch.ones_like(rewards), index, num_groups)
     if k > int(size.min()):
         raise ConfigError(f"advantages: k={k} exceeds the smallest group ({int(size.min())} completions); "
                           "pass k <= group size")
-    neg = size - _group_sum(rewards, index, num_groups)
+    neg = size - group_sum(rewards, index, num_groups)
 
     def ratio(top: torch.Tensor, bottom: torch.Tensor, m: int) -> torch.Tensor:
         # C(top, m)/C(bottom, m) = Π_{i<m} (top − i)/(bottom − i), zero once top < m
@@ -288,7 +208,7 @@ def pass_at_k(rewards, index, num_groups, *, k: int = 1):
     a_pos = (1.0 - mean) / sigma
     a_neg = (1.0 - mean - ratio(neg - 1.0, size - 1.0, k - 1)) / sigma
     adv = torch.where(rewards > 0, a_pos[index], a_neg[index])
-    return _zero_where((sigma == 0)[index], adv)
+    return zero_where((sigma == 0)[index], adv)
 
 
 @register("gdpo")
@@ -303,12 +223,12 @@ def gdpo(rewards, index, num_groups, *, components=None, weights=None, lengths=N
         A   = whiten_B(Σ_k w_k · A_k)
 
     as verl's ``compute_gdpo_outcome_advantage`` (``algorithm.gdpo_reward_keys`` / ``gdpo_reward_weights``); the
-    whitening is over tokens with ``lengths`` (verl's ``masked_whiten`` over the response mask), over completions
+    whitening is over tokens with ``lengths`` (verl's ``maskedwhiten`` over the response mask), over completions
     without. ``components=None`` takes ``rewards`` as the one component (GRPO followed by batch whitening). A group
     whose component is constant contributes zero for that component, a group of one too (verl keeps a lone
     completion's reward as its score there).
     """
-    _check_eps(eps)
+    check_eps(eps)
     if not isinstance(scale_std, bool):
         raise ConfigError(f"advantages: scale_std={scale_std!r} must be True or False")
     parts = rewards[:, None] if components is None else torch.as_tensor(components, device=rewards.device)
@@ -325,10 +245,10 @@ def gdpo(rewards, index, num_groups, *, components=None, weights=None, lengths=N
                           f"({parts.shape[1]}), got shape {tuple(w.shape)}")
     total = torch.zeros_like(rewards)
     for k in range(parts.shape[1]):
-        size, centred, std, constant = _group_stats(parts[:, k], index, num_groups)
+        size, centred, std, constant = group_stats(parts[:, k], index, num_groups)
         adv_k = centred / (std + eps) if scale_std else centred
-        total = total + w[k] * _zero_where(constant | (size < 2), adv_k)
-    return _whiten(total, torch.ones_like(rewards) if lengths is None else lengths, 1e-8)
+        total = total + w[k] * zero_where(constant | (size < 2), adv_k)
+    return whiten(total, torch.ones_like(rewards) if lengths is None else lengths, 1e-8)
 
 
 def remax(rewards, index, num_groups, *, baseline_rewards=None):
@@ -383,11 +303,11 @@ def group_mean_batch_std(rewards, index, num_groups, *, eps: float = 1e-4):
     batch must be the whole step's: pgzoo's Lightning trainer computes advantages over the whole step (every rank's
     rewards gathered), so it is exact under data parallelism. A constant group, and a group of one, get 0.
     """
-    _check_eps(eps)
-    _, centred, _, constant = _group_stats(rewards, index, num_groups)
+    check_eps(eps)
+    _, centred, _, constant = group_stats(rewards, index, num_groups)
     n = rewards.numel()
     std = rewards.std() if n > 1 else torch.zeros((), dtype=rewards.dtype, device=rewards.device)
-    return _zero_where(constant, centred / (std + eps))
+    return zero_where(constant, centred / (std + eps))
 
 
 @register("maxrl")
@@ -401,80 +321,11 @@ def maxrl(rewards, index, num_groups, *, eps: float = 1e-6):
     SkyRL's ``compute_maxrl_advantage`` compute it. Rewards must be ≥ 0 (the normaliser is a mean reward). A
     constant group (all fail, all succeed) and a group of one get 0 (SkyRL keeps a lone completion's reward).
     """
-    _check_eps(eps)
+    check_eps(eps)
     if bool((rewards < 0).any()):
         raise ConfigError("advantage estimator 'maxrl' divides by the group's mean reward (its pass rate): rewards "
                           "must be >= 0 (0/1 success rewards in the paper); shift or clip the reward, or use "
                           "group-mean-std")
-    size, centred, _, constant = _group_stats(rewards, index, num_groups)
-    mean = _group_sum(rewards, index, num_groups)[index] / size
-    return _zero_where(constant | (size < 2), centred / (mean + eps))
-
-
-def trainer_estimators() -> list[str]:
-    """The estimators pgzoo's trainer can run from rewards and lengths alone (every one without ``inputs``)."""
-    return [name for name in available() if not getattr(registry.get(name), "inputs", ())]
-
-
-# ---------------------------------------------------------------------------------------------------- the API
-def _check_lengths(lengths, n: int, like: torch.Tensor) -> torch.Tensor:
-    lengths = torch.as_tensor(lengths, device=like.device)
-    if lengths.dim() != 1 or lengths.shape[0] != n:
-        raise ConfigError(f"lengths must be a [N]={n} tensor (one length per completion), got shape "
-                          f"{tuple(lengths.shape)}")
-    if lengths.dtype == torch.bool or lengths.dtype.is_complex:
-        raise ConfigError(f"lengths must be numbers of tokens, got dtype {lengths.dtype}")
-    lengths = lengths.to(like.dtype)
-    if not bool((torch.isfinite(lengths) & (lengths > 0)).all()):
-        raise ConfigError("lengths must be positive finite token counts (every completion has at least one token: "
-                          "its end-of-sequence or its last token before truncation)")
-    return lengths
-
-
-def compute(
-    name: str,
-    rewards: torch.Tensor,
-    *,
-    group_size: int | None = None,
-    group_ids: torch.Tensor | None = None,
-    lengths: torch.Tensor | None = None,
-    **options,
-) -> torch.Tensor:
-    """Advantages ``[N]`` from flat rewards ``[N]`` with the estimator ``name``.
-
-    Args:
-        name: a registered estimator (see :func:`available`), e.g. ``"group-mean-std"`` or ``"rloo"``.
-        rewards: ``[N]`` float rewards (finite).
-        group_size: G, when the N rows are N/G contiguous groups (prompt-major).
-        group_ids: ``[N]`` integer group labels, for ragged or interleaved groups.
-        lengths: ``[N]`` completion lengths in tokens (positive); used by the estimators that take them
-            (``opo`` needs them; ``reinforce++`` and ``reinforce++-baseline`` weight by them), ignored by the rest.
-        options: estimator options (``eps``, ``k``, ``f_norm``, ...); an option the estimator does not take raises.
-    """
-    key, fn, defaults = registry.entry(name)
-    rewards = torch.as_tensor(rewards)
-    if rewards.dim() != 1 or rewards.numel() == 0:
-        raise ConfigError(f"rewards must be a non-empty [N] tensor, got shape {tuple(rewards.shape)}")
-    if not rewards.dtype.is_floating_point:
-        rewards = rewards.to(torch.get_default_dtype())
-    if not torch.isfinite(rewards).all():
-        raise ConfigError("rewards contain NaN or Inf; fix the reward function (return a finite float per completion)")
-    n = rewards.shape[0]
-    params = inspect.signature(fn).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    valid = [p for p in list(params)[3:] if params[p].kind is not params[p].VAR_KEYWORD]
-    unknown = sorted(set(options) - set(valid) - {"lengths"})
-    if unknown and not takes_any:
-        raise ConfigError(f"advantage estimator {key!r} has no option(s) {', '.join(map(repr, unknown))}; "
-                          f"valid: {', '.join(o for o in valid if o != 'lengths') or '(none)'}")
-    index, num_groups = _group_index(n, group_size, group_ids, rewards.device,
-                                     needed=getattr(fn, "uses_groups", True))
-    kwargs = {**defaults, **options}
-    if lengths is not None:
-        lengths = _check_lengths(lengths, n, rewards)
-        if "lengths" in params or takes_any:
-            kwargs["lengths"] = lengths
-    return fn(rewards, index, num_groups, **kwargs)
-
-
-__all__ = ["available", "compute", "register", "unregister", "trainer_estimators", "Estimator"]
+    size, centred, _, constant = group_stats(rewards, index, num_groups)
+    mean = group_sum(rewards, index, num_groups)[index] / size
+    return zero_where(constant | (size < 2), centred / (mean + eps))
