@@ -12,25 +12,45 @@ from pgzoo import advantages as advantage_estimators
 from pgzoo.adapters.lightning.distributed import all_reduce_sum, gather_rows, world
 
 
-def step_advantages(name: str, rewards: torch.Tensor, lengths: torch.Tensor, group_size: int, *, strategy=None,
-                    device=None) -> torch.Tensor:
-    """This rank's advantages, computed by estimator ``name`` over the WHOLE step's rows, as one process holding every
-    prompt would: every rank's rewards and lengths are gathered (prompts are dealt round-robin: rank r holds prompts
-    r, r + W, r + 2W, ..., each with its G rows), put back in prompt order, the estimator runs once, and this rank's
-    rows are taken back. Group-relative estimators would give the same on each rank's share; those that normalise
-    over the batch (``reinforce++``'s whitening, ``gpg``'s scale) would not, and neither would any estimator
-    registered later that looks across groups, so every estimator goes this way. ``device``: where the gather runs
-    (the module's device: NCCL gathers CUDA tensors); the result is on the rewards' device."""
+def prefix_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """``[N, width]`` float: 1 at the first ``lengths[i]`` columns of row i (a right-padded completion's mask)."""
+    return (torch.arange(width, device=lengths.device)[None] < lengths[:, None]).float()
+
+
+def step_advantages(name: str, rewards: torch.Tensor, lengths: torch.Tensor, group_size: int, *, width: int,
+                    options: dict | None = None, strategy=None, device=None) -> torch.Tensor:
+    """This rank's advantages, computed by estimator ``name`` (with ``options``) over the WHOLE step's rows, as one
+    process holding every prompt would: every rank's rewards and lengths are gathered (prompts are dealt round-robin:
+    rank r holds prompts r, r + W, r + 2W, ..., each with its G rows), put back in prompt order, the estimator runs
+    once, and this rank's rows are taken back. Group-relative estimators would give the same on each rank's share;
+    those that normalise over the batch (``reinforce++``'s whitening, ``gpg``'s scale) would not, and neither would
+    any estimator registered later that looks across groups, so every estimator goes this way. ``device``: where the
+    gather runs (the module's device: NCCL gathers CUDA tensors); the result is on the rewards' device.
+
+    ``[n]`` for an estimator of one advantage per completion; ``[n, width]`` (``width``: this rank's completion
+    columns) for a per-token one. A per-token estimator reads the response mask, which the trainer's right-padded
+    completions make a function of the lengths: it is rebuilt from the gathered lengths at the step's longest
+    completion, the same on every rank and in one process, so W ranks and one process run the same arithmetic."""
     size, rank = world()
+    options = options or {}
+    per_token = "response_mask" in advantage_estimators.token_inputs(name)
     if size == 1:
-        return advantage_estimators.compute(name, rewards, group_size=group_size, lengths=lengths)
-    prompts = rewards.shape[0] // group_size
-    device = device or rewards.device
-    both = torch.stack([rewards.to(device, torch.float32), lengths.to(device, torch.float32)])  # one collective
-    gathered = gather_rows(both, strategy).to(rewards.device)  # [W, 2, prompts * G]
-    ordered = gathered.view(size, 2, prompts, group_size).permute(1, 2, 0, 3).reshape(2, -1)  # prompt-major
-    adv = advantage_estimators.compute(name, ordered[0], group_size=group_size, lengths=ordered[1].round().long())
-    return adv.view(prompts, size, group_size)[:, rank].reshape(-1)
+        whole_rewards, whole_lengths = rewards, lengths
+    else:
+        prompts = rewards.shape[0] // group_size
+        device = device or rewards.device
+        both = torch.stack([rewards.to(device, torch.float32), lengths.to(device, torch.float32)])  # one collective
+        gathered = gather_rows(both, strategy).to(rewards.device)  # [W, 2, prompts * G]
+        ordered = gathered.view(size, 2, prompts, group_size).permute(1, 2, 0, 3).reshape(2, -1)  # prompt-major
+        whole_rewards, whole_lengths = ordered[0], ordered[1].round().long()
+    mask = prefix_mask(whole_lengths, int(whole_lengths.max())) if per_token else None
+    adv = advantage_estimators.compute(name, whole_rewards, group_size=group_size, lengths=whole_lengths,
+                                       response_mask=mask, **options)
+    if adv.dim() == 2:  # this rank's completion columns: the step's longest completion cut or zero-padded to width
+        adv = torch.nn.functional.pad(adv, (0, max(width - adv.shape[1], 0)))[:, :width]
+    if size == 1:
+        return adv
+    return adv.view(prompts, size, group_size, *adv.shape[1:])[:, rank].reshape(-1, *adv.shape[1:])
 
 
 @dataclass
@@ -42,7 +62,7 @@ class RolloutBatch:
     completion_ids: torch.Tensor    # [n, T] right-padded
     completion_mask: torch.Tensor   # [n, T] bool
     rollout_logprobs: torch.Tensor  # [n, T] μ (0 at padding)
-    advantages: torch.Tensor        # [n]
+    advantages: torch.Tensor        # [n], or [n, T] from a per-token estimator
     rewards: torch.Tensor           # [n]
     truncated: torch.Tensor         # [n] bool
     routes: torch.Tensor | None = None      # [n, P+T, L, k] routes to replay (R3: rollout's; R2: θold's)

@@ -8,8 +8,9 @@ Runbook. Each global step (one ``training_step``):
                     >= 1) the step's rows were sampled ahead by an older version (at most k behind), and the engine
                     samples the next steps in a background thread while steps 2-5 run (pgzoo.adapters.lightning.pipeline)
     2. rewards      the task's verifiable reward per completion (+ DAPO's overlong penalty when asked)
-    3. advantages   the objective's default estimator (or the recipe's), group-relative over the G completions;
-                    truncated completions leave the loss with train.mask_truncated_completions
+    3. advantages   the objective's default estimator (or the recipe's, with its options), over the whole step: one
+                    per completion, or per token (reinforce++ with gamma < 1); truncated completions leave the
+                    loss with train.mask_truncated_completions
     4. old logprobs π_θold in the training engine, only off-policy (N > 1), for R2 (routes recorded there) or
                     asynchronously (π_θold = the current weights, μ = the older sampling weights' logprobs)
     5. updates      N mini-batches, one optimizer step each, R2/R3 routes replayed; normalisers are GLOBAL
@@ -187,7 +188,9 @@ class RLModule(L.LightningModule):
         ob = self.ro.overlong_buffer
         penalty = None if ob is None else overlong_penalty(lengths, self.ro.max_new_tokens, ob.len, ob.penalty_factor)
         adv = step_advantages(self.advantage_name, rewards if penalty is None else rewards + penalty, lengths,
-                              self.ro.group_size, strategy=self._strategy(), device=self.device)
+                              self.ro.group_size, width=ro.completion_mask.shape[1],
+                              options=self.recipe.objective.advantage_options, strategy=self._strategy(),
+                              device=self.device)
         data = RolloutBatch(ro.prompt_ids, ro.prompt_mask.bool(), ro.completion_ids, ro.completion_mask.bool(),
                             ro.logprobs.float(), adv, rewards, ro.truncated.bool(),
                             routes=ro.routes if self.tr.routing_replay == "R3" else None).to(self.device)

@@ -1,11 +1,13 @@
 """pgzoo advantage estimators as verl 0.9.1 advantage estimators (``register_adv_est``).
 
 verl calls a registered estimator as ``fn(token_level_rewards, response_mask, config, index=uids, ...)`` and
-stores the ``(advantages, returns)`` it returns. pgzoo's estimators map outcome rewards to one advantage per
-completion: the reward is the row's sum of token-level rewards (verl places the outcome reward on the last response
-token), the group is the prompt's ``uid``, the length the response-mask sum, and the advantage is broadcast over
-the response tokens (returns = advantages, as verl's outcome estimators). Options come from the estimator's
-defaults, overridden by the mapping ``algorithm.pgzoo`` (``+algorithm.pgzoo.k=4``).
+stores the ``(advantages, returns)`` it returns. pgzoo's estimators take outcome rewards: the reward is the row's sum
+of token-level rewards (verl places the outcome reward on the last response token), the group is the prompt's
+``uid`` and the response mask is verl's (lengths: its row sums). An advantage per completion is broadcast over the
+response tokens; a per-token estimator's ``[N, T]`` advantages are returned as they are (returns = advantages, as
+verl's outcome estimators). A per-token estimator's other inputs (its ``token_inputs``) are taken from the keywords
+verl passes under verl's names (``old_log_probs``, ``sum_pi_squared``, ``rollout_is_weights``). Options come from the
+estimator's defaults, overridden by the mapping ``algorithm.pgzoo`` (``+algorithm.pgzoo.k=4``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 import pgzoo
-from pgzoo.adapters.verl.names import PREFIX
+from pgzoo.adapters.verl.names import PREFIX, VERL_TOKEN_INPUT
 from pgzoo.errors import ConfigError
 
 
@@ -34,10 +36,12 @@ def make_estimator(name: str):
     """verl's advantage-estimator function for the pgzoo estimator ``name`` (registered as ``pgzoo/<name>``)."""
 
     def estimator(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config=None, index=None,
-                  **_verl_extras) -> tuple[torch.Tensor, torch.Tensor]:
-        # verl passes further keywords to some estimators (reward_baselines, non_tensor_batch, ...): an outcome
-        # estimator of pgzoo reads none of them
+                  **verl_extras) -> tuple[torch.Tensor, torch.Tensor]:
+        # verl passes further keywords to some estimators (reward_baselines, non_tensor_batch, ...): pgzoo's read
+        # only the per-token inputs they declare
         mask = response_mask.to(token_level_rewards.dtype)
+        per_token = {pgzoo_name: verl_extras[verl_name] for pgzoo_name, verl_name in VERL_TOKEN_INPUT.items()
+                     if pgzoo_name in pgzoo.advantages.token_inputs(name) and verl_extras.get(verl_name) is not None}
         with torch.no_grad():
             rewards = (token_level_rewards * mask).sum(-1)
             group_ids = None
@@ -45,9 +49,9 @@ def make_estimator(name: str):
                 labels: dict[Any, int] = {}
                 group_ids = torch.tensor([labels.setdefault(u, len(labels)) for u in list(index)],
                                          device=rewards.device)
-            adv = pgzoo.advantages.compute(name, rewards, group_ids=group_ids, lengths=mask.sum(-1),
-                                           **_options(config))
-            advantages = adv.to(mask.dtype)[:, None] * mask
+            adv = pgzoo.advantages.compute(name, rewards, group_ids=group_ids, response_mask=mask,
+                                           **per_token, **_options(config))
+            advantages = adv.to(mask.dtype)[:, None] * mask if adv.dim() == 1 else adv.to(mask.dtype)
         return advantages, advantages
 
     estimator.__name__ = f"pgzoo_{name.replace('-', '_').replace('+', 'p')}_advantage"

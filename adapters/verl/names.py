@@ -43,7 +43,15 @@ VERL_ESTIMATOR = {
     "grpo-passk": ("grpo_passk", {}),
     "gdpo": ("gdpo", {}),
     "remax": ("remax", {}),
+    "optimal-token-baseline": ("optimal_token_baseline", {"actor_rollout_ref.actor.calculate_sum_pi_squared": True}),
 }
+# pgzoo estimator option -> the verl setting that carries it, for the estimators verl runs under its own name
+VERL_ESTIMATOR_OPTION = {
+    ("reinforce++", "gamma"): "algorithm.gamma",
+}
+# a per-token input of pgzoo's estimators -> the keyword verl passes it under
+VERL_TOKEN_INPUT = {"old_logprobs": "old_log_probs", "sum_pi_squared": "sum_pi_squared",
+                    "rollout_is_weights": "rollout_is_weights"}
 
 # The policy-loss config class that carries the ``pgzoo`` options dict (verl's PolicyLossConfig refuses extra keys).
 CONFIG_TARGET = "pgzoo.adapters.verl.policy_loss.PolicyLossConfig"
@@ -96,13 +104,22 @@ def recipe_overrides(recipe) -> tuple[list[str], list[str]]:
                 f"algorithm.rollout_correction.rollout_is_threshold={RAW_IS_THRESHOLD:.1f}",
                 "algorithm.rollout_correction.bypass_mode=false"]
     estimator = obj_section.advantage or objective.default_advantage
+    rest: list[str] = []
+    estimator_options = dict(obj_section.advantage_options)
     if estimator in VERL_ESTIMATOR:
         name, extra = VERL_ESTIMATOR[estimator]
+        extra = dict(extra)
+        for key, value in estimator_options.items():
+            setting = VERL_ESTIMATOR_OPTION.get((estimator, key))
+            if setting is None:
+                rest.append(f"objective.advantage_options.{key}={_value(value)} (verl's {name} has no setting for it)")
+            else:
+                extra[setting] = value
         out.append(f"algorithm.adv_estimator={name}")
         out += [f"{k}={_value(v)}" for k, v in extra.items()]
     else:
         out.append(f"algorithm.adv_estimator={PREFIX}{estimator}")
-    rest: list[str] = []
+        out += [f"+algorithm.pgzoo.{k}={_value(v)}" for k, v in estimator_options.items()]
     if rollout.engine in ("vllm", "sglang"):
         out.append(f"actor_rollout_ref.rollout.name={rollout.engine}")
     else:
@@ -138,5 +155,5 @@ def recipe_overrides(recipe) -> tuple[list[str], list[str]]:
     return out, rest
 
 
-__all__ = ["PREFIX", "AGGREGATION", "FIXED_AGGREGATION", "VERL_ESTIMATOR", "CONFIG_TARGET", "RAW_IS_THRESHOLD",
+__all__ = ["PREFIX", "AGGREGATION", "FIXED_AGGREGATION", "VERL_ESTIMATOR", "VERL_ESTIMATOR_OPTION", "VERL_TOKEN_INPUT", "CONFIG_TARGET", "RAW_IS_THRESHOLD",
            "loss_name", "verl_aggregation", "recipe_overrides"]

@@ -199,8 +199,18 @@ class Recipe(Section):
         runnable = advantages.trainer_estimators()
         if key not in runnable:
             inputs = ", ".join(getattr(advantages.registry.get(key), "inputs", ()))
-            raise ConfigError(f"objective.advantage={name!r} needs inputs pgzoo's trainer does not produce ({inputs}); "
-                              f"pick one of {', '.join(runnable)}")
+            raise ConfigError(f"objective.advantage={name!r} needs inputs pgzoo's trainer does not produce when it "
+                              f"computes advantages ({inputs}); pick one of {', '.join(runnable)}")
+        # the options' names and values, checked by the estimator itself on a batch of the recipe's groups (zero
+        # rewards, one token each)
+        import torch
+
+        rows = 2 * self.rollout.group_size
+        try:
+            advantages.compute(key, torch.zeros(rows), group_size=self.rollout.group_size,
+                               response_mask=torch.ones(rows, 1), **self.objective.advantage_options)
+        except ConfigError as exc:
+            raise ConfigError(f"objective.advantage_options: {exc}") from None
 
     def check_environment(self) -> "Recipe":
         """Reject what this machine cannot run (called by `pgzoo train`, including --dry-run; `pgzoo recipe validate`
@@ -257,7 +267,7 @@ class Recipe(Section):
             f"{'' if self.model.lora is None else f', LoRA r={self.model.lora.r} alpha={self.model.lora.alpha:g}'}",
             f"task          {self.task.name} {self.task.options or ''}".rstrip(),
             f"objective     {self.objective.name} {self.objective.options or ''} advantage="
-            f"{self.objective.advantage or 'objective default'}",
+            f"{self.objective.advantage or 'objective default'} {self.objective.advantage_options or ''}".rstrip(),
             f"rollout       {r.engine} ({r.dtype}{', fp8' if r.fp8 else ''}"
             f"{f', router {r.router_dtype}' if r.router_dtype else ''}), B={r.prompts_per_step} prompts x "
             f"G={r.group_size} = {self.responses_per_step} responses/step, <= {r.max_new_tokens} new tokens, "

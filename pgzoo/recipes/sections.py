@@ -75,6 +75,8 @@ class ObjectiveSection(Section):
     name: str = "minirl"
     options: dict[str, Any] = Field(default_factory=dict, description="overrides: eps_low, eps_high, is_cap, ...")
     advantage: str | None = Field(None, description="estimator in pgzoo.advantages; null = the objective's default")
+    advantage_options: dict[str, Any] = Field(default_factory=dict, description="the estimator's options, e.g. "
+                                              "{gamma: 0.99} for reinforce++ (`pgzoo objectives` lists them)")
 
 
 class DynamicSamplingSection(Section):
