@@ -175,3 +175,15 @@ def test_an_estimator_the_trainer_cannot_feed_is_refused():
     with pytest.raises(ConfigError, match=r"objective.advantage='remax' needs inputs .*baseline_rewards.*pick one of"):
         load_recipe(ROOT / "tiny" / "minirl.yaml", ["objective.advantage=remax"])
     assert load_recipe(ROOT / "tiny" / "minirl.yaml", ["objective.advantage=RLOO"]).objective.advantage == "RLOO"
+    with pytest.raises(ConfigError, match=r"'optimal-token-baseline' needs inputs .*old_logprobs, sum_pi_squared"):
+        load_recipe(ROOT / "tiny" / "minirl.yaml", ["objective.advantage=optimal-token-baseline"])
+
+
+def test_advantage_options_are_checked_by_the_estimator_at_load():
+    recipe = ROOT / "tiny" / "minirl.yaml"
+    ok = load_recipe(recipe, ["objective.advantage=reinforce++", "objective.advantage_options.gamma=0.99"])
+    assert ok.objective.advantage_options == {"gamma": 0.99}
+    with pytest.raises(ConfigError, match=r"objective.advantage_options: .*gamma=1.5 must be a number >= 0 and <= 1"):
+        load_recipe(recipe, ["objective.advantage=reinforce++", "objective.advantage_options.gamma=1.5"])
+    with pytest.raises(ConfigError, match=r"objective.advantage_options: .*'group-mean' has no option\(s\) 'gamma'"):
+        load_recipe(recipe, ["objective.advantage=group-mean", "objective.advantage_options.gamma=0.9"])

@@ -176,3 +176,28 @@ def test_verify_sync_logs_parity_and_stops_a_silently_broken_sync(ckpt, tmp_path
     monkeypatch.setattr(train_mod, "build_engine", lambda r, p: _StaleEngine(real(r, p), good=1))
     silent = train_mod.train(load_recipe(RECIPE, overrides(ckpt, tmp_path / "silent", "train.steps=3")), quiet=True)
     assert len(silent.history) == 3 and "sync/logprob_abs_diff_mean" not in silent.history[-1]
+
+
+def test_reinforce_pp_with_gamma_trains_on_per_token_advantages(ckpt, tmp_path, monkeypatch):
+    """objective.advantage_options reach the estimator: reinforce++ with gamma < 1 gives the loop [n, T] advantages,
+    whitened over the step's completion tokens (0 at padding), and the objective trains on them."""
+    import pgzoo.adapters.lightning.module as module
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        adv = step_advantages(*args, **kwargs)
+        seen.append((adv, args[2], kwargs["width"]))
+        return adv
+
+    step_advantages = module.step_advantages
+    monkeypatch.setattr(module, "step_advantages", spy)
+    recipe = load_recipe(RECIPE, overrides(ckpt, tmp_path / "rpp", "train.steps=1", "objective.name=grpo",
+                                           "objective.advantage=reinforce++", "objective.advantage_options.gamma=0.5"))
+    res = train_mod.train(recipe, quiet=True)
+    (adv, lengths, width), = seen
+    assert adv.shape == (recipe.rollout.prompts_per_step * recipe.rollout.group_size, width)
+    mask = torch.arange(width)[None] < lengths[:, None].cpu()
+    assert bool((adv[~mask] == 0).all())
+    assert any(row[m].unique().numel() > 1 for row, m in zip(adv, mask))  # discounted: a row's tokens differ
+    assert torch.isfinite(torch.tensor(res.history[-1]["loss"]))
