@@ -93,6 +93,7 @@ def test_objectives_lists_every_objective_with_every_default(capsys):
         for f in dataclasses.fields(obj.config):
             assert f"{f.name}={getattr(obj.config, f.name)!r}" in out
     assert "advantage estimators" in out and "pass-at-k  (k=1)" in out and "rloo" in out
+    assert "reinforce++  (eps=1e-08, gamma=1.0)  per token [N, T]: response_mask\n" in out
     assert main(["objectives", "minirl*", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["name"] for r in rows] == pgzoo.available("minirl*")

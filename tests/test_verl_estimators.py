@@ -109,7 +109,8 @@ def test_plugin_estimator_is_pgzoos_pass_at_k():
 
     assert "pgzoo/pass-at-k" in plugin.ESTIMATORS
     # estimators verl has under its own name are not registered twice
-    assert not any(name in ("pgzoo/gdpo", "pgzoo/remax", "pgzoo/group-mean-std") for name in plugin.ESTIMATORS)
+    assert not any(name in ("pgzoo/gdpo", "pgzoo/remax", "pgzoo/group-mean-std", "pgzoo/reinforce++",
+                            "pgzoo/optimal-token-baseline") for name in plugin.ESTIMATORS)
     scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
     lengths = torch.tensor([3, 4, 5, 6, 2, 2, 8, 1])
     rewards, mask = token_rewards(scores, lengths)

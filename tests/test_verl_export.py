@@ -32,3 +32,20 @@ def test_changed_options_go_to_the_pgzoo_dict():
     assert "+actor_rollout_ref.actor.policy_loss.pgzoo.eps_high=0.3" in lines
     assert not any("rollout_correction" in line for line in lines)  # minirl-no-is needs no rollout log-probs
     assert pgzoo.get("minirl-no-is", eps_high=0.3).config.eps_high == 0.3
+
+
+def test_estimator_options_go_to_verls_setting_or_the_pgzoo_dict():
+    """reinforce++'s gamma is verl's algorithm.gamma (replacing the 1.0 of the default mapping); an estimator the
+    plugin registers takes its options from +algorithm.pgzoo; an option verl's own estimator has no setting for is
+    named as not exported."""
+    lines, _ = recipe_overrides(load_recipe("paper/minirl", ["objective.advantage=reinforce++",
+                                                             "objective.advantage_options.gamma=0.99"]))
+    assert "algorithm.adv_estimator=reinforce_plus_plus" in lines and "algorithm.gamma=0.99" in lines
+    assert "algorithm.gamma=1.0" not in lines
+    lines, _ = recipe_overrides(load_recipe("paper/minirl", ["objective.advantage=pass-at-k",
+                                                             "objective.advantage_options.k=2"]))
+    assert "algorithm.adv_estimator=pgzoo/pass-at-k" in lines and "+algorithm.pgzoo.k=2" in lines
+    lines, rest = recipe_overrides(load_recipe("paper/minirl", ["objective.advantage=group-mean-std",
+                                                                "objective.advantage_options.eps=0.001"]))
+    assert "algorithm.adv_estimator=grpo" in lines
+    assert any(r.startswith("objective.advantage_options.eps=0.001 (verl's grpo has no setting") for r in rest)

@@ -29,17 +29,27 @@ def describe_objective(name: str) -> dict:
 
 
 def describe_estimators() -> dict[str, dict]:
-    """Each advantage estimator's options with their defaults."""
+    """Each advantage estimator's options with their defaults (its per-token inputs and ``lengths`` left out: they
+    are data, not options)."""
     import inspect
 
     from pgzoo.advantages import registry as advantages
 
     out = {}
     for name in advantages.available():
-        params = list(inspect.signature(advantages.get(name)).parameters.values())[3:]
+        fn = advantages.get(name)
+        data = {"lengths", *getattr(fn, "token_inputs", ())}
+        params = list(inspect.signature(fn).parameters.values())[3:]
         out[name] = {p.name: p.default for p in params
-                     if p.default is not inspect.Parameter.empty and p.name != "lengths"}
+                     if p.default is not inspect.Parameter.empty and p.name not in data}
     return out
+
+
+def describe_token_inputs() -> dict[str, tuple[str, ...]]:
+    """The per-token ``[N, T]`` inputs of each estimator that reads any (it may give an advantage per token)."""
+    from pgzoo import advantages
+
+    return {name: advantages.token_inputs(name) for name in advantages.available() if advantages.token_inputs(name)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         print("    " + " ".join(f"{k}={v!r}" for k, v in d["defaults"].items()))
     if not args.json and args.pattern == "*":
         print("\nadvantage estimators (objective.advantage; pgzoo.advantages.compute):")
+        per_token = describe_token_inputs()
         for name, options in describe_estimators().items():
-            print(f"    {name}" + (f"  ({', '.join(f'{k}={v!r}' for k, v in options.items())})" if options else ""))
+            print(f"    {name}" + (f"  ({', '.join(f'{k}={v!r}' for k, v in options.items())})" if options else "")
+                  + (f"  per token [N, T]: {', '.join(per_token[name])}" if name in per_token else ""))
     return 0
