@@ -397,6 +397,14 @@ def test_minirl_on_trl_generation_uses_old_logprobs_unless_engine_is_asked(tmp_p
                                 **trainer_kwargs(tmp_path, base_moe, tok))
 
 
+def test_an_estimator_the_adapter_cannot_feed_is_refused(tmp_path, base_moe, tok):
+    """The adapter hands an estimator rewards, groups and lengths: one that needs more is refused by name at once."""
+    for name, needs in [("optimal-token-baseline", "old_logprobs, sum_pi_squared"), ("remax", "baseline_rewards")]:
+        with pytest.raises(ConfigError, match=f"advantage={name!r} needs inputs the adapter does not produce "
+                                              f"\\({needs}\\)"):
+            trl_adapter.GRPOTrainer(loss="minirl", advantage=name, **trainer_kwargs(tmp_path, base_moe, tok))
+
+
 def test_peft_lora_with_r2(tmp_path, base_moe, tok):
     """LoRA through TRL's peft_config: routing replay finds the MoE layers under the PEFT wrapper."""
     peft = pytest.importorskip("peft")

@@ -118,6 +118,10 @@ class GRPOTrainer(_TRLGRPOTrainer):
                 f"advantage={advantage!r} is not an estimator in pgzoo.advantages "
                 f"({', '.join(pg_advantages.available())}) nor 'trl'"
             )
+        needs = () if self.advantage == "trl" else getattr(pg_advantages.registry.get(self.advantage), "inputs", ())
+        if needs:  # the adapter gives an estimator TRL's rewards, groups and lengths only
+            raise ConfigError(f"advantage={self.advantage!r} needs inputs the adapter does not produce "
+                              f"({', '.join(needs)}); pick one of {', '.join(pg_advantages.trainer_estimators())}")
         if rollout_logprobs not in (None, "engine", "old"):
             raise ConfigError(f"rollout_logprobs={rollout_logprobs!r}: use None (automatic, default), 'engine' or "
                               "'old'")
