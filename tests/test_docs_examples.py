@@ -100,7 +100,8 @@ def blocks(page: str) -> list[Block]:
 
 
 PRELUDE = {
-    # the rewards of 2 prompts x 8 responses, their group ids and completion masks; `MyGRPO` stands for the reader's
+    # the rewards of 2 prompts x 8 responses, their group ids and completion masks (and, for the per-token estimators,
+    # right-padded masks, π_θold's log-probs and Σπ²); `MyGRPO` stands for the reader's
     # own GRPO (here pgzoo's class, so the comparison must pass)
     "objectives.md": """
         import torch, pgzoo
@@ -108,6 +109,9 @@ PRELUDE = {
         rewards = torch.tensor([1., 0., 1., 1., 0., 0., 1., 0., 0., 0., 0., 1., 1., 0., 0., 0.])
         rollouts = SimpleNamespace(group=torch.arange(16) // 8)
         completion_mask = torch.rand(16, 12) > 0.3
+        mask = (torch.arange(12)[None] < torch.randint(1, 13, (16,))[:, None]).float()  # right-padded completions
+        _logits = torch.randn(16, 12, 50)  # π_θold's logits: the sampled tokens' log-probs and Σπ² per position
+        old, sum_pi_sq = _logits.log_softmax(-1)[..., 0], _logits.softmax(-1).pow(2).sum(-1)
         MyGRPO = type(pgzoo.get("grpo"))
     """,
     # a policy and its checkpoint folder, token-id prompts, the step number, and the reader's own engine class
