@@ -206,7 +206,7 @@ def test_verl_adapter_passes_per_token_inputs_under_verls_names():
     rewards, mask, olp, spp, isw = make_batch(5)
     uid = np.array([f"p{i // G}" for i in range(N)], dtype=object)
     tlr = token_level_rewards(rewards, mask)
-    adv, returns = make_estimator("optimal-token-baseline")(tlr, mask, OmegaConf.create({}), index=uid,
+    adv, _ = make_estimator("optimal-token-baseline")(tlr, mask, OmegaConf.create({}), index=uid,
                                                             old_log_probs=olp, sum_pi_squared=spp,
                                                             rollout_is_weights=isw, reward_baselines=None)
     expected, _ = core_algos.compute_optimal_token_baseline_advantage(tlr, mask, uid, olp, spp,

@@ -16,7 +16,7 @@ gives one per token), :mod:`~pgzoo.advantages.optimal_token_baseline` (OTB, per 
 """
 
 from pgzoo.advantages.base import Estimator, available, registry, register, token_inputs, trainer_estimators, unregister
-from pgzoo.advantages import optimal_token_baseline as _otb, outcome as _outcome  # importing them registers them
+from pgzoo.advantages import optimal_token_baseline, outcome  # noqa: F401  importing them registers their estimators
 from pgzoo.advantages.api import compute
 
 __all__ = ["available", "compute", "register", "unregister", "token_inputs", "trainer_estimators", "registry",
