@@ -121,7 +121,7 @@ def test_verdicts_by_the_rules():
     assert [eq.verdict(m, h) for m, h in ((0.01, 0.015), (-0.01, 0.015), (0.02, 0.015), (0.05, 0.02), (-0.05, 0.02))] \
         == ["reproduced", "reproduced", "undecided", "not reproduced", "not reproduced"]
     assert less.verdict(-0.5, None) == "undecided" and eq.verdict(math.nan, None) == "undecided"
-    assert (str(less), str(greater), str(eq)) == ("A < B", "A > B", "|A − B| < 0.03")
+    assert (str(less), str(greater), str(eq)) == ("A < B", "A > B", "A ≈ B ± 0.03")
     for bad, match in ((("lesser",), "expect='lesser'"), (("equivalent",), "needs a margin"),
                        (("equivalent", 1.5), "margin=1.5"), (("less", 0.03), "only expect: equivalent")):
         with pytest.raises(ConfigError, match=match):

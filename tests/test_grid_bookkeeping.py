@@ -125,7 +125,7 @@ def test_grid_verdicts_and_records_from_synthetic_runs(tmp_path, capsys):
     # (x): +0.105, +0.115, +0.125 -> above 0, the opposite of "less"
     assert "| (a) | minirl-no-is − minirl | 3 | -0.100, -0.110, -0.120 | -0.110 ± 0.025 | [-0.135, -0.085] | A < B " \
            "| **reproduced** | IS helps |" in printed
-    assert "| |A − B| < 0.03 | **reproduced** |" in printed and "| A < B | not reproduced |" in printed
+    assert "| A ≈ B ± 0.03 | **reproduced** |" in printed and "| A < B | not reproduced |" in printed
     for folder in (out, record):
         assert (folder / "compare.md").read_text().strip() in printed
         verdicts = [p["verdict"] for p in json.loads((folder / "compare.json").read_text())[-1]["paired"]]

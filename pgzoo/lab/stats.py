@@ -78,7 +78,7 @@ class Rule:
 
     def __str__(self) -> str:
         if self.expect == "equivalent":
-            return f"|A − B| < {self.margin:g}"
+            return f"A ≈ B ± {self.margin:g}"  # no "|": it is a markdown table cell
         return "A < B" if self.expect == "less" else "A > B"
 
     def reproduced(self, lo, hi):
