@@ -174,7 +174,8 @@ def test_grid_comparisons_are_checked(tmp_path):
                         "comparisons\\[0\\].margin=1.5"),
                        ("{a: minirl, b: minirl-r3, expect: less, margin: 0.03}",
                         "comparisons\\[0\\].margin=0.03: only expect: equivalent"),
-                       ("{a: minirl, b: minirl-r3, expect: less, claim: 3}", "comparisons\\[0\\].claim=3")):
+                       ("{a: minirl, b: minirl-r3, expect: less, claim: 3}", "comparisons\\[0\\].claim=3"),
+                       ("{a: minirl, b: minirl-r3, expcet: less}", "comparisons\\[0\\].expcet: .*'expect'")):
         (lab / "grid.yaml").write_text(text.split("comparisons:")[0] + f"comparisons:\n  - {bad}\n")
         with pytest.raises(ConfigError, match=match):
             load_grid(lab / "grid.yaml")

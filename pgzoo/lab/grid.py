@@ -207,15 +207,18 @@ def _comparisons(path: Path, entries, groups: list[str]) -> list:
     out = []
     for i, e in enumerate(entries if isinstance(entries, list) else [None]):
         where = f"{path}: comparisons[{i}]"
-        if not isinstance(e, dict) or not {"a", "b", "expect"} <= set(e):
-            raise ConfigError(f"{where} must be a mapping with keys a, b (recipe names of the grid), expect "
-                              f"({', '.join(EXPECTS)}) and optional label, margin, claim")
-        for k in e:
+        shape = (f"{where} must be a mapping with keys a, b (recipe names of the grid), expect "
+                 f"({', '.join(EXPECTS)}) and optional label, margin, claim")
+        if not isinstance(e, dict):
+            raise ConfigError(shape)
+        for k in e:  # a misspelt key is named before the required ones are missed
             if k not in COMPARISON_KEYS:
                 raise ConfigError(f"{where}.{k}: unknown key.{suggest(str(k), list(COMPARISON_KEYS))} Valid keys: "
                                   f"{', '.join(COMPARISON_KEYS)}")
             if k != "margin" and not isinstance(e[k], str):
                 raise ConfigError(f"{where}.{k}={e[k]!r}: use a string")
+        if not {"a", "b", "expect"} <= set(e):
+            raise ConfigError(shape)
         for k in ("a", "b"):
             if e[k] not in groups:
                 raise ConfigError(f"{where}.{k}={e[k]!r} is not a recipe of the grid "
