@@ -108,10 +108,12 @@ def test_grid_verdicts_and_records_from_synthetic_runs(tmp_path, capsys):
     """`pgzoo compare --grid --no-run --record`: each comparison's verdict by its grid rule, the per-run CSV and the
     walls, in the run folder and in the record folder (what docs/results keeps)."""
     grid = tmp_path / "grid.yaml"
-    grid.write_text("recipes: [tiny/minirl, tiny/minirl-no-is, tiny/minirl-r3]\nseeds: [0, 1, 2]\ncomparisons:\n"
+    grid.write_text("recipes: [tiny/minirl, tiny/minirl-no-is, tiny/minirl-r3, tiny/minirl-length-norm]\n"
+                    "seeds: [0, 1, 2]\ncomparisons:\n"
                     "  - {label: '(a)', a: minirl-no-is, b: minirl, expect: less, claim: IS helps}\n"
                     "  - {label: '(c)', a: minirl-r3, b: minirl, expect: equivalent, margin: 0.03}\n"
-                    "  - {label: '(x)', a: minirl-r3, b: minirl-no-is, expect: less}\n")
+                    "  - {label: '(x)', a: minirl-r3, b: minirl-no-is, expect: less}\n"
+                    "  - {label: '(b)', a: minirl-length-norm, b: minirl, expect: less}\n")  # not run yet
     out = tmp_path / "runs"
     for s, level in ((0, 0.40), (1, 0.55), (2, 0.50)):  # seed levels differ; the paired differences do not
         fake_run(out, f"minirl-s{s}", s, [0.2] * 3, 0.3, level)
@@ -126,10 +128,11 @@ def test_grid_verdicts_and_records_from_synthetic_runs(tmp_path, capsys):
     assert "| (a) | minirl-no-is − minirl | 3 | -0.100, -0.110, -0.120 | -0.110 ± 0.025 | [-0.135, -0.085] | A < B " \
            "| **reproduced** | IS helps |" in printed
     assert "| A ≈ B ± 0.03 | **reproduced** |" in printed and "| A < B | not reproduced |" in printed
+    assert "| not run: minirl-length-norm | A < B | undecided |" in printed  # a partial grid is compared too
     for folder in (out, record):
         assert (folder / "compare.md").read_text().strip() in printed
         verdicts = [p["verdict"] for p in json.loads((folder / "compare.json").read_text())[-1]["paired"]]
-        assert verdicts == ["reproduced", "reproduced", "not reproduced"]
+        assert verdicts == ["reproduced", "reproduced", "not reproduced", "undecided"]
         rows = (folder / "runs.csv").read_text().splitlines()
         assert rows[0].startswith("recipe,seed,steps,metric,before,after") and len(rows) == 10
         assert rows[1] == "minirl,0,3,avg@4,0.3,0.4,0.0001,0.03,,61"

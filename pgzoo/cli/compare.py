@@ -45,14 +45,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nfigure: {png}")
         return 0
     grid = grid_mod.load_grid(args.grid)
-    check_pairs(args.pair, [Path(r).stem for r in grid.recipes], "--pair")  # before hours of runs, not after
+    planned = [Path(r).stem for r in grid.recipes]
+    check_pairs(args.pair, planned, "--pair")  # before hours of runs, not after
     runs = grid.runs(args.seeds, args.out)
     out = runs[0].run_dir.parent
     pairs = [*grid.comparisons, *(Comparison(a, b) for a, b in args.pair)]
 
     def record(_run) -> None:  # the text summaries so far, after each finished run (no figure: seconds saved)
         compare([r.run_dir for r in runs if r.finished], out, grid_mod.read_walls(out), pairs, record=args.record,
-                figure=False)
+                figure=False, planned=planned)
 
     failed = [] if args.no_run else grid_mod.run_missing(runs, [*grid.overrides, *args.overrides],
                                                          log=lambda m: print(m, flush=True),
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     done = [r.run_dir for r in runs if r.finished]
     if not done:
         raise ConfigError(f"no finished run in {out}; run without --no-run (see {out}/logs/ for failures)")
-    table, png = compare(done, out, grid_mod.read_walls(out), pairs, record=args.record)
+    table, png = compare(done, out, grid_mod.read_walls(out), pairs, record=args.record, planned=planned)
     print(table)
     walls = grid_mod.read_walls(out)
     print(f"\nfigure: {png}\ntable: {out / 'compare.md'}\nwall time of the runs: {sum(walls.values()) / 60:.1f} min "

@@ -305,9 +305,11 @@ def runs_csv(groups: list[Group]) -> str:
 
 def compare(run_dirs: list[str | Path], out: str | Path, walls: dict[str, float] | None = None,
             comparisons: list[Comparison] | None = None, *, record: str | Path | None = None,
-            figure: bool = True) -> tuple[str, Path | None]:
+            figure: bool = True, planned: list[str] | None = None) -> tuple[str, Path | None]:
     """Aggregate ``run_dirs`` (see the module docstring); writes ``OUT/compare.png`` (unless not ``figure``),
-    ``compare.md``, ``compare.json`` and ``runs.csv``, the text files also to ``record`` with ``walls.json``."""
+    ``compare.md``, ``compare.json`` and ``runs.csv``, the text files also to ``record`` with ``walls.json``.
+    A comparison may name a group of ``planned`` (a grid's recipes) that has no finished run yet ("not run"); any
+    other name must be a group of ``run_dirs``."""
     out = Path(out)
     for flag, folder in (("--out", out), ("--record", record)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
@@ -323,7 +325,7 @@ def compare(run_dirs: list[str | Path], out: str | Path, walls: dict[str, float]
                               f"{r.seed}); give each run once")
         seen[key] = r.path
     groups = group_runs(runs)
-    check_pairs([(c.a, c.b) for c in comparisons or []], [g.name for g in groups], "--pair")
+    check_pairs([(c.a, c.b) for c in comparisons or []], [g.name for g in groups] + list(planned or []), "--pair")
     out.mkdir(parents=True, exist_ok=True)
     png = plot(groups, out / "compare.png") if figure else None
     table = markdown(groups)
