@@ -178,3 +178,23 @@ def test_task_outside_tokenizer_characters_raises(tmp_path):
         ensure_cold_start("math", {"path": str(path)}, cache_dir=tmp_path / "cache", max_steps=1)
     cache = tmp_path / "cache" / "cold-start"  # refused at task load: nothing written
     assert not cache.exists() or not any(p for p in cache.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_run_seeds_share_one_cold_start_unless_the_recipe_says_run(monkeypatch):
+    """`seed` seeds the RL; the cold start's seed is `model.cold_start.seed` (default 0), or the run's with `run`,
+    and it never reaches the SFT options (so the cache key is the seed's, as with `pgzoo cold-start --seed`)."""
+    from pgzoo.adapters.lightning.run import resolve_model_path
+    from pgzoo.models import cold_start as cs
+    from pgzoo.recipes import load_recipe
+
+    asked = []
+    monkeypatch.setattr(cs, "ensure_cold_start", lambda task, options, seed, log=None, **sft: asked.append((seed, sft))
+                        or f"/cache/{task}-{seed}")
+    for sets in (["seed=3"], ["seed=5"], ["seed=3", "model.cold_start.seed=2"], ["seed=3", "model.cold_start.seed=run"]):
+        resolve_model_path(load_recipe("lab/minirl", sets), None)
+    assert [s for s, _ in asked] == [0, 0, 2, 3] and all("seed" not in sft and sft["model"] == "routed-32x4"
+                                                         for _, sft in asked)
+    assert cs.recipe_cold_start({"lr": 0.1}, 4) == (0, {"lr": 0.1})
+    for bad, shown in (("-1", "-1"), ("runs", "'runs'"), ("true", "True")):
+        with pytest.raises(ConfigError, match=f"model.cold_start: .*seed={shown}; use an integer >= 0"):
+            load_recipe("lab/minirl", [f"model.cold_start.seed={bad}"])

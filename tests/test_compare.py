@@ -1,5 +1,6 @@
 """`pgzoo compare`: aggregation over seeds and the t-interval against hand-computed values, collapse detection, the
-PNG and table, and the grid runner (finished runs skipped, interrupted runs resumed, wall times summed)."""
+PNG and table, the verdict rules and their power, and the grid runner (finished runs skipped, interrupted runs
+resumed, wall times summed)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from pgzoo.cli.main import main
-from pgzoo.lab.compare import collapse_step, compare, group_name, mean_ci, read_run, t975
+from pgzoo.lab.compare import collapse_step, compare, group_name, read_run
 from pgzoo.errors import ConfigError
 from pgzoo.lab.grid import GridRun, load_grid, read_walls, run_missing, train_command
+from pgzoo.lab.stats import Rule, mean_ci, pilot, power, seeds_needed, t975
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,24 +102,80 @@ def test_paired_differences_by_hand(tmp_path, capsys):
     assert p["seeds"] == 3 and p["diffs"] == pytest.approx([-0.05, -0.07, -0.03])
     assert p["mean"] == pytest.approx(-0.05) and p["ci95"] == pytest.approx(4.3027 * 0.02 / math.sqrt(3), rel=1e-6)
     # the unpaired intervals of the finals overlap widely; the paired one excludes 0
-    table = paired_markdown(groups, [Comparison("a", "b", "(x)", "A < B"), Comparison("a", "zzz")])
-    assert "| (x) | a − b | 3 | -0.050, -0.070, -0.030 | -0.050 ± 0.050 | yes | A < B |" in table
-    assert "not run: zzz" in table
+    table = paired_markdown(groups, [Comparison("a", "b", "(x)", Rule("less"), "a is worse"),
+                                     Comparison("a", "zzz", "(y)", Rule("greater"))])
+    assert ("| (x) | a − b | 3 | -0.050, -0.070, -0.030 | -0.050 ± 0.050 | [-0.100, -0.000] | A < B | "
+            "**reproduced** | a is worse |") in table
+    assert "| (y) | a − zzz | 0 | – | – | not run: zzz | A > B | undecided |" in table
     assert main(["compare", *map(str, a + b), "--pair", "a", "b", "--out", str(tmp_path / "o")]) == 0
-    assert "-0.050 ± 0.050 | yes" in capsys.readouterr().out
+    assert "-0.050 ± 0.050 | [-0.100, -0.000] | – | – |" in capsys.readouterr().out  # --pair: no rule, no verdict
     assert json.loads((tmp_path / "o" / "compare.json").read_text())[-1]["paired"][0]["seeds"] == 3
+
+
+def test_verdicts_by_the_rules():
+    """Each rule on intervals on either side of 0 and of the margin; one seed is never decided."""
+    less, greater, eq = Rule("less"), Rule("greater"), Rule("equivalent", 0.03)
+    assert [less.verdict(m, 0.05) for m in (-0.06, 0.0, 0.06)] == ["reproduced", "undecided", "not reproduced"]
+    assert [greater.verdict(m, 0.05) for m in (-0.06, 0.0, 0.06)] == ["not reproduced", "undecided", "reproduced"]
+    # equivalent: inside (-0.03, 0.03) / straddling a bound / entirely beyond one
+    assert [eq.verdict(m, h) for m, h in ((0.01, 0.015), (-0.01, 0.015), (0.02, 0.015), (0.05, 0.02), (-0.05, 0.02))] \
+        == ["reproduced", "reproduced", "undecided", "not reproduced", "not reproduced"]
+    assert less.verdict(-0.5, None) == "undecided" and eq.verdict(math.nan, None) == "undecided"
+    assert (str(less), str(greater), str(eq)) == ("A < B", "A > B", "A ≈ B ± 0.03")
+    for bad, match in ((("lesser",), "expect='lesser'"), (("equivalent",), "needs a margin"),
+                       (("equivalent", 1.5), "margin=1.5"), (("less", 0.03), "only expect: equivalent")):
+        with pytest.raises(ConfigError, match=match):
+            Rule(*bad)
+
+
+def test_power_against_the_noncentral_t_and_an_independent_simulation():
+    """Paired t, two-sided 95%, effect = 1 sd: 10 seeds give power 0.8031 (the noncentral t; the usual table's
+    n = 10 for d_z = 1), which the simulation reproduces; seeds_needed stops at the first n reaching the target."""
+    import random
+    import statistics
+
+    assert power(1.0, 1.0, 10, Rule("greater")) == pytest.approx(0.8031, abs=0.012)
+    assert power(-1.0, 1.0, 10, Rule("less")) == pytest.approx(0.8031, abs=0.012)
+    assert power(-1.0, 1.0, 10, Rule("greater")) < 0.001  # the wrong direction is never "reproduced"
+    n = seeds_needed(1.0, 1.0, Rule("greater"), sims=4000)
+    assert n in (9, 10, 11) and power(1.0, 1.0, n - 1, Rule("greater"), sims=4000) < 0.8
+    # equivalence, against a plain-Python simulation of the same rule (another generator, statistics.stdev)
+    rule, rng, hits = Rule("equivalent", 0.03), random.Random(7), 0
+    for _ in range(4000):
+        d = [rng.gauss(0.005, 0.02) for _ in range(6)]
+        half = t975(5) * statistics.stdev(d) / math.sqrt(6)
+        hits += -0.03 < statistics.fmean(d) - half and statistics.fmean(d) + half < 0.03
+    assert power(0.005, 0.02, 6, rule) == pytest.approx(hits / 4000, abs=0.03)
+    assert pilot([-0.05, -0.07, -0.03]) == pytest.approx((-0.05, 0.02))
+    with pytest.raises(ConfigError, match="at least 2 seeds"):
+        power(0.1, 0.1, 1, rule)
+    with pytest.raises(ConfigError, match="positive standard deviation"):
+        power(0.1, 0.0, 4, rule)
 
 
 def test_grid_comparisons_are_checked(tmp_path):
     grid = load_grid(REPO / "recipes" / "lab" / "grid.yaml")
-    assert [(c.label, c.a, c.b) for c in grid.comparisons][:2] == [("(a)", "minirl-no-is", "minirl"),
-                                                                 ("(b)", "minirl-length-norm", "minirl")]
+    assert [(c.label, c.a, c.b, c.rule) for c in grid.comparisons][2:4] == [
+        ("(c)", "minirl-r3", "minirl", Rule("equivalent", 0.03)),
+        ("(d)", "offpolicy-n8-minirl-no-clip", "offpolicy-n8-minirl-r2", Rule("less"))]
     import shutil
 
     lab = shutil.copytree(REPO / "recipes" / "lab", tmp_path / "lab")
     text = (lab / "grid.yaml").read_text()
-    for bad, match in (("{a: minirl, b: nope}", "comparisons\\[0\\].b='nope' is not a recipe"),
-                       ("{a: minirl}", "comparisons\\[0\\] must be a mapping"), ("[1, 2]", "must be a mapping")):
+    for bad, match in (("{a: minirl, b: nope, expect: less}", "comparisons\\[0\\].b='nope' is not a recipe"),
+                       ("{a: minirl, b: minirl-r3}", "comparisons\\[0\\] must be a mapping with keys a, b"),
+                       ("[1, 2]", "must be a mapping"),
+                       ("{a: minirl, b: minirl-r3, expect: lesser}", "comparisons\\[0\\].expect='lesser'.*'less'"),
+                       ("{a: minirl, b: minirl-r3, expect: less, marign: 0.1}",
+                        "comparisons\\[0\\].marign: unknown key. Did you mean 'margin'"),
+                       ("{a: minirl, b: minirl-r3, expect: equivalent}", "comparisons\\[0\\]: expect: equivalent "
+                                                                        "needs a margin"),
+                       ("{a: minirl, b: minirl-r3, expect: equivalent, margin: 1.5}",
+                        "comparisons\\[0\\].margin=1.5"),
+                       ("{a: minirl, b: minirl-r3, expect: less, margin: 0.03}",
+                        "comparisons\\[0\\].margin=0.03: only expect: equivalent"),
+                       ("{a: minirl, b: minirl-r3, expect: less, claim: 3}", "comparisons\\[0\\].claim=3"),
+                       ("{a: minirl, b: minirl-r3, expcet: less}", "comparisons\\[0\\].expcet: .*'expect'")):
         (lab / "grid.yaml").write_text(text.split("comparisons:")[0] + f"comparisons:\n  - {bad}\n")
         with pytest.raises(ConfigError, match=match):
             load_grid(lab / "grid.yaml")
@@ -135,10 +193,10 @@ def test_cli_compares_folders_and_rejects_bad_input(tmp_path, capsys):
 
 def test_grid_file_and_runs(tmp_path):
     grid = load_grid(REPO / "recipes" / "lab" / "grid.yaml")
-    assert grid.seeds == [0, 1, 2] and len(grid.recipes) == 10 and all(Path(r).is_file() for r in grid.recipes)
+    assert grid.seeds == list(range(8)) and len(grid.recipes) == 12 and all(Path(r).is_file() for r in grid.recipes)
     assert load_grid("lab/grid").recipes == grid.recipes  # the shipped copy by name
     runs = grid.runs([0, 1], tmp_path)
-    assert len(runs) == 20 and runs[0].name == "minirl-s0" and runs[10].seed == 1
+    assert len(runs) == 24 and runs[0].name == "minirl-s0" and runs[12].seed == 1
     bad = tmp_path / "bad.yaml"
     bad.write_text("recipes: [tiny/minirl]\nseed: 3\n")
     with pytest.raises(ConfigError, match="unknown: seed"):

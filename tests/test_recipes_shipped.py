@@ -29,7 +29,7 @@ def elsewhere(tmp_path, monkeypatch):
 
 
 def test_every_recipe_file_is_shipped():
-    assert list(shipped_recipes()) == ON_DISK and len(ON_DISK) == 52
+    assert list(shipped_recipes()) == ON_DISK and len(ON_DISK) == 58
 
 
 @pytest.mark.parametrize("name", ["tiny/minirl", "tiny/minirl.yaml", "recipes/tiny/minirl.yaml",

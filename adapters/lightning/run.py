@@ -48,14 +48,15 @@ def build_engine(recipe, model_path: Path):
 
 
 def resolve_model_path(recipe, task, say=None) -> Path:
-    """``model.path`` or the cached cold start of the embedded tiny MoE for the recipe's task (``say`` hears that a
-    cold start is being trained, and its progress)."""
+    """``model.path`` or the cached cold start of the embedded tiny MoE for the recipe's task, seeded by
+    ``model.cold_start.seed`` (default 0 for every run seed; ``run``: the run's seed) (``say`` hears that a cold start
+    is being trained, and its progress)."""
     if recipe.model.path is not None:
         return Path(os.path.expanduser(recipe.model.path))
-    from pgzoo.models.cold_start import ensure_cold_start
+    from pgzoo.models.cold_start import ensure_cold_start, recipe_cold_start
 
-    return Path(ensure_cold_start(recipe.task.name, dict(recipe.task.options), seed=recipe.seed, log=say,
-                                  **recipe.model.cold_start))
+    seed, sft_options = recipe_cold_start(recipe.model.cold_start, recipe.seed)  # one shared cold start by default
+    return Path(ensure_cold_start(recipe.task.name, dict(recipe.task.options), seed=seed, log=say, **sft_options))
 
 
 def load_policy(path: Path, dtype: str):

@@ -3,6 +3,7 @@
 
     pgzoo compare --grid recipes/lab/grid.yaml --seeds 0 1 2 --out runs/lab
     pgzoo compare runs/a-s0 runs/a-s1 runs/b-s0 runs/b-s1 --out cmp
+    pgzoo compare --grid lab/grid --out runs/lab --record docs/results/lab    # summaries to commit, kept as it goes
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "(default: the grid's `out`, or ./compare)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for every run of the grid (repeatable), e.g. train.steps=3")
+    parser.add_argument("--record", default=None, metavar="DIR",
+                        help="also write the text summaries (compare.md, compare.json, runs.csv, walls.json) to DIR, "
+                             "e.g. docs/results/lab; with --grid refreshed after every finished run")
     parser.add_argument("--no-run", action="store_true", help="with --grid: compare the finished runs only")
     parser.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
                         help="also compare group A with group B paired by seed (repeatable; a grid's "
@@ -35,21 +39,29 @@ def run(args: argparse.Namespace) -> int:
     if not args.grid:
         if not args.run_dirs:
             raise ConfigError("pgzoo compare: give run folders, or --grid GRID.yaml to run and compare a grid")
-        table, png = compare(args.run_dirs, args.out or "compare", comparisons=[Comparison(a, b) for a, b in args.pair])
+        table, png = compare(args.run_dirs, args.out or "compare", comparisons=[Comparison(a, b) for a, b in args.pair],
+                             record=args.record)
         print(table)
         print(f"\nfigure: {png}")
         return 0
     grid = grid_mod.load_grid(args.grid)
-    check_pairs(args.pair, [Path(r).stem for r in grid.recipes], "--pair")  # before hours of runs, not after
+    planned = [Path(r).stem for r in grid.recipes]
+    check_pairs(args.pair, planned, "--pair")  # before hours of runs, not after
     runs = grid.runs(args.seeds, args.out)
     out = runs[0].run_dir.parent
+    pairs = [*grid.comparisons, *(Comparison(a, b) for a, b in args.pair)]
+
+    def record(_run) -> None:  # the text summaries so far, after each finished run (no figure: seconds saved)
+        compare([r.run_dir for r in runs if r.finished], out, grid_mod.read_walls(out), pairs, record=args.record,
+                figure=False, planned=planned)
+
     failed = [] if args.no_run else grid_mod.run_missing(runs, [*grid.overrides, *args.overrides],
-                                                         log=lambda m: print(m, flush=True))
+                                                         log=lambda m: print(m, flush=True),
+                                                         after_run=record if args.record else None)
     done = [r.run_dir for r in runs if r.finished]
     if not done:
         raise ConfigError(f"no finished run in {out}; run without --no-run (see {out}/logs/ for failures)")
-    pairs = [*grid.comparisons, *(Comparison(a, b) for a, b in args.pair)]
-    table, png = compare(done, out, grid_mod.read_walls(out), pairs)
+    table, png = compare(done, out, grid_mod.read_walls(out), pairs, record=args.record, planned=planned)
     print(table)
     walls = grid_mod.read_walls(out)
     print(f"\nfigure: {png}\ntable: {out / 'compare.md'}\nwall time of the runs: {sum(walls.values()) / 60:.1f} min "

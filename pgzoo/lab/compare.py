@@ -19,8 +19,13 @@ Runbook:
    one seed), the change from the starting policy, the mean KL and largest gap, collapsed seeds, and wall time.
 
 5. with comparisons (a grid's ``comparisons``, or ``--pair A B``), a second table: for each pair of groups the
-   paired difference of final held-out accuracy, A − B, seed by seed (both runs of a seed start from the same cold
-   start, so the seed's level cancels), its mean ± 95% t-interval, and whether the interval excludes 0.
+   paired difference of final held-out accuracy, A − B, seed by seed (both runs of a seed share its held-out
+   problems and RL seed, and its cold start, so what they share cancels), its mean ± 95% t-interval, the
+   comparison's rule (a grid's ``expect`` and ``margin``) and its verdict by that rule, "reproduced",
+   "not reproduced" or "undecided" (:mod:`pgzoo.lab.stats`; ``--pair`` pairs have no rule and no verdict);
+6. ``OUT/runs.csv``: one line per run (recipe, seed, steps, the held-out metric before and after, mean KL, largest
+   gap, collapse step, wall seconds). ``compare.md``, ``compare.json``, ``runs.csv`` and ``walls.json`` are small
+   text files: ``record`` (``pgzoo compare --record DIR``) writes them to a second folder too, one to commit.
 
 Collapse: a seed collapses at the first step where the mean training reward of the last ``window`` (5) steps falls
 below ``collapse_fraction`` (0.5) of the mean of its first ``window`` steps — the reward drop the paper reports when
@@ -36,32 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pgzoo.errors import ConfigError, require, suggest
+from pgzoo.lab.stats import Rule, mean_ci
 
-# two-sided 95% quantiles of Student's t, t(0.975, df), df = 1..30
-T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
-        2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
-        2.0518, 2.0484, 2.0452, 2.0423)
 PANELS = (("reward/mean", "training reward"), ("heldout", "held-out accuracy"), ("entropy/mean", "entropy"),
           ("kl/train_inference_k1", "train–inference KL (k1)"), ("first_order/gap_total", "first-order gap"))
-
-
-def t975(df: int) -> float:
-    """t(0.975, df); beyond the table (df > 30) the normal 1.96 (within 2% of t there)."""
-    if df < 1:
-        raise ConfigError(f"a confidence interval needs at least two seeds (df={df})")
-    return T975[df - 1] if df <= len(T975) else 1.96
-
-
-def mean_ci(values: list[float]) -> tuple[float, float | None]:
-    """(mean, half-width of the 95% t interval); the half-width is None for a single value."""
-    n = len(values)
-    if n == 0:
-        return math.nan, None
-    mean = sum(values) / n
-    if n == 1:
-        return mean, None
-    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, t975(n - 1) * s / math.sqrt(n)
 
 
 @dataclass
@@ -213,43 +196,51 @@ def markdown(groups: list[Group]) -> str:
 
 @dataclass(frozen=True)
 class Comparison:
-    """``a`` against ``b`` (group names), a finding's label, and the paper's expectation in words."""
+    """``a`` against ``b`` (group names), a finding's label, the rule that decides it (:class:`pgzoo.lab.stats.Rule`;
+    None: no verdict, as for ``--pair``) and the paper's claim in words."""
 
     a: str
     b: str
     label: str = ""
-    expect: str = ""
+    rule: Rule | None = None
+    claim: str = ""
 
 
 def paired(groups: list[Group], comparison: Comparison) -> dict:
-    """The paired difference of final held-out accuracy, ``a − b``, over the seeds both groups finished."""
+    """The paired difference of final held-out accuracy, ``a − b``, over the seeds both groups finished, and the
+    comparison's verdict by its rule."""
     by = {g.name: g for g in groups}
     missing = [n for n in (comparison.a, comparison.b) if n not in by]
     if missing:
-        return {"seeds": 0, "missing": missing, "diffs": [], "mean": math.nan, "ci95": None}
+        return {"seeds": 0, "missing": missing, "diffs": [], "mean": math.nan, "ci95": None,
+                "verdict": "undecided" if comparison.rule else None}
     finals = [{r.seed: r.evals["after"][r.metric] for r in by[n].runs if r.metric in r.evals.get("after", {})}
               for n in (comparison.a, comparison.b)]
     seeds = sorted(set(finals[0]) & set(finals[1]), key=lambda x: (x is None, x))
     diffs = [finals[0][s] - finals[1][s] for s in seeds]
     mean, half = mean_ci(diffs)
-    return {"seeds": len(seeds), "missing": [], "diffs": diffs, "mean": mean, "ci95": half}
+    verdict = comparison.rule.verdict(mean, half) if comparison.rule else None
+    return {"seeds": len(seeds), "missing": [], "diffs": diffs, "mean": mean, "ci95": half, "verdict": verdict}
 
 
 def paired_markdown(groups: list[Group], comparisons: list[Comparison]) -> str:
     """The paired table (see the module docstring)."""
-    lines = ["| comparison | A − B | seeds | per-seed differences | mean ± 95% CI | interval excludes 0 | expected |",
-             "|---|---|---:|---|---|---|---|"]
+    lines = ["| comparison | A − B | seeds | per-seed differences | mean ± 95% CI | 95% interval | rule | verdict | "
+             "claim |", "|---|---|---:|---|---|---|---|---|---|"]
     for c in comparisons:
         p = paired(groups, c)
+        rule = "–" if c.rule is None else str(c.rule)
         if p["missing"]:
-            verdict, mean = f"not run: {', '.join(p['missing'])}", "–"
+            mean, interval = "–", f"not run: {', '.join(p['missing'])}"
+        elif p["ci95"] is None:
+            mean, interval = f"{p['mean']:+.3f}", "– (one seed)"
         else:
-            ci = "" if p["ci95"] is None else f" ± {p['ci95']:.3f}"
-            mean = f"{p['mean']:+.3f}{ci}"
-            verdict = ("– (one seed)" if p["ci95"] is None else
-                       "yes" if abs(p["mean"]) > p["ci95"] else "no")
+            mean = f"{p['mean']:+.3f} ± {p['ci95']:.3f}"
+            interval = f"[{p['mean'] - p['ci95']:+.3f}, {p['mean'] + p['ci95']:+.3f}]"
+        verdict = f"**{p['verdict']}**" if p["verdict"] == "reproduced" else (p["verdict"] or "–")
         diffs = ", ".join(f"{d:+.3f}" for d in p["diffs"]) or "–"
-        lines.append(f"| {c.label} | {c.a} − {c.b} | {p['seeds']} | {diffs} | {mean} | {verdict} | {c.expect} |")
+        lines.append(f"| {c.label} | {c.a} − {c.b} | {p['seeds']} | {diffs} | {mean} | {interval} | {rule} | "
+                     f"{verdict} | {c.claim} |")
     return "\n".join(lines)
 
 
@@ -293,12 +284,36 @@ def check_pairs(pairs: list, groups: list[str], source: str) -> None:
                                   f"Groups: {', '.join(groups)}")
 
 
+RUNS_CSV = ("recipe", "seed", "steps", "metric", "before", "after", "kl_mean", "gap_max", "collapse_step", "wall_s")
+
+
+def runs_csv(groups: list[Group]) -> str:
+    """One line per run (``OUT/runs.csv``, see the module docstring)."""
+    lines = [",".join(RUNS_CSV)]
+    for g in groups:
+        for r in g.runs:
+            kl = list(r.series("kl/train_inference_k1").values())
+            gap = list(r.series("first_order/gap_total").values())
+            row = (g.name, r.seed, r.steps, r.metric, r.evals.get("before", {}).get(r.metric),
+                   r.evals.get("after", {}).get(r.metric), sum(kl) / len(kl) if kl else None,
+                   max(gap) if gap else None, collapse_step(r.series("reward/mean")),
+                   None if r.wall is None else round(r.wall, 1))
+            lines.append(",".join("" if v is None else format(v, ".6g") if isinstance(v, float) else str(v)
+                                  for v in row))
+    return "\n".join(lines) + "\n"
+
+
 def compare(run_dirs: list[str | Path], out: str | Path, walls: dict[str, float] | None = None,
-            comparisons: list[Comparison] | None = None) -> tuple[str, Path]:
-    """Aggregate ``run_dirs`` (see the module docstring); writes ``OUT/compare.png`` and ``OUT/compare.md``."""
+            comparisons: list[Comparison] | None = None, *, record: str | Path | None = None,
+            figure: bool = True, planned: list[str] | None = None) -> tuple[str, Path | None]:
+    """Aggregate ``run_dirs`` (see the module docstring); writes ``OUT/compare.png`` (unless not ``figure``),
+    ``compare.md``, ``compare.json`` and ``runs.csv``, the text files also to ``record`` with ``walls.json``.
+    A comparison may name a group of ``planned`` (a grid's recipes) that has no finished run yet ("not run"); any
+    other name must be a group of ``run_dirs``."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: a file, not a folder; name a folder for compare.png and compare.md")
+    for flag, folder in (("--out", out), ("--record", record)):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise ConfigError(f"{flag} {folder}: a file, not a folder; name a folder for compare.png and compare.md")
     runs = [read_run(p, walls) for p in run_dirs]
     if not runs:
         raise ConfigError("pgzoo compare: no run folders to compare; pass run folders or --grid")
@@ -310,15 +325,30 @@ def compare(run_dirs: list[str | Path], out: str | Path, walls: dict[str, float]
                               f"{r.seed}); give each run once")
         seen[key] = r.path
     groups = group_runs(runs)
-    check_pairs([(c.a, c.b) for c in comparisons or []], [g.name for g in groups], "--pair")
+    check_pairs([(c.a, c.b) for c in comparisons or []], [g.name for g in groups] + list(planned or []), "--pair")
     out.mkdir(parents=True, exist_ok=True)
-    png = plot(groups, out / "compare.png")
+    png = plot(groups, out / "compare.png") if figure else None
     table = markdown(groups)
     if comparisons:
         table += "\n\nPaired by seed (final held-out accuracy, A − B):\n\n" + paired_markdown(groups, comparisons)
-    (out / "compare.md").write_text(table + "\n")
     summary = [g.summary() for g in groups]
     if comparisons:
-        summary.append({"paired": [{"a": c.a, "b": c.b, "label": c.label, **paired(groups, c)} for c in comparisons]})
-    (out / "compare.json").write_text(json.dumps(summary, indent=1, default=str))
+        summary.append({"paired": [{"a": c.a, "b": c.b, "label": c.label, "claim": c.claim,
+                                    "rule": None if c.rule is None else {"expect": c.rule.expect,
+                                                                         "margin": c.rule.margin},
+                                    **paired(groups, c)} for c in comparisons]})
+    texts = {"compare.md": table + "\n", "compare.json": json.dumps(summary, indent=1, default=str) + "\n",
+             "runs.csv": runs_csv(groups)}
+    if walls is not None:
+        texts["walls.json"] = json.dumps(walls, indent=1, sort_keys=True) + "\n"
+    for folder in (out, record):
+        if folder is None:
+            continue
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            if folder == out and name == "walls.json":
+                continue  # the grid runner's own file
+            tmp = Path(folder) / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(Path(folder) / name)
     return table, png

@@ -14,6 +14,9 @@ A grid file is YAML::
     recipes:                      # recipe files relative to the grid file, or shipped names (tiny/minirl)
       - minirl.yaml
       - minirl-no-is.yaml
+    comparisons:                  # pairs compared seed by seed, each with the rule that decides it
+      - {label: "(a)", a: minirl-no-is, b: minirl, expect: less, claim: "dropping the IS weight hurts"}
+      - {label: "(c)", a: minirl-r3, b: minirl, expect: equivalent, margin: 0.03}
 
 Run ``(recipe, seed)`` lives in ``OUT/<recipe stem>-s<seed>``; two runs of a grid never share a folder (a recipe
 listed twice, two recipes with one file name, a seed given twice or a negative seed are refused up front). A run is
@@ -191,23 +194,46 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 comparisons=_comparisons(path, data.get("comparisons") or [], [Path(r).stem for r in resolved]))
 
 
+COMPARISON_KEYS = ("a", "b", "label", "expect", "margin", "claim")
+
+
 def _comparisons(path: Path, entries, groups: list[str]) -> list:
-    """``comparisons: [{a: minirl-no-is, b: minirl, label: "(a)", expect: "A < B"}, ...]``; a and b are recipe
-    names of this grid (their run folders' group names)."""
+    """``comparisons: [{label: "(a)", a: minirl-no-is, b: minirl, expect: less, claim: "..."}, ...]``: a and b are
+    recipe names of this grid (their run folders' group names); ``expect`` (less, greater or equivalent, with
+    ``margin`` for equivalent) is the rule that decides the comparison (:class:`pgzoo.lab.stats.Rule`)."""
     from pgzoo.lab.compare import Comparison
+    from pgzoo.lab.stats import EXPECTS, Rule
 
     out = []
     for i, e in enumerate(entries if isinstance(entries, list) else [None]):
-        keys = {"a", "b", "label", "expect"}
-        if not isinstance(e, dict) or not {"a", "b"} <= set(e) <= keys or \
-                not all(isinstance(v, str) for v in e.values()):
-            raise ConfigError(f"{path}: comparisons[{i}] must be a mapping with string keys a, b (recipe names of "
-                              f"the grid) and optional label, expect")
+        where = f"{path}: comparisons[{i}]"
+        shape = (f"{where} must be a mapping with keys a, b (recipe names of the grid), expect "
+                 f"({', '.join(EXPECTS)}) and optional label, margin, claim")
+        if not isinstance(e, dict):
+            raise ConfigError(shape)
+        for k in e:  # a misspelt key is named before the required ones are missed
+            if k not in COMPARISON_KEYS:
+                raise ConfigError(f"{where}.{k}: unknown key.{suggest(str(k), list(COMPARISON_KEYS))} Valid keys: "
+                                  f"{', '.join(COMPARISON_KEYS)}")
+            if k != "margin" and not isinstance(e[k], str):
+                raise ConfigError(f"{where}.{k}={e[k]!r}: use a string")
+        if not {"a", "b", "expect"} <= set(e):
+            raise ConfigError(shape)
         for k in ("a", "b"):
             if e[k] not in groups:
-                raise ConfigError(f"{path}: comparisons[{i}].{k}={e[k]!r} is not a recipe of the grid "
+                raise ConfigError(f"{where}.{k}={e[k]!r} is not a recipe of the grid "
                                   f"({', '.join(groups)}).{suggest(e[k], groups)}")
-        out.append(Comparison(e["a"], e["b"], e.get("label", ""), e.get("expect", "")))
+        if e["expect"] not in EXPECTS:
+            raise ConfigError(f"{where}.expect={e['expect']!r}: use one of {', '.join(EXPECTS)}."
+                              f"{suggest(e['expect'], list(EXPECTS))}")
+        if e["expect"] == "equivalent" and "margin" not in e:
+            raise ConfigError(f"{where}: expect: equivalent needs a margin fixed before the runs, e.g. margin: 0.03 "
+                              "(reproduced when the paired 95% interval lies inside ±margin)")
+        try:
+            rule = Rule(e["expect"], e.get("margin"))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.{exc}") from None
+        out.append(Comparison(e["a"], e["b"], e.get("label", ""), rule, e.get("claim", "")))
     return out
 
 
@@ -247,10 +273,12 @@ def _add_wall(out: Path, name: str, seconds: float) -> None:
 
 
 def run_missing(runs: list[GridRun], overrides: list[str] | None = None, *, log=print,
-                runner=subprocess.call) -> list[GridRun]:
+                runner=subprocess.call, after_run=None) -> list[GridRun]:
     """Run every unfinished run of ``runs`` in its own process, one after the other; returns the runs that failed
-    (non-zero exit, or not ``finished`` afterwards). ``runner`` is :func:`subprocess.call` (tests replace it).
-    Existing run folders must have recorded the recipe the grid runs now (:func:`check_recorded`)."""
+    (non-zero exit, or not ``finished`` afterwards). ``runner`` is :func:`subprocess.call` (tests replace it);
+    ``after_run(run)`` is called after each run that finished (``pgzoo compare --record`` refreshes its summaries
+    there, so a grid stopped after hours keeps them). Existing run folders must have recorded the recipe the grid
+    runs now (:func:`check_recorded`)."""
     check_recorded(runs, list(overrides or []))
     failed = []
     for i, run in enumerate(runs, 1):
@@ -273,4 +301,6 @@ def run_missing(runs: list[GridRun], overrides: list[str] | None = None, *, log=
         log(f"      {'done' if ok else f'FAILED (exit {rc}; see logs/{run.name}.log)'} in {wall:.0f} s")
         if not ok:
             failed.append(run)
+        elif after_run is not None:
+            after_run(run)
     return failed

@@ -29,6 +29,11 @@ affects the result (task name and resolved options, seed, resolved SFT options, 
 versions). ``cache_dir`` defaults to ``$PGZOO_CACHE`` or ``~/.cache/pgzoo``. Concurrent callers serialise on a lock
 file, so two processes never train the same checkpoint twice.
 
+Which cold start a recipe trains from (``model.cold_start.seed``, :func:`recipe_cold_start`): one per recipe, seed
+0 by default, whatever the run's ``seed`` — the run's seed seeds the RL (rollouts, data order, dropout), and the
+cold start plays the base model, which every seed of an experiment shares as the paper's runs share one checkpoint;
+``seed: run`` gives each run seed its own cold start (the starting model then varies with the RL seed).
+
 Determinism: the same seed gives the same weights on the same machine and thread count (torch CPU kernels are
 deterministic for a fixed thread count; a different thread count may change float summation order).
 """
@@ -48,6 +53,25 @@ from pgzoo.errors import ConfigError, require
 from pgzoo.version import __version__
 
 COLD_START_VERSION = 1
+COLD_START_SEED = 0  # the cold start every run seed shares unless model.cold_start.seed says otherwise
+PER_RUN_SEED = "run"  # model.cold_start.seed: run -> the run's own seed (a cold start per seed)
+
+
+def check_cold_start_seed(value: Any) -> int | str:
+    """A recipe's ``model.cold_start.seed``: an integer >= 0, or ``run`` (the run's seed)."""
+    if value == PER_RUN_SEED or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ConfigError(f"model.cold_start.seed={value!r}; use an integer >= 0 (one cold start shared by every run "
+                      f"seed) or {PER_RUN_SEED!r} (each run seed its own cold start)")
+
+
+def recipe_cold_start(options: dict[str, Any], run_seed: int) -> tuple[int, dict[str, Any]]:
+    """``(cold-start seed, SFT options)`` of a recipe's ``model.cold_start`` for a run seeded ``run_seed``: the
+    ``seed`` key (default :data:`COLD_START_SEED`; ``run``: ``run_seed``) split from the options of
+    :func:`ensure_cold_start`. The cache key holds the cold-start seed, so runs that share it share one checkpoint."""
+    sft = dict(options)
+    seed = check_cold_start_seed(sft.pop("seed", COLD_START_SEED))
+    return (run_seed if seed == PER_RUN_SEED else seed), sft
 
 
 @dataclasses.dataclass(frozen=True)

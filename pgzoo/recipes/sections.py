@@ -56,10 +56,24 @@ class ModelSection(Section):
     path: str | None = Field(None, description="Hugging Face checkpoint folder; null = the embedded tiny MoE's "
                                                 "cached cold start for `task` (pgzoo.models.cold_start)")
     cold_start: dict[str, Any] = Field(default_factory=dict, description="options of ensure_cold_start "
-                                                                         "(when path is null)")
+                                                                         "(when path is null) and its `seed`: an "
+                                                                         "integer (default 0, shared by every run "
+                                                                         "seed) or `run` (a cold start per seed)")
     dtype: Dtype = Field("float32", description="training dtype")
     lora: LoraSection | None = Field(None, description="LoRA adapters (r, alpha, dropout, target_modules, ...); "
                                                        "null = full fine-tuning")
+
+    @pydantic.field_validator("cold_start")
+    @classmethod
+    def _cold_start_seed(cls, value):
+        if "seed" in value:  # checked at load, not when the run reaches its cold start
+            from pgzoo.models.cold_start import check_cold_start_seed
+
+            try:
+                check_cold_start_seed(value["seed"])
+            except ConfigError as exc:
+                raise ValueError(str(exc).removeprefix("model.cold_start.")) from None
+        return value
 
 
 class TaskSection(Section):
