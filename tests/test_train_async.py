@@ -52,6 +52,10 @@ def test_vllm_runs_asynchronously_with_its_engine_core_in_a_process_of_its_own(m
         recipe = recipe_from_dict({"rollout": {"engine": "vllm", "max_staleness": k}})  # validates for every k
         builders.engines.build("vllm", recipe.rollout, "ckpt", seed=0, return_routes=False, world_size=1)
     assert [kw["engine_process"] for kw in built] == [False, True, True]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # several GPU ranks: no per-rank device for vLLM
+    with pytest.raises(ConfigError, match=r"max_staleness=2 on 2 GPU ranks.*first GPU.*rollout.engine=transformers"):
+        builders.engines.build("vllm", recipe.rollout, "ckpt", seed=0, return_routes=False, world_size=2)
+    monkeypatch.undo()
 
     class InProcess:  # what VLLMEngine(engine_process=False).check_background_generate says, without vLLM
         def check_background_generate(self):

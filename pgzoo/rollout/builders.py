@@ -105,6 +105,11 @@ def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = Fals
     import torch
 
     background = rollout.max_staleness > 0
+    if background and world_size > 1 and torch.cuda.is_available():
+        raise ConfigError(f"rollout.engine=vllm with rollout.max_staleness={rollout.max_staleness} on {world_size} GPU "
+                          "ranks: each rank's vLLM engine core process would start on the first GPU CUDA shows it "
+                          "(pgzoo has no per-rank device for vLLM); use rollout.engine=transformers with "
+                          "rollout.device='cuda:{local_rank+N}', or one rank")
     share, kw = rollout.gpu_memory_utilization, {}
     world = world_size
     if world > 1 and not torch.cuda.is_available():
