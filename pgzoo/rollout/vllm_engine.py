@@ -163,7 +163,8 @@ class VLLMEngine:
 
         # vLLM caches its environment once an engine core has started in this process; the setting above must be
         # read again for this engine (an earlier engine here may have been started the other way).
-        vllm_envs.disable_envs_cache()
+        if hasattr(vllm_envs, "disable_envs_cache"):  # vLLM versions before the cache have nothing to reset
+            vllm_envs.disable_envs_cache()
 
         self.is_cpu = bool(current_platform.is_cpu())
         if not isinstance(fp8, bool):
