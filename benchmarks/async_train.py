@@ -8,8 +8,10 @@ with 16 prompts x 8 completions per step (128), no evaluation, one checkpoint at
 (k=0, k=1, k=0, k=1, ...) so that load from other processes on a shared machine falls on both alike. Per case: the
 median ``time/step`` over the steps after the first two (warm-up; step 0 of an asynchronous run also samples its
 own rows in the foreground), and the process's CPU seconds per wall second (about 1 when one thread works, up to 2
-when generation and update overlap). Reported per engine: the ratio k=1 / k=0 of each interleaved pair, min and
-median over pairs. An engine that refuses k >= 1 is reported with its reason. ``--model``: a Hugging Face checkpoint
+when generation and update overlap; with vLLM at k >= 1 its engine core process is counted too, as a child), and the
+1-minute load average of the machine at the case's start and end (what else competed for the cores). Reported per
+engine: the ratio k=1 / k=0 of each interleaved pair, min and median over pairs. An engine that refuses k >= 1 is
+reported with its reason. ``--model``: a Hugging Face checkpoint
 (default: a freshly initialised tiny MoE, as the tests use); ``key=value``: further recipe overrides.
 """
 
@@ -48,6 +50,7 @@ def run_case(engine: str, k: int, model: Path, steps: int, out: Path, extra: lis
            "output.plots=false", "output.progress_bar=false", "output.checkpoint_every=0", f"output.dir={out}",
            *extra, "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    load_start = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -62,9 +65,10 @@ def run_case(engine: str, k: int, model: Path, steps: int, out: Path, extra: lis
     timed = [r["time/step"] for r in rows[2:]] or [r["time/step"] for r in rows]
     return {"engine": engine, "k": k, "step_s": statistics.median(timed),
             "rollout_s": statistics.median(r["time/rollout"] for r in rows[2:] or rows),
+            "old_logprobs_s": statistics.median(r.get("time/old_logprobs", 0.0) for r in rows[2:] or rows),
             "update_s": statistics.median(r["time/update"] for r in rows[2:] or rows),
             "sync_s": statistics.median(r["time/sync"] for r in rows[2:] or rows),
-            "cpu_per_wall": cpu / wall, "wall_s": wall}
+            "cpu_per_wall": cpu / wall, "wall_s": wall, "load": [load_start, os.getloadavg()[0]]}
 
 
 def main(argv: list[str] | None = None) -> int:

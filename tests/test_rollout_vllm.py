@@ -269,3 +269,57 @@ def test_check_sync_passes_after_a_sync_and_catches_vllms_naive_moe_reload(engin
     engine.llm.reset_prefix_cache()
     with pytest.raises(EngineError, match=r"weight sync check failed.*VLLMEngine"):
         check_sync(engine, other, PROMPTS, max_new_tokens=8, tolerance=1e-4)
+
+
+# ---------------------------------------------------------------------- the engine core in its own process
+@pytest.fixture(scope="module")
+def process_engine(checkpoint):
+    """The same checkpoint with vLLM's engine core in a process of its own (what asynchronous runs build)."""
+    from pgzoo.rollout import VLLMEngine
+
+    eng = VLLMEngine(checkpoint, dtype="float32", gpu_memory_utilization=0.1, seed=0, engine_process=True)
+    yield eng
+    eng.close()
+
+
+def test_engine_process_samples_what_the_in_process_engine_samples(engine, process_engine, policy, vocab,
+                                                                   fresh_weights):
+    """Per-prompt seeds are exact across the process boundary: the same weights and seeds give the same tokens and
+    μ in and out of process, fresh and after both engines sync the same new weights (the CPU fused-expert write
+    then runs in the engine core process); the sync holds parity there and takes effect."""
+    from pgzoo.rollout import check_sync
+
+    def same(**kw):
+        a, b = (e.generate(PROMPTS, n=2, max_new_tokens=10, seed=[11, 5, 907], **kw) for e in (engine, process_engine))
+        assert a.completions() == b.completions()
+        assert torch.equal(a.completion_mask, b.completion_mask)
+        assert float((a.logprobs - b.logprobs).abs().max()) <= 1e-6
+        return a
+
+    before = same()
+    other = build_tiny_moe(vocab, seed=13)
+    try:
+        for e in (engine, process_engine):
+            e.load_weights(other)
+        ok = check_sync(process_engine, other, PROMPTS, max_new_tokens=8, tolerance=FRESH_MEAN * 10)
+        assert ok.num_tokens > 0 and ok.mean_abs_diff < FRESH_MEAN and ok.max_abs_diff < FRESH_MAX
+        assert check_sync(process_engine, policy, PROMPTS, max_new_tokens=8).mean_abs_diff > 1e-3
+        assert same(temperature=0.7).completions() != before.completions()
+    finally:
+        process_engine.load_weights(policy)
+
+
+def test_engine_process_threads_and_background_check(engine, process_engine):
+    """The model runs in another process with one torch thread; this process's threads stay as they were. Only the
+    engine-process engine may generate in a background thread (rollout.max_staleness >= 1)."""
+    import os
+
+    from pgzoo.errors import ConfigError
+
+    assert engine.engine_core_info()["pid"] == os.getpid()
+    info = process_engine.engine_core_info()
+    assert info["pid"] != os.getpid() and info["torch_threads"] == 1
+    assert torch.set_num_threads is SET_NUM_THREADS and torch.get_num_threads() == THREADS
+    process_engine.check_background_generate()
+    with pytest.raises(ConfigError, match=r"engine_process=False.*engine_process=True"):
+        engine.check_background_generate()

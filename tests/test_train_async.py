@@ -1,10 +1,11 @@
 """Asynchronous RL (``rollout.max_staleness``): the setting's checks, the staleness schedule, and end to end on the tiny
-MoE (transformers rollouts): every row is trained at most k versions after the weights that sampled it, its μ are
-those weights' log-probs (rescored from a saved copy of them), π_θold is the current weights', and a run killed
-mid-way resumes to the uninterrupted run's rows and weights."""
+MoE (transformers rollouts, and vLLM with its engine core in its own process): every row is trained at most k
+versions after the weights that sampled it, its μ are those weights' log-probs (rescored from a saved copy of them),
+π_θold is the current weights', and a run killed mid-way resumes to the uninterrupted run's rows and weights."""
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 
@@ -31,8 +32,6 @@ def test_max_staleness_is_a_strict_non_negative_int(value, match):
 
 
 @pytest.mark.parametrize("rollout, match", [
-    ({"engine": "vllm", "max_staleness": 1}, r"rollout.max_staleness=1: rollout.engine=vllm does not declare "
-                                             r"generation in a background thread.*rollout.engine=transformers"),
     ({"engine": "transformers", "max_staleness": 1, "dynamic_sampling": {"max_draws": 2}},
      r"rollout.max_staleness=1 with rollout.dynamic_sampling.*collective"),
     ({"engine": "vllm", "device": "cuda:1"}, r"rollout.device=cuda:1: rollout.engine=vllm does not declare"),
@@ -40,6 +39,37 @@ def test_max_staleness_is_a_strict_non_negative_int(value, match):
 def test_what_cannot_run_asynchronously_is_refused_by_name(rollout, match):
     with pytest.raises(ConfigError, match=match):
         recipe_from_dict({"rollout": rollout})
+
+
+def test_vllm_runs_asynchronously_with_its_engine_core_in_a_process_of_its_own(monkeypatch):
+    """The vllm builder starts the engine core in its own process exactly when the run is asynchronous (k = 0 keeps
+    the in-process engine and its by-reference sync), and an in-process engine is refused for k >= 1 by name."""
+    import pgzoo.rollout.builders as builders
+
+    built = []
+    monkeypatch.setattr(builders, "VLLMEngine", lambda *a, **kw: built.append(kw) or kw)
+    for k in (0, 1, 2):
+        recipe = recipe_from_dict({"rollout": {"engine": "vllm", "max_staleness": k}})  # validates for every k
+        builders.engines.build("vllm", recipe.rollout, "ckpt", seed=0, return_routes=False, world_size=1)
+    assert [kw["engine_process"] for kw in built] == [False, True, True]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # several GPU ranks: no per-rank device for vLLM
+    with pytest.raises(ConfigError, match=r"max_staleness=2 on 2 GPU ranks.*first GPU.*rollout.engine=transformers"):
+        builders.engines.build("vllm", recipe.rollout, "ckpt", seed=0, return_routes=False, world_size=2)
+    monkeypatch.undo()
+
+    class InProcess:  # what VLLMEngine(engine_process=False).check_background_generate says, without vLLM
+        def check_background_generate(self):
+            raise ConfigError("this VLLMEngine runs vLLM's engine core in the trainer's process")
+
+    from pgzoo.models import build_tiny_moe, build_tokenizer
+    import pgzoo
+
+    tok = build_tokenizer()
+    recipe = recipe_from_dict({"rollout": {"engine": "vllm", "max_staleness": 1}})
+    with pytest.raises(ConfigError, match=r"rollout.max_staleness=1: this VLLMEngine runs vLLM's engine core in the "
+                                          r"trainer's process"):
+        RLModule(build_tiny_moe(len(tok), seed=0), tok, pgzoo.get("minirl"), pgzoo.tasks.get("arithmetic"),
+                 InProcess(), recipe)
 
 
 def test_asynchronous_runs_recompute_pi_old():
@@ -123,11 +153,20 @@ def ckpt(tmp_path_factory):
     return fresh_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
 
 
-@pytest.mark.slow
-def test_rows_are_at_most_k_versions_old_and_mu_is_the_sampling_weights(ckpt, tmp_path, monkeypatch):
+def engine_param(name: str):
+    marks = [pytest.mark.slow]
+    if name == "vllm":
+        marks += [pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                                       reason="vllm is not installed")]
+    return pytest.param(name, marks=marks)
+
+
+@pytest.mark.parametrize("engine", [engine_param("transformers"), engine_param("vllm")])
+def test_rows_are_at_most_k_versions_old_and_mu_is_the_sampling_weights(engine, ckpt, tmp_path, monkeypatch):
     """k=1 over a whole run: each step's weights are saved before its update (version s), and each row's recorded
     version is s - 1 (0 for steps 0 and 1); rescoring a row with the saved copy of its version gives the objective's μ
-    (float32 engine: to round-off), while the current weights do not; π_θold is the current weights'."""
+    (float32 engine: to round-off), while the current weights do not; π_θold is the current weights'. With vLLM the
+    engine core runs in its own process (checked) and rollout.verify_sync holds after every sync."""
     from pgzoo.models.logprobs import completion_logprobs
 
     seen = []
@@ -140,9 +179,16 @@ def test_rows_are_at_most_k_versions_old_and_mu_is_the_sampling_weights(ckpt, tm
         return metrics
 
     monkeypatch.setattr(RLModule, "update", spy)
+    engines = []
+    real_build = train_mod.build_engine
+    monkeypatch.setattr(train_mod, "build_engine", lambda r, p: engines.append(real_build(r, p)) or engines[-1])
     steps = 4
     res = train_mod.train(load_recipe(RECIPE, overrides(ckpt, tmp_path / "run", f"train.steps={steps}",
-                                                        "rollout.max_staleness=1")), quiet=True)
+                                                        "rollout.max_staleness=1", f"rollout.engine={engine}",
+                                                        "rollout.verify_sync=1e-5")), quiet=True)
+    if engine == "vllm":
+        assert engines[0].engine_process
+        assert all(row["sync/logprob_abs_diff_mean"] <= 1e-5 for row in res.history)
     assert [s for s, _, _ in seen] == list(range(steps))
     versions = {s: data.versions for s, _, data in seen}
     for s, v in versions.items():

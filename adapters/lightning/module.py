@@ -101,10 +101,12 @@ class RLModule(L.LightningModule):
         if recipe.rollout.max_staleness:
             from pgzoo.adapters.lightning.pipeline import RolloutPipeline
 
-            if not getattr(engine, "owns_weights", True):
-                raise ConfigError(f"rollout.max_staleness={recipe.rollout.max_staleness}: the rollout engine samples "
-                                  "from the policy module itself (TransformersEngine(copy=False)), which the trainer "
-                                  "updates while the engine generates; build it with copy=True")
+            check = getattr(engine, "check_background_generate", None)
+            if check is not None:  # how this engine object was built may rule it out (the declaration cannot know)
+                try:
+                    check()
+                except ConfigError as exc:
+                    raise ConfigError(f"rollout.max_staleness={recipe.rollout.max_staleness}: {exc}") from None
             self.pipeline = RolloutPipeline(self.sample_step, recipe.rollout.max_staleness, recipe.train.steps,
                                             engine)
 

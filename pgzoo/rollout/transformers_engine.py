@@ -105,7 +105,7 @@ class TransformersEngine:
         routes=True,  # recorded while generating, on any device (for the MoE families pgzoo.routing knows)
         lora_sync=True,
         sharded_sync=True,  # load_weight_buckets
-        background_generate=True,  # its own copy of the weights (copy=False is refused by the trainer's pipeline)
+        background_generate=True,  # its own copy of the weights (copy=False: check_background_generate refuses)
         device_choice=True,  # device=
         logprob_tolerance=1e-5,  # float32 copy of the policy: KV-cached loop vs one full forward, ~1e-7 mean
     )
@@ -177,6 +177,14 @@ class TransformersEngine:
         """Whether the engine samples from a copy of its own (False: from the module it was given, ``copy=False``),
         so a trainer may update its policy while :meth:`generate` runs in another thread."""
         return not self._shares_module
+
+    def check_background_generate(self) -> None:
+        """Raise :class:`~pgzoo.errors.ConfigError` unless :meth:`generate` may run in a background thread while the
+        trainer updates its policy (``rollout.max_staleness`` >= 1): the engine must sample from a copy of its own."""
+        if not self.owns_weights:
+            raise ConfigError("the rollout engine samples from the policy module itself (TransformersEngine("
+                              "copy=False)), which the trainer updates while the engine generates; build it with "
+                              "copy=True")
 
     def cancel(self) -> None:
         """Stop the :meth:`generate` running in another thread at its next token; it raises :class:`EngineError`.

@@ -8,18 +8,27 @@ TransformersEngine for the tiny models, docs/rollout.md), and in-place weight sy
 
 How it works:
 
-* The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here before vLLM starts), so weight
-  sync hands tensors to the worker by reference: no serialisation, no copy of the state dict.
+* By default vLLM's engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here before vLLM
+  starts), so weight sync hands tensors to the model by reference: no serialisation, no copy of the state dict.
+* ``engine_process=True`` (what ``pgzoo train`` builds for ``rollout.max_staleness`` >= 1) starts vLLM's engine core
+  in a process of its own (vLLM's V1 multiprocessing, with the model in that process: vLLM's single-process
+  executor there), so :meth:`generate` in the trainer's process only waits on IPC while the engine core computes:
+  a background generation and the trainer's update run on two cores without sharing an interpreter. Weight sync
+  then serialises the tensors once per sync and sends them through ``collective_rpc``
+  (:mod:`pgzoo.rollout.vllm_reload`); on GPUs a trainer would move them with vLLM's weight-transfer API (NCCL)
+  instead, which this engine does not implement.
 * μ are vLLM's *processed* logprobs (``logprobs_mode="processed_logprobs"``): log-softmax of the logits after
   temperature (and the top-p nucleus), of the sampled token — the distribution the token was actually drawn from.
 * ``load_weights`` streams the policy (plain, FSDP2-sharded or PEFT LoRA) through
   :func:`pgzoo.rollout.sync.sync_weights`: parameter by parameter, under checkpoint names (transformers 5 keeps MoE
   experts fused as ``mlp.experts.gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I]; checkpoints and vLLM's loader
   use per-expert names, so the conversion transformers applies when saving is reused), in bounded buckets that one
-  vLLM ``reload_weights`` call consumes lazily; the reload reruns each layer's weight processing (fused qkv /
-  gate_up, oneDNN packing on CPU). On CPU that reload mis-writes the fused-MoE experts (the kernel wants them
-  VNNI-prepacked), so the engine writes those itself, expert by expert (:mod:`pgzoo.rollout.vllm_cpu_moe`), then
-  drops vLLM's prefix cache (cached KV blocks were computed with the old weights).
+  vLLM ``reload_weights`` call consumes lazily (in this process; with ``engine_process=True`` the buckets are
+  gathered into one message); the reload reruns each layer's weight processing (fused qkv / gate_up, oneDNN packing
+  on CPU). On CPU that reload mis-writes the fused-MoE experts (the kernel wants them VNNI-prepacked), so the
+  engine writes those itself, expert by expert, in the model's process (:mod:`pgzoo.rollout.vllm_cpu_moe`,
+  :mod:`pgzoo.rollout.vllm_reload`), then drops vLLM's prefix cache (cached KV blocks were computed with the old
+  weights).
 * Routes (R3): vLLM returns ``routed_experts`` [seq_len, layers, top_k] per completion when started with
   ``enable_return_routed_experts=True``; that needs vLLM's Model Runner V2 (GPU builds). On CPU the engine raises
   :class:`~pgzoo.errors.EngineError` and points to :class:`~pgzoo.rollout.TransformersEngine`.
@@ -41,9 +50,9 @@ import torch
 from pgzoo.errors import ConfigError, EngineError
 from pgzoo.rollout.base import Rollouts, assemble, check_generate_args, prompt_seeds
 from pgzoo.rollout.capabilities import EngineCapabilities
-from pgzoo.rollout.vllm_cpu_moe import EXPERT_NAME, CPUExperts, cpu_moe_targets
-from pgzoo.rollout.vllm_support import (checkpoint_shapes, cpu_kv_bytes, import_vllm,
-                                        keep_default_process_group, quiet_reload_warnings, tensor_parallel_group)
+from pgzoo.rollout.vllm_reload import load_checkpoint_tensors, serialise
+from pgzoo.rollout.vllm_support import (checkpoint_shapes, cpu_kv_bytes, import_vllm, keep_default_process_group,
+                                        tensor_parallel_group)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -65,9 +74,15 @@ class VLLMEngine:
         enforce_eager: skip torch.compile / graph capture (default: True on CPU, where it starts in seconds).
         cpu_threads: torch threads of this process outside :meth:`generate` on CPU (default: as before vLLM
             started; vLLM itself would pin the process to one thread and disable ``torch.set_num_threads``, which
-            would also throttle a colocated trainer). :meth:`generate` runs with ``generate_threads``.
+            would also throttle a colocated trainer). :meth:`generate` runs with ``generate_threads``. Unused with
+            ``engine_process=True`` (vLLM then leaves this process's threads alone).
         generate_threads: torch threads while vLLM decodes or syncs weights on CPU (default 1: small ops dominate,
-            and two threads spinning on a shared machine made decoding ~3-5x and syncing ~10x slower).
+            and two threads spinning on a shared machine made decoding ~3-5x and syncing ~10x slower); with
+            ``engine_process=True``, the engine core process's torch threads (``OMP_NUM_THREADS`` when it starts).
+        engine_process: run vLLM's engine core (and the model) in a process of its own instead of this one, so
+            :meth:`generate` may run in a background thread of a trainer that updates at the same time
+            (``rollout.max_staleness`` >= 1; ``pgzoo train`` chooses this then). vLLM starts that process with
+            ``spawn`` on CPU: a script that builds such an engine needs the ``if __name__ == "__main__":`` guard.
         fp8: FP8 (e4m3) weights with ``dtype`` activations (vLLM's ``quantization="fp8"``, re-applied at every
             sync); needs a GPU build of vLLM.
         **llm_kwargs: passed to ``vllm.LLM`` unchanged (e.g. ``max_num_seqs``, ``tensor_parallel_size``).
@@ -88,6 +103,8 @@ class VLLMEngine:
         routes_need_cuda=True,
         lora_sync=True,  # sync_weights merges the adapters and streams the effective weights
         sharded_sync=True,  # load_weight_buckets
+        # with engine_process=True (the builder's choice for rollout.max_staleness >= 1; check_background_generate)
+        background_generate=True,
         logprob_tolerance=1e-5,  # float32 vs the float32 policy: measured ~1e-7 mean, ~1e-6 max
         notes=(
             ("fp8_dtypes", "vLLM runs FP8 weights with bfloat16 or float16 activations"),
@@ -95,10 +112,6 @@ class VLLMEngine:
                     "compiled in)"),
             ("router_dtype", "vLLM computes the router inside its fused MoE layer in the model's dtype and has no "
                              "setting for the router alone"),
-            ("background_generate", "this engine runs vLLM's engine core in the trainer's process "
-                                    "(VLLM_ENABLE_V1_MULTIPROCESSING=0, so weight sync hands tensors over by "
-                                    "reference); a generate in a background thread would share the Python "
-                                    "interpreter and the CPU build's thread pool with the update"),
             ("device_choice", "vLLM places itself on the devices CUDA_VISIBLE_DEVICES shows it; there is no per-engine "
                               "device setting for a colocated vllm.LLM"),
             ("routes", "vLLM returns routed experts only from its Model Runner V2 on a GPU "
@@ -119,6 +132,7 @@ class VLLMEngine:
         cpu_threads: int | None = None,
         generate_threads: int | None = 1,
         fp8: bool = False,
+        engine_process: bool = False,
         **llm_kwargs: Any,
     ):
         if dtype not in DTYPES:
@@ -131,14 +145,26 @@ class VLLMEngine:
                 f"model_path={str(model_path)!r} is not a Hugging Face checkpoint folder (no config.json): save the "
                 f"policy with model.save_pretrained(path) and tokenizer.save_pretrained(path) first"
             )
-        # In-process engine: weight sync passes tensors by reference, and collective_rpc may run our functions.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if not isinstance(engine_process, bool):
+            raise ConfigError(f"VLLMEngine engine_process={engine_process!r} must be true or false")
+        if engine_process and llm_kwargs.get("distributed_executor_backend") == "external_launcher":
+            raise ConfigError("VLLMEngine engine_process=True with distributed_executor_backend='external_launcher': "
+                              "the external launcher runs vLLM inside the trainer's processes; give one of the two")
+        # In process: weight sync passes tensors by reference. Engine process: vLLM's V1 multiprocessing. Either way
+        # collective_rpc may run pgzoo's functions where the model is (pickled by reference in the second case).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if engine_process else "0"
         # CPU: do not pin the process to cores (vLLM's default binds its OpenMP threads, which on a machine shared
         # with a trainer or other jobs made decoding ~5x slower in our measurements). Set it yourself to override.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         vllm = import_vllm()
+        from vllm import envs as vllm_envs
         from vllm.platforms import current_platform
+
+        # vLLM caches its environment once an engine core has started in this process; the setting above must be
+        # read again for this engine (an earlier engine here may have been started the other way).
+        if hasattr(vllm_envs, "disable_envs_cache"):  # vLLM versions before the cache have nothing to reset
+            vllm_envs.disable_envs_cache()
 
         self.is_cpu = bool(current_platform.is_cpu())
         if not isinstance(fp8, bool):
@@ -185,6 +211,14 @@ class VLLMEngine:
             # vLLM's online FP8: weights quantized to e4m3 at load, activations in `dtype`. Every sync goes through
             # reload_weights, whose layerwise reload re-runs that quantization on the new full-precision weights.
             kwargs["quantization"] = "fp8"
+        if engine_process and int(llm_kwargs.get("tensor_parallel_size") or 1) == 1:
+            # The model in the engine core process itself (vLLM's single-process executor, its default for one
+            # device). Passed as the class because vLLM's CPU platform turns the name "uni" into its multiprocess
+            # executor under V1 multiprocessing (for its OpenMP core binding, which pgzoo switches off): that would
+            # put the model in a third process whose shared-memory reader spins a core for ~1 s after every message.
+            from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+            kwargs["distributed_executor_backend"] = UniProcExecutor
         if self.is_cpu:
             # Seeded sampling + chunked prefill fails on CPU in vLLM 0.32 ("CPU Generator does not use offset" when a
             # partially prefilled request's sample is discarded): schedule whole prompts instead.
@@ -194,13 +228,15 @@ class VLLMEngine:
         # Under a trainer's torch.distributed (external_launcher) vLLM joins the existing default process group;
         # close() must then leave it alive.
         self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        self.engine_process = engine_process
         threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         try:
-            self.llm = vllm.LLM(**kwargs)
+            with _engine_process_threads(engine_process and self.is_cpu, generate_threads or 1):
+                self.llm = vllm.LLM(**kwargs)
         except Exception as exc:
             raise EngineError(f"vLLM failed to start on {path}: {exc}") from exc
         finally:
-            if self.is_cpu:
+            if self.is_cpu and not engine_process:
                 # vLLM's CPU worker replaces torch.set_num_threads process-wide with a no-op and drops torch to one
                 # thread "for serving"; colocated, that would also throttle the trainer in this process.
                 torch.set_num_threads = set_num_threads
@@ -215,8 +251,24 @@ class VLLMEngine:
         self._shapes = checkpoint_shapes(path)
         self.last_sync_seconds: float | None = None
         self.num_syncs = 0
-        self.generate_threads = generate_threads if self.is_cpu else None
+        # torch threads of this process around a generate or sync (in process only: the engine core has its own)
+        self.generate_threads = generate_threads if self.is_cpu and not engine_process else None
         self._tp_group = tensor_parallel_group(llm_kwargs)
+
+    def check_background_generate(self) -> None:
+        """Raise :class:`~pgzoo.errors.ConfigError` unless :meth:`generate` may run in a background thread while the
+        trainer updates (``rollout.max_staleness`` >= 1): the engine core must run in its own process."""
+        if not self.engine_process:
+            raise ConfigError(
+                "this VLLMEngine runs vLLM's engine core in the trainer's process (engine_process=False), so a "
+                "background generation would share the Python interpreter and the thread pool with the update; build "
+                "it with VLLMEngine(..., engine_process=True) (pgzoo train does for rollout.max_staleness >= 1)")
+
+    def engine_core_info(self) -> dict:
+        """Where the model runs: ``{"pid": its process id, "torch_threads": torch threads there}`` (the trainer's
+        own process id when ``engine_process=False``)."""
+        self._check_open()
+        return self.llm.collective_rpc(_process_info)[0]
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def generate(
@@ -342,39 +394,33 @@ class VLLMEngine:
         so at most one bucket plus one partly loaded layer is alive. On CPU, fused-MoE expert tensors bypass the
         reload and are written expert by expert into the kernel's prepacked storage (see the module docstring).
         A failure in the middle leaves the engine's weights undefined: close it and start a new one.
+
+        With ``engine_process=True`` the buckets are gathered into one serialised message (one extra copy of the
+        weights in this process while it is sent) and the same code runs in the engine core process.
         """
         self._check_open()
         start = time.perf_counter()
         target = getattr(torch, self.dtype)
-        experts: dict[str, CPUExperts] = {}
-        if self.is_cpu:
-            experts = self.llm.collective_rpc(cpu_moe_targets)[0]
-        written: set[tuple[str, int, str]] = set()
 
         def weights():
             for bucket in buckets:
                 for name, tensor in bucket:
-                    hit = EXPERT_NAME.match(name) if experts else None
-                    if hit and hit["prefix"] in experts:
-                        experts[hit["prefix"]].write(int(hit["expert"]), hit["proj"], tensor)
-                        written.add((hit["prefix"], int(hit["expert"]), hit["proj"]))
-                        continue
                     yield name, tensor.to(target) if tensor.is_floating_point() and tensor.dtype != target else tensor
                 bucket = tensor = None  # let the producer free it before the next one is gathered
 
         try:
-            with self._engine_threads(), quiet_reload_warnings():
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+            with self._engine_threads():
+                payload = serialise(weights()) if self.engine_process else weights()
+                result = self.llm.collective_rpc(load_checkpoint_tensors,
+                                                 kwargs={"weights": payload, "cpu": self.is_cpu})[0]
             self.llm.reset_prefix_cache()
         except EngineError:
             raise
         except Exception as exc:
             raise EngineError(f"weight sync into vLLM failed: {exc}") from exc
-        expected = {(p, e, proj) for p, ex in experts.items() for e in range(ex.w13.shape[0])
-                    for proj in ("gate_proj", "up_proj", "down_proj")}
-        if written != expected:
-            raise EngineError(f"weight sync into vLLM: {len(expected - written)} expert tensors were not sent "
-                              f"(e.g. {sorted(expected - written)[:2]}); the engine mixes old and new experts")
+        if result["missing"]:
+            raise EngineError(f"weight sync into vLLM: {result['missing']} of {result['experts']} expert tensors were "
+                              f"not sent (e.g. {result['missing_names']}); the engine mixes old and new experts")
         self.last_sync_seconds = time.perf_counter() - start
         self.num_syncs += 1
 
@@ -416,13 +462,15 @@ class VLLMEngine:
             if not self._owns_process_group:
                 stack.enter_context(keep_default_process_group())
             try:
-                llm.llm_engine.engine_core.shutdown()
+                llm.llm_engine.engine_core.shutdown()  # with engine_process=True: ends the engine core process
             except Exception:
                 pass
             del llm
             import gc
 
             gc.collect()
+            if self.engine_process:  # vLLM's distributed state and memory lived in the engine core process
+                return
             try:
                 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
@@ -438,7 +486,31 @@ class VLLMEngine:
 
     def __repr__(self) -> str:
         return (f"VLLMEngine({str(self.model_path)!r}, dtype={self.dtype!r}, max_model_len={self.max_model_len}, "
-                f"supports_routes={self.supports_routes})")
+                f"supports_routes={self.supports_routes}, engine_process={self.engine_process})")
+
+
+@contextlib.contextmanager
+def _engine_process_threads(active: bool, threads: int):
+    """While vLLM spawns its engine core process (``active``): ``OMP_NUM_THREADS=threads`` in the environment it
+    inherits, so torch there starts with that many threads (vLLM's CPU worker disables ``torch.set_num_threads``
+    once it runs, and reads the variable only at start)."""
+    if not active:
+        yield
+        return
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+
+
+def _process_info(worker) -> dict:
+    """Worker side of :meth:`VLLMEngine.engine_core_info`."""
+    return {"pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
 
 def routes_of(comp, out, length: int) -> torch.Tensor:
