@@ -100,6 +100,22 @@ def test_cache_key_covers_options():
     assert base != cache_key("arithmetic", {"max_digits": 2}, 1, SFTConfig())
     assert base != cache_key("arithmetic", {"max_digits": 2}, 0, SFTConfig(lr=1e-3))
     assert base != cache_key("arithmetic", {"max_digits": 2}, 0, SFTConfig(model={"hidden_size": 64}))
+    assert base != cache_key("arithmetic", {"max_digits": 2}, 0, SFTConfig(window=3))
+    assert base != cache_key("arithmetic", {"max_digits": 2}, 0, SFTConfig(cooldown_steps=10))
+
+
+@pytest.mark.parametrize("window, cooldown", [(3, 4), (1, 0)])
+def test_rule_averages_window_checks_then_cools_down(window, cooldown):
+    # target 1e-30: every check meets it (a fresh model gives the reference answer some probability), so the rule
+    # fires at the first check that completes a window, and the run stops `cooldown` updates later
+    cfg = SFTConfig(max_steps=20, eval_every=1, eval_n=8, final_eval_n=4, batch_size=4, target=1e-30,
+                    window=window, cooldown_steps=cooldown)
+    _, _, card = cold_start(pgzoo.tasks.get("arithmetic"), seed=0, config=cfg)
+    assert card["rule_met_at_step"] == window and card["stop_reason"] == "target"
+    assert card["steps"] == window + cooldown
+    assert len(card["history"]) == window  # no checks while cooling down
+    rule = card["history"][-1]
+    assert rule["sampled_mean"] == pytest.approx(sum(h["sampled"] for h in card["history"]) / window, abs=1e-4)
 
 
 def test_small_cold_start_written_atomically_with_card(tmp_path, monkeypatch):
@@ -136,6 +152,8 @@ def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
     (dict(lr=-1.0), ConfigError, "lr=-1.0"),
     (dict(band=(0.7, 0.3)), ConfigError, "band"),
     (dict(batch_size=0), ConfigError, "batch_size=0"),
+    (dict(window=0), ConfigError, "window=0"),
+    (dict(cooldown_steps=-1), ConfigError, "cooldown_steps=-1"),
     (dict(seed="0"), ConfigError, "seed='0'"),
 ])
 def test_bad_settings_raise_before_training(tmp_path, kwargs, error, match):

@@ -47,7 +47,7 @@ from typing import Any
 from pgzoo.errors import ConfigError, require
 from pgzoo.version import __version__
 
-COLD_START_VERSION = 1
+COLD_START_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +63,10 @@ class SFTConfig:
     eval_every: int = 5
     eval_n: int = 512
     final_eval_n: int = 500
-    target: float = 0.33          # stop once sampled (T=1) accuracy reaches this ...
-    greedy_max: float = 0.60      # ... while greedy accuracy is at most this
+    target: float = 0.30          # the rule fires once the mean sampled (T=1) accuracy of `window` checks reaches
+    greedy_max: float = 0.55      # this, or their mean greedy accuracy exceeds this
+    window: int = 5               # checks averaged by the rule (every step once near): no single lucky step fires it
+    cooldown_steps: int = 40      # after the rule fires: updates with the lr decaying linearly to 0, then stop
     band: tuple[float, float] = (0.30, 0.60)
     max_new_tokens: int = 8
     threads: int = 1              # torch CPU threads during SFT (1: fast on a shared machine, deterministic)
@@ -73,10 +75,13 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "max_steps", "eval_every", "eval_n", "final_eval_n", "max_new_tokens",
-                    "threads"):
+                    "threads", "window"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"cold start: {key}={v!r}; use a positive integer")
+        if isinstance(self.cooldown_steps, bool) or not isinstance(self.cooldown_steps, int) or self.cooldown_steps < 0:
+            raise ConfigError(f"cold start: cooldown_steps={self.cooldown_steps!r}; use an integer >= 0 (0: stop "
+                              "when the rule fires)")
         if not self.lr > 0:
             raise ConfigError(f"cold start: lr={self.lr!r}; use a positive learning rate")
         if self.max_seconds is not None and not self.max_seconds > 0:
@@ -219,14 +224,25 @@ def _cold_start(task, seed, config, log):
     check_characters(task)  # whole data files; samples of generated tasks
     val = encode_batch(tokenizer, task.sample(config.eval_n, "train", seed=10_000_019 + seed), "cpu", task)
     history: list[dict[str, float]] = []
+    fired_at = None  # the step at which the stopping rule fired; the cool-down follows it
+
+    def lr_factor(s: int) -> float:
+        """Learning-rate multiplier of update ``s`` (0-based): linear warm-up, constant, then after the rule fires a
+        linear decay that reaches 0 after ``cooldown_steps`` more updates."""
+        warm = min(1.0, (s + 1) / max(1, config.warmup_steps))
+        if fired_at is None:
+            return warm
+        return warm * max(0.0, (fired_at + config.cooldown_steps - s) / config.cooldown_steps)
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                 betas=(0.9, 0.98))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
         step, stop_reason, last = 0, "max_steps", {}
         while step < config.max_steps:
+            if fired_at is not None and step >= fired_at + config.cooldown_steps:
+                break
             # 1. a fresh batch of train-split problems (reproducible: seeded by (seed, step))
             problems = task.sample(config.batch_size, "train", seed=seed * 1_000_003 + step)
             ids, mask, labels = encode_batch(tokenizer, problems, "cpu", task)
@@ -237,26 +253,43 @@ def _cold_start(task, seed, config, log):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for group in opt.param_groups:
+                group["lr"] = config.lr * lr_factor(step)
             opt.step()
-            sched.step()
             step += 1
-            # 3. the stopping rule, on train-split problems sampled with a separate seed
-            near = bool(history) and history[-1]["sampled"] >= config.target / 2  # the rise is steep: check often
+            if fired_at is not None:
+                continue  # cooling down: the rule has fired
+            # 3. the stopping rule: the mean of the last `window` checks, on train-split problems sampled with a
+            # separate seed (one check swings by several points between consecutive steps at this learning rate)
+            near = bool(history) and history[-1]["sampled_mean"] >= config.target / 2  # the rise is steep
             if step % config.eval_every == 0 or near:
                 sampled, greedy = teacher_forced_accuracy(model, *val)
+                recent = history[-(config.window - 1):] if config.window > 1 else []
+                sampled_mean = (sampled + sum(h["sampled"] for h in recent)) / (len(recent) + 1)
+                greedy_mean = (greedy + sum(h["greedy"] for h in recent)) / (len(recent) + 1)
                 last = {"step": step, "loss": round(float(loss.detach()), 5), "sampled": round(sampled, 5),
-                        "greedy": round(greedy, 5), "seconds": round(time.perf_counter() - t_start, 2)}
+                        "greedy": round(greedy, 5), "sampled_mean": round(sampled_mean, 5),
+                        "greedy_mean": round(greedy_mean, 5), "seconds": round(time.perf_counter() - t_start, 2)}
                 history.append(last)
-                done = sampled >= config.target or greedy > config.greedy_max
+                done = len(history) >= config.window and (sampled_mean >= config.target
+                                                          or greedy_mean > config.greedy_max)
                 if step % (10 * config.eval_every) == 0 or near or done:
                     log(f"step {step:5d} loss {last['loss']:.4f} sampled {sampled:.3f} greedy {greedy:.3f} "
-                        f"({last['seconds']:.1f}s)")
+                        f"(mean of {min(len(history), config.window)}: {sampled_mean:.3f} / {greedy_mean:.3f}; "
+                        f"{last['seconds']:.1f}s)")
                 if done:
-                    stop_reason = "target" if greedy <= config.greedy_max else "greedy_max"
-                    break
+                    stop_reason = "target" if greedy_mean <= config.greedy_max else "greedy_max"
+                    fired_at = step
+                    if config.cooldown_steps:
+                        log(f"stopping rule met at step {step}: {config.cooldown_steps} cool-down steps")
             if config.max_seconds is not None and time.perf_counter() - t_start > config.max_seconds:
                 stop_reason = "max_seconds"
                 break
+        if fired_at is not None and config.cooldown_steps:
+            sampled, greedy = teacher_forced_accuracy(model, *val)
+            last = {"step": step, "loss": round(float(loss.detach()), 5), "sampled": round(sampled, 5),
+                    "greedy": round(greedy, 5), "seconds": round(time.perf_counter() - t_start, 2)}
+            log(f"step {step:5d} after the cool-down: sampled {sampled:.3f} greedy {greedy:.3f}")
     model.eval()
     sft_seconds = time.perf_counter() - t_start
     # 4. held-out accuracy for the card
@@ -270,6 +303,7 @@ def _cold_start(task, seed, config, log):
         "seed": seed,
         "steps": step,
         "stop_reason": stop_reason,
+        "rule_met_at_step": fired_at,
         "sft_seconds": round(sft_seconds, 2),
         "seconds": round(time.perf_counter() - t_start, 2),
         "train_sampled_accuracy": last.get("sampled"),
