@@ -22,14 +22,15 @@ Runbook (what :func:`cold_start` does, top to bottom):
    checkpoint, tokenizer and ``card.json`` atomically (temporary folder, then move).
 
 Why a mean over ``window`` checks: at the SFT learning rate one check's accuracy swings by several points between
-consecutive steps (greedy 0.24 -> 0.36 -> 0.29 near the rise), so a rule on one check fires on whichever upward
+consecutive steps (greedy 0.29 -> 0.36 -> 0.24 near the rise), so a rule on one check fires on whichever upward
 swing first crosses the threshold, and another CPU (another float summation order) swings differently. The mean of
 5 consecutive checks rises with the model, not with its swings, and the median check's weights neither overshoot a
-steep rise (the newest check can sit 10 points above the mean) nor sit on a swing. The rule aims low in the band so that RL has room:
-mean avg@1 >= 0.33 or mean greedy accuracy > 0.50 (the band of held-out avg@1 is [0.25, 0.60]: a start that fires on
-greedy can hold 0.26, and RL from it gained 26 points in 100 steps). ``card.json`` records the task and
-options, seed, steps, seconds, the train-split accuracies at the stop (and the rule's means in ``history``), the
-held-out accuracies and whether the run landed in the band (``in_band``: held-out avg@1 within ``band``).
+steep rise (the newest check can sit 10 points above the mean) nor sit on a swing. The rule aims low in the band so
+that RL has room: mean avg@1 >= 0.33 or mean greedy accuracy > 0.50 (the band of held-out avg@1 is [0.25, 0.60]: a
+start that fires on greedy can hold 0.26, and RL from it gained 26 points in 100 steps). ``card.json`` records the
+task and options, seed, steps, the step whose weights were kept (``selected_step``), seconds, the train-split
+accuracies of that check (and the rule's means in ``history``), the held-out accuracies and whether the run landed
+in the band (``in_band``: held-out avg@1 within ``band``).
 
 Caching: the checkpoint lives in ``<cache_dir>/cold-start/<task>-<key>``, ``key`` a sha256 of everything that
 affects the result (task name and resolved options, seed, resolved SFT options, model config, pgzoo/torch/transformers
