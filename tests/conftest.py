@@ -113,7 +113,7 @@ class TinyJob:
 
 # test file -> (shipped recipe, extra environment, timeout in seconds) of the tiny jobs it checks end to end
 TINY_JOBS = {
-    "test_main_job.py": ("recipes/tiny/minirl.yaml", {}, 1500),
+    "test_main_job.py": ("recipes/tiny/minirl.yaml", {}, 2400),
     "test_lora_job.py": ("recipes/tiny/minirl-lora.yaml", {"OMP_NUM_THREADS": "1"}, 1800),
 }
 # The files whose tests run in one worker process when pytest-xdist spreads the suite (`--dist loadgroup`): the

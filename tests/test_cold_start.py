@@ -100,6 +100,27 @@ def test_cache_key_covers_options():
     assert base != cache_key("arithmetic", {"max_digits": 2}, 1, SFTConfig())
     assert base != cache_key("arithmetic", {"max_digits": 2}, 0, SFTConfig(lr=1e-3))
     assert base != cache_key("arithmetic", {"max_digits": 2}, 0, SFTConfig(model={"hidden_size": 64}))
+    assert base != cache_key("arithmetic", {"max_digits": 2}, 0, SFTConfig(window=3))
+
+
+@pytest.mark.parametrize("window", [3, 1])
+def test_rule_fires_on_the_mean_of_the_last_window_checks_and_keeps_the_median(window):
+    # target 1e-30: every check meets it (a fresh model gives the reference answer some probability), so the rule
+    # fires at the first check that completes a window
+    cfg = SFTConfig(max_steps=20, eval_every=1, eval_n=8, final_eval_n=4, batch_size=4, target=1e-30, window=window)
+    task = pgzoo.tasks.get("arithmetic")
+    model, tok, card = cold_start(task, seed=0, config=cfg)
+    checks = card["history"]
+    assert card["steps"] == window and card["stop_reason"] == "target" and len(checks) == window
+    assert checks[-1]["sampled_mean"] == pytest.approx(sum(h["sampled"] for h in checks) / window, abs=1e-4)
+    assert checks[-1]["greedy_mean"] == pytest.approx(sum(h["greedy"] for h in checks) / window, abs=1e-4)
+    median = sorted(checks, key=lambda h: (h["sampled"], h["step"]))[window // 2]
+    assert card["selected_step"] == median["step"] and card["train_sampled_accuracy"] == median["sampled"]
+    # the returned weights are that check's: the same problems (the rule's own seed) give its accuracy again
+    from pgzoo.models.cold_start import encode_batch
+
+    val = encode_batch(tok, task.sample(cfg.eval_n, "train", seed=10_000_019), "cpu", task)
+    assert teacher_forced_accuracy(model, *val)[0] == pytest.approx(median["sampled"], abs=1e-5)
 
 
 def test_small_cold_start_written_atomically_with_card(tmp_path, monkeypatch):
@@ -136,6 +157,7 @@ def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
     (dict(lr=-1.0), ConfigError, "lr=-1.0"),
     (dict(band=(0.7, 0.3)), ConfigError, "band"),
     (dict(batch_size=0), ConfigError, "batch_size=0"),
+    (dict(window=0), ConfigError, "window=0"),
     (dict(seed="0"), ConfigError, "seed='0'"),
 ])
 def test_bad_settings_raise_before_training(tmp_path, kwargs, error, match):
