@@ -100,3 +100,25 @@ def wait_for(proc, done, timeout: float = 240) -> None:
     while not done():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.2)
+
+
+def child_pid(parent: int, marker: bytes, timeout: float = 0) -> int:
+    """The pid of the child of ``parent`` whose environment holds ``marker`` (e.g. ``b"LOCAL_RANK=1"``), waiting up
+    to ``timeout`` seconds for it to appear. /proc/PID/stat is read after its last ``)``: a command name may hold
+    spaces and parentheses, which shift the fields of a plain split."""
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if int(stat[1]) == parent and marker in env:
+                return int(pid)
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no child of {parent} with {marker.decode()} in its environment")
+        time.sleep(0.2)

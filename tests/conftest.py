@@ -111,24 +111,23 @@ class TinyJob:
             self.proc.wait()
 
 
+class TinyJobs(dict):
+    """The session's tiny jobs keyed by test file; a job not started yet starts when its test asks for it."""
+
+    def __init__(self, start):
+        super().__init__()
+        self._start = start
+
+    def __missing__(self, test_file: str) -> TinyJob:
+        self[test_file] = job = self._start(test_file)
+        return job
+
+
 # test file -> (shipped recipe, extra environment, timeout in seconds) of the tiny jobs it checks end to end
 TINY_JOBS = {
     "test_main_job.py": ("recipes/tiny/minirl.yaml", {}, 2400),
     "test_lora_job.py": ("recipes/tiny/minirl-lora.yaml", {"OMP_NUM_THREADS": "1"}, 1800),
 }
-# The files whose tests run in one worker process when pytest-xdist spreads the suite (`--dist loadgroup`): the
-# cold start's tests train the session's cold start, and the tiny jobs start right after them in the same process.
-TINY_JOB_GROUP = {"test_cold_start.py", *TINY_JOBS}
-
-
-def pytest_collection_modifyitems(config, items):
-    # pytest-xdist's unit of work: a test file (its module fixtures, some of which train a model, then run once), or
-    # the tiny jobs' group of files.
-    for item in items:
-        group = "tiny-jobs" if item.path.name in TINY_JOB_GROUP else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 def _tiny_job_tests(session) -> set[str]:
     """The files of TINY_JOBS whose tests this session runs (after selection), and that can run here."""
     import importlib.util
@@ -151,14 +150,23 @@ def tiny_jobs(request, tmp_path_factory):
     fill the idle core while other tests run, instead of taking minutes of their own at their tests. Their results
     do not depend on when they run (fixed seeds and thread counts). Both read the cold start from the session's
     cache; if it is not there yet, one trains it and the other waits on the entry's lock, as concurrent ranks do."""
+    import os
+
     from _train_helpers import subprocess_env
 
     cache = request.getfixturevalue("pgzoo_cache")
-    jobs = {}
-    for test_file in sorted(_tiny_job_tests(request.session)):
+
+    def start(test_file: str) -> TinyJob:
         recipe, extra, timeout = TINY_JOBS[test_file]
         run_dir = tmp_path_factory.mktemp(test_file[len("test_"):-len(".py")].replace("_", "-")) / "run"
-        jobs[test_file] = TinyJob(recipe, run_dir, {**subprocess_env(), "PGZOO_CACHE": str(cache), **extra}, timeout)
+        return TinyJob(recipe, run_dir, {**subprocess_env(), "PGZOO_CACHE": str(cache), **extra}, timeout)
+
+    jobs = TinyJobs(start)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        # one process runs every test: both jobs at once. Under pytest-xdist each worker starts only the job of the
+        # test it was given, when it gets there (all workers see every selected test in session.items).
+        for test_file in sorted(_tiny_job_tests(request.session)):
+            jobs[test_file]
     yield jobs
     for job in jobs.values():
         job.stop()
@@ -171,8 +179,8 @@ _jobs_pending = {}  # session -> whether the tiny jobs are still to start
 def _start_tiny_jobs_early(request, tmp_path_factory):
     """Starts the tiny jobs before the first test that follows the session's cold start (tests/test_cold_start.py
     trains it; its own tests are left alone, they time the cold start and its cache hit). Without a cold start in
-    the cache the jobs start at their own tests. Under pytest-xdist the cold start's and the jobs' tests run one
-    after the other in one worker (TINY_JOB_GROUP), whose jobs then use the cores while the other workers go on."""
+    the cache the jobs start at their own tests. Under pytest-xdist each job starts at its own test, in the worker
+    that runs it, and uses the cores while the other worker goes on."""
     import os
 
     session = request.session

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from _train_helpers import subprocess_env, fresh_checkpoint, stable
+from _train_helpers import child_pid, fresh_checkpoint, stable, subprocess_env
 from pgzoo.adapters.lightning.run_folder import latest_checkpoint, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -179,7 +179,7 @@ def test_a_killed_rank_stops_the_run_with_a_resume_hint(ckpt, tmp_path):
         while latest_checkpoint(out) is None or latest_checkpoint(out).name < "step-000002":
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
             time.sleep(0.5)
-        rank1 = _rank_pid(proc.pid, 1)
+        rank1 = child_pid(proc.pid, b"RANK=1")
         os.kill(rank1, signal.SIGKILL)  # mid-step: step 2 or 3 is running
         t0 = time.monotonic()
         text = proc.communicate(timeout=120)[0]
@@ -197,16 +197,3 @@ def test_a_killed_rank_stops_the_run_with_a_resume_hint(ckpt, tmp_path):
     transformers.AutoModelForCausalLM.from_pretrained(last)  # the last checkpoint loads
 
 
-def _rank_pid(parent: int, rank: int) -> int:
-    """The pid of the torchrun worker with RANK=rank among ``parent``'s descendants."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{pid}/stat").read_text().split()
-        except OSError:
-            continue
-        if int(stat[3]) == parent and f"RANK={rank}".encode() in env:
-            return int(pid)
-    raise AssertionError(f"no child of {parent} with RANK={rank}")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _train_helpers import fresh_checkpoint, stable, subprocess_env, train_steps
+from _train_helpers import child_pid, fresh_checkpoint, stable, subprocess_env, train_steps
 from pgzoo.adapters.lightning.run_folder import latest_checkpoint, read_metrics
 
 from pgzoo.fileio import verify_folder
@@ -67,18 +67,7 @@ def subreaper():
 
 def child_rank(parent: int, timeout: float = 120) -> int:
     """The pid of rank 1: the child of ``parent`` (rank 0) started by Lightning's launcher with LOCAL_RANK=1."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if int(stat[1]) == parent and b"LOCAL_RANK=1" in env:
-                return int(pid)
-        time.sleep(0.2)
-    raise AssertionError(f"rank 0 ({parent}) started no rank 1")
+    return child_pid(parent, b"LOCAL_RANK=1", timeout)
 
 
 def interrupted_run(ckpt, out, send, strategy: str = "ddp", *extra: str) -> tuple[str, int, int]:
