@@ -122,3 +122,13 @@ def child_pid(parent: int, marker: bytes, timeout: float = 0) -> int:
         if time.monotonic() >= deadline:
             raise AssertionError(f"no child of {parent} with {marker.decode()} in its environment")
         time.sleep(0.2)
+
+
+def assert_same_rows(expected: list[dict], got: list[dict]) -> None:
+    """Two runs' metric rows agree step by step (the stable keys; float tolerance of a resumed run)."""
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        a, b = stable(a), stable(b)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
