@@ -96,7 +96,7 @@ def test_entropy_bonus_composes():
 
 # ---------------------------------------------------------------------------------------------- TRL's stage 2
 def test_loss_and_gradient_equal_trls_compute_loss():
-    from trl.experimental.a2po import A2POTrainer
+    A2POTrainer = pytest.importorskip("trl.experimental.a2po.a2po_trainer").A2POTrainer
     from trl.trainer.utils import selective_log_softmax
 
     g = torch.Generator().manual_seed(0)
@@ -179,9 +179,9 @@ def test_estimator_limits_and_reference_rewards():
 def test_v_star_equals_trls_stage_one(monkeypatch):
     """TRL's ``_estimate_optimal_values`` on a stub trainer: 3 prompts × n = 4 reference samples whose rewards come
     from a table; pgzoo's V* from the same rewards, as reference rewards and as the group's own."""
+    a2po = pytest.importorskip("trl.experimental.a2po.a2po_trainer")
+    A2POTrainer = a2po.A2POTrainer
     from accelerate import PartialState
-    import trl.experimental.a2po.a2po_trainer as a2po
-    from trl.experimental.a2po import A2POTrainer
 
     n, beta1 = 4, 0.3
     table = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.25, 1.0, 0.5, 0.0]])
