@@ -231,6 +231,11 @@ def bare_m2po(lp, m, adv, old, mu, ref):
     return -(keep.reshape(lp.shape) * torch.exp(lp - mu) * adv * m).sum() / n
 
 
+def bare_a_star_po(lp, m, adv, old, mu, ref):
+    error = 1e-3 * ((lp - ref) * m).sum(-1) - adv[:, 0]
+    return error.square().sum() / m.any(-1).sum()
+
+
 BARE = {
     "minirl": bare_minirl,
     "minirl-no-clip": lambda *a: bare_minirl(*a, no_clip=True),
@@ -265,6 +270,8 @@ BARE = {
     "seq-mask-tis": bare_seq_mask_tis,
     "decoupled-ppo": bare_decoupled_ppo,
     "m2po": bare_m2po,
+    "a-star-po": bare_a_star_po,
+    "a2po": bare_a_star_po,
 }
 
 

@@ -115,6 +115,16 @@ def test_off_policy_grpo_with_reference_model(ckpt, tmp_path):
     assert row["ratio/max"] != 1.0 or row["ratio/min"] != 1.0
 
 
+def test_a_star_po_trains_against_the_reference_model(ckpt, tmp_path):
+    """A*-PO reads the reference log-probs in its own term (no β): the trainer loads the reference policy for it."""
+    recipe = load_recipe(RECIPE, overrides(ckpt, tmp_path / "a", "train.steps=2", "objective.name=a-star-po",
+                                           "objective.advantage=a-star", "objective.options.beta2=0.01"))
+    first, second = train_mod.train(recipe, quiet=True).history
+    assert abs(first["astar_po/implicit_reward_mean"]) < 1e-6  # π_θ = π_ref before the first update
+    assert abs(second["astar_po/implicit_reward_mean"]) > 1e-5
+    assert first["astar_po/advantage_mean"] <= 0.0  # V* = β1·log mean exp(r/β1) is at least the group's mean
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_short_run_with_vllm_rollouts(ckpt, tmp_path):

@@ -207,7 +207,8 @@ QUICK_TRL = {"minirl", "grpo", "dapo", "dr-grpo", "cispo", "gspo", "gspo-token"}
 
 
 @pytest.mark.parametrize("name", [n if n in QUICK_TRL else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in pgzoo.available() if pgzoo.get(n).shard_additive])
+                                  for n in pgzoo.available() if pgzoo.get(n).shard_additive
+                                  and "ref_logprobs" not in pgzoo.get(n).requires])  # A*-PO: refused below
 def test_gradient_equals_objective_on_full_minibatch(name, tmp_path, base_moe, tok):
     """GA = 2, steps_per_generation = 4: two optimizer steps per rollout, the second one off-policy."""
     objective = pgzoo.get(name)
@@ -437,6 +438,7 @@ def test_untested_trl_version_raises(monkeypatch):
          "not a multiple of gradient_accumulation_steps"),
         ({"loss": pgzoo.get("grpo", beta=0.1)}, {"beta": 0.04}, "GRPOConfig.beta=0.04 but objective 'grpo' has beta=0.1"),
         ({"loss": pgzoo.get("grpo", beta=0.04)}, {}, r"Set GRPOConfig\(beta=0.04\)"),
+        ({"loss": "a-star-po"}, {}, "reads the reference policy's logprobs in its own term"),
         ({"loss": "gspo"}, {"importance_sampling_level": "sequence"}, "importance_sampling_level"),
         ({"loss": "gspo"}, {"top_entropy_quantile": 0.2}, "top_entropy_quantile=0.2 drops tokens.*one per sequence"),
         ({"loss": "grpo"}, {"loss_type": "sapo"}, "loss_type='sapo' but loss='grpo'"),

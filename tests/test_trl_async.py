@@ -269,6 +269,8 @@ def test_refusals_name_the_setting(tmp_path, caplog):
     # refused at construction, before TRL loads a model or reaches a server
     with pytest.raises(ConfigError, match="beta=0.04.*no reference model"):
         AsyncGRPOTrainer(model="no/such-model", loss=pgzoo.get("grpo", beta=0.04), args=config(tmp_path))
+    with pytest.raises(ConfigError, match="a-star-po.*its own term.*loads no reference model"):
+        check_async_objective(pgzoo.get("a-star-po"))
     with pytest.raises(ConfigError, match="takes a pgzoo objective or its name"):
         AsyncGRPOTrainer(model="no/such-model", loss=3, args=config(tmp_path))
     with caplog.at_level(logging.WARNING, logger="pgzoo.adapters.trl"):

@@ -116,13 +116,15 @@ def weights_for(name, old, rollout):
     return torch.exp(old - rollout) if "rollout_logprobs" in pgzoo.get(name).requires else None
 
 
-NAMES = pgzoo.available()
+# every objective verl can run: those whose own term reads the reference log-probs (A*-PO) are refused by name
+REFUSED = [n for n in pgzoo.available() if "ref_logprobs" in pgzoo.get(n).requires]
+NAMES = [n for n in pgzoo.available() if n not in REFUSED]
 CASES = [(n, m) for n in NAMES for m in accepted_modes(n)]
 
 
 def test_every_objective_is_registered_under_its_prefixed_name():
-    assert sorted(plugin.LOSSES) == sorted(f"pgzoo/{n}" for n in NAMES)
-    for name in NAMES:
+    assert sorted(plugin.LOSSES) == sorted(f"pgzoo/{n}" for n in pgzoo.available())
+    for name in pgzoo.available():
         assert core_algos.get_policy_loss_fn(f"pgzoo/{name}") is not None
     # verl's own losses are still its own
     assert core_algos.get_policy_loss_fn("vanilla").__module__ == "verl.trainer.ppo.core_algos"
@@ -223,6 +225,12 @@ def test_a_contradicting_pgzoo_aggregation_is_refused():
 def test_a_kl_term_is_refused_pointing_to_verls_kl_loss():
     with pytest.raises(pgzoo.ConfigError, match="use_kl_loss=true"):
         _call("grpo", "seq-mean-token-mean", pgzoo_options={"beta": 0.01})
+
+
+def test_an_objective_reading_reference_logprobs_is_refused():
+    assert REFUSED == ["a-star-po", "a2po"]
+    with pytest.raises(pgzoo.ConfigError, match="verl hands them to its own KL loss only"):
+        _call("a-star-po", FIXED_AGGREGATION)
 
 
 def test_an_entropy_term_is_refused_pointing_to_verls_entropy_coeff():

@@ -70,6 +70,11 @@ def check_beta(objective: Objective, beta: float) -> None:
     """Raise unless ``GRPOConfig.beta`` equals the objective's β: the KL term is the objective's, and TRL computes
     reference logprobs only when its own β is non-zero."""
     obj_beta = float(getattr(objective.config, "beta", 0.0) or 0.0)
+    if "ref_logprobs" in objective.requires and obj_beta == 0:
+        raise ConfigError(
+            f"objective {objective.name!r} reads the reference policy's logprobs in its own term (not in a KL "
+            "penalty), but TRL's GRPOTrainer computes them only for a KL term (GRPOConfig.beta != 0), which this "
+            "objective does not have: run it with pgzoo's trainer (pgzoo train), which loads the reference policy")
     if float(beta) != obj_beta:
         raise ConfigError(
             f"GRPOConfig.beta={beta} but objective {objective.name!r} has beta={obj_beta}: the KL term is "
@@ -164,6 +169,9 @@ def check_async_objective(objective: Objective) -> None:
     compute (a reference model's logprobs for β ≠ 0); warn once when the objective's training–inference factor
     π_θold/μ is inert there, because that trainer's π_θold *is* μ."""
     missing = objective.requires - ASYNC_FIELDS
+    if "ref_logprobs" in missing and not getattr(objective.config, "beta", 0):
+        raise ConfigError(f"objective {objective.name!r} reads the reference policy's logprobs in its own term, but "
+                          "TRL's AsyncGRPOTrainer loads no reference model: run it with pgzoo's trainer (pgzoo train)")
     if "ref_logprobs" in missing:
         raise ConfigError(
             f"objective {objective.name!r} has beta={objective.config.beta}, but TRL's AsyncGRPOTrainer loads no "

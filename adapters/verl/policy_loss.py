@@ -153,6 +153,11 @@ def build_plan(name: str, loss_agg_mode: str, config) -> Plan:
                 f"no aggregation option; set {ACTOR}.loss_agg_mode={FIXED_AGGREGATION} (verl's name for it)")
         objective = probe
     requires = set(objective.requires)
+    if "ref_logprobs" in requires and not getattr(objective.config, "beta", 0):
+        raise ConfigError(
+            f"{PREFIX}{name} needs the reference policy's log-probs in its own term (not only in a KL penalty), but "
+            f"verl hands them to its own KL loss only, never to a policy loss: run {name} with pgzoo's trainer "
+            f"(pgzoo train) or another trainer that passes ref_logprobs (docs/verl.md)")
     if "ref_logprobs" in requires:
         raise ConfigError(
             f"{PREFIX}{name} with these options has a KL term (beta > 0), but verl hands the reference log-probs "

@@ -20,6 +20,8 @@ standard deviation (unbiased, as TRL and verl compute it), G_g its size and l_i 
 - ``reward``                  r_i, no baseline                              (RAFT++ in ROLL; TOPR)
 - ``group-mean-batch-std``    (r_i − mean_g) / (std_B + eps), std_B over the whole batch   (TRL scale_rewards="batch")
 - ``maxrl``                   (r_i − mean_g) / (mean_g + eps), rewards ≥ 0    (MaxRL)
+- ``a-star``                  r_i − β1·log mean_{j∈g} exp(r_j/β1), or over reference rewards (option
+                              reference_rewards [N, n])                     (A*-PO)
 
 Each estimator's docstring gives its paper and its verl counterpart.
 
@@ -32,6 +34,8 @@ is a baseline-free sample to verl's group estimators, a zero here).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -329,3 +333,41 @@ def maxrl(rewards, index, num_groups, *, eps: float = 1e-6):
     size, centred, _, constant = group_stats(rewards, index, num_groups)
     mean = group_sum(rewards, index, num_groups)[index] / size
     return zero_where(constant | (size < 2), centred / (mean + eps))
+
+
+def a_star(rewards, index, num_groups, *, beta1: float = 0.5, reference_rewards=None):
+    """A*-PO's optimal advantage A_i = r_i − V*(x_i), V*(x) = β1·log(mean_j exp(r_j/β1)) (a soft maximum).
+
+    "Accelerating RL for LLM Reasoning with Optimal Advantage Regression" (arXiv 2505.20686), stage 1; the default
+    β1 = 0.5 is TRL's ``A2POConfig.beta1``. The paper and TRL's ``A2POTrainer`` estimate V*(x) from n samples of
+    the *reference* policy per prompt, drawn once before training. Without ``reference_rewards``, pgzoo estimates it
+    from the group's own G rewards (the samples of the current policy), so V* moves with the policy; β1 → 0 gives the
+    group's best reward, β1 → ∞ its mean (``group-mean``). A group whose rewards are all equal (a group of one
+    included) has V* = r and gets exactly 0.
+
+    ``reference_rewards`` ``[N, n]``: row i the rewards of n reference-policy samples of row i's prompt (repeated for
+    the rows of one prompt, as ``remax``'s ``baseline_rewards``); V* is then taken over them, as TRL does, and groups
+    play no part. Not a trainer input: pgzoo's trainer samples no reference completions.
+    """
+    beta1 = check_number("advantages: beta1", beta1, low=0.0, low_open=True,
+                         hint="TRL's A2POConfig.beta1 is 0.5; small β1 makes V* the best reward, large β1 the mean")
+    if reference_rewards is not None:
+        ref = torch.as_tensor(reference_rewards, device=rewards.device).to(rewards.dtype)
+        if ref.dim() != 2 or ref.shape[0] != rewards.shape[0] or ref.shape[1] == 0:
+            raise ConfigError(f"advantage estimator 'a-star': reference_rewards must be [N={rewards.shape[0]}, n] "
+                              f"(row i: the rewards of n reference samples of row i's prompt), got shape "
+                              f"{tuple(ref.shape)}")
+        if not bool(torch.isfinite(ref).all()):
+            raise ConfigError("advantage estimator 'a-star': reference_rewards contain NaN or Inf")
+        v_star = beta1 * (torch.logsumexp(ref / beta1, dim=1) - math.log(ref.shape[1]))
+        return rewards - v_star
+    _, _, _, constant = group_stats(rewards, index, num_groups)
+    scaled = rewards / beta1
+    top = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device).scatter_reduce(
+        0, index, scaled, "amax", include_self=False)
+    log_mean_exp = top + torch.log(group_sum(torch.exp(scaled - top[index]), index, num_groups)) - torch.log(
+        group_sum(torch.ones_like(rewards), index, num_groups))
+    return zero_where(constant, rewards - beta1 * log_mean_exp[index])
+
+
+register("a-star")(a_star)

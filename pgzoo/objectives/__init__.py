@@ -22,6 +22,7 @@ family (module)        registered names                             class
 ``dro``                dro, kimi15                                  :class:`DRO`
 ``decoupled``          decoupled-ppo, m2po                          :class:`DecoupledPPO`, :class:`M2PO`
 ``corrected``          icepop, seq-mask-tis                         :class:`GRPO`
+``astar_po``           a-star-po, a2po                              :class:`AStarPO`
 =====================  ===========================================  ==================
 
 Variants are registrations of one class with default overrides, never copies (see each module's docstring for the
@@ -31,6 +32,7 @@ masks, entropy bonus; every family takes them) and the aggregation, once.
 """
 
 from pgzoo.objectives import corrected, raft  # noqa: F401  (GRPO variants: icepop, seq-mask-tis, raft++)
+from pgzoo.objectives.astar_po import AStarPO
 from pgzoo.objectives.base import AGGREGATIONS, Objective, ObjectiveOutput, aggregate
 from pgzoo.objectives.cispo import CISPO
 from pgzoo.objectives.cov import ClipCov, KLCov
@@ -51,4 +53,5 @@ from pgzoo.objectives.vespo import VESPO
 
 __all__ = ["AGGREGATIONS", "Objective", "ObjectiveOutput", "aggregate", "MiniRL", "GRPO", "CISPO", "GSPO",
            "GPG", "ClipCov", "KLCov", "GMPO", "DPPO", "SAPO", "VESPO", "Shaping", "TOPR", "PrimeIPO",
-           "ImportanceSampling", "CrossEntropy", "DRO", "DecoupledPPO", "M2PO"]
+           "ImportanceSampling", "CrossEntropy", "DRO", "DecoupledPPO", "M2PO",
+           "AStarPO"]
