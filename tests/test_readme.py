@@ -2,7 +2,7 @@
 main job (so `pgzoo eval runs/minirl` has a run to read).
 
 The quick-start block is the one exception: `make test` is what CI runs, and `make train`'s command
-(`pgzoo train recipes/tiny/minirl.yaml`, 200 steps with vLLM) is run in full by tests/test_main_job.py; here the same
+(`pgzoo train recipes/tiny/minirl.yaml`, 200 steps with vLLM) is run in full by tests/test_tiny_jobs.py; here the same
 command runs 2 steps. The snippets use tensors a user would have (`lp`, `mask`, `adv`, `mu`, `rewards`, `batch`,
 `my_reinforce`): the prelude below defines them, nothing else.
 """
