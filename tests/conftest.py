@@ -128,19 +128,8 @@ TINY_JOBS = {
     "main": ("recipes/tiny/minirl.yaml", {}, 2400),
     "lora": ("recipes/tiny/minirl-lora.yaml", {"OMP_NUM_THREADS": "1"}, 1800),
 }
-TINY_JOB_FILE = "test_tiny_jobs.py"
 TINY_JOB_TESTS = {"test_main_job_learns": "main",
                   "test_lora_job_learns_and_its_checkpoint_loads_with_plain_transformers": "lora"}
-
-
-def pytest_collection_modifyitems(config, items):
-    # Under pytest-xdist (one test file per unit of work, handed out in collection order) the tiny jobs' tests go
-    # first: each starts its job in its worker at the beginning, and the many short files fill the other core and
-    # the end of the run, instead of a job running alone on one core at the end.
-    import os
-
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: item.path.name != TINY_JOB_FILE)  # stable: otherwise the collection order
 
 
 def _tiny_job_tests(session) -> set[str]:
