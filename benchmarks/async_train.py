@@ -1,18 +1,26 @@
-"""Asynchronous against synchronous `pgzoo train`: step time with ``rollout.max_staleness=1`` over ``=0``, per engine.
+"""Asynchronous against synchronous `pgzoo train`, and both against TRL's GRPOTrainer, on the same work: step times.
 
-    python benchmarks/async_train.py [--engines transformers vllm] [--reps 3] [--steps 8] [--model PATH] [key=value ...]
+    python benchmarks/async_train.py [--engines transformers vllm] [--trl generate vllm] [--reps 3] [--steps 10]
+                                     [--model PATH] [--json FILE] [key=value ...]
 
-Each case is one `pgzoo train` process (``train.threads=1``: one torch thread per process; the background
-generation thread and the update then each run their own ops on their own core), on ``recipes/tiny/minirl.yaml``
-with 16 prompts x 8 completions per step (128), no evaluation, one checkpoint at the end. The cases run interleaved
-(k=0, k=1, k=0, k=1, ...) so that load from other processes on a shared machine falls on both alike. Per case: the
-median ``time/step`` over the steps after the first two (warm-up; step 0 of an asynchronous run also samples its
-own rows in the foreground), and the process's CPU seconds per wall second (about 1 when one thread works, up to 2
-when generation and update overlap; with vLLM at k >= 1 its engine core process is counted too, as a child), and the
-1-minute load average of the machine at the case's start and end (what else competed for the cores). Reported per
-engine: the ratio k=1 / k=0 of each interleaved pair, min and median over pairs. An engine that refuses k >= 1 is
-reported with its reason. ``--model``: a Hugging Face checkpoint
-(default: a freshly initialised tiny MoE, as the tests use); ``key=value``: further recipe overrides.
+Each case is one process with one torch thread (``OMP_NUM_THREADS=1``; `pgzoo train` with ``train.threads=1``: the
+background generation thread and the update then each run their own ops on their own core). The work: the arithmetic
+task, 16 prompts x 8 completions (128 rows) of at most 8 tokens per step, one optimizer step per step, no evaluation.
+`pgzoo train` cases run ``recipes/tiny/minirl.yaml`` with ``rollout.max_staleness`` k = 0 and k = 1 for each of
+``--engines``; ``--trl`` adds TRL 1.16's own ``GRPOTrainer`` on the same problems, model and reward
+(benchmarks/trl_grpo_step.py): ``generate`` (TRL's default: ``generate`` from the training model) and ``vllm``
+(pgzoo's vLLM engine as TRL's ``rollout_func``). Every repetition runs every case once, in the same order, so that
+load from other processes on a shared machine falls on all alike.
+
+Per case: the median step time over the steps after the first two (warm-up; step 0 of an asynchronous run also
+samples its own rows in the foreground): `pgzoo train`'s ``time/step`` (rollout, update, sync), TRL's
+``on_step_begin`` to ``on_step_end`` (TRL generates inside the step); the phases of `pgzoo train`; the mean
+completion length (the engines draw different tokens, and the update's cost follows the lengths); the process's CPU
+seconds per wall second (with vLLM at k >= 1 its engine core process is counted too, as a child; start-up included)
+and the 1-minute load average at the case's start and end. Reported: per engine, the ratio k=1 / k=0 within each
+repetition; the fastest `pgzoo train` case over the fastest TRL case within each repetition; min and median over
+repetitions. ``--model``: a Hugging Face checkpoint (default: a freshly initialised tiny MoE, as the tests use);
+``key=value``: further recipe overrides of the `pgzoo train` cases.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,49 +77,92 @@ def run_case(engine: str, k: int, model: Path, steps: int, out: Path, extra: lis
             "old_logprobs_s": statistics.median(r.get("time/old_logprobs", 0.0) for r in rows[2:] or rows),
             "update_s": statistics.median(r["time/update"] for r in rows[2:] or rows),
             "sync_s": statistics.median(r["time/sync"] for r in rows[2:] or rows),
+            "length_mean": statistics.mean(r["response/length_mean"] for r in rows),
             "cpu_per_wall": cpu / wall, "wall_s": wall, "load": [load_start, os.getloadavg()[0]]}
+
+
+def run_trl_case(rollout: str, model: Path, steps: int, out: Path) -> dict:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "trl_grpo_step.py"), "--model", str(model), "--rollout",
+           rollout, "--steps", str(steps), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    load_start = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    case = f"trl-{rollout}"
+    if proc.returncode != 0:
+        return {"case": case, "error": (proc.stdout + proc.stderr).strip().splitlines()[-1]}
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"case": case, "step_s": got["step_s"], "length_mean": got["length_mean"], "cpu_per_wall": cpu / wall,
+            "wall_s": wall, "load": [load_start, os.getloadavg()[0]]}
+
+
+def ratios(cases: list[dict], num: Callable[[dict], bool], den: Callable[[dict], bool]) -> list[float]:
+    """Per repetition: the fastest case matching ``num`` over the fastest matching ``den``."""
+    out = []
+    for rep in sorted({c["rep"] for c in cases}):
+        mine = [c for c in cases if c["rep"] == rep and "step_s" in c]
+        a, b = [c["step_s"] for c in mine if num(c)], [c["step_s"] for c in mine if den(c)]
+        if a and b:
+            out.append(min(a) / min(b))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engines", nargs="+", default=["transformers", "vllm"])
+    ap.add_argument("--engines", nargs="*", default=["transformers", "vllm"])
+    ap.add_argument("--trl", nargs="*", default=[], choices=["generate", "vllm"])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write every case here")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or fresh_model(Path(tmp) / "tiny")
-        cases = []
-        for engine in args.engines:
-            for rep in range(args.reps):
-                pair = {}
-                for k in (0, 1):
-                    case = run_case(engine, k, model, args.steps, Path(tmp) / f"{engine}-{rep}-{k}", args.overrides)
-                    case["rep"] = rep
-                    cases.append(case)
-                    pair[k] = case
-                    print(json.dumps(case), flush=True)
-                if "error" in pair[1]:
-                    break  # refused: one try says why
+        plan = [(engine, k) for engine in args.engines for k in (0, 1)] + [("trl", r) for r in args.trl]
+        cases, refused = [], set()
+        for rep in range(args.reps):
+            for what, arg in plan:
+                if (what, arg) in refused:
+                    continue
+                out = Path(tmp) / f"{what}-{arg}-{rep}"
+                if what == "trl":
+                    case = run_trl_case(arg, model, args.steps, out)
+                else:
+                    case = run_case(what, arg, model, args.steps, out, args.overrides)
+                    case["case"] = f"{what} k={arg}"
+                case["rep"] = rep
+                cases.append(case)
+                print(json.dumps(case), flush=True)
+                if "error" in case:
+                    refused.add((what, arg))  # refused or broken: one try says why
         print()
-        print("| engine | k=0 step (s) | k=1 step (s) | ratio k=1/k=0 min | median | CPU s per wall s k=0, k=1 |")
-        print("|---|---|---|---|---|---|")
-        for engine in args.engines:
-            mine = [c for c in cases if c["engine"] == engine]
-            refused = [c for c in mine if c["k"] == 1 and "error" in c]
-            if refused:
-                base = statistics.median(c["step_s"] for c in mine if c["k"] == 0 and "step_s" in c)
-                print(f"| {engine} | {base:.3f} | refused: {refused[0]['error']} | | | |")
+        print("| case | step (s), median | completion length | CPU s per wall s | note |")
+        print("|---|---|---|---|---|")
+        for name in dict.fromkeys(c["case"] for c in cases):
+            mine = [c for c in cases if c["case"] == name]
+            ok = [c for c in mine if "step_s" in c]
+            if not ok:
+                print(f"| {name} | | | | {mine[0]['error']} |")
                 continue
-            by_rep = {}
-            for c in mine:
-                by_rep.setdefault(c["rep"], {})[c["k"]] = c
-            ratios = [p[1]["step_s"] / p[0]["step_s"] for p in by_rep.values() if 0 in p and 1 in p]
-            med = lambda k, key: statistics.median(c[key] for c in mine if c["k"] == k)  # noqa: E731
-            print(f"| {engine} | {med(0, 'step_s'):.3f} | {med(1, 'step_s'):.3f} | {min(ratios):.2f} | "
-                  f"{statistics.median(ratios):.2f} | {med(0, 'cpu_per_wall'):.2f}, {med(1, 'cpu_per_wall'):.2f} |")
+            step, length, cpu = (statistics.median(c[key] for c in ok) for key in ("step_s", "length_mean",
+                                                                                   "cpu_per_wall"))
+            print(f"| {name} | {step:.3f} | {length:.2f} | {cpu:.2f} | |")
+        print()
+        compared = [(f"{e} k=1 / k=0", ratios(cases, lambda c, e=e: c["case"] == f"{e} k=1",
+                                              lambda c, e=e: c["case"] == f"{e} k=0")) for e in args.engines]
+        if args.trl:
+            compared.append(("fastest pgzoo train / fastest TRL",
+                             ratios(cases, lambda c: not c["case"].startswith("trl"), lambda c: c["case"].startswith("trl"))))
+        print("| ratio | min | median | per repetition |")
+        print("|---|---|---|---|")
+        for name, r in compared:
+            if r:
+                print(f"| {name} | {min(r):.2f} | {statistics.median(r):.2f} | {', '.join(f'{x:.2f}' for x in r)} |")
         if args.json is not None:
             args.json.write_text(json.dumps(cases, indent=1))
     return 0

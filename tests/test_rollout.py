@@ -15,7 +15,7 @@ from pgzoo.errors import ConfigError, DependencyError, EngineError
 from pgzoo.models.tiny import build_tiny_dense, build_tiny_moe, build_tokenizer
 from pgzoo.rollout import RolloutEngine, Rollouts, TransformersEngine, fake_quantize_fp8, quantize_fp8_tensor
 from pgzoo.rollout.base import assemble
-from pgzoo.rollout.transformers_engine import top_p_mask
+from pgzoo.rollout.transformers_engine import multinomial_per_row, top_p_mask
 
 PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47]]
 EOS = 2
@@ -169,6 +169,32 @@ def test_top_p_mask_matches_naive():
         got = top_p_mask(logits, p)
         assert torch.equal(torch.isinf(got), torch.isinf(naive_nucleus(logits, p))), p
     assert torch.equal(top_p_mask(logits, 1.0), logits)
+
+
+@pytest.mark.parametrize("vocab_size", [7, 40, 1000])
+def test_multinomial_per_row_is_torch_multinomial_row_by_row(vocab_size):
+    """Same tokens as one torch.multinomial call per row with the row's generator, and each generator left in the
+    same state (the next draws agree too); rows with zero probabilities (a nucleus) and a one-hot row included."""
+    torch.manual_seed(vocab_size)
+    probs = torch.softmax(top_p_mask(torch.randn(64, vocab_size) * 3, 0.8), -1)
+    probs[0] = torch.nn.functional.one_hot(torch.tensor(vocab_size - 1), vocab_size).float()
+    mine = [torch.Generator().manual_seed(100 + b) for b in range(64)]
+    ref = [torch.Generator().manual_seed(100 + b) for b in range(64)]
+    for _ in range(3):
+        got = multinomial_per_row(probs, mine)
+        want = torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(ref)])
+        assert torch.equal(got, want)
+    assert got[0] == vocab_size - 1 and bool((probs.gather(-1, got[:, None]) > 0).all())
+    with pytest.raises(ValueError):
+        multinomial_per_row(probs, mine[:3])  # one generator per row
+
+
+def test_non_finite_logits_are_an_engine_error(moe):
+    broken = TransformersEngine(moe)
+    with torch.no_grad():
+        broken.model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(EngineError, match="non-finite logits"):
+        broken.generate(PROMPTS, n=2, max_new_tokens=4, seed=0)
 
 
 # -- TransformersEngine -------------------------------------------------------------------------------------------

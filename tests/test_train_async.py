@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import pgzoo.adapters.lightning.module as module_mod
 import pgzoo.adapters.lightning.run as train_mod
 from pgzoo.adapters.lightning.module import RLModule
 from pgzoo.adapters.lightning.pipeline import ROLLOUTS_DIR, RolloutPipeline, generation_version
@@ -73,11 +74,14 @@ def test_vllm_runs_asynchronously_with_its_engine_core_in_a_process_of_its_own(m
                  InProcess(), recipe)
 
 
-def test_asynchronous_runs_recompute_pi_old():
+def test_asynchronous_runs_take_pi_old_from_the_update_forward():
+    # one mini-batch: π_θold is θ_s, the weights the update's own forward runs under; N > 1 needs the separate pass
     sync = recipe_from_dict({"rollout": {"engine": "transformers"}})
     async_ = recipe_from_dict({"rollout": {"engine": "transformers", "max_staleness": 2}})
-    assert not sync.needs_old_logprobs and async_.needs_old_logprobs
-    assert "asynchronous, rows up to 2 versions old" in async_.plan()
+    async_n2 = recipe_from_dict({"rollout": {"engine": "transformers", "max_staleness": 2},
+                                 "train": {"num_minibatches": 2}})
+    assert not sync.needs_old_logprobs and not async_.needs_old_logprobs and async_n2.needs_old_logprobs
+    assert "rows up to 2 versions old, μ = the engine's logprobs of the sampling version" in async_.plan()
 
 
 # ---------------------------------------------------------------------- the schedule
@@ -170,15 +174,20 @@ def test_rows_are_at_most_k_versions_old_and_mu_is_the_sampling_weights(engine, 
     engine core runs in its own process (checked) and rollout.verify_sync holds after every sync."""
     from pgzoo.models.logprobs import completion_logprobs
 
-    seen = []
+    seen, batches = [], []
     real = RLModule.update
 
     def spy(self, data):
         weights = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
+        batches.clear()
         metrics = real(self, data)
-        seen.append((self.last_step + 1, weights, data))
+        assert all(b["old_logprobs"] is None for b in batches)  # one mini-batch: π_θold = the update's π_θ
+        lp = torch.cat([b["logprobs"].detach() for b in batches])
+        seen.append((self.last_step + 1, weights, data, lp[:, :data.completion_ids.shape[1]]))
         return metrics
 
+    real_batch = module_mod.TokenBatch
+    monkeypatch.setattr(module_mod, "TokenBatch", lambda **kw: batches.append(kw) or real_batch(**kw))
     monkeypatch.setattr(RLModule, "update", spy)
     engines = []
     real_build = train_mod.build_engine
@@ -190,8 +199,8 @@ def test_rows_are_at_most_k_versions_old_and_mu_is_the_sampling_weights(engine, 
     if engine == "vllm":
         assert engines[0].engine_process
         assert all(row["sync/logprob_abs_diff_mean"] <= 1e-5 for row in res.history)
-    assert [s for s, _, _ in seen] == list(range(steps))
-    versions = {s: data.versions for s, _, data in seen}
+    assert [s for s, *_ in seen] == list(range(steps))
+    versions = {s: data.versions for s, _, data, _ in seen}
     for s, v in versions.items():
         assert v.shape == (16,) and int(v.min()) == int(v.max()) == max(0, s - 1)
         assert 0 <= s - int(v.max()) <= 1
@@ -200,8 +209,8 @@ def test_rows_are_at_most_k_versions_old_and_mu_is_the_sampling_weights(engine, 
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
-    weights = {s: w for s, w, _ in seen}
-    for s, _, data in seen:
+    weights = {s: w for s, w, *_ in seen}
+    for s, _, data, update_logprobs in seen:
         m = data.completion_mask
 
         def rescore(version):
@@ -211,7 +220,7 @@ def test_rows_are_at_most_k_versions_old_and_mu_is_the_sampling_weights(engine, 
 
         gap = lambda a, b: float(((a - b).abs() * m).sum() / m.sum())  # noqa: E731
         assert gap(rescore(int(data.versions[0])), data.rollout_logprobs) < 1e-5, s
-        assert gap(rescore(s), data.old_logprobs) < 1e-5, s  # π_θold: the weights this step updates
+        assert gap(rescore(s), update_logprobs) < 1e-5, s  # π_θold: the weights this step updates
         if s >= 2:  # stale rows: the current weights are not the ones that sampled them
             assert gap(rescore(s), data.rollout_logprobs) > 1e-4, s
     # the checkpoint holds the rollouts queued for the next step (none after the last)

@@ -62,10 +62,13 @@ class Recipe(Section):
 
     @property
     def needs_old_logprobs(self) -> bool:
-        """π_θold from the training engine is needed off-policy (N > 1), for R2 (its routes are recorded there) and
-        asynchronously (rollout.max_staleness >= 1: the rows were sampled by older weights, π_θold is the current)."""
-        return (self.train.num_minibatches > 1 or self.train.routing_replay == "R2"
-                or self.rollout.max_staleness > 0)
+        """π_θold from the training engine is needed off-policy (N > 1) and for R2 (its routes are recorded there).
+
+        Asynchronously (rollout.max_staleness >= 1) π_θold is the policy being updated, θ_s, not the one that sampled
+        the rows (that one is μ, the engine's logprobs): with one mini-batch the update's own forward runs under θ_s,
+        so π_θold = π_θ detached there, exactly as in the synchronous on-policy step, and a separate pass would
+        recompute the same numbers."""
+        return self.train.num_minibatches > 1 or self.train.routing_replay == "R2"
 
     @property
     def world_size(self) -> int:
@@ -257,10 +260,12 @@ class Recipe(Section):
         """A human-readable summary of what one run does."""
         r, t = self.rollout, self.train
         old = ("yes (" + ", ".join(x for x in (("off-policy N>1" if t.num_minibatches > 1 else ""),
-                                                ("records R2 routes" if t.routing_replay == "R2" else ""),
-                                                (f"asynchronous, rows up to {r.max_staleness} versions old"
-                                                 if r.max_staleness else "")) if x) + ")"
-               if self.needs_old_logprobs else "no (on-policy: π_θold = π_θ detached)")
+                                                ("records R2 routes" if t.routing_replay == "R2" else "")) if x) + ")"
+               if self.needs_old_logprobs else "no (one mini-batch: π_θold = π_θ detached)")
+        if r.max_staleness:
+            old += (f"; asynchronous: rows up to {r.max_staleness} versions old, "
+                    + ("μ = the engine's logprobs of the sampling version" if r.logprobs == "engine"
+                       else "no μ (rollout.logprobs=none): staleness is not corrected"))
         lines = [
             f"recipe        {self.name}: {self.description}".rstrip(": "),
             f"model         {self.model.path or 'embedded tiny MoE, cached cold start'} (train {self.model.dtype})"

@@ -70,10 +70,25 @@ def sample_next(
         lp = torch.log_softmax(top_p_mask(logits / temperature, top_p), -1)
         probs = lp.exp()
         if isinstance(generator, Sequence):
-            tok = torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generator)])
+            tok = multinomial_per_row(probs, generator)
         else:
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tok, lp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def multinomial_per_row(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``probs [B, V]``, row ``b`` drawn from ``generators[b]`` alone: the tokens
+    ``torch.multinomial(probs[b], 1, generator=generators[b])`` returns, row by row, in one batched division.
+
+    torch draws a single sample as ``argmax(p / q)`` with ``q ~ Exp(1)`` of p's shape from the generator (the
+    exponential race; ``multinomial`` in ATen's ``Distributions.cpp``), so drawing each row's ``q`` from its own
+    generator and dividing all rows at once gives the same tokens and leaves each generator in the same state, without
+    B calls of ``multinomial`` and their per-call input checks (most of the sampling time for a small vocabulary:
+    the checks are replaced by one finiteness test of the sampled logprobs in the caller)."""
+    q = torch.empty_like(probs)
+    for row, generator in zip(q, generators, strict=True):
+        row.exponential_(generator=generator)
+    return (probs / q).argmax(-1)
 
 
 class TransformersEngine:
@@ -377,6 +392,10 @@ class TransformersEngine:
                                  past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
         tok_mat = torch.stack(tokens, 1).cpu()
         lp_mat = torch.stack(lps, 1).float().cpu()
+        if not bool(torch.isfinite(lp_mat).all()):
+            # NaN/inf logits (diverged weights): a sampled token's μ is not a number, or a token of probability 0
+            raise EngineError("the engine's model produced non-finite logits while sampling (diverged or corrupted "
+                              "weights): check the synced weights (rollout.verify_sync) and the run's loss")
         is_eos = torch.isin(tok_mat, eos.cpu())
         completions, logprobs, truncated, routes = [], [], [], []
         recorded = rec.routes.cpu() if return_routes else None
