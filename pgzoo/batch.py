@@ -22,23 +22,10 @@ _NORMALISERS = ("num_sequences", "num_tokens", "max_tokens")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class _MaskZero(torch.autograd.Function):
-    """y = x·m with NaN/±inf at masked positions replaced by 0; ∂y/∂x = m (so the gradient is 0 where masked)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(m)
-        return (x * m).nan_to_num_(0.0, 0.0, 0.0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (m,) = ctx.saved_tensors
-        return grad * m, None
-
-
 class _MaskedProduct(torch.autograd.Function):
     """y = c·x with non-finite products zeroed, for a detached coefficient c that is 0 at masked positions and finite
-    elsewhere; ∂y/∂x = c, so the gradient is 0 where masked whatever x holds there."""
+    elsewhere (the mask itself, or a per-token coefficient); ∂y/∂x = c, so the gradient is 0 where masked whatever x
+    holds there (NaN/±inf included)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -280,7 +267,7 @@ class TokenBatch:
         """
         if fill != 0.0 or torch.compiler.is_compiling():  # compiled: the select fuses into its consumers
             return torch.where(self.mask, x, fill)
-        return _MaskZero.apply(x, self.mask_float().to(x.dtype))
+        return _MaskedProduct.apply(x, self.mask_float().to(x.dtype))
 
     def zero_masked_(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with every masked position set to 0, in place (NaN-safe, as :meth:`masked`), returned.
