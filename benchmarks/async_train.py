@@ -52,52 +52,51 @@ def fresh_model(path: Path) -> Path:
     return path
 
 
-def run_case(engine: str, k: int, model: Path, steps: int, out: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "pgzoo", "train", "tiny/minirl", f"model.path={model}", f"rollout.engine={engine}",
-           f"rollout.max_staleness={k}", "rollout.prompts_per_step=16", "rollout.group_size=8",
-           f"train.steps={steps}", "train.threads=1", "eval.before=false", "eval.after=false",
-           "output.plots=false", "output.progress_bar=false", "output.checkpoint_every=0", f"output.dir={out}",
-           *extra, "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def timed_process(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``cmd`` with one torch thread; its wall seconds, CPU seconds per wall second (children included) and the
+    1-minute load average at its start and end."""
     load_start = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          check=False)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return proc, {"cpu_per_wall": cpu / wall, "wall_s": wall, "load": [load_start, os.getloadavg()[0]]}
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    return (proc.stdout + proc.stderr).strip().splitlines()[-1]
+
+
+def run_case(engine: str, k: int, model: Path, steps: int, out: Path, extra: list[str]) -> dict:
+    proc, usage = timed_process([
+        sys.executable, "-m", "pgzoo", "train", "tiny/minirl", f"model.path={model}", f"rollout.engine={engine}",
+        f"rollout.max_staleness={k}", "rollout.prompts_per_step=16", "rollout.group_size=8", f"train.steps={steps}",
+        "train.threads=1", "eval.before=false", "eval.after=false", "output.plots=false",
+        "output.progress_bar=false", "output.checkpoint_every=0", f"output.dir={out}", *extra, "--quiet"])
     if proc.returncode != 0:
-        return {"engine": engine, "k": k, "error": (proc.stdout + proc.stderr).strip().splitlines()[-1]}
+        return {"engine": engine, "k": k, "error": last_line(proc)}
     from pgzoo.adapters.lightning.run_folder import read_metrics
 
     rows = [r for r in read_metrics(out / "metrics.csv") if "time/step" in r]
-    timed = [r["time/step"] for r in rows[2:]] or [r["time/step"] for r in rows]
-    return {"engine": engine, "k": k, "step_s": statistics.median(timed),
-            "rollout_s": statistics.median(r["time/rollout"] for r in rows[2:] or rows),
-            "old_logprobs_s": statistics.median(r.get("time/old_logprobs", 0.0) for r in rows[2:] or rows),
-            "update_s": statistics.median(r["time/update"] for r in rows[2:] or rows),
-            "sync_s": statistics.median(r["time/sync"] for r in rows[2:] or rows),
-            "length_mean": statistics.mean(r["response/length_mean"] for r in rows),
-            "cpu_per_wall": cpu / wall, "wall_s": wall, "load": [load_start, os.getloadavg()[0]]}
+    timed = rows[2:] or rows
+    phase = lambda key: statistics.median(r.get(key, 0.0) for r in timed)  # noqa: E731
+    return {"engine": engine, "k": k, "step_s": phase("time/step"), "rollout_s": phase("time/rollout"),
+            "old_logprobs_s": phase("time/old_logprobs"), "update_s": phase("time/update"),
+            "sync_s": phase("time/sync"), "length_mean": statistics.mean(r["response/length_mean"] for r in rows),
+            **usage}
 
 
 def run_trl_case(rollout: str, model: Path, steps: int, out: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "trl_grpo_step.py"), "--model", str(model), "--rollout",
-           rollout, "--steps", str(steps), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    load_start = os.getloadavg()[0]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    proc, usage = timed_process([sys.executable, str(ROOT / "benchmarks" / "trl_grpo_step.py"), "--model",
+                                 str(model), "--rollout", rollout, "--steps", str(steps), "--out", str(out)])
     case = f"trl-{rollout}"
     if proc.returncode != 0:
-        return {"case": case, "error": (proc.stdout + proc.stderr).strip().splitlines()[-1]}
+        return {"case": case, "error": last_line(proc)}
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"case": case, "step_s": got["step_s"], "length_mean": got["length_mean"], "cpu_per_wall": cpu / wall,
-            "wall_s": wall, "load": [load_start, os.getloadavg()[0]]}
+    return {"case": case, "step_s": got["step_s"], "length_mean": got["length_mean"], **usage}
 
 
 def ratios(cases: list[dict], num: Callable[[dict], bool], den: Callable[[dict], bool]) -> list[float]:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "answer": [p.answer for p in problems]})
 
     def task_reward(completions, answer, **_):
-        return [1.0 if task.verify(c, a) else 0.0 for c, a in zip(completions, answer)]
+        return [1.0 if task.verify(c, a) else 0.0 for c, a in zip(completions, answer, strict=True)]
 
     rows = args.prompts * args.group
     config = trl.GRPOConfig(
