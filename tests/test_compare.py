@@ -191,6 +191,30 @@ def test_cli_compares_folders_and_rejects_bad_input(tmp_path, capsys):
     assert main(["compare"]) == 2
 
 
+def test_asynchronous_grid_is_the_pre_registered_design():
+    """Finding (g) as docs/lab.md fixed it: MiniRL + R2, + R3, and without clipping (R2), at k = 1, 2, 4, the lab's
+    reference otherwise (same cold start, task, rollouts, 48 steps, one mini-batch), 8 seeds, four comparisons."""
+    from pgzoo.recipes import load_recipe
+
+    grid = load_grid("lab/grid-async")
+    reference = load_recipe(REPO / "recipes" / "lab" / "minirl.yaml")
+    assert grid.seeds == list(range(8)) and len(grid.recipes) == 9
+    for path in grid.recipes:
+        r = load_recipe(path)
+        k, variant = int(r.name.split("-")[1][1:]), r.name.split("minirl-")[1]
+        assert r.rollout.max_staleness == k in (1, 2, 4)
+        assert r.train.routing_replay == ("R3" if variant == "r3" else "R2")
+        assert r.objective.name == ("minirl-no-clip" if variant == "no-clip" else "minirl")
+        assert (r.model, r.task, r.train.steps, r.train.num_minibatches) == (
+            reference.model, reference.task, 48, 1)
+        assert r.rollout.model_copy(update={"max_staleness": 0}) == reference.rollout
+    assert [(c.a, c.b, c.rule) for c in grid.comparisons] == [
+        ("async-k2-minirl-no-clip", "async-k2-minirl-r2", Rule("less")),
+        ("async-k4-minirl-no-clip", "async-k4-minirl-r2", Rule("less")),
+        ("async-k4-minirl-r3", "async-k4-minirl-r2", Rule("greater")),
+        ("async-k1-minirl-r3", "async-k1-minirl-r2", Rule("equivalent", 0.03))]
+
+
 def test_grid_file_and_runs(tmp_path):
     grid = load_grid(REPO / "recipes" / "lab" / "grid.yaml")
     assert grid.seeds == list(range(8)) and len(grid.recipes) == 12 and all(Path(r).is_file() for r in grid.recipes)

@@ -31,7 +31,8 @@ def shipped_recipes() -> dict[str, Path]:
     folder = shipped_recipe_dir()
     if folder is None:
         return {}
-    found = {f"{p.parent.name}/{p.stem}": p for p in folder.glob("*/*.yaml") if p.name != "grid.yaml"}  # grids: pgzoo.lab.grid
+    # grid*.yaml files are grids (pgzoo.lab.grid), not recipes
+    found = {f"{p.parent.name}/{p.stem}": p for p in folder.glob("*/*.yaml") if not p.stem.startswith("grid")}
     return dict(sorted(found.items()))
 
 
