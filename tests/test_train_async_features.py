@@ -1,0 +1,280 @@
+"""Asynchronous runs (``rollout.max_staleness=1``, transformers engine, tiny MoE) with the settings docs/training.md's
+table says run asynchronously, each checked against what it must compute rather than only that it runs:
+
+- R3 replays, for every row, the routes the engine recorded while sampling it: recording a saved copy of the
+  sampling version's weights (s - 1) over the row gives exactly those routes, and the current weights' (s) differ;
+- R2 records its routes in the old-logprob pass under the current weights (s), not the sampling ones, and its
+  π_θold is the current weights' rescoring;
+- LoRA syncs the effective weights W + (α/r)·B·A at each step boundary: ``rollout.verify_sync`` holds after every
+  sync and each row's μ is the rescoring by the merged weights of the version that sampled it;
+- a ``train.stop_on`` guard stops the run with the synchronous run's exit status and message, and an engine or
+  reward error in the background generation is raised in the trainer naming the step it sampled; in both cases the
+  background thread is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+
+import pgzoo.adapters.lightning.module as module_mod
+import pgzoo.adapters.lightning.run as train_mod
+import pgzoo.routing as routing
+import pgzoo.routing.trainer as routing_trainer
+from pgzoo.adapters.lightning.module import RLModule
+from pgzoo.errors import EngineError, PgzooError
+from pgzoo.models.logprobs import completion_logprobs, position_ids_from_mask
+from pgzoo.recipes import load_recipe
+
+from _train_helpers import (RECIPE, DigitFraction, DyingEngine, digit_fraction_task,  # noqa: F401
+                            fresh_checkpoint, overrides)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ASYNC = ["rollout.max_staleness=1"]
+ROLLOUT_THREAD = "pgzoo-rollout"  # RolloutPipeline's thread name prefix
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return fresh_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def scorer(ckpt):
+    """A plain transformers copy of the tiny MoE into which a saved version's weights are loaded for rescoring."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+
+
+def rollout_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(ROLLOUT_THREAD) and t.is_alive()]
+
+
+class Step:
+    """What one global step's update saw: the version it trains (its weights, saved before the update), its rows,
+    the TokenBatch fields of its micro-batches, the routes its update passes replayed, the stored R2 routes."""
+
+    def __init__(self, step, weights, data):
+        self.step, self.weights, self.data = step, weights, data
+        self.batches, self.replayed, self.stored = [], [], None
+        self.thread_alive = bool(rollout_threads())
+
+    def field(self, name):
+        width = self.data.completion_ids.shape[1]
+        return torch.cat([b[name].detach() for b in self.batches])[:, :width]
+
+
+def spy_steps(monkeypatch, weights_of=lambda module: module.policy.state_dict()):
+    """Record a :class:`Step` per call of ``RLModule.update``; ``weights_of(module)`` gives the weights to save."""
+    steps: list[Step] = []
+    real_update, real_batch, real_replay = RLModule.update, module_mod.TokenBatch, routing_trainer.replay
+
+    def update(self, data):
+        steps.append(Step(self.last_step + 1, {k: v.detach().clone() for k, v in weights_of(self).items()}, data))
+        metrics = real_update(self, data)
+        steps[-1].stored = None if self.replay.routes is None else self.replay.routes.clone()
+        return metrics
+
+    def token_batch(**kw):
+        steps[-1].batches.append(kw)
+        return real_batch(**kw)
+
+    def replay(model, routes, **kw):
+        steps[-1].replayed.append(routes.detach().clone())
+        return real_replay(model, routes, **kw)
+
+    monkeypatch.setattr(RLModule, "update", update)
+    monkeypatch.setattr(module_mod, "TokenBatch", token_batch)
+    monkeypatch.setattr(routing_trainer, "replay", replay)
+    return steps
+
+
+def rescore(model, weights, data) -> torch.Tensor:
+    model.load_state_dict(weights)
+    with torch.no_grad():
+        return completion_logprobs(model, data.prompt_ids, data.prompt_mask, data.completion_ids,
+                                   data.completion_mask).logprobs
+
+
+def recorded_routes(model, weights, data) -> torch.Tensor:
+    """``[N, P+T, L, k]``: the routes of ``weights`` over the rows' prompt + completion, one full forward, positions
+    numbered as the engine numbers them (left padding skipped)."""
+    model.load_state_dict(weights)
+    ids = torch.cat([data.prompt_ids, data.completion_ids], 1)
+    am = torch.cat([data.prompt_mask, data.completion_mask], 1).long()
+    with torch.no_grad(), routing.record(model) as rec:
+        model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am))
+    return rec.routes
+
+
+def fed_completion_tokens(data) -> torch.Tensor:
+    """bool ``[N, T]``: completion tokens the engine fed back through the model (it never feeds a row's last
+    sampled token while it ends the loop, so that position has no recorded route)."""
+    P = data.prompt_ids.shape[1]
+    fed = data.completion_mask & (data.routes[:, P:, 0, 0] != routing.UNROUTED)
+    assert int(fed.sum()) >= int(data.completion_mask.sum()) - len(fed) > 0  # at most the last token of a row
+    return fed
+
+
+def gap(a, b, mask) -> float:
+    return float(((a - b).abs() * mask).sum() / mask.sum())
+
+
+def run(ckpt, out, *extra):
+    return train_mod.train(load_recipe(RECIPE, overrides(ckpt, out, "train.steps=4", *ASYNC, *extra)), quiet=True)
+
+
+# ---------------------------------------------------------------------- routing replay
+def test_r3_replays_the_routes_of_the_version_that_sampled_each_row(ckpt, scorer, tmp_path, monkeypatch):
+    """Step s >= 2 trains rows sampled by version s - 1. The routes its update replays are the engine's recorded
+    routes of those rows, and recording the saved weights of version s - 1 over the rows (one full forward, no KV
+    cache) gives exactly them on every fed completion token; version s's weights route some of them elsewhere.
+    Exact, not up to near-ties: float32 on CPU, the KV-cached loop and the full forward differ in router logits by far
+    less than the gap between the k-th and (k+1)-th logit, whose smallest value over these rows is 4.7e-5."""
+    steps = spy_steps(monkeypatch)
+    res = run(ckpt, tmp_path / "r3", "train.routing_replay=R3")
+    assert [st.step for st in steps] == [0, 1, 2, 3]
+    for row in res.history:
+        assert row["routing/layers_hit"] == row["routing/num_moe_layers"] == 4
+    weights = {st.step: st.weights for st in steps}
+    moved = 0
+    for st in steps:
+        data, P = st.data, st.data.prompt_ids.shape[1]
+        version = int(data.versions[0])
+        assert version == max(0, st.step - 1)
+        replayed = torch.cat(st.replayed)  # the single mini-batch's update pass: every row, in order
+        assert torch.equal(replayed, data.routes.long())
+        fed = fed_completion_tokens(data)
+        sampling = recorded_routes(scorer, weights[version], data)[:, P:]
+        assert torch.equal(sampling[fed], data.routes[:, P:][fed].long()), st.step
+        if st.step >= 2:  # the current weights are not the ones that routed the rows
+            current = recorded_routes(scorer, st.weights, data)[:, P:]
+            moved += int((current[fed] != sampling[fed]).any(-1).any(-1).sum())
+    assert moved > 0
+
+
+def test_r2_records_routes_under_the_current_weights(ckpt, scorer, tmp_path, monkeypatch):
+    """R2 runs the old-logprob pass asynchronously too (one mini-batch): it records the routes of version s, the
+    weights being updated (the update passes replay those), and its π_θold is version s's rescoring of the rows, not
+    the sampling version's (μ, the engine's logprobs of version s - 1)."""
+    steps = spy_steps(monkeypatch)
+    res = run(ckpt, tmp_path / "r2", "train.routing_replay=R2")
+    assert load_recipe(RECIPE, overrides(ckpt, tmp_path, *ASYNC, "train.routing_replay=R2")).needs_old_logprobs
+    assert [st.step for st in steps] == [0, 1, 2, 3]
+    for row in res.history:
+        assert row["routing/layers_hit"] == row["routing/num_moe_layers"] == 4
+        assert row["time/old_logprobs"] > 0
+    weights = {st.step: st.weights for st in steps}
+    moved = 0
+    for st in steps:
+        data, m = st.data, st.data.completion_mask
+        version = int(data.versions[0])
+        assert data.routes is None  # R2 asks the engine for none
+        current = recorded_routes(scorer, st.weights, data)
+        am = torch.cat([data.prompt_mask, data.completion_mask], 1)
+        assert torch.equal(st.stored.long()[am], current[am]), st.step  # recorded in the old pass, under θ_s
+        assert torch.equal(torch.cat(st.replayed), st.stored.long())  # and replayed by the update
+        old = st.field("old_logprobs")
+        assert gap(old, rescore(scorer, st.weights, data), m) < 1e-6, st.step
+        assert gap(rescore(scorer, weights[version], data), data.rollout_logprobs, m) < 1e-5, st.step  # μ
+        if st.step >= 2:
+            sampling = recorded_routes(scorer, weights[version], data)
+            moved += int((sampling[am] != current[am]).any(-1).any(-1).sum())
+            assert gap(old, data.rollout_logprobs, m) > 1e-4, st.step
+    assert moved > 0
+
+
+# ---------------------------------------------------------------------- LoRA
+def test_lora_mu_is_the_merged_weights_of_the_sampling_version(ckpt, scorer, tmp_path, monkeypatch):
+    """With ``model.lora`` the engine gets the effective weights at every step boundary: ``verify_sync`` holds after
+    each of the 4 syncs, and each row's μ is the rescoring by the merged weights W + (α/r)·B·A of version s - 1 (the
+    one that sampled it), to float32 round-off, while version s's merged weights give other numbers."""
+    pytest.importorskip("peft")
+    from pgzoo.adapters.lightning.lora import effective_state_dict
+
+    from test_train_lora import LORA
+
+    steps = spy_steps(monkeypatch, weights_of=lambda module: effective_state_dict(module.policy))
+    res = run(ckpt, tmp_path / "lora", *LORA, "rollout.verify_sync=1e-5")
+    assert [st.step for st in steps] == [0, 1, 2, 3]
+    assert all(row["sync/logprob_abs_diff_mean"] <= 1e-5 for row in res.history) and len(res.history) == 4
+    weights = {st.step: st.weights for st in steps}
+    assert weights[0].keys() == scorer.state_dict().keys()  # merged: the base model's names, no adapter keys
+    for st in steps:
+        data, m = st.data, st.data.completion_mask
+        version = int(data.versions[0])
+        assert version == max(0, st.step - 1)
+        assert gap(rescore(scorer, weights[version], data), data.rollout_logprobs, m) < 1e-5, st.step
+        if st.step >= 2:
+            assert gap(rescore(scorer, st.weights, data), data.rollout_logprobs, m) > 1e-4, st.step
+
+
+# ---------------------------------------------------------------------- guards and errors
+def test_a_tripped_guard_stops_as_synchronously_and_the_thread_ends(ckpt, tmp_path, monkeypatch, capsys):
+    """``train.stop_on.nonfinite`` trips at step 2 (grad_norm poisoned after the update): ``pgzoo train`` exits with
+    the synchronous run's status and message (run folder aside), the step-2 checkpoint is the newest, and no
+    background thread is left (one was alive during the run)."""
+    from pgzoo.cli.main import main
+
+    steps = spy_steps(monkeypatch)
+    real_update = RLModule.update
+
+    def poisoned(self, data):
+        metrics = real_update(self, data)
+        if self.last_step + 1 >= 2:
+            metrics["grad_norm"] = math.nan
+        return metrics
+
+    monkeypatch.setattr(RLModule, "update", poisoned)
+    outcome = {}
+    for name, extra in [("sync", []), ("async", ASYNC)]:
+        out = tmp_path / name
+        argv = ["train", str(RECIPE), *overrides(ckpt, out, "train.steps=4", "output.checkpoint_every=1",
+                                                 "output.keep_checkpoints=5", *extra)]
+        steps.clear()
+        status = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        outcome[name] = (status, err.replace(str(out), "RUN").replace(" rollout.max_staleness=1", ""))
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+        assert [st.step for st in steps] == [0, 1, 2]
+        assert any(st.thread_alive for st in steps) == (name == "async")
+        assert rollout_threads() == []
+    assert outcome["async"] == outcome["sync"]
+    status, err = outcome["async"]
+    assert status == 2 and "step 2: grad_norm=nan (train.stop_on.nonfinite)" in err
+    assert "(RUN/checkpoints/step-000002) is intact" in err
+
+
+@pytest.mark.parametrize("where", ["engine", "reward"])
+def test_a_background_error_is_raised_in_the_trainer_naming_the_step_it_sampled(where, ckpt, tmp_path,
+                                                                                monkeypatch):
+    """Step 2's rows are sampled in the background during step 1. The engine (its 3rd generate) or the task's reward
+    (its 33rd call: the first of step 2) fails there; the trainer raises at step 1's wait, after step 1's update and
+    before its sync, naming step 2, with the resume hint; the background thread is gone afterwards."""
+    steps, synced = spy_steps(monkeypatch), []
+    real_sync = RLModule.sync_engine
+    monkeypatch.setattr(RLModule, "sync_engine", lambda self, step: synced.append(step) or real_sync(self, step))
+    if where == "engine":
+        real = train_mod.build_engine
+        monkeypatch.setattr(train_mod, "build_engine", lambda r, p: DyingEngine(real(r, p), die_at=3))
+        error, match = EngineError, r"failed at step 2: RuntimeError: engine core died \(simulated\)"
+    else:
+        calls, real_reward = [0], DigitFraction.reward
+
+        def reward(self, completion, problem):
+            calls[0] += 1
+            if calls[0] == 33:
+                raise ZeroDivisionError("division by zero")
+            return real_reward(self, completion, problem)
+
+        monkeypatch.setattr(DigitFraction, "reward", reward)
+        error, match = PgzooError, r"task 'digit-fraction-test' raised ZeroDivisionError: division by zero at step 2 "
+    with pytest.raises(error, match=match + r".*No checkpoint had been written yet"):
+        run(ckpt, tmp_path / where)
+    assert [st.step for st in steps] == [0, 1] and steps[1].thread_alive and synced == [0]
+    assert rollout_threads() == []
