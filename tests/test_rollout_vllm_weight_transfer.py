@@ -105,8 +105,8 @@ def nccl(monkeypatch):
     monkeypatch.setattr(vllm.platforms, "current_platform", types.SimpleNamespace(is_cpu=lambda: False))
     monkeypatch.setattr(nccl_engine, "open_trainer_endpoint", open_endpoint)
     monkeypatch.setattr(nccl_engine, "packed_nccl_broadcast_producer", broadcast)
-    monkeypatch.setattr(vllm_weight_transfer, "trainer_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(vllm_weight_transfer, "trainer_gpu", lambda: "GPU-trainer")
+    monkeypatch.setattr(vllm_weight_transfer, "trainer_device", lambda tensor: torch.device("cpu"))
+    monkeypatch.setattr(vllm_weight_transfer, "trainer_gpu", lambda device: "GPU-trainer")
     return record
 
 

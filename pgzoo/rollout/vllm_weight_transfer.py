@@ -30,6 +30,8 @@ NCCL holds one rank per GPU: the trainer's device and the vLLM workers' must dif
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -115,17 +117,31 @@ def worker_gpu(worker) -> str:
     return str(torch.cuda.get_device_properties(worker.device).uuid)
 
 
-def trainer_device() -> torch.device:
-    """This process's current CUDA device, where vLLM's trainer endpoint opens and the tensors are sent from."""
+def trainer_device(tensor: torch.Tensor) -> torch.device:
+    """Where the trainer sends from: the CUDA device of the policy's tensors (``tensor``: the first one of the sync),
+    else this thread's current CUDA device. (An engine in this process makes its own GPU the current device when it
+    starts, so the policy's device is the one to trust.)"""
+    if tensor.is_cuda:
+        return tensor.device
     if not torch.cuda.is_available():
         raise ConfigError("weight_transfer='nccl' (rollout.weight_transfer): the trainer's side of vLLM's NCCL "
                           "weight transfer needs a CUDA device and this process sees none; use weight_transfer=None")
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def trainer_gpu() -> str:
-    """The UUID of the GPU of :func:`trainer_device`."""
-    return str(torch.cuda.get_device_properties(trainer_device()).uuid)
+def trainer_gpu(device: torch.device) -> str:
+    """The UUID of the GPU ``device`` (a :func:`trainer_device`)."""
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+@contextlib.contextmanager
+def current_device(device: torch.device):
+    """``device`` as this thread's current CUDA device (vLLM opens the trainer's endpoint and sends on it)."""
+    if device.type != "cuda":
+        yield
+        return
+    with torch.cuda.device(device):
+        yield
 
 
 class NCCLWeightSender:
@@ -151,9 +167,19 @@ class NCCLWeightSender:
         if self.unusable:
             raise EngineError(f"vLLM's NCCL weight transfer cannot run again ({self.unusable}); close this "
                               "VLLMEngine and build a new one")
-        source = SyncSource(list(plan), buckets, self.dtype, trainer_device())
+        buckets = iter(buckets)
+        first = next(buckets, None)
+        if first is None or not first:
+            raise EngineError("weight sync: the policy yielded no tensors to send")
+        device = trainer_device(first[0][1])
+        source = SyncSource(list(plan), itertools.chain([first], buckets), self.dtype, device)
+        del first
+        with current_device(device):
+            self._send(source, device)
+
+    def _send(self, source: SyncSource, device: torch.device) -> None:
         if self.transfer is None:
-            self._open(source)
+            self._open(source, device)
         self.transfer.source = source  # vLLM's full-resync engines replay `source` each round
         self.client.failed = None
         try:
@@ -175,19 +201,17 @@ class NCCLWeightSender:
                               "succeeds (its layers were being reloaded)") from exc
         self.weights_valid = True
 
-    def _open(self, source: SyncSource) -> None:
+    def _open(self, source: SyncSource, device: torch.device) -> None:
         """The rendezvous, once: vLLM's ``trainer_init`` with an address and a free port from vLLM's own helpers."""
         try:
             workers_gpus = self.client.llm.collective_rpc(worker_gpu)
         except Exception as exc:
             raise EngineError(f"asking vLLM's workers for their GPUs failed: {exc}") from exc
-        here = trainer_gpu()
-        if here in workers_gpus:
+        if trainer_gpu(device) in workers_gpus:
             raise ConfigError(
-                f"weight_transfer='nccl' (rollout.weight_transfer): this trainer's CUDA device "
-                f"({trainer_device()}) is a GPU vLLM's workers run on, and NCCL cannot hold two ranks "
-                "on one GPU. vLLM takes the first GPUs CUDA shows it; put the trainer on another one (e.g. "
-                "torch.cuda.set_device(1) with the model there) or use weight_transfer=None")
+                f"weight_transfer='nccl' (rollout.weight_transfer): the policy's CUDA device ({device}) is a GPU "
+                "vLLM's workers run on, and NCCL cannot hold two ranks on one GPU. vLLM takes the first GPUs CUDA "
+                "shows it; put the policy on another one (e.g. policy.to('cuda:1')) or use weight_transfer=None")
         info = NCCLTrainerInitInfo(master_address=get_ip(), master_port=get_open_port(),
                                    world_size=1 + self.workers, rank=0)
         try:
@@ -209,4 +233,5 @@ class NCCLWeightSender:
             transfer.shutdown()
 
 
-__all__ = ["LLMWeightSyncClient", "NCCLWeightSender", "SyncSource", "trainer_device", "trainer_gpu", "worker_gpu"]
+__all__ = ["LLMWeightSyncClient", "NCCLWeightSender", "SyncSource", "current_device", "trainer_device", "trainer_gpu",
+           "worker_gpu"]
