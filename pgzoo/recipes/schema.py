@@ -174,6 +174,11 @@ class Recipe(Section):
         if r.device is not None and not caps.device_choice:
             raise _unsupported(f"rollout.device={r.device}", "a device of its own", r.engine, caps, "device_choice",
                                lambda c: c.device_choice, "rollout.device=null")
+        if r.weight_transfer is not None and r.weight_transfer not in caps.weight_transfer:
+            raise _unsupported(f"rollout.weight_transfer={r.weight_transfer}",
+                               f"syncs through vLLM's weight-transfer API ({r.weight_transfer})", r.engine, caps,
+                               "weight_transfer", lambda c: r.weight_transfer in c.weight_transfer,
+                               "rollout.weight_transfer=null")
         if self.strategy == "fsdp" and not caps.sharded_sync:
             raise _unsupported("train.strategy=fsdp", "syncing a sharded policy (load_weight_buckets)", r.engine,
                                caps, "sharded_sync", lambda c: c.sharded_sync, "train.strategy=ddp")
@@ -229,6 +234,10 @@ class Recipe(Section):
             raise _unsupported("train.routing_replay=R3 needs the rollout engine's routes",
                                "routes on this machine (no CUDA)", r.engine, caps, "routes",
                                lambda c: c.routes_here(), "train.routing_replay=R2")
+        if r.weight_transfer is not None and not _has_cuda():
+            raise ConfigError(f"rollout.weight_transfer={r.weight_transfer}: vLLM's weight transfer broadcasts CUDA "
+                              "tensors over NCCL and this machine has no CUDA device; set rollout.weight_transfer=null "
+                              "(the engine's default sync)")
         if t.devices > 1 and not _has_cuda() and t.devices > (os.cpu_count() or 1):
             raise ConfigError(f"train.devices={t.devices} CPU processes on a machine with {os.cpu_count()} cores; "
                               "use train.devices=1 (or 2 for a gloo DDP check)")

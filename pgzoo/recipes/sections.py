@@ -155,6 +155,10 @@ class RolloutSection(Section):
                           "e.g. cuda:1, so asynchronous generation runs on a device of its own; {local_rank} or "
                           "{local_rank+N} become the rank's index on its machine (plus N), e.g. cuda:{local_rank+8}; "
                           "null = the engine's default (transformers: CPU, where the checkpoint loads)")
+    weight_transfer: Literal["nccl"] | None = Field(
+        None, description="engines that declare weight_transfer (vllm, GPU builds): sync the weights through vLLM's "
+                          "weight-transfer API, 'nccl' = the trainer's CUDA tensors broadcast to vLLM's workers (a "
+                          "GPU apart from the trainer's); null = the engine's default sync")
     dynamic_sampling: DynamicSamplingSection | None = Field(
         None, description="drop groups whose rewards are all equal and draw more prompts until B groups remain "
                           "(DAPO); {max_draws: 10}; null = off")

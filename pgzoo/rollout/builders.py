@@ -75,6 +75,11 @@ def default_max_model_len(rollout, model_path) -> int:
     return min(want, limit) if limit else want
 
 
+def engine_local_rank() -> int:
+    """This rank's index on its machine: ``LOCAL_RANK`` (torchrun, Lightning) or ``SLURM_LOCALID``, else 0."""
+    return int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
+
+
 _LOCAL_RANK = re.compile(r"\{local_rank(?:\+(\d+))?\}")
 
 
@@ -86,7 +91,7 @@ def engine_device(spec: str | None, local_rank: int | None = None) -> str | None
     if spec is None:
         return None
     if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
+        local_rank = engine_local_rank()
     out = _LOCAL_RANK.sub(lambda m: str(local_rank + int(m.group(1) or 0)), spec)
     if "{" in out or "}" in out:
         raise ConfigError(f"rollout.device={spec!r}: a device such as cuda:1, optionally with {{local_rank}} or "
@@ -110,6 +115,12 @@ def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = Fals
                           "ranks: each rank's vLLM engine core process would start on the first GPU CUDA shows it "
                           "(pgzoo has no per-rank device for vLLM); use rollout.engine=transformers with "
                           "rollout.device='cuda:{local_rank+N}', or one rank")
+    if rollout.weight_transfer and torch.cuda.is_available() and engine_local_rank() == 0:
+        raise ConfigError(
+            f"rollout.weight_transfer={rollout.weight_transfer}: this rank trains on cuda:0 and its vLLM engine starts "
+            "on the first GPU CUDA shows it, the same one, and NCCL cannot hold two ranks on one GPU (pgzoo has no "
+            "per-engine device for vLLM, docs/training.md); set rollout.weight_transfer=null, or drive "
+            "VLLMEngine(..., weight_transfer='nccl') from a trainer on another GPU (docs/rollout.md)")
     share, kw = rollout.gpu_memory_utilization, {}
     world = world_size
     if world > 1 and not torch.cuda.is_available():
@@ -120,7 +131,8 @@ def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = Fals
             kw = {"cpu_threads": max(1, (os.cpu_count() or 1) // world)}
     return VLLMEngine(str(model_path), dtype=rollout.dtype, gpu_memory_utilization=share,
                       max_model_len=rollout.max_model_len or default_max_model_len(rollout, model_path), seed=seed,
-                      enable_return_routed_experts=return_routes, fp8=rollout.fp8, engine_process=background, **kw)
+                      enable_return_routed_experts=return_routes, fp8=rollout.fp8, engine_process=background,
+                      weight_transfer=rollout.weight_transfer, **kw)
 
 
 @engines.register("transformers")

@@ -58,6 +58,9 @@ class EngineCapabilities:
             calls (raising :class:`~pgzoo.errors.ConfigError`).
         device_choice: the builder places the engine on ``rollout.device`` (e.g. ``cuda:1``), a device apart from
             the trainer's.
+        weight_transfer: the backends of vLLM's weight-transfer API the engine can receive its syncs through
+            (``rollout.weight_transfer``; ``"nccl"``: the trainer's CUDA tensors broadcast to the engine's workers).
+            Always a CUDA path.
         logprob_tolerance: the mean |log μ − log π| the engine keeps in float32 against the policy's own logprobs on
             the same tokens, fresh and after a sync (what ``rollout.verify_sync`` should be at least; the contract
             suite checks it).
@@ -75,6 +78,7 @@ class EngineCapabilities:
     sharded_sync: bool = False
     background_generate: bool = False
     device_choice: bool = False
+    weight_transfer: tuple[str, ...] = ()
     logprob_tolerance: float = 1e-4
     notes: tuple[tuple[str, str], ...] = ()
 
@@ -84,6 +88,9 @@ class EngineCapabilities:
             value = getattr(self, field)
             if not isinstance(value, tuple) or any(d not in DTYPES for d in value):
                 raise ConfigError(f"EngineCapabilities.{field}={value!r}: a tuple of {', '.join(DTYPES)}")
+        if not (isinstance(self.weight_transfer, tuple) and all(isinstance(b, str) for b in self.weight_transfer)):
+            raise ConfigError(f"EngineCapabilities.weight_transfer={self.weight_transfer!r}: a tuple of backend names, "
+                              "e.g. ('nccl',)")
         if not self.dtypes:
             raise ConfigError("EngineCapabilities.dtypes is empty: an engine samples in at least one dtype")
         if self.fp8 and not self.fp8_dtypes:

