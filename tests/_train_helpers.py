@@ -132,3 +132,21 @@ def assert_same_rows(expected: list[dict], got: list[dict]) -> None:
         assert a.keys() == b.keys()
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+
+
+def poison_grad_norm(monkeypatch, from_step: int = 2) -> None:
+    """Every step from ``from_step`` on reports grad_norm = NaN after its update (a divergence the guards must
+    catch), with the update itself untouched."""
+    import math
+
+    from pgzoo.adapters.lightning.module import RLModule
+
+    real = RLModule.update
+
+    def poisoned(self, data):
+        metrics = real(self, data)
+        if self.last_step + 1 >= from_step:
+            metrics["grad_norm"] = math.nan
+        return metrics
+
+    monkeypatch.setattr(RLModule, "update", poisoned)

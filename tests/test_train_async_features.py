@@ -14,7 +14,6 @@ table says run asynchronously, each checked against what it must compute rather 
 
 from __future__ import annotations
 
-import math
 import threading
 
 import pytest
@@ -30,7 +29,7 @@ from pgzoo.models.logprobs import completion_logprobs, position_ids_from_mask
 from pgzoo.recipes import load_recipe
 
 from _train_helpers import (RECIPE, DigitFraction, DyingEngine, digit_fraction_task,  # noqa: F401
-                            fresh_checkpoint, overrides)
+                            fresh_checkpoint, overrides, poison_grad_norm)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -222,15 +221,7 @@ def test_a_tripped_guard_stops_as_synchronously_and_the_thread_ends(ckpt, tmp_pa
     from pgzoo.cli.main import main
 
     steps = spy_steps(monkeypatch)
-    real_update = RLModule.update
-
-    def poisoned(self, data):
-        metrics = real_update(self, data)
-        if self.last_step + 1 >= 2:
-            metrics["grad_norm"] = math.nan
-        return metrics
-
-    monkeypatch.setattr(RLModule, "update", poisoned)
+    poison_grad_norm(monkeypatch, from_step=2)
     outcome = {}
     for name, extra in [("sync", []), ("async", ASYNC)]:
         out = tmp_path / name

@@ -19,7 +19,8 @@ from pgzoo.adapters.lightning.guards import Diverged, check_step
 from pgzoo.errors import ConfigError, PgzooError
 from pgzoo.recipes import load_recipe
 
-from _train_helpers import RECIPE, digit_fraction_task, fresh_checkpoint, overrides, train_steps  # noqa: F401
+from _train_helpers import (RECIPE, digit_fraction_task, fresh_checkpoint, overrides,  # noqa: F401
+                            poison_grad_norm, train_steps)
 
 
 @pytest.fixture(scope="module")
@@ -157,17 +158,7 @@ def test_guard_relaxed_and_healthy_rows_pass():
 
 
 def test_diverged_run_stops_with_the_checkpoint_before_it_intact(ckpt, tmp_path, monkeypatch):
-    from pgzoo.adapters.lightning.module import RLModule
-
-    real = RLModule.update
-
-    def poisoned(self, data):
-        metrics = real(self, data)
-        if self.last_step + 1 >= 2:
-            metrics["grad_norm"] = math.nan
-        return metrics
-
-    monkeypatch.setattr(RLModule, "update", poisoned)
+    poison_grad_norm(monkeypatch, from_step=2)
     out = tmp_path / "run"
     with pytest.raises(Diverged, match=r"step 2: grad_norm=nan.*step-000002\) is intact"):
         train_mod.train(recipe(ckpt, out, "train.steps=4", "output.checkpoint_every=1", "output.keep_checkpoints=5"),
@@ -176,8 +167,8 @@ def test_diverged_run_stops_with_the_checkpoint_before_it_intact(ckpt, tmp_path,
     relaxed = train_mod.train(recipe(ckpt, tmp_path / "relaxed", "train.steps=3", "train.stop_on.nonfinite=false"),
                               quiet=True)
     assert math.isnan(relaxed.history[-1]["grad_norm"])
+    monkeypatch.undo()  # the real update again
     with pytest.raises(Diverged, match=r"step 0: .*collapsed to uniform"):
-        monkeypatch.setattr(RLModule, "update", real)
         train_mod.train(recipe(ckpt, tmp_path / "u", "train.steps=2", "train.stop_on.entropy_uniform=0.9"),
                         quiet=True)
 
