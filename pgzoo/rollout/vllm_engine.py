@@ -105,6 +105,7 @@ class VLLMEngine:
         capabilities: what the engine declares (recipe checks and tests/test_engine_contract.py read it).
         supports_routes: ``generate(..., return_routes=True)`` works.
         last_sync_seconds: wall time of the last :meth:`load_weights`.
+        device: the ``device`` given (None: vLLM's default GPU, or the CPU build).
     """
 
     capabilities = EngineCapabilities(
