@@ -33,14 +33,10 @@ def test_max_staleness_is_a_strict_non_negative_int(value, match):
         load_recipe(RECIPE, ["rollout.engine=transformers", f"rollout.max_staleness={value}"])
 
 
-@pytest.mark.parametrize("rollout, match", [
-    ({"engine": "transformers", "max_staleness": 1, "dynamic_sampling": {"max_draws": 2}},
-     r"rollout.max_staleness=1 with rollout.dynamic_sampling.*collective"),
-    ({"engine": "vllm", "device": "cuda:1"}, r"rollout.device=cuda:1: rollout.engine=vllm does not declare"),
-])
-def test_what_cannot_run_asynchronously_is_refused_by_name(rollout, match):
-    with pytest.raises(ConfigError, match=match):
-        recipe_from_dict({"rollout": rollout})
+def test_what_cannot_run_asynchronously_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"rollout.max_staleness=1 with rollout.dynamic_sampling.*collective"):
+        recipe_from_dict({"rollout": {"engine": "transformers", "max_staleness": 1,
+                                      "dynamic_sampling": {"max_draws": 2}}})
 
 
 def test_vllm_runs_asynchronously_with_its_engine_core_in_a_process_of_its_own(monkeypatch):
