@@ -323,3 +323,38 @@ def test_engine_process_threads_and_background_check(engine, process_engine):
     process_engine.check_background_generate()
     with pytest.raises(ConfigError, match=r"engine_process=False.*engine_process=True"):
         engine.check_background_generate()
+
+
+@pytest.mark.parametrize("which", ["in_process", "engine_process"])
+def test_cancel_stops_a_generation_in_flight_and_the_next_one_is_unchanged(which, engine, process_engine):
+    """cancel() from another thread ends a long generate before its next decoding step (EngineError, well before
+    the uncancelled time), its requests are aborted (none is left in vLLM's engine), and the next generate with the
+    same seeds samples what an uncancelled engine samples."""
+    import threading
+    import time
+
+    eng = engine if which == "in_process" else process_engine
+    prompts, kw = PROMPTS * 16, {"n": 8, "max_new_tokens": 48, "seed": 3}
+    t0 = time.perf_counter()
+    want = eng.generate(prompts, **kw)
+    full = time.perf_counter() - t0
+    errors = []
+
+    def run():
+        try:
+            eng.generate(prompts, **kw)
+        except EngineError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    t0 = time.perf_counter()
+    thread.start()
+    time.sleep(min(0.3, full / 4))
+    eng.cancel()
+    thread.join(60)
+    cancelled = time.perf_counter() - t0
+    assert len(errors) == 1 and "cancelled" in str(errors[0]), errors
+    assert cancelled < 0.8 * full, (cancelled, full)
+    assert not eng.llm.llm_engine.has_unfinished_requests()
+    again = eng.generate(prompts, **kw)
+    assert again.completions() == want.completions() and torch.equal(again.logprobs, want.logprobs)

@@ -299,6 +299,7 @@ class VLLMEngine:
         self.pad_token_id = int(config.get("pad_token_id") if config.get("pad_token_id") is not None else 0)
         self._shapes = checkpoint_shapes(path)
         self.last_sync_seconds: float | None = None
+        self._cancelled = False  # set from another thread by cancel(); a plain flag (one store, no lock needed)
         self.num_syncs = 0
         # torch threads of this process around a generate or sync (in process only: the engine core has its own)
         self.generate_threads = generate_threads if self.is_cpu and not engine_process else None
@@ -357,10 +358,35 @@ class VLLMEngine:
                 "(Model Runner V2); on CPU use pgzoo.rollout.TransformersEngine for routes"
             )
         seeds = prompt_seeds(seed, len(prompts))
+        self._cancelled = False
         if self._tp_group is not None:
             return self._generate_tensor_parallel(prompts, seeds, n, max_new_tokens, temperature, top_p,
                                                   return_routes)
         return self._sample(prompts, seeds, n, max_new_tokens, temperature, top_p, return_routes)
+
+    def cancel(self) -> None:
+        """Stop the :meth:`generate` running in another thread before its next decoding step; it aborts its requests
+        and raises :class:`EngineError`. A later call of :meth:`generate` runs normally."""
+        self._cancelled = True
+
+    def _run_requests(self, prompts: list[dict], params: list) -> list:
+        """What ``LLM.generate`` does, as its two public halves: ``LLM.enqueue`` adds the requests, then this thread
+        steps vLLM's engine (``LLMEngine.step``) until every request has finished, so a :meth:`cancel` from another
+        thread is seen between two decoding steps and the requests still running are aborted
+        (``LLMEngine.abort_request``) by the thread that drives the engine. Outputs in the order of ``prompts``:
+        sorted by their request ids, which ``LLM`` numbers in the order it adds them (as ``LLM.generate`` sorts)."""
+        internal_ids = self.llm.enqueue(prompts, params, use_tqdm=False)  # vLLM's internal ids of these requests
+        engine = self.llm.llm_engine
+        finished = []
+        while engine.has_unfinished_requests():
+            if self._cancelled:
+                engine.abort_request(internal_ids, internal=True)  # finished ones are no longer known: ignored
+                raise EngineError("generation cancelled (VLLMEngine.cancel)")
+            finished += [out for out in engine.step() if out.finished]
+        if len(finished) != len(internal_ids):  # another caller's requests in the same engine, or lost ones
+            raise EngineError(f"vLLM returned {len(finished)} finished requests for the {len(internal_ids)} sent; "
+                              "drive one VLLMEngine from one thread at a time")
+        return sorted(finished, key=lambda out: int(out.request_id))
 
     def _sample(self, prompts, seeds, n, max_new_tokens, temperature, top_p, return_routes) -> Rollouts:
         SamplingParams = self._vllm.SamplingParams
@@ -382,7 +408,9 @@ class VLLMEngine:
         ]
         try:
             with self._engine_threads():
-                outputs = self.llm.generate([{"prompt_token_ids": p} for _, p in requests], params, use_tqdm=False)
+                outputs = self._run_requests([{"prompt_token_ids": p} for _, p in requests], params)
+        except EngineError:
+            raise
         except Exception as exc:
             raise EngineError(f"vLLM generate failed: {exc}") from exc
         completions, logprobs, truncated, routes = [], [], [], []
