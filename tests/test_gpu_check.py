@@ -16,9 +16,9 @@ def test_dry_run_lists_every_check(tmp_path):
     out = p.stdout
     for item in ("pytest -q -m cuda", "train.strategy=ddp", "train.strategy=fsdp", "train.routing_replay=R2",
                  "train.routing_replay=R3", "objectives.py --device cuda", "rollout.engine=transformers",
-                 "train.steps=10", "--nccl-weight-transfer"):
+                 "train.steps=10", "--nccl-weight-transfer", "--train-vllm-device"):
         assert item in out, item
-    assert out.startswith("gpu_check would run 7 checks")
+    assert out.startswith("gpu_check would run 8 checks")
     assert list(tmp_path.iterdir()) == []  # nothing ran, nothing was written
 
 

@@ -51,11 +51,17 @@ class FakeLLM:
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache", None))
 
-    def generate(self, requests, params, use_tqdm=False):
+    def enqueue(self, requests, params, use_tqdm=False):
+        """What VLLMEngine.generate calls (LLM.enqueue, then llm_engine.step() until done): every request finishes
+        in one step with token 5."""
         self.calls.append(("generate", None))
         comp = types.SimpleNamespace(index=0, token_ids=[5], finish_reason="length",
                                      logprobs=types.SimpleNamespace(logprobs=[-1.0], start_indices=[0]))
-        return [types.SimpleNamespace(outputs=[comp]) for _ in requests]
+        pending = [types.SimpleNamespace(request_id=str(i), finished=True, outputs=[comp])
+                   for i in range(len(requests))]
+        self.llm_engine = types.SimpleNamespace(has_unfinished_requests=lambda: bool(pending),
+                                                step=lambda: [pending.pop() for _ in range(len(pending))])
+        return [f"{i}-internal" for i in range(len(requests))]
 
     def rpc_names(self):
         return [name for name, _ in self.calls if name in CONTROL or name in ("worker_gpu", "reset_prefix_cache")]
