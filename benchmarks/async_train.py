@@ -37,19 +37,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pgzoo.models import fresh_tiny_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def fresh_model(path: Path) -> Path:
-    from pgzoo.models import build_tiny_moe, build_tokenizer
-
-    if not (path / "config.json").exists():
-        tok = build_tokenizer()
-        model = build_tiny_moe(vocab_size=len(tok), seed=0)
-        model.generation_config.do_sample = True
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-    return path
 
 
 def timed_process(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
@@ -121,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or fresh_model(Path(tmp) / "tiny")
+        model = args.model or fresh_tiny_checkpoint(Path(tmp) / "tiny")
         plan = [(engine, k) for engine in args.engines for k in (0, 1)] + [("trl", r) for r in args.trl]
         cases, refused = [], set()
         for rep in range(args.reps):

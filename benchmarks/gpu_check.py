@@ -186,10 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False); use --dry-run on CPU",
               file=sys.stderr)
         return 2
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _train_helpers import fresh_checkpoint  # tests/_train_helpers.py
+    from pgzoo.models import fresh_tiny_checkpoint
 
-    fresh_checkpoint(ckpt)  # randomly initialised, no cold start: the check is of the CUDA path, not learning
+    fresh_tiny_checkpoint(ckpt)  # randomly initialised, no cold start: the check is of the CUDA path, not learning
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     rows = []
     for name, cmd, run_dir in plan:

@@ -61,19 +61,6 @@ class DyingEngine:
         self.inner.close()
 
 
-def fresh_checkpoint(path: Path) -> Path:
-    """A randomly initialised tiny MoE + tokenizer saved with plain save_pretrained."""
-    from pgzoo.models import build_tiny_moe, build_tokenizer
-
-    if not (path / "config.json").exists():
-        tok = build_tokenizer()
-        model = build_tiny_moe(vocab_size=len(tok), seed=0)
-        model.generation_config.do_sample = True
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-    return path
-
-
 def overrides(ckpt: Path, out: Path, *extra: str) -> list[str]:
     return [f"model.path={ckpt}", "rollout.engine=transformers", "task.name=digit-fraction-test",
             "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=6", "train.lr=3e-3",

@@ -10,7 +10,8 @@ import pytest
 
 from pgzoo.cli.main import main
 
-from _train_helpers import RECIPE, digit_fraction_task, fresh_checkpoint, overrides  # noqa: F401
+from pgzoo.models import fresh_tiny_checkpoint
+from _train_helpers import RECIPE, digit_fraction_task, overrides  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ def test_recipe_validate_needs_a_file(capsys):
 
 
 def test_cli_run_prints_a_summary_table(tmp_path, capsys):
-    ckpt = fresh_checkpoint(tmp_path / "tiny")
+    ckpt = fresh_tiny_checkpoint(tmp_path / "tiny")
     args = [a for a in overrides(ckpt, tmp_path / "run", "train.steps=1") if "progress_bar" not in a]
     assert main(["train", str(RECIPE), *args]) == 0
     out = capsys.readouterr().out
@@ -67,7 +68,7 @@ def test_cli_run_prints_a_summary_table(tmp_path, capsys):
 
 
 def test_resume_with_allow_change_from_the_command_line(tmp_path, capsys):
-    ckpt = fresh_checkpoint(tmp_path / "tiny")
+    ckpt = fresh_tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "run"
     assert main(["train", str(RECIPE), *overrides(ckpt, out, "train.steps=1"), "--quiet"]) == 0
     longer = overrides(ckpt, out, "train.steps=2")

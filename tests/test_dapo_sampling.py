@@ -249,7 +249,8 @@ def test_a_short_dapo_run_trains_full_batches(tmp_path, monkeypatch):
     rewards): each step updates on B·G rows whose groups all have signal, and the metrics say how many were drawn."""
     import pgzoo.adapters.lightning.run as train_mod
     from pgzoo.adapters.lightning.module import RLModule
-    from _train_helpers import RECIPE, DigitFraction, fresh_checkpoint, overrides
+    from pgzoo.models import fresh_tiny_checkpoint
+    from _train_helpers import RECIPE, DigitFraction, overrides
 
     class HalfSaturated(DigitFraction):
         name = "half-saturated-test"
@@ -268,7 +269,7 @@ def test_a_short_dapo_run_trains_full_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(RLModule, "update", spy)
     try:
-        ckpt = fresh_checkpoint(tmp_path / "tiny")
+        ckpt = fresh_tiny_checkpoint(tmp_path / "tiny")
         recipe = load_recipe(RECIPE, overrides(ckpt, tmp_path / "run", "train.steps=3", "task.name=half-saturated-test",
                                                "objective.name=dapo", "rollout.dynamic_sampling.max_draws=8",
                                                "rollout.overlong_buffer.len=2", "train.mask_truncated_completions=true"))

@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from _train_helpers import fresh_checkpoint, subprocess_env, train_steps, wait_for
+from pgzoo.models import fresh_tiny_checkpoint
+from _train_helpers import subprocess_env, train_steps, wait_for
 from pgzoo.adapters.lightning.run_folder import (
     read_metrics,
     recorded_status,
@@ -245,7 +246,7 @@ def test_broken_recipe_and_garbled_metrics_name_the_file(tmp_path, capsys):
 def test_a_run_stopped_by_sigterm_is_resumed_by_the_grid_not_skipped(tmp_path):
     """A real `pgzoo train` stopped by SIGTERM writes summary.json but says `stopped`; the grid runner then resumes
     it to the end (a real `pgzoo train --resume` process) and only then reports it finished."""
-    ckpt = fresh_checkpoint(tmp_path / "tiny")
+    ckpt = fresh_tiny_checkpoint(tmp_path / "tiny")
     run = GridRun("tiny/minirl", 0, tmp_path / "grid" / "minirl-s0")
     sets = [f"model.path={ckpt}", "rollout.engine=transformers", "rollout.prompts_per_step=2",
             "rollout.group_size=2", "rollout.max_new_tokens=4", "eval.before=false", "eval.after=false",

@@ -149,3 +149,15 @@ def test_load_errors(tok, tmp_path):
         read_card(path)
     with pytest.raises(ConfigError, match="dtype"):
         load_pretrained(save_pretrained(build_tiny_moe(vocab_size=len(tok)), tok, tmp_path / "ok"), dtype="fp8")
+
+
+def test_fresh_tiny_checkpoint_is_the_seeded_build_and_kept_once_written(tok, tmp_path):
+    from pgzoo.models import build_tiny_moe, fresh_tiny_checkpoint
+
+    path = fresh_tiny_checkpoint(tmp_path / "tiny", seed=3)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path)
+    built = build_tiny_moe(vocab_size=len(tok), seed=3)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in built.state_dict().items())
+    assert loaded.generation_config.do_sample and (path / "tokenizer_config.json").is_file()
+    stamp = (path / "config.json").stat().st_mtime_ns
+    assert fresh_tiny_checkpoint(path, seed=4) == path and (path / "config.json").stat().st_mtime_ns == stamp

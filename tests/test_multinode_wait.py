@@ -71,9 +71,9 @@ def test_two_nodes_without_a_launcher_stop_at_once(tmp_path):
 
 @pytest.mark.slow
 def test_a_machine_waiting_for_the_others_says_so_and_gives_up(tmp_path):
-    from _train_helpers import fresh_checkpoint
+    from pgzoo.models import fresh_tiny_checkpoint
 
-    ckpt = fresh_checkpoint(tmp_path / "tiny")
+    ckpt = fresh_tiny_checkpoint(tmp_path / "tiny")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

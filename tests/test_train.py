@@ -12,7 +12,8 @@ import pgzoo.adapters.lightning.run as train_mod
 from pgzoo.errors import EngineError, PgzooError
 from pgzoo.recipes import load_recipe
 
-from _train_helpers import (RECIPE, DyingEngine, digit_fraction_task, fresh_checkpoint, overrides,  # noqa: F401
+from pgzoo.models import fresh_tiny_checkpoint
+from _train_helpers import (RECIPE, DyingEngine, digit_fraction_task, overrides,  # noqa: F401
                             assert_same_rows)
 
 REQUIRED = ["reward/mean", "reward/accuracy", "response/length_mean", "response/truncated_frac", "entropy/mean",
@@ -23,7 +24,7 @@ REQUIRED = ["reward/mean", "reward/accuracy", "response/length_mean", "response/
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return fresh_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
+    return fresh_tiny_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
 
 
 def test_short_run_writes_the_run_folder(ckpt, tmp_path):

@@ -21,8 +21,9 @@ from pgzoo.errors import ConfigError, EngineError
 from pgzoo.recipes import load_recipe, recipe_from_dict
 from pgzoo.rollout.base import Rollouts
 
+from pgzoo.models import fresh_tiny_checkpoint
 from _train_helpers import (RECIPE, DyingEngine, assert_same_rows, digit_fraction_task,  # noqa: F401
-                            fresh_checkpoint, overrides)
+                            overrides)
 
 
 # ---------------------------------------------------------------------- the setting
@@ -151,7 +152,7 @@ def test_close_cancels_a_generation_in_flight():
 # ---------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return fresh_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
+    return fresh_tiny_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
 
 
 def engine_param(name: str):

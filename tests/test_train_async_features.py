@@ -28,8 +28,9 @@ from pgzoo.errors import EngineError, PgzooError
 from pgzoo.models.logprobs import completion_logprobs, position_ids_from_mask
 from pgzoo.recipes import load_recipe
 
+from pgzoo.models import fresh_tiny_checkpoint
 from _train_helpers import (RECIPE, DigitFraction, DyingEngine, digit_fraction_task,  # noqa: F401
-                            fresh_checkpoint, overrides, poison_grad_norm)
+                            overrides, poison_grad_norm)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,7 +40,7 @@ ROLLOUT_THREAD = "pgzoo-rollout"  # RolloutPipeline's thread name prefix
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return fresh_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
+    return fresh_tiny_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import pgzoo.adapters.lightning.run as train_mod  # noqa: E402
 from pgzoo.errors import ConfigError, EngineError  # noqa: E402
 from pgzoo.recipes import load_recipe  # noqa: E402
 
-from _train_helpers import RECIPE, digit_fraction_task, fresh_checkpoint, overrides, stable  # noqa: E402,F401
+from pgzoo.models import fresh_tiny_checkpoint
+from _train_helpers import RECIPE, digit_fraction_task, overrides, stable  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,7 +26,7 @@ LORA = ["model.lora.r=4", "model.lora.alpha=16", "model.lora.target_modules=[q_p
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return fresh_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
+    return fresh_tiny_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
 
 
 def lora_recipe(ckpt, out, *extra):
@@ -160,7 +161,7 @@ def test_resume_refuses_a_different_base_or_a_missing_adapter(ckpt, tmp_path):
     train_mod.train(lora_recipe(ckpt, out, "train.steps=1"), quiet=True)
     with pytest.raises(ConfigError, match="model.lora"):  # a LoRA checkpoint resumed as full fine-tuning
         train_mod.train(load_recipe(RECIPE, overrides(ckpt, out, "train.steps=2")), resume=True, quiet=True)
-    other = fresh_checkpoint(tmp_path / "other")
+    other = fresh_tiny_checkpoint(tmp_path / "other")
     with pytest.raises(ConfigError, match=r"recipe differs .*model.path: '.*' -> '.*other'"):
         train_mod.train(load_recipe(RECIPE, overrides(other, out, *LORA, "train.steps=2")), resume=True, quiet=True)
     with pytest.raises(ConfigError, match=r"model.lora.r: \d+ -> 8"):

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from _train_helpers import child_pid, fresh_checkpoint, stable, subprocess_env
+from pgzoo.models import fresh_tiny_checkpoint
+from _train_helpers import child_pid, stable, subprocess_env
 from pgzoo.adapters.lightning.run_folder import latest_checkpoint, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return fresh_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
+    return fresh_tiny_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
 
 
 def args(ckpt, out, *extra) -> list[str]:

@@ -19,13 +19,14 @@ from pgzoo.adapters.lightning.guards import Diverged, check_step
 from pgzoo.errors import ConfigError, PgzooError
 from pgzoo.recipes import load_recipe
 
-from _train_helpers import (RECIPE, digit_fraction_task, fresh_checkpoint, overrides,  # noqa: F401
+from pgzoo.models import fresh_tiny_checkpoint
+from _train_helpers import (RECIPE, digit_fraction_task, overrides,  # noqa: F401
                             poison_grad_norm, train_steps)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return fresh_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
+    return fresh_tiny_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
 
 
 def recipe(ckpt, out, *extra):

@@ -8,12 +8,13 @@ import pgzoo.adapters.lightning.run as train_mod
 from pgzoo.errors import BatchError
 from pgzoo.recipes import load_recipe
 
-from _train_helpers import RECIPE, digit_fraction_task, fresh_checkpoint, overrides  # noqa: F401
+from pgzoo.models import fresh_tiny_checkpoint
+from _train_helpers import RECIPE, digit_fraction_task, overrides  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return fresh_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
+    return fresh_tiny_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
 
 
 def test_entropy_mask_in_the_lightning_trainer(ckpt, tmp_path):

@@ -11,7 +11,8 @@ import sys
 import time
 
 import pytest
-from _train_helpers import fresh_checkpoint, subprocess_env, train_steps, wait_for
+from pgzoo.models import fresh_tiny_checkpoint
+from _train_helpers import subprocess_env, train_steps, wait_for
 from pgzoo.adapters.lightning.run_folder import latest_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return fresh_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
+    return fresh_tiny_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
 
 
 def command(ckpt, out, *extra) -> list[str]:

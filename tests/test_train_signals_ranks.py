@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from _train_helpers import child_pid, fresh_checkpoint, stable, subprocess_env, train_steps
+from pgzoo.models import fresh_tiny_checkpoint
+from _train_helpers import child_pid, stable, subprocess_env, train_steps
 from pgzoo.adapters.lightning.run_folder import latest_checkpoint, read_metrics
 
 from pgzoo.fileio import verify_folder
@@ -32,7 +33,7 @@ PR_SET_CHILD_SUBREAPER = 36
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return fresh_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
+    return fresh_tiny_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
 
 
 def command(ckpt, out, *extra, strategy: str = "ddp") -> list[str]:

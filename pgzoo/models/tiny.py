@@ -193,6 +193,17 @@ def save_pretrained(model, tokenizer, path, card: dict | None = None) -> Path:
     return path
 
 
+def fresh_tiny_checkpoint(path, seed: int = 0) -> Path:
+    """A freshly initialised tiny MoE (:func:`build_tiny_moe`, ``seed``) and its tokenizer saved in ``path`` with
+    :func:`save_pretrained`, unless ``path`` already holds a checkpoint; returns ``path``. No cold start: for tests and
+    benchmarks of the machinery (engines, syncs, the loop), not of learning."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        tok = build_tokenizer()
+        save_pretrained(build_tiny_moe(vocab_size=len(tok), seed=seed), tok, path)
+    return path
+
+
 def read_card(path) -> dict | None:
     """The ``card.json`` of a checkpoint folder as a dict, or None when the folder has none."""
     card = Path(path) / CARD_NAME
