@@ -17,7 +17,7 @@ import torch
 from pgzoo.errors import ConfigError, EngineError
 from pgzoo.models import build_tiny_moe, build_tokenizer
 from pgzoo.rollout import TransformersEngine, check_sync
-from pgzoo.rollout.sync import iter_sync_buckets, iter_sync_tensors, sync_plan, sync_weights
+from pgzoo.rollout.sync import iter_sync_buckets, iter_sync_tensors, prepare_sync, sync_plan, sync_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50, 51, 52]]
@@ -127,6 +127,27 @@ def test_sync_weights_checks_before_anything_moves(base, vocab):
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was written
     stats = sync_weights(base, engine, bucket_mb=0.1)
     assert stats.buckets > 1 and stats.max_bucket_bytes <= max(stats.bucket_bytes, stats.max_param_bytes)
+
+
+def test_prepare_sync_checks_now_and_streams_the_weights_as_they_are_when_called(base, vocab):
+    """The checks raise from prepare_sync itself (nothing moves); the stream, called later, sends the parameters as
+    they are then, and its stats are sync_weights' stats."""
+    engine = TransformersEngine(base)
+    bad = copy.deepcopy(base)
+    with torch.no_grad():
+        bad.model.layers[1].self_attn.o_proj.weight[0, 0] = float("inf")
+    with pytest.raises(EngineError, match="non-finite"):
+        prepare_sync(bad, engine)
+    with pytest.raises(EngineError, match="shape mismatch"):
+        prepare_sync(build_tiny_moe(vocab, seed=0, hidden_size=64), engine)
+    policy = copy.deepcopy(base)
+    stream = prepare_sync(policy, engine, bucket_mb=0.1)
+    with torch.no_grad():  # a change after the checks, before the stream runs: the stream sends it
+        policy.model.layers[0].self_attn.q_proj.weight.mul_(2.0)
+    stats = stream()
+    after = snapshot(engine.model)
+    assert all(torch.equal(after[k], v) for k, v in snapshot(policy).items())
+    assert stats.buckets > 1 and stats.tensors == sync_weights(policy, engine, bucket_mb=0.1).tensors
 
 
 # -- LoRA ---------------------------------------------------------------------------------------------------------

@@ -250,7 +250,8 @@ def test_a_background_error_is_raised_in_the_trainer_naming_the_step_it_sampled(
     before its sync, naming step 2, with the resume hint; the background thread is gone afterwards."""
     steps, synced = spy_steps(monkeypatch), []
     real_sync = RLModule.sync_engine
-    monkeypatch.setattr(RLModule, "sync_engine", lambda self, step: synced.append(step) or real_sync(self, step))
+    monkeypatch.setattr(RLModule, "sync_engine",
+                        lambda self, step, **kw: synced.append(step) or real_sync(self, step, **kw))
     if where == "engine":
         real = train_mod.build_engine
         monkeypatch.setattr(train_mod, "build_engine", lambda r, p: DyingEngine(real(r, p), die_at=3))
@@ -269,4 +270,93 @@ def test_a_background_error_is_raised_in_the_trainer_naming_the_step_it_sampled(
     with pytest.raises(error, match=match + r".*No checkpoint had been written yet"):
         run(ckpt, tmp_path / where)
     assert [st.step for st in steps] == [0, 1] and steps[1].thread_alive and synced == [0]
+    assert rollout_threads() == []
+
+
+def _run_recording_syncs(ckpt, out, monkeypatch, *extra):
+    """A k=1 run of 4 steps whose engine takes 0.2 s before reading each sync's buckets (a slow transfer); returns
+    the run, the weights after each update, and per sync its thread and the tensors the engine read."""
+    after, syncs = [], []
+    real_update = RLModule.update
+
+    def update(self, data):
+        metrics = real_update(self, data)
+        after.append({k: v.detach().clone() for k, v in self.policy.state_dict().items()})
+        return metrics
+
+    def slow(engine):
+        real_load = engine.load_weight_buckets
+
+        def load_weight_buckets(buckets):
+            import time
+
+            time.sleep(0.2)  # the trainer's next step runs meanwhile: its optimizer step must wait for this
+            read = []
+
+            def copies():
+                for bucket in buckets:
+                    read.extend((n, t.detach().clone()) for n, t in bucket)
+                    yield bucket
+
+            real_load(copies())
+            syncs.append((threading.current_thread().name, dict(read)))
+
+        engine.load_weight_buckets = load_weight_buckets
+        return engine
+
+    monkeypatch.setattr(RLModule, "update", update)
+    real_build = train_mod.build_engine
+    monkeypatch.setattr(train_mod, "build_engine", lambda r, p: slow(real_build(r, p)))
+    res = train_mod.train(load_recipe(RECIPE, overrides(ckpt, out, "train.steps=4", *ASYNC, *extra)), quiet=True)
+    monkeypatch.setattr(RLModule, "update", real_update)
+    monkeypatch.setattr(train_mod, "build_engine", real_build)
+    return res, after, syncs
+
+
+def test_the_background_sync_sends_each_update_s_weights_and_changes_no_update(ckpt, tmp_path, monkeypatch):
+    """Asynchronously the sync after step s streams in the rollout thread while step s + 1 computes; the engine
+    reads the weights step s produced (exactly, though it waits 0.2 s before reading and step s + 1's optimizer
+    step would change them), and the run's rows and weights equal those of the same run syncing in the trainer's
+    thread (``background_sync`` off)."""
+    res, after, syncs = _run_recording_syncs(ckpt, tmp_path / "bg", monkeypatch)
+    assert [thread.startswith(ROLLOUT_THREAD) for thread, _ in syncs] == [True] * 4
+    for s, (_, read) in enumerate(syncs):
+        assert read, s
+        for name, tensor in read.items():  # the engine's names are the checkpoint's: the tiny MoE keeps them
+            assert torch.equal(tensor, after[s][name]), (s, name)
+    assert all(row["time/sync_wait"] >= 0.0 for row in res.history)
+    assert any(row["time/sync_wait"] > 0.05 for row in res.history[1:])  # an optimizer step did wait for a sync
+
+    monkeypatch.setattr(RLModule, "background_sync", property(lambda self: False))
+    fg, fg_after, fg_syncs = _run_recording_syncs(ckpt, tmp_path / "fg", monkeypatch)
+    assert [thread for thread, _ in fg_syncs] == ["MainThread"] * 4
+    assert [row["time/sync_wait"] for row in fg.history] == [0.0] * 4
+    from _train_helpers import stable
+
+    assert [stable(r) for r in fg.history] == [stable(r) for r in res.history]
+    assert all(torch.equal(fg_after[-1][k], after[-1][k]) for k in after[-1])
+
+
+def test_a_sync_that_fails_in_the_background_is_raised_naming_its_step(ckpt, tmp_path, monkeypatch):
+    """The engine fails while loading the weights of step 1 in the rollout thread: the trainer raises the engine's
+    error at step 2's optimizer step, naming step 1, and the background thread is gone."""
+    calls = [0]
+
+    def failing(engine):
+        real_load = engine.load_weight_buckets
+
+        def load_weight_buckets(buckets):
+            calls[0] += 1
+            if calls[0] == 2:
+                raise RuntimeError("transfer lost (simulated)")
+            real_load(buckets)
+
+        engine.load_weight_buckets = load_weight_buckets
+        return engine
+
+    real_build = train_mod.build_engine
+    monkeypatch.setattr(train_mod, "build_engine", lambda r, p: failing(real_build(r, p)))
+    with pytest.raises(EngineError, match=r"weights of step 1: RuntimeError: transfer lost \(simulated\)"):
+        train_mod.train(load_recipe(RECIPE, overrides(ckpt, tmp_path / "run", "train.steps=4", *ASYNC)),
+                        quiet=True)
     assert rollout_threads() == []

@@ -130,16 +130,24 @@ def test_one_process_matches(ckpt, reference, tmp_path):
     same_metrics(out, reference)
 
 
-def test_asynchronous_fsdp_matches_one_process(ckpt, tmp_path):
-    """rollout.max_staleness=1 on two FSDP ranks: each rank samples its share of the next step in its background
-    thread (no collective there), the staleness schedule is a function of the step, so the two ranks train on the rows,
-    sampled by the versions, one asynchronous process would; same tolerance as the launches above."""
-    two, one = tmp_path / "two", tmp_path / "one"
-    run([*PGZOO, *args(ckpt, two, "train.steps=3", "rollout.max_staleness=1")])
+def test_asynchronous_fsdp_and_ddp_match_one_process(ckpt, tmp_path):
+    """rollout.max_staleness=1 on two FSDP ranks and on two DDP ranks: each rank samples its share of the next step in
+    its background thread (no collective there), the staleness schedule is a function of the step, so the two ranks
+    train on the rows, sampled by the versions, one asynchronous process would; same tolerance as the launches above.
+    The weight sync runs in the trainer's thread under FSDP (its gather is collective) and in the background thread
+    under DDP and in one process (docs/training.md, "The sync in the background")."""
+    fsdp, ddp, one = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "one"
+    run([*PGZOO, *args(ckpt, fsdp, "train.steps=3", "rollout.max_staleness=1")])
+    run([*PGZOO, *args(ckpt, ddp, "train.steps=3", "rollout.max_staleness=1", "train.strategy=ddp")])
     run([*PGZOO, *args(ckpt, one, "train.steps=3", "rollout.max_staleness=1", "train.devices=1",
                        "train.strategy=auto")])
-    same_metrics(two, one)
-    assert [r["staleness/max"] for r in read_metrics(two / "metrics.csv") if "reward/mean" in r] == [0.0, 1.0, 1.0]
+    same_metrics(fsdp, one)
+    same_metrics(ddp, one)
+    for run_dir in (fsdp, ddp):
+        rows = [r for r in read_metrics(run_dir / "metrics.csv") if "reward/mean" in r]
+        assert [r["staleness/max"] for r in rows] == [0.0, 1.0, 1.0]
+    waits = [r["time/sync_wait"] for r in read_metrics(fsdp / "metrics.csv") if "reward/mean" in r]
+    assert waits == [0.0, 0.0, 0.0]  # FSDP: no background sync to wait for
 
 
 def test_fsdp_resume_is_exact(ckpt, reference, tmp_path):

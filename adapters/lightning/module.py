@@ -61,7 +61,7 @@ from pgzoo.batch import TokenBatch
 from pgzoo.errors import ConfigError, EngineError, PgzooError, RoutingError, require
 from pgzoo.objectives.diagnostics import entropy_metrics
 from pgzoo.models.logprobs import completion_logprobs
-from pgzoo.rollout.sync import sync_weights
+from pgzoo.rollout.sync import prepare_sync, sync_weights
 from pgzoo.rollout.sync_check import check_sync
 
 L = require("lightning", "lightning")
@@ -206,10 +206,12 @@ class RLModule(L.LightningModule):
         # 4-5. old logprobs (when needed; R2 records routes there) and the N mini-batch updates (R2/R3 replay)
         metrics = self.update(data)
         t2 = time.perf_counter()
-        # 6. sync: the updated weights into the rollout engine (asynchronously: once its generation in flight is done)
+        # 6. sync: the updated weights into the rollout engine (asynchronously: once its generation in flight is
+        #    done, and where it can, streamed in the background while the next step computes; the next optimizer
+        #    step waits for it)
         if self.pipeline is not None:
             self.pipeline.wait()
-        self.sync_engine(step)
+        self.sync_engine(step, background=self.background_sync)
         if self.ro.verify_sync is not None:
             metrics.update(self._verify_sync(data, step))
         t3 = time.perf_counter()
@@ -224,6 +226,7 @@ class RLModule(L.LightningModule):
         tokens = metrics.pop("_tokens")
         metrics.update({"time/rollout": t1 - t0, "time/old_logprobs": metrics.pop("_t_old", 0.0),
                         "time/update": metrics.pop("_t_upd", t2 - t1), "time/sync": t3 - t2,
+                        "time/sync_wait": metrics.pop("_t_sync_wait", 0.0),
                         "time/step": t3 - t0, "throughput/tokens_per_s": tokens / max(t3 - t0, 1e-9)})
         self.log_row(step, metrics)
         check_step(self.history[-1], self.tr.stop_on, step, getattr(self.policy.config, "vocab_size", None))
@@ -265,13 +268,27 @@ class RLModule(L.LightningModule):
         if self.pipeline is not None:
             self.pipeline.close()
 
-    def sync_engine(self, step: int) -> None:
+    @property
+    def background_sync(self) -> bool:
+        """Whether step 6 streams the weights in the pipeline's background thread (asynchronous runs): the engine
+        takes buckets, the policy is not sharded (a sharded gather is a collective: the trainer's thread) and no
+        ``verify_sync`` compares the engine with the policy right after the sync."""
+        return (self.pipeline is not None and hasattr(self.engine, "load_weight_buckets")
+                and not is_sharded(self.policy) and self.ro.verify_sync is None)
+
+    def sync_engine(self, step: int, background: bool = False) -> None:
         """Step 6: the policy's weights into this rank's rollout engine, in place: streamed parameter by parameter in
         buckets of ``rollout.sync_bucket_mb`` (:func:`pgzoo.rollout.sync.sync_weights`; a sharded policy is gathered
         one parameter at a time on every rank, never as a whole state dict). An engine with only the protocol's
-        ``load_weights(model)`` gets the (unsharded) policy itself."""
+        ``load_weights(model)`` gets the (unsharded) policy itself. ``background``: the checks run now (their errors
+        raised here), the stream in the pipeline's thread (:meth:`RolloutPipeline.sync_in_background
+        <pgzoo.adapters.lightning.pipeline.RolloutPipeline.sync_in_background>`); its errors surface when the next
+        optimizer step waits for it."""
         try:
-            if hasattr(self.engine, "load_weight_buckets"):
+            if background:
+                stream = prepare_sync(self.policy, self.engine, bucket_mb=self.ro.sync_bucket_mb)
+                self.pipeline.sync_in_background(lambda: self._stream_sync(stream, step))
+            elif hasattr(self.engine, "load_weight_buckets"):
                 sync_weights(self.policy, self.engine, bucket_mb=self.ro.sync_bucket_mb)
             elif is_sharded(self.policy):
                 raise EngineError(f"rollout engine {type(self.engine).__name__} has only load_weights(model); a sharded "
@@ -279,6 +296,19 @@ class RLModule(L.LightningModule):
                                   "(pgzoo.rollout.sync); use a pgzoo engine or add that method")
             else:
                 self.engine.load_weights(self.policy)
+        except PgzooError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"rollout engine {type(self.engine).__name__} failed to load the weights of step "
+                              f"{step}: {type(exc).__name__}: {exc}") from exc
+
+    def _stream_sync(self, stream, step: int) -> None:
+        """The background half of a sync (pipeline thread): the stream, then every kernel reading the parameters
+        done, so the optimizer step that waits for it cannot overwrite a tensor still being sent."""
+        try:
+            stream()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         except PgzooError:
             raise
         except Exception as exc:
@@ -415,6 +445,7 @@ class RLModule(L.LightningModule):
         counts = torch.stack([per_mb.any(-1).sum(-1), per_mb.sum((-1, -2))], -1).float()
         counts = all_reduce_sum(counts, self._strategy()).clamp_min(1.0).tolist()
         acc = Accumulator(data.completion_mask.device)
+        sync_wait = 0.0
         for n in range(t.num_minibatches):
             lo = n * mb_rows
             mini = data.rows(slice(lo, lo + mb_rows))
@@ -446,6 +477,8 @@ class RLModule(L.LightningModule):
             else:
                 gn = torch.nn.utils.get_total_norm([p.grad for p in params])
             acc.add({"grad_norm": unsharded(gn)}, 1.0)
+            if self.pipeline is not None:  # the background sync still reads the parameters this step changes
+                sync_wait += self.pipeline.wait_sync()
             opt.step()
             sched.step()
         t2 = time.perf_counter()
@@ -455,7 +488,7 @@ class RLModule(L.LightningModule):
         metrics.update({k: float(v) for k, v in self.replay.metrics().items()})
         if t.routing_replay is not None and metrics.get("routing/layers_hit", 0.0) <= 0:
             raise RoutingError(f"routing replay {t.routing_replay} was asked for but forced no MoE layer this step")
-        metrics["_t_old"], metrics["_t_upd"] = t1 - t0, t2 - t1
+        metrics["_t_old"], metrics["_t_upd"], metrics["_t_sync_wait"] = t1 - t0, t2 - t1, sync_wait
         return metrics
 
     @torch.no_grad()

@@ -12,7 +12,15 @@ with the same seed take the same updates, whatever the machine.
 
 Boundaries. Before the engine's weights change (:meth:`RolloutPipeline.wait`, called before every sync) every
 generation in flight finishes, so a generation never sees two versions and a sync never writes under a running
-forward; ``verify_sync`` therefore holds after every sync as in the synchronous loop. The background thread runs the
+forward; ``verify_sync`` therefore holds after every sync as in the synchronous loop.
+
+Background sync. The sync itself may run in the same background thread (:meth:`RolloutPipeline.sync_in_background`),
+queued ahead of the generation that needs it: it streams the parameters as they are while the trainer starts the
+next step (its rollouts are already queued; its forward and backward change no parameter), and the trainer waits
+for it (:meth:`RolloutPipeline.wait_sync`) before its first optimizer step. The engine therefore receives exactly
+the weights a sync in the trainer's thread would have sent, and the next generation starts after them: the same
+updates, bit for bit. The trainer's module decides when (an unsharded policy and no ``verify_sync``): a sharded
+policy's gather is a collective and stays in the trainer's thread. The background thread runs the
 engine and the task's reward only: no collective, so with several ranks each rank overlaps its own share and the
 ranks' collectives stay in the main thread, in step.
 
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,6 +84,7 @@ class RolloutPipeline:
         self.sample, self.k, self.steps, self.engine = sample, max_staleness, steps, engine
         self.queue: dict[int, Queued] = {}
         self.running: dict[int, concurrent.futures.Future] = {}
+        self.syncing: concurrent.futures.Future | None = None  # a weight sync queued or running in the background
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def take(self, step: int) -> Queued:
@@ -82,6 +92,7 @@ class RolloutPipeline:
         self.wait_for(step)
         got = self.queue.pop(step, None)
         if got is None:
+            self.wait_sync()  # the engine holds version ``step`` once the last sync is done
             got = Queued(self.sample(step), step)
         if step - got.version > self.k:  # only a queue restored under another schedule could hold such rows
             raise ConfigError(f"step {step}: its queued rollouts were sampled with version {got.version}, more than "
@@ -94,9 +105,29 @@ class RolloutPipeline:
         for j in range(step + 1, min(step + self.k, self.steps - 1) + 1):
             if j in self.queue or j in self.running:
                 continue
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgzoo-rollout")
-            self.running[j] = self._pool.submit(self._sample_version, j, step)
+            self.running[j] = self._thread().submit(self._sample_version, j, step)
+
+    def _thread(self) -> concurrent.futures.ThreadPoolExecutor:
+        # one worker: a sync and the generations queued after it run in the order they were submitted
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgzoo-rollout")
+        return self._pool
+
+    def sync_in_background(self, stream: Callable[[], object]) -> None:
+        """Queue the weight sync ``stream`` (the callable of :func:`pgzoo.rollout.sync.prepare_sync`) in the
+        background thread, after every generation in flight and before any generation launched later. The caller
+        must not change a parameter before :meth:`wait_sync` returns."""
+        self.wait()
+        self.syncing = self._thread().submit(stream)
+
+    def wait_sync(self) -> float:
+        """The background sync (if any) finished; returns the seconds waited. Its error is raised here."""
+        future, self.syncing = self.syncing, None
+        if future is None:
+            return 0.0
+        start = time.perf_counter()
+        future.result()
+        return time.perf_counter() - start
 
     def _sample_version(self, step: int, version: int) -> Queued:
         return Queued(self.sample(step), version)
@@ -107,7 +138,9 @@ class RolloutPipeline:
             self.queue[step] = future.result()  # an engine or reward error is raised here, in the trainer's thread
 
     def wait(self) -> None:
-        """Every generation in flight finished and queued (call before the engine's weights change)."""
+        """Every generation in flight finished and queued, and the background sync done (call before the engine's
+        weights change)."""
+        self.wait_sync()
         for step in sorted(self.running):
             self.wait_for(step)
 
@@ -119,10 +152,11 @@ class RolloutPipeline:
         cancel = getattr(self.engine, "cancel", None)
         if cancel is not None and any(f.running() for f in self.running.values()):
             cancel()
-        if self._pool is not None:
+        if self._pool is not None:  # a sync already streaming finishes (the engine never holds half a version)
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self.running.clear()
+        self.syncing = None
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, folder: Path, rank: int, world_size: int) -> None:

@@ -13,11 +13,11 @@ Both follow :class:`RolloutEngine` and return :class:`Rollouts`; see docs/rollou
 
 from pgzoo.rollout.base import RolloutEngine, Rollouts
 from pgzoo.rollout.fp8 import fake_quantize_fp8, quantize_fp8_tensor
-from pgzoo.rollout.sync import SyncStats, iter_sync_buckets, iter_sync_tensors, sync_plan, sync_weights
+from pgzoo.rollout.sync import SyncStats, iter_sync_buckets, iter_sync_tensors, prepare_sync, sync_plan, sync_weights
 from pgzoo.rollout.sync_check import SyncCheck, check_sync
 from pgzoo.rollout.transformers_engine import TransformersEngine
 from pgzoo.rollout.vllm_engine import VLLMEngine
 
 __all__ = ["Rollouts", "RolloutEngine", "SyncCheck", "SyncStats", "TransformersEngine", "VLLMEngine", "check_sync",
-           "fake_quantize_fp8", "iter_sync_buckets", "iter_sync_tensors", "quantize_fp8_tensor", "sync_plan",
-           "sync_weights"]
+           "fake_quantize_fp8", "iter_sync_buckets", "iter_sync_tensors", "prepare_sync", "quantize_fp8_tensor",
+           "sync_plan", "sync_weights"]

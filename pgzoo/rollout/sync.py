@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -260,6 +260,20 @@ def sync_weights(model: torch.nn.Module, engine, *, bucket_mb: float = DEFAULT_B
             moves: the engine keeps its previous weights); an engine failure mid-stream (other ranks still finish
             their collectives before it is raised).
     """
+    return prepare_sync(model, engine, bucket_mb=bucket_mb, adapters=adapters)()
+
+
+def prepare_sync(model: torch.nn.Module, engine, *, bucket_mb: float = DEFAULT_BUCKET_MB,
+                 adapters: bool = True) -> Callable[[], SyncStats]:
+    """The checks of :func:`sync_weights` now (arguments, names/shapes against the engine, NaN/Inf: the same errors,
+    raised here), and the stream as a callable that moves the weights when called; ``sync_weights`` is
+    ``prepare_sync(...)()``.
+
+    The stream reads the model's parameters as they are when it runs, so it may run in another thread while the
+    caller computes (a forward, a backward) as long as no parameter changes before it returns: the caller waits for
+    it before the next optimizer step. Under FSDP2 the stream is collective (call it on every rank, in the thread
+    that runs the other collectives).
+    """
     start = time.perf_counter()
     if not isinstance(model, torch.nn.Module):
         raise EngineError(f"weight sync expects a torch.nn.Module (the policy), got {type(model).__name__}")
@@ -267,22 +281,27 @@ def sync_weights(model: torch.nn.Module, engine, *, bucket_mb: float = DEFAULT_B
     _bucket_bytes(bucket_mb)
     distributed = _distributed(model)
     _preflight(model, engine, names, distributed)
-    stats: dict = {}
-    buckets = iter_sync_buckets(model, bucket_mb, names, adapters=adapters, _stats=stats)
-    try:
-        if engine is None:
-            for _ in buckets:
-                pass
-        else:
-            engine.load_weight_buckets(buckets)
-    except BaseException:
-        if distributed:  # keep in step with the other ranks' gathers before raising
-            for _ in buckets:
-                pass
-        raise
-    finally:
-        buckets.close()
-    return SyncStats(seconds=time.perf_counter() - start, tensors=stats["tensors"], bytes=stats["bytes"],
-                     buckets=stats["buckets"], max_bucket_bytes=stats["max_bucket_bytes"],
-                     bucket_bytes=stats["bucket_bytes"], max_param_bytes=stats["max_param_bytes"])
+    checked = time.perf_counter() - start
 
+    def stream() -> SyncStats:
+        began = time.perf_counter()
+        stats: dict = {}
+        buckets = iter_sync_buckets(model, bucket_mb, names, adapters=adapters, _stats=stats)
+        try:
+            if engine is None:
+                for _ in buckets:
+                    pass
+            else:
+                engine.load_weight_buckets(buckets)
+        except BaseException:
+            if distributed:  # keep in step with the other ranks' gathers before raising
+                for _ in buckets:
+                    pass
+            raise
+        finally:
+            buckets.close()
+        return SyncStats(seconds=checked + time.perf_counter() - began, tensors=stats["tensors"],
+                         bytes=stats["bytes"], buckets=stats["buckets"], max_bucket_bytes=stats["max_bucket_bytes"],
+                         bucket_bytes=stats["bucket_bytes"], max_param_bytes=stats["max_param_bytes"])
+
+    return stream
