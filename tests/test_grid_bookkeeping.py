@@ -104,6 +104,86 @@ def test_after_run_hears_each_finished_run_only(tmp_path):
     assert heard == [ok]
 
 
+def test_jobs_train_runs_at_once_in_order_with_one_bookkeeper(tmp_path):
+    """--jobs 2: two runs are in their runner at the same time (a barrier only two concurrent runs pass), the runs
+    start in the grid's order, after_run is never entered twice at once, and the failed runs come back in order."""
+    import threading
+    import time
+
+    runs = [GridRun("tiny/minirl", s, tmp_path / f"minirl-s{s}") for s in range(4)]
+    both = threading.Barrier(2, timeout=20)
+    started, inside, heard = [], [0], []
+
+    def runner(cmd, **kw):
+        seed = int(next(c for c in cmd if c.startswith("seed="))[5:])
+        started.append(seed)
+        both.wait()  # runs 0 and 1 meet here, then 2 and 3: with one job at a time this times out
+        if seed % 2:
+            return 1
+        runs[seed].run_dir.mkdir()
+        write_status(runs[seed].run_dir, "finished")
+        return 0
+
+    def after_run(run):
+        inside[0] += 1
+        assert inside[0] == 1, "after_run entered twice at once"
+        time.sleep(0.05)
+        heard.append(run.seed)
+        inside[0] -= 1
+
+    assert run_missing(runs, runner=runner, log=lambda m: None, after_run=after_run, jobs=2) == [runs[1], runs[3]]
+    assert sorted(started[:2]) == [0, 1] and sorted(started[2:]) == [2, 3]
+    assert sorted(heard) == [0, 2]
+    with pytest.raises(threading.BrokenBarrierError):
+        both.reset()
+        run_missing([GridRun("tiny/minirl", 5, tmp_path / "minirl-s5"), GridRun("tiny/minirl", 6, tmp_path / "m6")],
+                    runner=lambda cmd, **kw: both.wait(timeout=0.5), log=lambda m: None, jobs=1)
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.0, "2", True])
+def test_jobs_is_a_positive_int(tmp_path, jobs):
+    with pytest.raises(ConfigError, match="--jobs"):
+        run_missing([], runner=lambda *a, **k: 0, log=lambda m: None, jobs=jobs)
+
+
+def test_cli_jobs_needs_a_grid_and_a_positive_count(tmp_path, capsys):
+    grid = grid_file(tmp_path, "[a/minirl.yaml, a/other.yaml]")
+    assert main(["compare", "--grid", str(grid), "--jobs", "0", "--out", str(tmp_path / "o"), "--no-run"]) == 2
+    assert "--jobs 0" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path), "--jobs", "2"]) == 2
+    assert "only with --grid" in capsys.readouterr().err
+
+
+def test_a_run_training_in_another_live_process_is_skipped_not_resumed_beside_it(tmp_path):
+    """Two grids over one folder: a run whose status says running in a live pgzoo process is left to it; once that
+    process is gone (or the id belongs to a process that is not pgzoo's) the run is resumed."""
+    run = GridRun("tiny/minirl", 0, tmp_path / "minirl-s0")
+    run.run_dir.mkdir()
+    calls, log = [], []
+
+    def runner(cmd, **kw):
+        calls.append(cmd)
+        write_status(run.run_dir, "finished")
+        return 0
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "pgzoo", "train"])
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        write_status(run.run_dir, "running", pid=other.pid)
+        assert run_missing([run], runner=runner, log=log.append) == [] and calls == []
+        assert any(f"skip minirl-s0: running in process {other.pid}" in m for m in log)
+        write_status(run.run_dir, "running", pid=stranger.pid)  # an id reused by a process that is not a run
+        assert run_missing([run], runner=runner, log=log.append) == [] and len(calls) == 1
+        write_status(run.run_dir, "running", pid=other.pid)
+        other.kill()
+        other.wait()
+        assert run_missing([run], runner=runner, log=log.append) == [] and len(calls) == 2
+    finally:
+        for p in (other, stranger):
+            p.kill()
+            p.wait()
+
+
 # ---------------------------------------------------------------------------------------------- verdicts, records
 def test_grid_verdicts_and_records_from_synthetic_runs(tmp_path, capsys):
     """`pgzoo compare --grid --no-run --record`: each comparison's verdict by its grid rule, the per-run CSV and the

@@ -127,6 +127,31 @@ def run_state(run_dir: Path) -> str | None:
     return None
 
 
+def running_pid(run_dir: Path) -> int | None:
+    """The process id a ``running`` status recorded, while a ``pgzoo`` process with that id is alive (another
+    process is training this folder now); None otherwise (not running, or its process died: the folder can be
+    resumed). On Linux the process's command line must name pgzoo, so an id reused after a restart is not taken
+    for the run."""
+    status = _read_json(Path(run_dir) / STATUS_FILE)
+    pid = status.get("pid")
+    if status.get("state") != "running" or isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if Path("/proc/self").exists():
+        try:
+            if b"pgzoo" not in cmdline.read_bytes():
+                return None
+        except OSError:
+            return None
+    return pid
+
+
 @contextlib.contextmanager
 def recorded_status(run_dir: Path, *, enabled: bool = True):
     """``running`` while the block runs, then ``finished``, ``stopped`` (a signal: an exception with a 128 + signal

@@ -4,6 +4,7 @@
     pgzoo compare --grid recipes/lab/grid.yaml --seeds 0 1 2 --out runs/lab
     pgzoo compare runs/a-s0 runs/a-s1 runs/b-s0 runs/b-s1 --out cmp
     pgzoo compare --grid lab/grid --out runs/lab --record docs/results/lab    # summaries to commit, kept as it goes
+    pgzoo compare --grid lab/grid --out runs/lab --jobs 2                     # two runs training at once
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the text summaries (compare.md, compare.json, runs.csv, walls.json) to DIR, "
                              "e.g. docs/results/lab; with --grid refreshed after every finished run")
     parser.add_argument("--no-run", action="store_true", help="with --grid: compare the finished runs only")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="with --grid: train up to N runs at once, in the grid's order (default 1; each run "
+                             "uses train.threads torch threads, 1 in the lab's recipes)")
     parser.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
                         help="also compare group A with group B paired by seed (repeatable; a grid's "
                              "`comparisons` are added)")
@@ -37,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if args.grid and args.run_dirs:
         raise ConfigError("pgzoo compare: give run folders or --grid, not both")
     if not args.grid:
+        if args.jobs != 1:
+            raise ConfigError("pgzoo compare --jobs: only with --grid (it says how many of the grid's runs train at "
+                              "once); comparing finished run folders trains nothing")
         if not args.run_dirs:
             raise ConfigError("pgzoo compare: give run folders, or --grid GRID.yaml to run and compare a grid")
         table, png = compare(args.run_dirs, args.out or "compare", comparisons=[Comparison(a, b) for a, b in args.pair],
@@ -44,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         print(table)
         print(f"\nfigure: {png}")
         return 0
+    grid_mod.check_jobs(args.jobs)  # before hours of runs
     grid = grid_mod.load_grid(args.grid)
     planned = [Path(r).stem for r in grid.recipes]
     check_pairs(args.pair, planned, "--pair")  # before hours of runs, not after
@@ -57,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     failed = [] if args.no_run else grid_mod.run_missing(runs, [*grid.overrides, *args.overrides],
                                                          log=lambda m: print(m, flush=True),
-                                                         after_run=record if args.record else None)
+                                                         after_run=record if args.record else None,
+                                                         jobs=args.jobs)
     done = [r.run_dir for r in runs if r.finished]
     if not done:
         raise ConfigError(f"no finished run in {out}; run without --no-run (see {out}/logs/ for failures)")

@@ -24,8 +24,8 @@ listed twice, two recipes with one file name, a seed given twice or a negative s
 signal says ``stopped``, a crashed one ``failed``) and is then skipped — after checking that the recipe it recorded
 is the one the grid would run now (changed ``--set`` overrides or recipe files are refused, naming the keys). Any
 other run is started as
-``pgzoo train RECIPE seed=S output.dir=OUT/NAME ... --resume --quiet`` in its own process, one after the other, its
-console in ``OUT/logs/NAME.log``: ``--resume`` continues from the newest checkpoint of an interrupted run (exactly,
+``pgzoo train RECIPE seed=S output.dir=OUT/NAME ... --resume --quiet`` in its own process, one after the other
+(``jobs`` at a time with ``--jobs``, in the same order), its console in ``OUT/logs/NAME.log``: ``--resume`` continues from the newest checkpoint of an interrupted run (exactly,
 see docs/training.md) and starts from scratch when there is none. Interrupting the grid (Ctrl-C, or killing it)
 stops the running child too (on Linux the child is killed when its parent dies), so the next invocation resumes
 it. The wall time of every process that returned is added to ``OUT/walls.json`` (seconds per run, summed over
@@ -272,35 +272,79 @@ def _add_wall(out: Path, name: str, seconds: float) -> None:
     os.replace(tmp, out / "walls.json")
 
 
+def check_jobs(jobs) -> int:
+    """``--jobs``: a positive integer (a string or a float is refused, as everywhere in pgzoo)."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs {jobs!r}: give how many runs may train at once, a whole number >= 1 (e.g. the "
+                          "number of free cores when each run uses one torch thread)")
+    return jobs
+
+
 def run_missing(runs: list[GridRun], overrides: list[str] | None = None, *, log=print,
-                runner=subprocess.call, after_run=None) -> list[GridRun]:
-    """Run every unfinished run of ``runs`` in its own process, one after the other; returns the runs that failed
-    (non-zero exit, or not ``finished`` afterwards). ``runner`` is :func:`subprocess.call` (tests replace it);
-    ``after_run(run)`` is called after each run that finished (``pgzoo compare --record`` refreshes its summaries
-    there, so a grid stopped after hours keeps them). Existing run folders must have recorded the recipe the grid
-    runs now (:func:`check_recorded`)."""
+                runner=subprocess.call, after_run=None, jobs: int = 1) -> list[GridRun]:
+    """Run every unfinished run of ``runs`` in its own process, in order, ``jobs`` at a time (1: one after the
+    other); returns the runs that failed (non-zero exit, or not ``finished`` afterwards). ``runner`` is
+    :func:`subprocess.call` (tests replace it); ``after_run(run)`` is called after each run that finished
+    (``pgzoo compare --record`` refreshes its summaries there, so a grid stopped after hours keeps them; never two
+    at once). A run whose folder says ``running`` in a process that is still alive (another grid over the same
+    folder) is skipped, not resumed beside it. Existing run folders must have recorded the recipe the grid runs now
+    (:func:`check_recorded`)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pgzoo.adapters.lightning.run_folder import running_pid
+
+    check_jobs(jobs)
     check_recorded(runs, list(overrides or []))
-    failed = []
-    for i, run in enumerate(runs, 1):
+    lock = threading.Lock()  # the log, walls.json and after_run: one run's bookkeeping at a time
+    failed: list[GridRun] = []
+
+    def one(i: int, run: GridRun) -> None:
         state = run.state
         if state == "finished":
-            log(f"[{i}/{len(runs)}] skip {run.name}: finished")
-            continue
+            with lock:
+                log(f"[{i}/{len(runs)}] skip {run.name}: finished")
+            return
+        pid = running_pid(run.run_dir)
+        if pid is not None:
+            with lock:
+                log(f"[{i}/{len(runs)}] skip {run.name}: running in process {pid} (another grid over {run.run_dir.parent}?)")
+            return
         out = run.run_dir.parent
         (out / "logs").mkdir(parents=True, exist_ok=True)
         cmd = train_command(run, list(overrides or []))
         action = ("resume" + (f" ({state})" if state else "")) if (run.run_dir / "checkpoints").is_dir() else "run"
-        log(f"[{i}/{len(runs)}] {action} {run.name}: pgzoo train {' '.join(cmd[4:])}")
+        with lock:
+            log(f"[{i}/{len(runs)}] {action} {run.name}: pgzoo train {' '.join(cmd[4:])}")
         t0 = time.perf_counter()
         with open(out / "logs" / f"{run.name}.log", "a") as fh:
             kwargs = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
             rc = runner(cmd, stdout=fh, stderr=subprocess.STDOUT, **kwargs)
         wall = time.perf_counter() - t0
-        _add_wall(out, run.name, wall)
         ok = rc == 0 and run.finished
-        log(f"      {'done' if ok else f'FAILED (exit {rc}; see logs/{run.name}.log)'} in {wall:.0f} s")
-        if not ok:
-            failed.append(run)
-        elif after_run is not None:
-            after_run(run)
-    return failed
+        with lock:
+            _add_wall(out, run.name, wall)
+            log(f"      {run.name if jobs > 1 else ''}{' ' if jobs > 1 else ''}"
+                f"{'done' if ok else f'FAILED (exit {rc}; see logs/{run.name}.log)'} in {wall:.0f} s")
+            if not ok:
+                failed.append(run)
+            elif after_run is not None:
+                after_run(run)
+
+    if jobs == 1:
+        for i, run in enumerate(runs, 1):
+            one(i, run)
+        return failed
+    # Each worker thread waits on its own child for the child's whole life, so Linux's parent-death signal (sent
+    # when the thread that started a child ends) still fires only when the grid process dies.
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pgzoo-grid")
+    futures = [pool.submit(one, i, run) for i, run in enumerate(runs, 1)]
+    try:
+        for future in futures:
+            future.result()
+    except BaseException:  # Ctrl-C reaches the children too (one process group): start nothing new, let them stop
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    order = {run.run_dir: i for i, run in enumerate(runs)}
+    return sorted(failed, key=lambda r: order[r.run_dir])
