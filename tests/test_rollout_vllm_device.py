@@ -146,6 +146,23 @@ def test_recipe_accepts_rollout_device_for_vllm():
         load_recipe("tiny/minirl", ["rollout.engine=vllm", "rollout.device=cuda:1", "train.devices=2"])
 
 
+@pytest.mark.parametrize("engine", ["vllm", "transformers"])
+def test_recipe_refuses_an_engine_on_another_ranks_training_gpu(engine):
+    """Ranks of a machine train on cuda:0..devices-1: cuda:{local_rank+1} beside 2 ranks puts rank 0's engine on rank
+    1's GPU (refused, naming both ranks and the fix); cuda:{local_rank+2} and, for the transformers engine, the CPU
+    pass, as does one's own GPU (the shared-device case, warned at run time)."""
+    from pgzoo.recipes import load_recipe
+
+    base = [f"rollout.engine={engine}", "train.devices=2", "rollout.max_staleness=1"]
+    with pytest.raises(ConfigError, match=r"rank 0's engine would sample on cuda:1, where rank 1 trains.*"
+                                          r"cuda:\{local_rank\+2\}"):
+        load_recipe("tiny/minirl", [*base, "rollout.device=cuda:{local_rank+1}"])
+    with pytest.raises(ConfigError, match=r"rank 0's engine would sample on cuda:3, where rank 3 trains"):
+        load_recipe("tiny/minirl", [f"rollout.engine={engine}", "train.devices=4", "rollout.device=cuda:{local_rank+3}"])
+    assert load_recipe("tiny/minirl", [*base, "rollout.device=cuda:{local_rank+2}"]).rollout.device
+    assert load_recipe("tiny/minirl", [*base, "rollout.device=cuda:{local_rank}"]).rollout.device
+
+
 # -- one engine start: the assignment reaches the engine core process ------------------------------------------------
 @needs_vllm
 @pytest.mark.vllm

@@ -171,6 +171,7 @@ class Recipe(Section):
                 raise ConfigError(f"rollout.device={r.device}: every one of the {self.world_size} ranks builds its own "
                                   "engine and would put it on this one device; give each its own with {local_rank} "
                                   "or {local_rank+N}, e.g. rollout.device='cuda:{local_rank+8}'")
+            self._check_engine_gpus(engine_device)
         if r.device is not None and not caps.device_choice:
             raise _unsupported(f"rollout.device={r.device}", "a device of its own", r.engine, caps, "device_choice",
                                lambda c: c.device_choice, "rollout.device=null")
@@ -182,6 +183,22 @@ class Recipe(Section):
         if self.strategy == "fsdp" and not caps.sharded_sync:
             raise _unsupported("train.strategy=fsdp", "syncing a sharded policy (load_weight_buckets)", r.engine,
                                caps, "sharded_sync", lambda c: c.sharded_sync, "train.strategy=ddp")
+
+    def _check_engine_gpus(self, engine_device) -> None:
+        """Ranks train on ``cuda:0 .. cuda:train.devices-1`` of their machine (Lightning's device for a local rank):
+        an engine that ``rollout.device`` puts on another rank's training GPU takes that rank's memory and kernels
+        (its own rank's GPU is the shared-device case: warned asynchronously, refused with NCCL weight transfer)."""
+        import re
+
+        devices = self.train.devices
+        for rank in range(devices):
+            placed = engine_device(self.rollout.device, rank)
+            hit = re.fullmatch(r"cuda:(\d+)", placed or "")
+            if hit and int(hit[1]) < devices and int(hit[1]) != rank:
+                raise ConfigError(
+                    f"rollout.device={self.rollout.device}: rank {rank}'s engine would sample on {placed}, where rank "
+                    f"{hit[1]} trains (train.devices={devices}: the ranks of a machine train on cuda:0..cuda:"
+                    f"{devices - 1}); put the engines after them, e.g. rollout.device='cuda:{{local_rank+{devices}}}'")
 
     def _check_objective(self) -> None:
         from pgzoo.errors import PgzooError
