@@ -30,6 +30,8 @@ from pgzoo.rollout.builders import capabilities_of, engines
 from pgzoo.rollout.capabilities import UNDECLARED, EngineCapabilities, declare
 from pgzoo.rollout.transformers_engine import top_p_mask
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the torch-sampler engine runs 288 tiny forwards a test
+
 PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47]]
 SEEDS = [11, 5, 907]
 

@@ -81,9 +81,9 @@ def test_lora_run_syncs_checkpoints_and_loads_with_plain_transformers(ckpt, tmp_
     seen = {}
     real_sync = RLModule.sync_engine
 
-    def spying_sync(self, step):  # the trainable model is bit-identical before and after every sync
+    def spying_sync(self, step, **kw):  # the trainable model is bit-identical before and after every sync
         before = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
-        real_sync(self, step)
+        real_sync(self, step, **kw)
         after = self.policy.state_dict()
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
         seen["syncs"] = seen.get("syncs", 0) + 1
