@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _peak_rss import PeakRSS  # noqa: E402  (tests/_peak_rss.py)
+from peak_rss import PeakRSS  # noqa: E402  (tests/peak_rss.py: the measurement the memory tests use)
 
 PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50, 51, 52]]
 

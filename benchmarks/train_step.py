@@ -84,7 +84,6 @@ def memory(args) -> list[dict]:
 
 # ---------------------------------------------------------------------- step time
 def steps(args) -> list[dict]:
-    sys.path.insert(0, str(ROOT / "tests"))
     import tempfile
 
     from pgzoo.recipes import load_recipe

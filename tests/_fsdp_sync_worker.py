@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from _peak_rss import PeakRSS  # tests/_peak_rss.py, beside this script
+from peak_rss import PeakRSS  # tests/peak_rss.py, beside this script
 
 PROMPTS = [[1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 50, 51, 52]]
 

@@ -1,5 +1,5 @@
 """Peak resident memory of a block, sampled by a thread: how tests/_fsdp_sync_worker.py and benchmarks/sync.py
-measure the extra memory of a streaming weight sync.
+measure the extra memory of a streaming weight sync (a public helper of the tests: the benchmark imports it).
 
     with PeakRSS() as mem:
         sync_weights(...)
