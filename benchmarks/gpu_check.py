@@ -13,8 +13,9 @@ needed), with one summary table at the end:
    this process (vLLM's default GPU 0, the policy on GPU 1), then in its own engine core process placed with
    ``device="cuda:1"`` (the policy on GPU 0); skipped, with the reason, where vLLM or the second GPU is missing;
 6. ``pgzoo train`` 3 steps with ``rollout.engine: vllm``, ``rollout.max_staleness: 1``, ``rollout.device: cuda:1``,
-   ``rollout.weight_transfer: nccl`` and ``rollout.verify_sync`` (the run stops if a sync breaks parity); skipped,
-   with the reason, where vLLM or the second GPU is missing.
+   ``rollout.weight_transfer: nccl`` and ``rollout.verify_sync`` (the run stops if a sync breaks parity), then
+   the same without ``verify_sync`` (the sync streams from the background thread); skipped, with the reason, where
+   vLLM or the second GPU is missing.
 
 Every check runs as its own subprocess (a failure in one does not stop the others); the table gives its status,
 seconds and the line that matters (the pytest tally, the last reward, the objectives' median ratio).
@@ -120,24 +121,30 @@ def nccl_weight_transfer(ckpt: Path) -> int:
 
 def train_vllm_device(ckpt: Path, out: Path) -> int:
     """Check 6 (its own process): ``pgzoo train`` with vLLM on GPU 1 beside the trainer on GPU 0, NCCL weight sync,
-    3 steps with the parity probe after every sync; prints ``skipped: <reason>`` and returns 0 where it cannot run."""
+    3 steps with the parity probe after every sync (the sync in the trainer's thread), then the same 3 steps without
+    the probe (the sync streams in the background thread while the next step computes); prints ``skipped: <reason>``
+    and returns 0 where it cannot run."""
     reason = two_gpus_and_vllm()
     if reason:
         print(f"skipped: {reason}")
         return 0
-    cmd = [PY, "-m", "pgzoo", "train", "tiny/minirl", f"model.path={ckpt}", "rollout.engine=vllm",
-           "rollout.max_staleness=1", "rollout.device=cuda:1", "rollout.weight_transfer=nccl",
-           f"rollout.verify_sync={NCCL_TOLERANCE}", "train.steps=3", "eval.before=false", "eval.after=false",
-           "output.plots=false", "output.progress_bar=false", f"output.dir={out}", "--quiet"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    sys.stdout.write(p.stdout + p.stderr)
-    if p.returncode:
-        return p.returncode
-    rows = list(csv.DictReader((out / "metrics.csv").open())) if (out / "metrics.csv").exists() else []
-    if len(rows) != 3:
-        print(f"expected 3 steps in {out / 'metrics.csv'}, found {len(rows)}")
-        return 1
-    print(f"3 steps with vLLM on cuda:1 and NCCL syncs, verify_sync <= {NCCL_TOLERANCE:g} held after every sync")
+    for verify, run_dir in ((True, out), (False, out.with_name(out.name + "-background"))):
+        cmd = [PY, "-m", "pgzoo", "train", "tiny/minirl", f"model.path={ckpt}", "rollout.engine=vllm",
+               "rollout.max_staleness=1", "rollout.device=cuda:1", "rollout.weight_transfer=nccl",
+               f"rollout.verify_sync={NCCL_TOLERANCE if verify else 'null'}", "train.steps=3", "eval.before=false",
+               "eval.after=false", "output.plots=false", "output.progress_bar=false", f"output.dir={run_dir}",
+               "--quiet"]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        sys.stdout.write(p.stdout + p.stderr)
+        if p.returncode:
+            return p.returncode
+        metrics = run_dir / "metrics.csv"
+        rows = list(csv.DictReader(metrics.open())) if metrics.exists() else []
+        if len(rows) != 3:
+            print(f"expected 3 steps in {metrics}, found {len(rows)}")
+            return 1
+    print(f"3 steps with vLLM on cuda:1 and NCCL syncs, verify_sync <= {NCCL_TOLERANCE:g} held after every sync; "
+          "3 more with the sync in the background")
     return 0
 
 

@@ -304,11 +304,16 @@ class RLModule(L.LightningModule):
 
     def _stream_sync(self, stream, step: int) -> None:
         """The background half of a sync (pipeline thread): the stream, then every kernel reading the parameters
-        done, so the optimizer step that waits for it cannot overwrite a tensor still being sent."""
+        done, so the optimizer step that waits for it cannot overwrite a tensor still being sent. On CUDA the
+        thread's current device is the rank's (a new thread's is device 0), for what the stream allocates or
+        launches without naming a device (an NCCL transfer's stream)."""
         try:
-            stream()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":  # a thread starts on CUDA's device 0: make this rank's GPU current here too
+                with torch.cuda.device(self.device):
+                    stream()
+                    torch.cuda.synchronize(self.device)
+            else:
+                stream()
         except PgzooError:
             raise
         except Exception as exc:
