@@ -326,6 +326,8 @@ def test_the_background_sync_sends_each_update_s_weights_and_changes_no_update(c
             assert torch.equal(tensor, after[s][name]), (s, name)
     assert all(row["time/sync_wait"] >= 0.0 for row in res.history)
     assert any(row["time/sync_wait"] > 0.05 for row in res.history[1:])  # an optimizer step did wait for a sync
+    # the wait for the next steps' generation is part of the step's sync time
+    assert all(0.0 <= row["time/generation_wait"] <= row["time/sync"] for row in res.history)
 
     monkeypatch.setattr(RLModule, "background_sync", property(lambda self: False))
     fg, fg_after, fg_syncs = _run_recording_syncs(ckpt, tmp_path / "fg", monkeypatch)

@@ -209,8 +209,11 @@ class RLModule(L.LightningModule):
         # 6. sync: the updated weights into the rollout engine (asynchronously: once its generation in flight is
         #    done, and where it can, streamed in the background while the next step computes; the next optimizer
         #    step waits for it)
+        generation_wait = 0.0
         if self.pipeline is not None:
+            waited = time.perf_counter()
             self.pipeline.wait()
+            generation_wait = time.perf_counter() - waited
         self.sync_engine(step, background=self.background_sync)
         if self.ro.verify_sync is not None:
             metrics.update(self._verify_sync(data, step))
@@ -226,7 +229,7 @@ class RLModule(L.LightningModule):
         tokens = metrics.pop("_tokens")
         metrics.update({"time/rollout": t1 - t0, "time/old_logprobs": metrics.pop("_t_old", 0.0),
                         "time/update": metrics.pop("_t_upd", t2 - t1), "time/sync": t3 - t2,
-                        "time/sync_wait": metrics.pop("_t_sync_wait", 0.0),
+                        "time/sync_wait": metrics.pop("_t_sync_wait", 0.0), "time/generation_wait": generation_wait,
                         "time/step": t3 - t0, "throughput/tokens_per_s": tokens / max(t3 - t0, 1e-9)})
         self.log_row(step, metrics)
         check_step(self.history[-1], self.tr.stop_on, step, getattr(self.policy.config, "vocab_size", None))
