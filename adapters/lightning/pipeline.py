@@ -20,9 +20,9 @@ next step (its rollouts are already queued; its forward and backward change no p
 for it (:meth:`RolloutPipeline.wait_sync`) before its first optimizer step. The engine therefore receives exactly
 the weights a sync in the trainer's thread would have sent, and the next generation starts after them: the same
 updates, bit for bit. The trainer's module decides when (an unsharded policy and no ``verify_sync``): a sharded
-policy's gather is a collective and stays in the trainer's thread. The background thread runs the
-engine, the task's reward and such an unsharded sync only: no collective, so with several ranks each rank overlaps its own share and the
-ranks' collectives stay in the main thread, in step.
+policy's gather is a collective and stays in the trainer's thread. The background thread runs the engine, the
+task's reward and such an unsharded sync only: no collective, so with several ranks each rank overlaps its own
+share and the ranks' collectives stay in the main thread, in step.
 
 Checkpoints. At a step boundary nothing is in flight and the queue holds the rollouts of the next k steps (those
 within ``train.steps``); each rank saves its own share in the checkpoint (``rollouts/rank-XXXXX.pt``), and

@@ -25,8 +25,9 @@ signal says ``stopped``, a crashed one ``failed``) and is then skipped — after
 is the one the grid would run now (changed ``--set`` overrides or recipe files are refused, naming the keys). Any
 other run is started as
 ``pgzoo train RECIPE seed=S output.dir=OUT/NAME ... --resume --quiet`` in its own process, one after the other
-(``jobs`` at a time with ``--jobs``, in the same order), its console in ``OUT/logs/NAME.log``: ``--resume`` continues from the newest checkpoint of an interrupted run (exactly,
-see docs/training.md) and starts from scratch when there is none. Interrupting the grid (Ctrl-C, or killing it)
+(``jobs`` at a time with ``--jobs``, in the same order), its console in ``OUT/logs/NAME.log``: ``--resume``
+continues from the newest checkpoint of an interrupted run (exactly, see docs/training.md) and starts from scratch
+when there is none. A run ``running`` in another live pgzoo process (a second grid over the folder) is skipped. Interrupting the grid (Ctrl-C, or killing it)
 stops the running child too (on Linux the child is killed when its parent dies), so the next invocation resumes
 it. The wall time of every process that returned is added to ``OUT/walls.json`` (seconds per run, summed over
 attempts; an attempt cut short by killing the grid itself is not counted).
@@ -308,7 +309,8 @@ def run_missing(runs: list[GridRun], overrides: list[str] | None = None, *, log=
         pid = running_pid(run.run_dir)
         if pid is not None:
             with lock:
-                log(f"[{i}/{len(runs)}] skip {run.name}: running in process {pid} (another grid over {run.run_dir.parent}?)")
+                log(f"[{i}/{len(runs)}] skip {run.name}: running in process {pid} "
+                    f"(another grid over {run.run_dir.parent}?)")
             return
         out = run.run_dir.parent
         (out / "logs").mkdir(parents=True, exist_ok=True)
