@@ -302,8 +302,12 @@ class RLModule(L.LightningModule):
         except PgzooError:
             raise
         except Exception as exc:
-            raise EngineError(f"rollout engine {type(self.engine).__name__} failed to load the weights of step "
-                              f"{step}: {type(exc).__name__}: {exc}") from exc
+            raise self._load_failure(step, exc) from exc
+
+    def _load_failure(self, step: int, exc: Exception) -> EngineError:
+        """The error of a sync the engine failed (in the trainer's thread or the pipeline's), naming the step."""
+        return EngineError(f"rollout engine {type(self.engine).__name__} failed to load the weights of step {step}: "
+                           f"{type(exc).__name__}: {exc}")
 
     def _stream_sync(self, stream, step: int) -> None:
         """The background half of a sync (pipeline thread): the stream, then every kernel reading the parameters
@@ -320,8 +324,7 @@ class RLModule(L.LightningModule):
         except PgzooError:
             raise
         except Exception as exc:
-            raise EngineError(f"rollout engine {type(self.engine).__name__} failed to load the weights of step "
-                              f"{step}: {type(exc).__name__}: {exc}") from exc
+            raise self._load_failure(step, exc) from exc
 
     def _verify_sync(self, data: RolloutBatch, step: int) -> dict[str, float]:
         """Parity of the freshly synced engine with the policy on a probe: the step's first prompts (up to 4), 8
