@@ -31,6 +31,20 @@ def digit_fraction_task():
     pgzoo.tasks.unregister("digit-fraction-test")
 
 
+def dense_task_plugin(folder: Path) -> str:
+    """A ``PYTHONPATH`` under which a `pgzoo train` child finds ``task.name=digit-fraction-test`` through the
+    ``pgzoo.tasks`` entry-point group (as an installed plugin would register it): a fresh tiny model never answers the
+    arithmetic task, so its rewards, advantages and gradients are all 0, and a multi-rank run would match a
+    one-process run trivially; this task's reward is dense."""
+    import os
+
+    info = Path(folder) / "pgzoo_test_tasks-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pgzoo-test-tasks\nVersion: 0\n")
+    (info / "entry_points.txt").write_text("[pgzoo.tasks]\ndigit-fraction-test = _train_helpers:DigitFraction\n")
+    return os.pathsep.join([str(folder), str(Path(__file__).resolve().parent)])
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """This process's environment for a `pgzoo train` child, without the torch.distributed variables code in the test
     process may have set (the child would take itself for one rank of a group that never forms), plus ``extra``."""
@@ -130,8 +144,8 @@ def poison_grad_norm(monkeypatch, from_step: int = 2) -> None:
 
     real = RLModule.update
 
-    def poisoned(self, data):
-        metrics = real(self, data)
+    def poisoned(self, data, **kw):
+        metrics = real(self, data, **kw)
         if self.last_step + 1 >= from_step:
             metrics["grad_norm"] = math.nan
         return metrics

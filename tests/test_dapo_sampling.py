@@ -263,9 +263,9 @@ def test_a_short_dapo_run_trains_full_batches(tmp_path, monkeypatch):
     seen = []
     real = RLModule.update
 
-    def spy(self, data):
+    def spy(self, data, **kw):
         seen.append((data.prompt_ids.shape[0], data.rewards.view(-1, self.ro.group_size)))
-        return real(self, data)
+        return real(self, data, **kw)
 
     monkeypatch.setattr(RLModule, "update", spy)
     try:

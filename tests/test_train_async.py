@@ -125,6 +125,19 @@ def test_queue_survives_a_checkpoint(tmp_path):
     other = RolloutPipeline(_fake_sampled, 2, 10)
     assert "sampled by 1 ranks" in other.restore(tmp_path, rank=0, world_size=2, start=1)
     assert other.take(1).version == 1  # nothing restored: sampled now, by the current version
+    # train.old_policy=sampling needs each queued step's π_θold under its sampling weights: a queue saved without
+    # them is not restored; one saved with them comes back with them
+    unscored = RolloutPipeline(_fake_sampled, 2, 10)
+    assert "train.old_policy=current" in unscored.restore(tmp_path, rank=0, world_size=1, start=1, scored=True)
+    assert not unscored.queue
+    for j, q in enumerate(pipe.sampled_by(0), start=1):
+        q.old_logprobs, q.old_routes = torch.full((2, 1), -float(j)), torch.full((2, 2, 1, 1), j, dtype=torch.int16)
+    pipe.save(tmp_path, rank=0, world_size=1)
+    scored = RolloutPipeline(lambda s: pytest.fail("a queued step was sampled again"), 2, 10)
+    assert scored.restore(tmp_path, rank=0, world_size=1, start=1, scored=True) is None
+    for j in (1, 2):
+        q = scored.take(j)
+        assert torch.equal(q.old_logprobs, torch.full((2, 1), -float(j))) and int(q.old_routes.max()) == j
 
 
 def test_close_cancels_a_generation_in_flight():
@@ -174,10 +187,10 @@ def test_rows_are_at_most_k_versions_old_and_mu_is_the_sampling_weights(engine, 
     seen, batches = [], []
     real = RLModule.update
 
-    def spy(self, data):
+    def spy(self, data, **kw):
         weights = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
         batches.clear()
-        metrics = real(self, data)
+        metrics = real(self, data, **kw)
         assert all(b["old_logprobs"] is None for b in batches)  # one mini-batch: π_θold = the update's π_θ
         lp = torch.cat([b["logprobs"].detach() for b in batches])
         seen.append((self.last_step + 1, weights, data, lp[:, :data.completion_ids.shape[1]]))
@@ -225,11 +238,14 @@ def test_rows_are_at_most_k_versions_old_and_mu_is_the_sampling_weights(engine, 
 
 
 @pytest.mark.slow
-def test_engine_dies_then_resume_continues_exactly(ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("old_policy", ["current", "sampling"])
+def test_engine_dies_then_resume_continues_exactly(old_policy, ckpt, tmp_path, monkeypatch):
     """k=1: the engine fails in the background generation of step 3 (its 4th call), the run stops naming the intact
     checkpoint of step 2 (whose queued rollouts of step 2 were sampled by version 1); --resume takes those rollouts
-    back and ends with the uninterrupted run's rows and weights."""
-    steps = ["train.steps=4", "output.checkpoint_every=2", "rollout.max_staleness=1"]
+    back (with train.old_policy=sampling, with their π_θold under version 1, whose weights are gone) and ends with
+    the uninterrupted run's rows and weights."""
+    steps = ["train.steps=4", "output.checkpoint_every=2", "rollout.max_staleness=1",
+             f"train.old_policy={old_policy}"]
     full = train_mod.train(load_recipe(RECIPE, overrides(ckpt, tmp_path / "full", *steps)), quiet=True)
 
     crash = load_recipe(RECIPE, overrides(ckpt, tmp_path / "crash", *steps))

@@ -24,7 +24,7 @@ import pgzoo.adapters.lightning.run as train_mod
 import pgzoo.routing as routing
 import pgzoo.routing.trainer as routing_trainer
 from pgzoo.adapters.lightning.module import RLModule
-from pgzoo.errors import EngineError, PgzooError
+from pgzoo.errors import ConfigError, EngineError, PgzooError
 from pgzoo.models.logprobs import completion_logprobs, position_ids_from_mask
 from pgzoo.recipes import load_recipe
 
@@ -74,9 +74,9 @@ def spy_steps(monkeypatch, weights_of=lambda module: module.policy.state_dict())
     steps: list[Step] = []
     real_update, real_batch, real_replay = RLModule.update, module_mod.TokenBatch, routing_trainer.replay
 
-    def update(self, data):
+    def update(self, data, **kw):
         steps.append(Step(self.last_step + 1, {k: v.detach().clone() for k, v in weights_of(self).items()}, data))
-        metrics = real_update(self, data)
+        metrics = real_update(self, data, **kw)
         steps[-1].stored = None if self.replay.routes is None else self.replay.routes.clone()
         return metrics
 
@@ -189,6 +189,72 @@ def test_r2_records_routes_under_the_current_weights(ckpt, scorer, tmp_path, mon
     assert moved > 0
 
 
+# ---------------------------------------------------------------------- train.old_policy: sampling
+@pytest.mark.parametrize("k", [1, 2])
+def test_old_policy_sampling_scores_each_row_under_the_weights_that_sampled_it(k, ckpt, scorer, tmp_path,
+                                                                               monkeypatch):
+    """``train.old_policy=sampling``: each step's π_θold is the training engine's rescoring of its rows under the
+    saved weights of the version that sampled them (s - k), not the current weights (s), so the clip acts on the
+    staleness: with one mini-batch r = π_θ/π_θold is no longer 1 on stale steps. μ is unchanged (the engine's)."""
+    steps = spy_steps(monkeypatch)
+    res = run(ckpt, tmp_path / f"k{k}", "train.old_policy=sampling", f"rollout.max_staleness={k}",
+              "train.steps=5")
+    weights = {st.step: st.weights for st in steps}
+    assert [st.step for st in steps] == [0, 1, 2, 3, 4]
+    clipped = 0.0
+    for st, row in zip(steps, res.history):
+        data, m = st.data, st.data.completion_mask
+        version = int(data.versions[0])
+        assert version == max(0, st.step - k)
+        old = st.field("old_logprobs") if st.batches[0]["old_logprobs"] is not None else None
+        if version == st.step:  # sampled by the current weights (step 0): π_θold = π_θ detached, as synchronously
+            assert old is None and row["first_order/gap_staleness"] == 0.0
+            continue
+        assert gap(old, rescore(scorer, weights[version], data), m) < 1e-6, st.step
+        assert gap(old, rescore(scorer, st.weights, data), m) > 1e-4, st.step  # not the current weights'
+        assert gap(data.rollout_logprobs, rescore(scorer, weights[version], data), m) < 1e-5, st.step  # μ
+        assert row["first_order/gap_staleness"] > 0
+        clipped += row["clip/fraction"]
+    assert clipped > 0  # the clip bounds the staleness (it never acts with train.old_policy=current and N = 1)
+
+
+def test_old_policy_sampling_with_r2_replays_the_sampling_weights_routes(ckpt, scorer, tmp_path, monkeypatch):
+    """R2 with ``train.old_policy=sampling`` records its routes in the pass under the sampling version's weights
+    (the paper's θ_old) and the update replays exactly those; no old-logprob pass runs in the step itself."""
+    steps = spy_steps(monkeypatch)
+    res = run(ckpt, tmp_path / "r2", "train.old_policy=sampling", "train.routing_replay=R2")
+    weights = {st.step: st.weights for st in steps}
+    moved = 0
+    for st, row in zip(steps, res.history):
+        assert row["routing/layers_hit"] == row["routing/num_moe_layers"] == 4
+        data = st.data
+        version = int(data.versions[0])
+        am = torch.cat([data.prompt_mask, data.completion_mask], 1)
+        sampling = recorded_routes(scorer, weights[version], data)
+        assert torch.equal(st.stored.long()[am], sampling[am]), st.step
+        assert torch.equal(torch.cat(st.replayed), st.stored.long())
+        assert gap(st.field("old_logprobs"), rescore(scorer, weights[version], data), data.completion_mask) < 1e-6
+        if version < st.step:
+            current = recorded_routes(scorer, st.weights, data)
+            moved += int((sampling[am] != current[am]).any(-1).any(-1).sum())
+    assert moved > 0  # the current weights would have routed some tokens elsewhere
+
+
+def test_old_policy_is_strict_and_changes_nothing_synchronously(ckpt, tmp_path):
+    """A value other than current/sampling is refused naming the key; synchronously (k = 0) every row is sampled by
+    the weights being updated, so ``sampling`` is ``current``: the same losses, bit for bit."""
+    with pytest.raises(ConfigError, match="old_policy"):
+        load_recipe(RECIPE, overrides(ckpt, tmp_path, "train.old_policy=behaviour"))
+    asynchronous = load_recipe(RECIPE, overrides(ckpt, tmp_path, "train.old_policy=sampling", *ASYNC))
+    assert asynchronous.scores_ahead
+    assert not load_recipe(RECIPE, overrides(ckpt, tmp_path, "train.old_policy=sampling")).scores_ahead
+    assert "π_θold = the training engine under the sampling version" in asynchronous.plan()
+    current, sampling = (train_mod.train(load_recipe(RECIPE, overrides(ckpt, tmp_path / name, "train.steps=2",
+                                                                       f"train.old_policy={name}")), quiet=True)
+                         for name in ("current", "sampling"))
+    assert [r["loss"] for r in current.history] == [r["loss"] for r in sampling.history]
+
+
 # ---------------------------------------------------------------------- LoRA
 def test_lora_mu_is_the_merged_weights_of_the_sampling_version(ckpt, scorer, tmp_path, monkeypatch):
     """With ``model.lora`` the engine gets the effective weights at every step boundary: ``verify_sync`` holds after
@@ -279,8 +345,8 @@ def _run_recording_syncs(ckpt, out, monkeypatch, *extra):
     after, syncs = [], []
     real_update = RLModule.update
 
-    def update(self, data):
-        metrics = real_update(self, data)
+    def update(self, data, **kw):
+        metrics = real_update(self, data, **kw)
         after.append({k: v.detach().clone() for k, v in self.policy.state_dict().items()})
         return metrics
 

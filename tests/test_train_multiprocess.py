@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pgzoo.models import fresh_tiny_checkpoint
-from _train_helpers import child_pid, stable, subprocess_env
+from _train_helpers import child_pid, dense_task_plugin, stable, subprocess_env
 from pgzoo.adapters.lightning.run_folder import latest_checkpoint, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -40,8 +40,17 @@ def ckpt(tmp_path_factory):
     return fresh_tiny_checkpoint(tmp_path_factory.mktemp("fresh") / "tiny")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def dense_reward(tmp_path_factory):
+    """Every child finds the dense-reward test task (``task.name=digit-fraction-test`` in :func:`args`): with the
+    arithmetic task's reward a fresh model's gradients are all 0 and the runs would match trivially."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", dense_task_plugin(tmp_path_factory.mktemp("plugin")))
+        yield
+
+
 def args(ckpt, out, *extra) -> list[str]:
-    return ["train", "tiny/minirl", f"model.path={ckpt}", "rollout.engine=transformers",
+    return ["train", "tiny/minirl", f"model.path={ckpt}", "rollout.engine=transformers", "task.name=digit-fraction-test",
             "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=4", "train.lr=3e-3",
             "train.strategy=fsdp", "train.devices=2", "eval.before=false", "eval.after=false",
             "eval.every=2", "eval.num_problems=4",
@@ -74,6 +83,7 @@ def reference(ckpt, tmp_path_factory):
     """Three FSDP steps on two ranks started by Lightning (`train.devices=2`, no launcher around)."""
     out = tmp_path_factory.mktemp("lightning") / "run"
     run([*PGZOO, *args(ckpt, out, "train.steps=3")])
+    assert all(r["grad_norm"] > 0 for r in read_metrics(out / "metrics.csv") if "grad_norm" in r)  # not trivially equal
     return out
 
 
@@ -135,14 +145,22 @@ def test_asynchronous_fsdp_and_ddp_match_one_process(ckpt, tmp_path):
     its background thread (no collective there), the staleness schedule is a function of the step, so the two ranks
     train on the rows, sampled by the versions, one asynchronous process would; same tolerance as the launches above.
     The weight sync runs in the trainer's thread under FSDP (its gather is collective) and in the background thread
-    under DDP and in one process (docs/training.md, "The sync in the background")."""
-    fsdp, ddp, one = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "one"
-    run([*PGZOO, *args(ckpt, fsdp, "train.steps=3", "rollout.max_staleness=1")])
-    run([*PGZOO, *args(ckpt, ddp, "train.steps=3", "rollout.max_staleness=1", "train.strategy=ddp")])
-    run([*PGZOO, *args(ckpt, one, "train.steps=3", "rollout.max_staleness=1", "train.devices=1",
-                       "train.strategy=auto")])
-    same_metrics(fsdp, one)
+    under DDP and in one process (docs/training.md, "The sync in the background"). The FSDP pair runs with
+    ``train.old_policy=sampling``: the pass that scores the rows sampled ahead runs between the first backward and
+    the first optimizer step, a sharded forward on both ranks at that point."""
+    fsdp, ddp, one, one_sampling = (tmp_path / name for name in ("fsdp", "ddp", "one", "one-sampling"))
+    asynchronous = ["train.steps=3", "rollout.max_staleness=1"]
+    single = ["train.devices=1", "train.strategy=auto"]
+    run([*PGZOO, *args(ckpt, fsdp, *asynchronous, "train.old_policy=sampling")])
+    run([*PGZOO, *args(ckpt, ddp, *asynchronous, "train.strategy=ddp")])
+    run([*PGZOO, *args(ckpt, one, *asynchronous, *single)])
+    run([*PGZOO, *args(ckpt, one_sampling, *asynchronous, *single, "train.old_policy=sampling")])
+    same_metrics(fsdp, one_sampling)
     same_metrics(ddp, one)
+    rows = [r for r in read_metrics(fsdp / "metrics.csv") if "reward/mean" in r]
+    assert all(r["grad_norm"] > 0 for r in rows)
+    # step 0 trains on its own rows; steps 1-2 on version 0's and 1's, against those versions' π_θold
+    assert rows[0]["first_order/gap_staleness"] == 0.0 and rows[2]["first_order/gap_staleness"] > 0.0
     for run_dir in (fsdp, ddp):
         rows = [r for r in read_metrics(run_dir / "metrics.csv") if "reward/mean" in r]
         assert [r["staleness/max"] for r in rows] == [0.0, 1.0, 1.0]

@@ -198,7 +198,7 @@ def load_trainer_state(module, ckpt: Path) -> int:
     module.last_step = state["step"]
     if getattr(module, "pipeline", None) is not None:  # asynchronous: the rollouts queued at the checkpoint
         n_ranks, rank = world()
-        why = module.pipeline.restore(ckpt, rank, n_ranks, state["step"] + 1)
+        why = module.pipeline.restore(ckpt, rank, n_ranks, state["step"] + 1, scored=module.recipe.scores_ahead)
         if why is not None and rank == 0:
             import sys
 

@@ -12,7 +12,9 @@ Runbook. Each global step (one ``training_step``):
                     per completion, or per token (reinforce++ with gamma < 1); truncated completions leave the
                     loss with train.mask_truncated_completions
     4. old logprobs π_θold in the training engine, only off-policy (N > 1), for R2 (routes recorded there) or
-                    asynchronously (π_θold = the current weights, μ = the older sampling weights' logprobs)
+                    asynchronously (π_θold = the current weights, μ = the older sampling weights' logprobs; with
+                    train.old_policy=sampling the rows bring π_θold under their sampling weights, scored before
+                    that version's first optimizer step: RLModule.score_sampled_ahead)
     5. updates      N mini-batches, one optimizer step each, R2/R3 routes replayed; normalisers are GLOBAL
                     (every rank and micro-batch of the mini-batch, summed through the strategy), so DDP/FSDP and
                     accumulation give the single-process gradient
@@ -193,9 +195,14 @@ class RLModule(L.LightningModule):
                               self.ro.group_size, width=ro.completion_mask.shape[1],
                               options=self.recipe.objective.advantage_options, strategy=self._strategy(),
                               device=self.device)
+        # train.old_policy=sampling: rows sampled ahead bring π_θold (and R2's routes) computed under the weights
+        # that sampled them (score_sampled_ahead, before those weights changed)
+        scored = self.pipeline is not None and self.recipe.scores_ahead and queued.old_logprobs is not None
+        routes = ro.routes if self.tr.routing_replay == "R3" else (
+            queued.old_routes if scored and self.tr.routing_replay == "R2" else None)
         data = RolloutBatch(ro.prompt_ids, ro.prompt_mask.bool(), ro.completion_ids, ro.completion_mask.bool(),
-                            ro.logprobs.float(), adv, rewards, ro.truncated.bool(),
-                            routes=ro.routes if self.tr.routing_replay == "R3" else None).to(self.device)
+                            ro.logprobs.float(), adv, rewards, ro.truncated.bool(), routes=routes,
+                            old_logprobs=queued.old_logprobs if scored else None).to(self.device)
         if self.pipeline is not None:  # the policy version each row was sampled with
             data.versions = torch.full((len(rewards),), version, dtype=torch.long, device=self.device)
         if self.tr.mask_truncated_completions:  # DAPO's overlong filtering: truncated rows leave the loss
@@ -204,7 +211,8 @@ class RLModule(L.LightningModule):
             raise RoutingError("routing_replay=R3 but the rollout engine returned no routes; use an engine with "
                                "supports_routes (rollout.engine=transformers on CPU) or R2")
         # 4-5. old logprobs (when needed; R2 records routes there) and the N mini-batch updates (R2/R3 replay)
-        metrics = self.update(data)
+        metrics = self.update(data, score_version=step if self.pipeline is not None and self.recipe.scores_ahead
+                              else None)
         t2 = time.perf_counter()
         # 6. sync: the updated weights into the rollout engine (asynchronously: once its generation in flight is
         #    done, and where it can, streamed in the background while the next step computes; the next optimizer
@@ -430,8 +438,13 @@ class RLModule(L.LightningModule):
             olds.append(lp)
         data.old_logprobs = torch.cat(olds)
 
-    def update(self, data: RolloutBatch) -> dict[str, float]:
+    def update(self, data: RolloutBatch, score_version: int | None = None) -> dict[str, float]:
         """Steps 4-5: old logprobs when needed, then N optimizer steps over N contiguous mini-batches.
+
+        ``data.old_logprobs`` already set (rows scored under the weights that sampled them) are used as they are,
+        with R2 replaying ``data.routes`` recorded in that pass. ``score_version`` (``train.old_policy: sampling``):
+        before the first optimizer step, while the policy still holds that version's weights, score the rows the
+        engine sampled ahead with it (:meth:`score_sampled_ahead`).
 
         Normalisers of each mini-batch (sequences with >= 1 token, unmasked tokens) are summed over all ranks
         (through the strategy) before the first micro-batch, so Σ_ranks Σ_micro ∇loss_micro = ∇(loss of the whole
@@ -441,11 +454,18 @@ class RLModule(L.LightningModule):
         opt, sched = self._opt_and_sched()
         t0 = time.perf_counter()
         self.policy.train()
-        self.replay.start_batch(data.routes)
+        recorded = t.routing_replay == "R2" and data.old_logprobs is not None
+        if recorded and data.routes is None:
+            raise RoutingError("routing_replay=R2: these rows bring their π_θold but not the routes recorded with it")
+        if recorded:
+            self.replay.start_batch(recorded_routes=data.routes)
+        else:
+            self.replay.start_batch(data.routes)
         lengths = lengths_of(data)
-        if self.needs_old_logprobs:
+        if self.needs_old_logprobs and data.old_logprobs is None:
             self.compute_old_logprobs(data, lengths)
         t1 = time.perf_counter()
+        scoring = 0.0
         n_rows, P = data.prompt_ids.shape
         if n_rows % t.num_minibatches:
             raise PgzooError(f"num_minibatches={t.num_minibatches} does not divide the {n_rows} rows on this rank")
@@ -490,6 +510,10 @@ class RLModule(L.LightningModule):
             acc.add({"grad_norm": unsharded(gn)}, 1.0)
             if self.pipeline is not None:  # the background sync still reads the parameters this step changes
                 sync_wait += self.pipeline.wait_sync()
+            if n == 0 and score_version is not None:  # the last moment the policy holds this version's weights
+                started = time.perf_counter()
+                self.score_sampled_ahead(score_version)
+                scoring = time.perf_counter() - started
             opt.step()
             sched.step()
         t2 = time.perf_counter()
@@ -499,8 +523,40 @@ class RLModule(L.LightningModule):
         metrics.update({k: float(v) for k, v in self.replay.metrics().items()})
         if t.routing_replay is not None and metrics.get("routing/layers_hit", 0.0) <= 0:
             raise RoutingError(f"routing replay {t.routing_replay} was asked for but forced no MoE layer this step")
-        metrics["_t_old"], metrics["_t_upd"], metrics["_t_sync_wait"] = t1 - t0, t2 - t1, sync_wait
+        metrics["_t_old"], metrics["_t_upd"], metrics["_t_sync_wait"] = t1 - t0 + scoring, t2 - t1 - scoring, sync_wait
         return metrics
+
+    @torch.no_grad()
+    def score_sampled_ahead(self, version: int) -> None:
+        """``train.old_policy: sampling``: π_θold of every row the engine sampled ahead with ``version``, in the
+        training engine under that version's weights, which the policy holds until the first optimizer step of step
+        ``version`` (the caller's moment); R2 records the routes of this pass with them and R3 replays the engine's.
+        Waits for the generations in flight: the step's forward and backward overlapped them, the optimizer step
+        does not. On every rank at the same point, in the main thread (a sharded forward is a collective)."""
+        from pgzoo.routing import RoutingReplay
+
+        for queued in self.pipeline.sampled_by(version):
+            if queued.old_logprobs is not None:
+                continue
+            ro = queued.sampled.rollouts
+            n = ro.completion_ids.shape[0]
+            # the advantages are computed when the step trains (over every rank's rewards); this pass reads the
+            # ids and masks only
+            rows = RolloutBatch(ro.prompt_ids, ro.prompt_mask.bool(), ro.completion_ids, ro.completion_mask.bool(),
+                                ro.logprobs.float(), torch.zeros(n), queued.sampled.rewards, ro.truncated.bool(),
+                                routes=ro.routes if self.tr.routing_replay == "R3" else None).to(self.device)
+            replay = RoutingReplay(self.tr.routing_replay)
+            replay.start_batch(rows.routes)
+            lengths = lengths_of(rows)
+            olds = []
+            for sl in self._micro_slices(n):
+                mb = rows.rows(sl)
+                with replay.old_pass(self.policy, rows=sl, mask=attention_of(mb)):
+                    lp, _ = self.forward_logprobs(mb, self._trim(lengths, sl, rows.prompt_ids.shape[1]))
+                olds.append(lp)
+            queued.old_logprobs = torch.cat(olds).cpu()
+            if replay.mode == "R2":
+                queued.old_routes = replay.routes.cpu()
 
     @torch.no_grad()
     def _ref_logprobs(self, mb: RolloutBatch, lengths: Lengths, rows: slice) -> torch.Tensor:

@@ -24,8 +24,12 @@ policy's gather is a collective and stays in the trainer's thread. The backgroun
 task's reward and such an unsharded sync only: no collective, so with several ranks each rank overlaps its own
 share and the ranks' collectives stay in the main thread, in step.
 
+Old policy. With ``train.old_policy: sampling`` the trainer adds to each queued step, while it still holds the
+version that sampled it, the training engine's logprobs of its rows under that version (:meth:`sampled_by` lists
+them; :class:`Queued` carries them, and R2's routes recorded with them).
+
 Checkpoints. At a step boundary nothing is in flight and the queue holds the rollouts of the next k steps (those
-within ``train.steps``); each rank saves its own share in the checkpoint (``rollouts/rank-XXXXX.pt``), and
+within ``train.steps``); each rank saves its own share in the checkpoint (``rollouts/rank-XXXXX.pt``, their π_θold with them), and
 ``--resume`` puts them back, so a resumed run trains on the rollouts the uninterrupted run trained on and takes the
 same updates. A checkpoint without them (world size changed) resumes with the queue empty: step c is then sampled in
 the foreground with version c and steps c+1..c+k with version c, as at the start of a run.
@@ -63,10 +67,16 @@ def staleness_metrics(step: int, versions: torch.Tensor) -> dict[str, float]:
 
 @dataclasses.dataclass
 class Queued:
-    """One step's rollouts, sampled on this rank, and the policy version that sampled them."""
+    """One step's rollouts, sampled on this rank, and the policy version that sampled them.
+
+    With ``train.old_policy: sampling`` the trainer adds, before that version's weights change, the training engine's
+    logprobs of the rows under them (``old_logprobs`` ``[n, T]``, CPU) and, with R2, the routes recorded in that
+    pass (``old_routes`` int16 ``[n, S, L, k]``)."""
 
     sampled: Sampled
     version: int
+    old_logprobs: torch.Tensor | None = None
+    old_routes: torch.Tensor | None = None
 
 
 class RolloutPipeline:
@@ -129,6 +139,12 @@ class RolloutPipeline:
         future.result()
         return time.perf_counter() - start
 
+    def sampled_by(self, version: int) -> list[Queued]:
+        """Every queued step sampled by ``version``, in step order, once every generation in flight finished (call
+        it while the policy still holds that version's weights to score them: ``train.old_policy: sampling``)."""
+        self.wait()
+        return [self.queue[j] for j in sorted(self.queue) if self.queue[j].version == version]
+
     def _sample_version(self, step: int, version: int) -> Queued:
         return Queued(self.sample(step), version)
 
@@ -164,15 +180,17 @@ class RolloutPipeline:
         self.wait()
         entries = {j: {"rollouts": {f.name: getattr(q.sampled.rollouts, f.name)
                                     for f in dataclasses.fields(Rollouts)},
-                       "rewards": q.sampled.rewards, "metrics": q.sampled.metrics, "version": q.version}
+                       "rewards": q.sampled.rewards, "metrics": q.sampled.metrics, "version": q.version,
+                       "old_logprobs": q.old_logprobs, "old_routes": q.old_routes}
                    for j, q in self.queue.items()}
         path = Path(folder) / ROLLOUTS_DIR / f"rank-{rank:05d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"world_size": world_size, "max_staleness": self.k, "steps": entries}, path)
 
-    def restore(self, folder: Path, rank: int, world_size: int, start: int) -> str | None:
+    def restore(self, folder: Path, rank: int, world_size: int, start: int, scored: bool = False) -> str | None:
         """Put back this rank's queue saved in checkpoint ``folder`` for a run resuming at step ``start``; returns
-        why nothing was restored (None when restored)."""
+        why nothing was restored (None when restored). ``scored``: the run needs each queued step's π_θold under its
+        sampling weights (``train.old_policy: sampling``), which a checkpoint of a run without it does not hold."""
         path = Path(folder) / ROLLOUTS_DIR / f"rank-{rank:05d}.pt"
         if not path.is_file():
             return "the checkpoint holds no queued rollouts (written by a synchronous run)"
@@ -180,10 +198,13 @@ class RolloutPipeline:
         if saved["world_size"] != world_size:
             return (f"its queued rollouts were sampled by {saved['world_size']} ranks, this run has {world_size}; "
                     f"the next steps are sampled again")
-        for j, e in saved["steps"].items():
-            if j >= start and j - e["version"] <= self.k:
-                self.queue[j] = Queued(Sampled(Rollouts(**e["rollouts"]), [], e["rewards"], e["metrics"]),
-                                       e["version"])
+        kept = {j: e for j, e in saved["steps"].items() if j >= start and j - e["version"] <= self.k}
+        if scored and any(e.get("old_logprobs") is None for e in kept.values()):
+            return ("its queued rollouts carry no π_θold under the weights that sampled them (saved by a run with "
+                    "train.old_policy=current); the next steps are sampled again")
+        for j, e in kept.items():
+            self.queue[j] = Queued(Sampled(Rollouts(**e["rollouts"]), [], e["rewards"], e["metrics"]),
+                                   e["version"], e.get("old_logprobs"), e.get("old_routes"))
         return None
 
 

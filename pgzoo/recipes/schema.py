@@ -64,11 +64,19 @@ class Recipe(Section):
     def needs_old_logprobs(self) -> bool:
         """π_θold from the training engine is needed off-policy (N > 1) and for R2 (its routes are recorded there).
 
-        Asynchronously (rollout.max_staleness >= 1) π_θold is the policy being updated, θ_s, not the one that sampled
-        the rows (that one is μ, the engine's logprobs): with one mini-batch the update's own forward runs under θ_s,
-        so π_θold = π_θ detached there, exactly as in the synchronous on-policy step, and a separate pass would
-        recompute the same numbers."""
+        Asynchronously (rollout.max_staleness >= 1) π_θold is by default the policy being updated, θ_s, not the one
+        that sampled the rows (that one is μ, the engine's logprobs): with one mini-batch the update's own forward
+        runs under θ_s, so π_θold = π_θ detached there, exactly as in the synchronous on-policy step, and a separate
+        pass would recompute the same numbers. With ``train.old_policy: sampling`` (:attr:`scores_ahead`) rows
+        sampled ahead bring their π_θold with them, computed under the weights that sampled them; this pass then
+        runs only for a step sampled with the current weights."""
         return self.train.num_minibatches > 1 or self.train.routing_replay == "R2"
+
+    @property
+    def scores_ahead(self) -> bool:
+        """Asynchronous with ``train.old_policy: sampling``: the rows a version samples ahead get their π_θold (and
+        R2 routes) from the training engine under that version's weights, before its first optimizer step."""
+        return self.rollout.max_staleness >= 1 and self.train.old_policy == "sampling"
 
     @property
     def world_size(self) -> int:
@@ -291,7 +299,9 @@ class Recipe(Section):
         if r.max_staleness:
             old += (f"; asynchronous: rows up to {r.max_staleness} versions old, "
                     + ("μ = the engine's logprobs of the sampling version" if r.logprobs == "engine"
-                       else "no μ (rollout.logprobs=none): staleness is not corrected"))
+                       else "no μ (rollout.logprobs=none): staleness is not corrected")
+                    + ("; π_θold = the training engine under the sampling version (train.old_policy=sampling)"
+                       if t.old_policy == "sampling" else "; π_θold = the current weights (decoupled)"))
         lines = [
             f"recipe        {self.name}: {self.description}".rstrip(": "),
             f"model         {self.model.path or 'embedded tiny MoE, cached cold start'} (train {self.model.dtype})"

@@ -205,6 +205,13 @@ class TrainSection(Section):
     warmup_steps: int = Field(0, ge=0, description="linear LR warmup, in optimizer steps")
     routing_replay: Literal["R2", "R3"] | None = Field(None, description="R2: replay the training engine's "
                                                                          "θold routes; R3: the rollout engine's")
+    old_policy: Literal["current", "sampling"] = Field(
+        "current", description="asynchronous runs (rollout.max_staleness >= 1): π_θold of a row, the policy the "
+                               "clip and R2 are relative to. 'current': the weights being updated (decoupled PPO: "
+                               "the importance weight π_θold/μ covers the staleness); 'sampling': the training "
+                               "engine's logprobs under the weights of the version that sampled the row (the paper's "
+                               "θ_old: the clip bounds the staleness), computed before those weights change. "
+                               "Synchronously the two are the same")
     logprob_chunk_size: int | None = Field(None, gt=0, description="tokens per chunk of the memory-bounded logprob "
                                                                    "pass; null = about 2**26 logits per chunk")
     strategy: Literal["auto", "ddp", "fsdp"] = Field(

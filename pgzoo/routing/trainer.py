@@ -94,14 +94,20 @@ class RoutingReplay:
         return self.mode == "R3"
 
     # -- batch lifecycle -------------------------------------------------------------------------------------
-    def start_batch(self, rollout_routes: torch.Tensor | None = None) -> None:
+    def start_batch(self, rollout_routes: torch.Tensor | None = None, *,
+                    recorded_routes: torch.Tensor | None = None) -> None:
         """Begin a new rollout batch: forget stored routes and metrics.
 
         Args:
             rollout_routes: ``[N, S, L_moe, k]`` routes from the rollout engine, aligned to the rows and
                 positions the trainer will feed (prompt + completion). Required for R3; with R2 they are only
                 used to measure ``drift_rollout``.
+            recorded_routes: R2 only: ``[N, S, L_moe, k]`` routes an earlier :meth:`old_pass` recorded for these rows
+                (``.routes`` of the replay that ran it; e.g. under the weights that sampled the rows, before they
+                changed); the update passes replay them and no old pass is needed for this batch.
         """
+        if recorded_routes is not None and self.mode != "R2":
+            raise ConfigError(f"recorded_routes are R2's (routes of an earlier old pass); this replay is {self.mode}")
         if self.mode == "R3" and rollout_routes is None:
             raise ConfigError(
                 "routing_replay='R3' needs the rollout engine's routes: generate with return_routes=True and pass "
@@ -113,8 +119,9 @@ class RoutingReplay:
                 f"{tuple(rollout_routes.shape) if isinstance(rollout_routes, torch.Tensor) else type(rollout_routes)}"
             )
         self._rollout = rollout_routes
-        self._routes = None
-        self._captured = None
+        self._routes = recorded_routes
+        self._captured = (None if recorded_routes is None
+                          else torch.ones(recorded_routes.shape[0], dtype=torch.bool))
         self._counts = {}
         self._layers_hit = None
 
