@@ -427,16 +427,19 @@ class RLModule(L.LightningModule):
         return lengths.trim(rows, P) if self.replay.mode is None else None
 
     @torch.no_grad()
-    def compute_old_logprobs(self, data: RolloutBatch, lengths: Lengths | None = None) -> None:
-        """π_θold of every row in the training engine (R2: routes recorded here; R3: rollout routes replayed)."""
+    def compute_old_logprobs(self, data: RolloutBatch, lengths: Lengths | None = None, replay=None) -> torch.Tensor:
+        """π_θold of every row in the training engine, set as ``data.old_logprobs`` and returned; ``replay`` (default:
+        the step's) records R2's routes in this pass or replays R3's rollout routes."""
         lengths = lengths or lengths_of(data)
+        replay = self.replay if replay is None else replay
         olds = []
         for sl in self._micro_slices(data.prompt_ids.shape[0]):
             mb = data.rows(sl)
-            with self.replay.old_pass(self.policy, rows=sl, mask=attention_of(mb)):
+            with replay.old_pass(self.policy, rows=sl, mask=attention_of(mb)):
                 lp, _ = self.forward_logprobs(mb, self._trim(lengths, sl, data.prompt_ids.shape[1]))
             olds.append(lp)
         data.old_logprobs = torch.cat(olds)
+        return data.old_logprobs
 
     def update(self, data: RolloutBatch, score_version: int | None = None) -> dict[str, float]:
         """Steps 4-5: old logprobs when needed, then N optimizer steps over N contiguous mini-batches.
@@ -523,7 +526,8 @@ class RLModule(L.LightningModule):
         metrics.update({k: float(v) for k, v in self.replay.metrics().items()})
         if t.routing_replay is not None and metrics.get("routing/layers_hit", 0.0) <= 0:
             raise RoutingError(f"routing replay {t.routing_replay} was asked for but forced no MoE layer this step")
-        metrics["_t_old"], metrics["_t_upd"], metrics["_t_sync_wait"] = t1 - t0 + scoring, t2 - t1 - scoring, sync_wait
+        metrics["_t_old"], metrics["_t_upd"] = t1 - t0 + scoring, t2 - t1 - scoring  # the scoring pass is an old pass
+        metrics["_t_sync_wait"] = sync_wait
         return metrics
 
     @torch.no_grad()
@@ -545,16 +549,9 @@ class RLModule(L.LightningModule):
             rows = RolloutBatch(ro.prompt_ids, ro.prompt_mask.bool(), ro.completion_ids, ro.completion_mask.bool(),
                                 ro.logprobs.float(), torch.zeros(n), queued.sampled.rewards, ro.truncated.bool(),
                                 routes=ro.routes if self.tr.routing_replay == "R3" else None).to(self.device)
-            replay = RoutingReplay(self.tr.routing_replay)
+            replay = RoutingReplay(self.tr.routing_replay)  # this pass's own: the step's replay holds its batch
             replay.start_batch(rows.routes)
-            lengths = lengths_of(rows)
-            olds = []
-            for sl in self._micro_slices(n):
-                mb = rows.rows(sl)
-                with replay.old_pass(self.policy, rows=sl, mask=attention_of(mb)):
-                    lp, _ = self.forward_logprobs(mb, self._trim(lengths, sl, rows.prompt_ids.shape[1]))
-                olds.append(lp)
-            queued.old_logprobs = torch.cat(olds).cpu()
+            queued.old_logprobs = self.compute_old_logprobs(rows, replay=replay).cpu()
             if replay.mode == "R2":
                 queued.old_routes = replay.routes.cpu()
 
