@@ -1,13 +1,14 @@
 """Asynchronous against synchronous `pgzoo train`, and both against TRL's GRPOTrainer, on the same work: step times.
 
     python benchmarks/async_train.py [--engines transformers vllm] [--trl generate vllm] [--reps 3] [--steps 10]
-                                     [--model PATH] [--json FILE] [key=value ...]
+                                     [--old-policies current sampling] [--model PATH] [--json FILE] [key=value ...]
 
 Each case is one process with one torch thread (``OMP_NUM_THREADS=1``; `pgzoo train` with ``train.threads=1``: the
 background generation thread and the update then each run their own ops on their own core). The work: the arithmetic
 task, 16 prompts x 8 completions (128 rows) of at most 8 tokens per step, one optimizer step per step, no evaluation.
 `pgzoo train` cases run ``recipes/tiny/minirl.yaml`` with ``rollout.max_staleness`` k = 0 and k = 1 for each of
-``--engines``; ``--trl`` adds TRL 1.16's own ``GRPOTrainer`` on the same problems, model and reward
+``--engines``, the k = 1 case once per ``--old-policies`` (``train.old_policy``; default ``current``; a
+``sampling`` case is named ``ENGINE k=1 sampling``); ``--trl`` adds TRL 1.16's own ``GRPOTrainer`` on the same problems, model and reward
 (benchmarks/trl_grpo_step.py): ``generate`` (TRL's default: ``generate`` from the training model) and ``vllm``
 (pgzoo's vLLM engine as TRL's ``rollout_func``). Every repetition runs every case once, in the same order, so that
 load from other processes on a shared machine falls on all alike.
@@ -60,10 +61,12 @@ def last_line(proc: subprocess.CompletedProcess) -> str:
     return (proc.stdout + proc.stderr).strip().splitlines()[-1]
 
 
-def run_case(engine: str, k: int, model: Path, steps: int, out: Path, extra: list[str]) -> dict:
+def run_case(engine: str, k: int, model: Path, steps: int, out: Path, extra: list[str],
+             old_policy: str = "current") -> dict:
     proc, usage = timed_process([
         sys.executable, "-m", "pgzoo", "train", "tiny/minirl", f"model.path={model}", f"rollout.engine={engine}",
-        f"rollout.max_staleness={k}", "rollout.prompts_per_step=16", "rollout.group_size=8", f"train.steps={steps}",
+        f"rollout.max_staleness={k}", f"train.old_policy={old_policy}", "rollout.prompts_per_step=16",
+        "rollout.group_size=8", f"train.steps={steps}",
         "train.threads=1", "eval.before=false", "eval.after=false", "output.plots=false",
         "output.progress_bar=false", "output.checkpoint_every=0", f"output.dir={out}", *extra, "--quiet"])
     if proc.returncode != 0:
@@ -106,29 +109,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trl", nargs="*", default=[], choices=["generate", "vllm"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--old-policies", nargs="+", default=["current"], choices=["current", "sampling"])
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write every case here")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or fresh_tiny_checkpoint(Path(tmp) / "tiny")
-        plan = [(engine, k) for engine in args.engines for k in (0, 1)] + [("trl", r) for r in args.trl]
+        plan = ([(engine, 0, "current") for engine in args.engines]
+                + [(engine, 1, old) for engine in args.engines for old in args.old_policies]
+                + [("trl", r, None) for r in args.trl])
         cases, refused = [], set()
         for rep in range(args.reps):
-            for what, arg in plan:
-                if (what, arg) in refused:
+            for what, arg, old in plan:
+                if (what, arg, old) in refused:
                     continue
-                out = Path(tmp) / f"{what}-{arg}-{rep}"
+                out = Path(tmp) / f"{what}-{arg}-{old}-{rep}"
                 if what == "trl":
                     case = run_trl_case(arg, model, args.steps, out)
                 else:
-                    case = run_case(what, arg, model, args.steps, out, args.overrides)
-                    case["case"] = f"{what} k={arg}"
+                    case = run_case(what, arg, model, args.steps, out, args.overrides, old)
+                    case["case"] = f"{what} k={arg}" + (" sampling" if old == "sampling" else "")
                 case["rep"] = rep
                 cases.append(case)
                 print(json.dumps(case), flush=True)
                 if "error" in case:
-                    refused.add((what, arg))  # refused or broken: one try says why
+                    refused.add((what, arg, old))  # refused or broken: one try says why
         print()
         print("| case | step (s), median | completion length | CPU s per wall s | note |")
         print("|---|---|---|---|---|")
@@ -142,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                                    "cpu_per_wall"))
             print(f"| {name} | {step:.3f} | {length:.2f} | {cpu:.2f} | |")
         print()
-        compared = [(f"{e} k=1 / k=0", ratios(cases, lambda c, e=e: c["case"] == f"{e} k=1",
-                                              lambda c, e=e: c["case"] == f"{e} k=0")) for e in args.engines]
+        compared = [(f"{e} k=1{s} / k=0", ratios(cases, lambda c, e=e, s=s: c["case"] == f"{e} k=1{s}",
+                                                 lambda c, e=e: c["case"] == f"{e} k=0"))
+                    for e in args.engines for s in ("" if old == "current" else " sampling"
+                                                    for old in args.old_policies)]
         if args.trl:
             compared.append(("fastest pgzoo train / fastest TRL",
                              ratios(cases, lambda c: not c["case"].startswith("trl"), lambda c: c["case"].startswith("trl"))))

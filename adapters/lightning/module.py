@@ -237,7 +237,8 @@ class RLModule(L.LightningModule):
         tokens = metrics.pop("_tokens")
         metrics.update({"time/rollout": t1 - t0, "time/old_logprobs": metrics.pop("_t_old", 0.0),
                         "time/update": metrics.pop("_t_upd", t2 - t1), "time/sync": t3 - t2,
-                        "time/sync_wait": metrics.pop("_t_sync_wait", 0.0), "time/generation_wait": generation_wait,
+                        "time/sync_wait": metrics.pop("_t_sync_wait", 0.0),
+                        "time/generation_wait": generation_wait + metrics.pop("_t_generation_wait", 0.0),
                         "time/step": t3 - t0, "throughput/tokens_per_s": tokens / max(t3 - t0, 1e-9)})
         self.log_row(step, metrics)
         check_step(self.history[-1], self.tr.stop_on, step, getattr(self.policy.config, "vocab_size", None))
@@ -468,7 +469,7 @@ class RLModule(L.LightningModule):
         if self.needs_old_logprobs and data.old_logprobs is None:
             self.compute_old_logprobs(data, lengths)
         t1 = time.perf_counter()
-        scoring = 0.0
+        scoring = generation_wait = 0.0
         n_rows, P = data.prompt_ids.shape
         if n_rows % t.num_minibatches:
             raise PgzooError(f"num_minibatches={t.num_minibatches} does not divide the {n_rows} rows on this rank")
@@ -515,8 +516,10 @@ class RLModule(L.LightningModule):
                 sync_wait += self.pipeline.wait_sync()
             if n == 0 and score_version is not None:  # the last moment the policy holds this version's weights
                 started = time.perf_counter()
+                self.pipeline.wait()  # the generation launched at this step's start (forward/backward overlapped it)
+                scored = time.perf_counter()
                 self.score_sampled_ahead(score_version)
-                scoring = time.perf_counter() - started
+                generation_wait, scoring = scored - started, time.perf_counter() - scored
             opt.step()
             sched.step()
         t2 = time.perf_counter()
@@ -526,8 +529,9 @@ class RLModule(L.LightningModule):
         metrics.update({k: float(v) for k, v in self.replay.metrics().items()})
         if t.routing_replay is not None and metrics.get("routing/layers_hit", 0.0) <= 0:
             raise RoutingError(f"routing replay {t.routing_replay} was asked for but forced no MoE layer this step")
-        metrics["_t_old"], metrics["_t_upd"] = t1 - t0 + scoring, t2 - t1 - scoring  # the scoring pass is an old pass
-        metrics["_t_sync_wait"] = sync_wait
+        # the scoring pass is an old-logprob pass; the wait before it is the generation's
+        metrics["_t_old"], metrics["_t_upd"] = t1 - t0 + scoring, t2 - t1 - scoring - generation_wait
+        metrics["_t_sync_wait"], metrics["_t_generation_wait"] = sync_wait, generation_wait
         return metrics
 
     @torch.no_grad()
