@@ -20,11 +20,13 @@ def test_the_grids_are_complete():
     asynchronous = {"async-minirl-k1", "async-minirl-k2"}
     assert {p.stem for p in TINY} == on | off | {"minirl-lora", "dapo"} | asynchronous
     assert {p.stem for p in PAPER} == on | off | {"cold-start-minirl-r2", "async-minirl-k1"}
-    for path in TINY + PAPER:  # the asynchronous variants change only the rollout schedule of their on-policy recipe
+    for path in TINY + PAPER:  # the asynchronous variants change the rollout schedule of their on-policy recipe
         if path.stem.startswith("async-minirl-k"):
             r, base = load_recipe(path), load_recipe(path.with_name("minirl.yaml"))
             assert r.rollout.max_staleness == int(path.stem[-1]) and not base.rollout.max_staleness
-            assert r.objective == base.objective and r.train == base.train
+            # ... and take π_θold under the sampling weights, the paper's θ_old
+            assert r.objective == base.objective and r.train.old_policy == "sampling"
+            assert r.train.model_copy(update={"old_policy": base.train.old_policy}) == base.train
             # tiny: the transformers engine (vLLM's frontend shares the trainer's interpreter on CPU); paper: vLLM on
             # a GPU of its own per rank, weights over NCCL
             assert (r.rollout.engine, r.rollout.device, r.rollout.weight_transfer) == (
