@@ -8,10 +8,10 @@ background generation thread and the update then each run their own ops on their
 task, 16 prompts x 8 completions (128 rows) of at most 8 tokens per step, one optimizer step per step, no evaluation.
 `pgzoo train` cases run ``recipes/tiny/minirl.yaml`` with ``rollout.max_staleness`` k = 0 and k = 1 for each of
 ``--engines``, the k = 1 case once per ``--old-policies`` (``train.old_policy``; default ``current``; a
-``sampling`` case is named ``ENGINE k=1 sampling``); ``--trl`` adds TRL 1.16's own ``GRPOTrainer`` on the same problems, model and reward
-(benchmarks/trl_grpo_step.py): ``generate`` (TRL's default: ``generate`` from the training model) and ``vllm``
-(pgzoo's vLLM engine as TRL's ``rollout_func``). Every repetition runs every case once, in the same order, so that
-load from other processes on a shared machine falls on all alike.
+``sampling`` case is named ``ENGINE k=1 sampling``); ``--trl`` adds TRL 1.16's own ``GRPOTrainer`` on the same
+problems, model and reward (benchmarks/trl_grpo_step.py): ``generate`` (TRL's default: ``generate`` from the
+training model) and ``vllm`` (pgzoo's vLLM engine as TRL's ``rollout_func``). Every repetition runs every case once,
+in the same order, so that load from other processes on a shared machine falls on all alike.
 
 Per case: the median step time over the steps after the first two (warm-up; step 0 of an asynchronous run also
 samples its own rows in the foreground): `pgzoo train`'s ``time/step`` (rollout, update, sync), TRL's
@@ -82,6 +82,11 @@ def run_case(engine: str, k: int, model: Path, steps: int, out: Path, extra: lis
             **usage}
 
 
+def case_name(engine: str, k: int, old_policy: str = "current") -> str:
+    """``ENGINE k=K``, with `` sampling`` appended for a ``train.old_policy=sampling`` case."""
+    return f"{engine} k={k}" + (" sampling" if old_policy == "sampling" else "")
+
+
 def run_trl_case(rollout: str, model: Path, steps: int, out: Path) -> dict:
     proc, usage = timed_process([sys.executable, str(ROOT / "benchmarks" / "trl_grpo_step.py"), "--model",
                                  str(model), "--rollout", rollout, "--steps", str(steps), "--out", str(out)])
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                     case = run_trl_case(arg, model, args.steps, out)
                 else:
                     case = run_case(what, arg, model, args.steps, out, args.overrides, old)
-                    case["case"] = f"{what} k={arg}" + (" sampling" if old == "sampling" else "")
+                    case["case"] = case_name(what, arg, old)
                 case["rep"] = rep
                 cases.append(case)
                 print(json.dumps(case), flush=True)
@@ -148,10 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                                    "cpu_per_wall"))
             print(f"| {name} | {step:.3f} | {length:.2f} | {cpu:.2f} | |")
         print()
-        compared = [(f"{e} k=1{s} / k=0", ratios(cases, lambda c, e=e, s=s: c["case"] == f"{e} k=1{s}",
-                                                 lambda c, e=e: c["case"] == f"{e} k=0"))
-                    for e in args.engines for s in ("" if old == "current" else " sampling"
-                                                    for old in args.old_policies)]
+        compared = [(f"{case_name(e, 1, old)} / k=0", ratios(cases, lambda c, n=case_name(e, 1, old): c["case"] == n,
+                                                             lambda c, n=case_name(e, 0): c["case"] == n))
+                    for e in args.engines for old in args.old_policies]
         if args.trl:
             compared.append(("fastest pgzoo train / fastest TRL",
                              ratios(cases, lambda c: not c["case"].startswith("trl"), lambda c: c["case"].startswith("trl"))))

@@ -50,8 +50,9 @@ def dense_reward(tmp_path_factory):
 
 
 def args(ckpt, out, *extra) -> list[str]:
-    return ["train", "tiny/minirl", f"model.path={ckpt}", "rollout.engine=transformers", "task.name=digit-fraction-test",
-            "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.max_new_tokens=4", "train.lr=3e-3",
+    return ["train", "tiny/minirl", f"model.path={ckpt}", "rollout.engine=transformers",
+            "task.name=digit-fraction-test", "rollout.prompts_per_step=4", "rollout.group_size=2",
+            "rollout.max_new_tokens=4", "train.lr=3e-3",
             "train.strategy=fsdp", "train.devices=2", "eval.before=false", "eval.after=false",
             "eval.every=2", "eval.num_problems=4",
             "output.progress_bar=false", "output.plots=false", "output.checkpoint_every=1",

@@ -72,6 +72,14 @@ class RolloutBatch:
     versions: torch.Tensor | None = None    # [n] long: the policy version that sampled each row (asynchronous
     #                                         runs, rollout.max_staleness >= 1; pgzoo.adapters.lightning.pipeline)
 
+    @classmethod
+    def of(cls, rollouts, advantages: torch.Tensor, rewards: torch.Tensor, **extra) -> "RolloutBatch":
+        """The rows of an engine's :class:`~pgzoo.rollout.base.Rollouts` with their advantages and rewards, masks as
+        bool and μ as float32; ``extra``: the optional fields (routes, old_logprobs, ...)."""
+        ro = rollouts
+        return cls(ro.prompt_ids, ro.prompt_mask.bool(), ro.completion_ids, ro.completion_mask.bool(),
+                   ro.logprobs.float(), advantages, rewards, ro.truncated.bool(), **extra)
+
     def rows(self, idx: slice) -> "RolloutBatch":
         pick = lambda x: None if x is None else x[idx]  # noqa: E731
         return RolloutBatch(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})

@@ -197,12 +197,12 @@ class RLModule(L.LightningModule):
                               device=self.device)
         # train.old_policy=sampling: rows sampled ahead bring π_θold (and R2's routes) computed under the weights
         # that sampled them (score_sampled_ahead, before those weights changed)
-        scored = self.pipeline is not None and self.recipe.scores_ahead and queued.old_logprobs is not None
+        #   (scores_ahead is asynchronous: the rows came from the pipeline's queue)
+        scored = self.recipe.scores_ahead and queued.old_logprobs is not None
         routes = ro.routes if self.tr.routing_replay == "R3" else (
             queued.old_routes if scored and self.tr.routing_replay == "R2" else None)
-        data = RolloutBatch(ro.prompt_ids, ro.prompt_mask.bool(), ro.completion_ids, ro.completion_mask.bool(),
-                            ro.logprobs.float(), adv, rewards, ro.truncated.bool(), routes=routes,
-                            old_logprobs=queued.old_logprobs if scored else None).to(self.device)
+        data = RolloutBatch.of(ro, adv, rewards, routes=routes,
+                               old_logprobs=queued.old_logprobs if scored else None).to(self.device)
         if self.pipeline is not None:  # the policy version each row was sampled with
             data.versions = torch.full((len(rewards),), version, dtype=torch.long, device=self.device)
         if self.tr.mask_truncated_completions:  # DAPO's overlong filtering: truncated rows leave the loss
@@ -211,8 +211,7 @@ class RLModule(L.LightningModule):
             raise RoutingError("routing_replay=R3 but the rollout engine returned no routes; use an engine with "
                                "supports_routes (rollout.engine=transformers on CPU) or R2")
         # 4-5. old logprobs (when needed; R2 records routes there) and the N mini-batch updates (R2/R3 replay)
-        metrics = self.update(data, score_version=step if self.pipeline is not None and self.recipe.scores_ahead
-                              else None)
+        metrics = self.update(data, score_version=step if self.recipe.scores_ahead else None)
         t2 = time.perf_counter()
         # 6. sync: the updated weights into the rollout engine (asynchronously: once its generation in flight is
         #    done, and where it can, streamed in the background while the next step computes; the next optimizer
@@ -547,12 +546,10 @@ class RLModule(L.LightningModule):
             if queued.old_logprobs is not None:
                 continue
             ro = queued.sampled.rollouts
-            n = ro.completion_ids.shape[0]
             # the advantages are computed when the step trains (over every rank's rewards); this pass reads the
             # ids and masks only
-            rows = RolloutBatch(ro.prompt_ids, ro.prompt_mask.bool(), ro.completion_ids, ro.completion_mask.bool(),
-                                ro.logprobs.float(), torch.zeros(n), queued.sampled.rewards, ro.truncated.bool(),
-                                routes=ro.routes if self.tr.routing_replay == "R3" else None).to(self.device)
+            rows = RolloutBatch.of(ro, torch.zeros(ro.completion_ids.shape[0]), queued.sampled.rewards,
+                                   routes=ro.routes if self.tr.routing_replay == "R3" else None).to(self.device)
             replay = RoutingReplay(self.tr.routing_replay)  # this pass's own: the step's replay holds its batch
             replay.start_batch(rows.routes)
             queued.old_logprobs = self.compute_old_logprobs(rows, replay=replay).cpu()

@@ -30,9 +30,9 @@ them; :class:`Queued` carries them, and R2's routes recorded with them).
 
 Checkpoints. At a step boundary nothing is in flight and the queue holds the rollouts of the next k steps (those
 within ``train.steps``); each rank saves its own share in the checkpoint (``rollouts/rank-XXXXX.pt``, with their
-π_θold when scored), and ``--resume`` puts them back, so a resumed run trains on the rollouts the uninterrupted run trained on and takes the
-same updates. A checkpoint without them (world size changed) resumes with the queue empty: step c is then sampled in
-the foreground with version c and steps c+1..c+k with version c, as at the start of a run.
+π_θold when scored), and ``--resume`` puts them back, so a resumed run trains on the rollouts the uninterrupted run
+trained on and takes the same updates. A checkpoint without them (world size changed) resumes with the queue empty:
+step c is then sampled in the foreground with version c and steps c+1..c+k with version c, as at the start of a run.
 """
 
 from __future__ import annotations
